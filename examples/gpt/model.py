@@ -1,0 +1,165 @@
+"""A GPT-style decoder, readable top to bottom: pre-norm blocks, causal attention through
+``scaled_dot_product_attention``, a GELU MLP, tied input/output embeddings.
+
+``GPTModule`` is the shardtrain ``TrainModule`` around it: layers are created in
+``configure_model()`` so that sharding strategies can build them on the meta device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import shardtrain
+
+
+@dataclass(kw_only=True, slots=True)
+class GPTConfig:
+    vocab_size: int = 256  # bytes
+    seq_len: int = 256
+    n_layer: int = 6
+    n_head: int = 8
+    d_model: int = 256
+    dropout: float = 0.0
+    bias: bool = False
+
+    @property
+    def num_parameters(self) -> int:
+        """Parameters of the model built from this config (tied embeddings counted once)."""
+        d, layers = self.d_model, self.n_layer
+        norm = 2 * d if self.bias else d
+        per_block = 12 * d * d + (9 * d if self.bias else 0) + 2 * norm  # attention 4d², MLP 8d², two norms
+        return self.vocab_size * d + self.seq_len * d + layers * per_block + norm
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token (forward + backward), the usual 6N + attention estimate."""
+        return 6 * self.num_parameters + 12 * self.n_layer * self.d_model * self.seq_len
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        assert config.d_model % config.n_head == 0, "d_model must be divisible by n_head"
+        self.n_head = config.n_head
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
+        self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, dim = x.shape
+        q, k, v = self.qkv(x).split(dim, dim=2)
+        q, k, v = (t.view(batch, seq, self.n_head, dim // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(batch, seq, dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.up = nn.Linear(config.d_model, 4 * config.d_model, bias=config.bias)
+        self.down = nn.Linear(4 * config.d_model, config.d_model, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
+class Block(nn.Module):
+    """One transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.d_model, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.norm2 = nn.LayerNorm(config.d_model, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.position_embedding = nn.Embedding(config.seq_len, config.d_model)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = nn.LayerNorm(config.d_model, bias=config.bias)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.head.weight = self.token_embedding.weight  # tied
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation; residual projections scaled by 1/sqrt(2 * n_layer)."""
+        for name, param in self.named_parameters():
+            if param.dim() < 2:
+                nn.init.ones_(param) if "norm" in name and name.endswith("weight") else nn.init.zeros_(param)
+            else:
+                std = 0.02 / math.sqrt(2 * self.config.n_layer) if name.endswith(("proj.weight", "down.weight")) else 0.02
+                nn.init.normal_(param, mean=0.0, std=std)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.token_embedding(tokens) + self.position_embedding(positions)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+class GPTModule(shardtrain.TrainModule):
+    """Next-byte prediction with AdamW and a warm-up then cosine learning-rate schedule."""
+
+    def __init__(self, config: GPTConfig | None = None, learning_rate: float = 1e-3, weight_decay: float = 0.1, warmup_steps: int = 20) -> None:
+        super().__init__()
+        self.config = config or GPTConfig()
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.warmup_steps = warmup_steps
+        self.model: GPT | None = None
+
+    def hparams(self) -> dict:
+        return {**asdict(self.config), "learning_rate": self.learning_rate, "weight_decay": self.weight_decay}
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = GPT(self.config)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens)
+
+    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        inputs, targets = batch
+        logits = self(inputs)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._loss(batch)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self.log("val_loss", self._loss(batch), prog_bar=True)
+
+    def configure_optimizers(self) -> dict:
+        decay = [p for p in self.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.parameters() if p.dim() < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.learning_rate,
+            betas=(0.9, 0.95),
+        )
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1000
+        total = int(total) if math.isfinite(total) else 10_000
+        warmup = max(1, min(self.warmup_steps, total // 2))
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

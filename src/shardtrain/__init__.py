@@ -1,0 +1,49 @@
+"""shardtrain: train PyTorch models of any size on any number of devices, with one Trainer.
+
+The public API is what this module exports; everything else may change between releases.
+"""
+
+from shardtrain.callbacks import Callback, ProgressBar
+from shardtrain.engine import Engine
+from shardtrain.errors import (
+    CheckpointError,
+    ConfigError,
+    LaunchError,
+    MissingDependencyError,
+    ShardtrainError,
+    StrategyError,
+    TrainingStepError,
+)
+from shardtrain.loggers import CSVLogger, Logger, TensorBoardLogger
+from shardtrain.module import TrainModule
+from shardtrain.precision import Precision
+from shardtrain.seed import seed_everything
+from shardtrain.strategies import DDPStrategy, SingleDeviceStrategy, Strategy, available_strategies, register_strategy
+from shardtrain.trainer import Trainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Trainer",
+    "TrainModule",
+    "Engine",
+    "Strategy",
+    "SingleDeviceStrategy",
+    "DDPStrategy",
+    "available_strategies",
+    "register_strategy",
+    "Precision",
+    "Callback",
+    "ProgressBar",
+    "Logger",
+    "CSVLogger",
+    "TensorBoardLogger",
+    "seed_everything",
+    "ShardtrainError",
+    "ConfigError",
+    "StrategyError",
+    "LaunchError",
+    "CheckpointError",
+    "MissingDependencyError",
+    "TrainingStepError",
+]

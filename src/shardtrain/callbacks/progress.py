@@ -1,0 +1,125 @@
+"""A progress bar on rank 0 with the logged metrics and throughput (tokens/s, samples/s).
+
+Throughput counts the batch's shape only (no host sync): tokens are the elements of the first
+integer tensor of a batch (``[batch, seq]`` token ids), samples its first dimension, times the
+number of ranks. On a terminal it draws a rich progress bar; otherwise (CI, log files) it prints
+one line per logging step.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from shardtrain.callbacks.base import Callback
+
+if TYPE_CHECKING:
+    from shardtrain.module import TrainModule
+    from shardtrain.trainer import Trainer
+
+
+def batch_size_and_tokens(batch: Any) -> tuple[int, int]:
+    """(samples, tokens) of one batch on one rank, read from tensor shapes."""
+    tensors = _tensors(batch)
+    if not tensors:
+        return 0, 0
+    ids = next((t for t in tensors if not t.is_floating_point() and t.dim() >= 2), None)
+    samples = tensors[0].shape[0] if tensors[0].dim() else 1
+    return samples, (ids.numel() if ids is not None else 0)
+
+
+def _tensors(batch: Any) -> list[torch.Tensor]:
+    if isinstance(batch, torch.Tensor):
+        return [batch]
+    if isinstance(batch, dict):
+        batch = list(batch.values())
+    if isinstance(batch, (list, tuple)):
+        return [t for item in batch for t in _tensors(item)]
+    return []
+
+
+class ThroughputMeter:
+    """Samples and tokens per second between two ``rates()`` calls."""
+
+    def __init__(self) -> None:
+        self._samples = 0
+        self._tokens = 0
+        self._since = time.perf_counter()
+
+    def add(self, samples: int, tokens: int) -> None:
+        self._samples += samples
+        self._tokens += tokens
+
+    def rates(self) -> dict[str, float]:
+        now = time.perf_counter()
+        elapsed = max(now - self._since, 1e-9)
+        out = {"samples_per_sec": self._samples / elapsed}
+        if self._tokens:
+            out["tokens_per_sec"] = self._tokens / elapsed
+        self._samples, self._tokens, self._since = 0, 0, now
+        return out
+
+
+class ProgressBar(Callback):
+    """Rank-0 progress with the ``prog_bar`` metrics and tokens/s."""
+
+    def __init__(self) -> None:
+        self._meter = ThroughputMeter()
+        self._progress: Any = None
+        self._task: Any = None
+        self._text = ""
+
+    def on_train_start(self, trainer: "Trainer", module: "TrainModule") -> None:
+        if not trainer.is_global_zero:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        console = Console(stderr=True)
+        self._meter = ThroughputMeter()
+        if console.is_terminal:
+            self._progress = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[metrics]}"),
+                console=console,
+                refresh_per_second=4,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task("train", total=trainer.estimated_stepping_batches, metrics="")
+
+    def on_train_batch_end(self, trainer: "Trainer", module: "TrainModule", outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not trainer.is_global_zero:
+            return
+        samples, tokens = batch_size_and_tokens(batch)
+        self._meter.add(samples * trainer.world_size, tokens * trainer.world_size)
+        if self._progress is not None:
+            self._progress.update(self._task, completed=trainer.global_step)
+
+    def on_log(self, trainer: "Trainer", metrics: dict[str, float], step: int) -> None:
+        if not any(name.startswith("train") or name in trainer.progress_bar_metrics for name in metrics):
+            return
+        rates = self._meter.rates()
+        shown = {name: value for name, value in trainer.progress_bar_metrics.items()}
+        parts = [f"{name}={value:.4g}" for name, value in shown.items()]
+        parts += [f"{name.replace('_per_sec', '/s')}={value:,.0f}" for name, value in rates.items()]
+        self._text = "  ".join(parts)
+        if self._progress is not None:
+            self._progress.update(self._task, completed=trainer.global_step, metrics=self._text)
+        else:
+            total = trainer.estimated_stepping_batches
+            print(f"step {step}/{total}  {self._text}", flush=True)
+
+    def on_train_end(self, trainer: "Trainer", module: "TrainModule") -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=trainer.global_step)
+            self._progress.stop()
+            self._progress = None
+
+    def on_exception(self, trainer: "Trainer", module: "TrainModule", exception: BaseException) -> None:
+        self.on_train_end(trainer, module)

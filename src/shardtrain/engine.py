@@ -1,0 +1,298 @@
+"""The Engine: the low-level layer for people who write their own training loop.
+
+Everything that depends on the strategy is behind these methods; a loop written against the
+Engine runs unchanged on one CPU, under DDP on 8 GPUs, or sharded with FSDP::
+
+    engine = Engine(devices=2, strategy="ddp")
+    engine.launch()
+    model, optimizer = engine.setup(model, optimizer)
+    for batch in engine.setup_dataloaders(loader):
+        loss = model(batch).mean()
+        engine.backward(loss)
+        engine.clip_gradients(model, optimizer, max_norm=1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from datetime import timedelta
+from typing import Any, Callable, Iterable, Literal, Sequence, TypeVar, overload
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+
+from shardtrain.checkpoint import load_full_state, save_full_state
+from shardtrain.data import DeviceDataLoader, move_to_device, with_distributed_sampler
+from shardtrain.errors import ConfigError
+from shardtrain.launch.environment import ClusterEnvironment, detect_environment
+from shardtrain.launch.subprocess_launcher import launch_local_processes
+from shardtrain.precision import Precision
+from shardtrain.seed import seed_everything
+from shardtrain.strategies import Strategy, create_strategy
+from shardtrain.strategies.base import optimizer_parameters
+from shardtrain.wrapper import EngineModule
+
+T = TypeVar("T")
+Accelerator = Literal["auto", "cpu", "cuda"]
+
+
+def resolve_accelerator(accelerator: str) -> str:
+    if accelerator not in ("auto", "cpu", "cuda", "gpu"):
+        raise ConfigError(f"unknown accelerator {accelerator!r}; choose 'auto', 'cpu' or 'cuda'")
+    if accelerator == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if accelerator in ("cuda", "gpu") and not torch.cuda.is_available():
+        raise ConfigError("accelerator='cuda' but no CUDA device is available; use accelerator='cpu' or 'auto'")
+    return "cuda" if accelerator == "gpu" else accelerator
+
+
+class EngineOptimizer:
+    """The user's optimizer with ``step()`` routed through the strategy (loss scaling, DeepSpeed).
+
+    It is an instance of the user's optimizer class, sharing its parameter groups and state, so
+    LR schedulers can be built on it.
+    """
+
+    def __init__(self, optimizer: Optimizer, engine: "Engine") -> None:
+        self.__dict__ = {k: v for k, v in optimizer.__dict__.items() if k not in ("step", "__del__")}
+        self.__class__ = type("Engine" + type(optimizer).__name__, (EngineOptimizer, type(optimizer)), {})
+        self._optimizer = optimizer
+        self._engine = engine
+
+    @property
+    def optimizer(self) -> Optimizer:
+        return self._optimizer
+
+    def step(self, closure: Callable[[], Any] | None = None) -> None:  # type: ignore[override]
+        if closure is not None:
+            closure()
+        self._engine.step(self._optimizer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._optimizer.load_state_dict(state_dict)
+
+
+class Engine:
+    """Launch processes, place a model and optimizers with a strategy, and train them.
+
+    Args:
+        accelerator: ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when available).
+        devices: processes per node (one per GPU on CUDA).
+        num_nodes: machines in the run.
+        strategy: a registered name (``"single"``, ``"ddp"``, ...; see ``available_strategies()``),
+            ``"auto"``, or a ``Strategy`` object.
+        precision: ``"32-true"``, ``"bf16-mixed"``, ``"bf16-true"`` or ``"16-mixed"`` (see ``shardtrain.precision``).
+        timeout_seconds: how long a collective may wait for the other ranks before the run fails.
+    """
+
+    def __init__(
+        self,
+        accelerator: Accelerator | str = "auto",
+        devices: int = 1,
+        num_nodes: int = 1,
+        strategy: str | Strategy = "auto",
+        precision: str | int = "32-true",
+        timeout_seconds: float = 1800.0,
+    ) -> None:
+        if not isinstance(devices, int) or devices < 1:
+            raise ConfigError(f"devices must be a whole number >= 1, got {devices!r}")
+        if not isinstance(num_nodes, int) or num_nodes < 1:
+            raise ConfigError(f"num_nodes must be a whole number >= 1, got {num_nodes!r}")
+        self.accelerator = resolve_accelerator(accelerator)
+        if self.accelerator == "cuda" and devices > torch.cuda.device_count():
+            raise ConfigError(f"devices={devices} but this machine has {torch.cuda.device_count()} CUDA devices")
+        self._environment = detect_environment(devices, num_nodes)
+        world_size = self._environment.world_size
+        if strategy == "auto":
+            strategy = "ddp" if world_size > 1 else "single"
+        self.strategy: Strategy = create_strategy(strategy)
+        self.strategy.validate(world_size, self.accelerator)
+        self.precision = Precision(precision)
+        self.timeout = timedelta(seconds=timeout_seconds)
+        self._launched = False
+
+    # ------------------------------------------------------------------ processes
+    def launch(self, function: Callable[..., T] | None = None, *args: Any, **kwargs: Any) -> T | None:
+        """Start the processes of the run (if not already started) and join the process group.
+
+        With ``function``, call ``function(engine, *args, **kwargs)`` in every process and return its result.
+        """
+        if not self._launched:
+            if not self._environment.processes_started:
+                launch_local_processes(self._environment)
+                self._environment = detect_environment(self._environment.local_world_size, 1)
+            env = self._environment
+            device = torch.device("cuda", env.local_rank) if self.accelerator == "cuda" else torch.device("cpu")
+            if self.accelerator == "cpu" and env.local_world_size > 1:
+                torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", max(1, (os.cpu_count() or 1) // env.local_world_size))))
+            self.strategy.connect(env, device, self.precision, self.timeout)
+            self.strategy.setup_environment()
+            self._launched = True
+        return function(self, *args, **kwargs) if function is not None else None
+
+    @property
+    def environment(self) -> ClusterEnvironment:
+        return self._environment
+
+    @property
+    def device(self) -> torch.device:
+        return self.strategy.device
+
+    @property
+    def global_rank(self) -> int:
+        return self._environment.global_rank
+
+    rank = global_rank
+
+    @property
+    def local_rank(self) -> int:
+        return self._environment.local_rank
+
+    @property
+    def node_rank(self) -> int:
+        return self._environment.node_rank
+
+    @property
+    def world_size(self) -> int:
+        return self._environment.world_size
+
+    @property
+    def is_global_zero(self) -> bool:
+        return self.global_rank == 0
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        """``print`` on rank 0 only."""
+        if self.is_global_zero:
+            print(*args, **kwargs)
+
+    def seed_everything(self, seed: int) -> int:
+        return seed_everything(seed)
+
+    # ------------------------------------------------------------------ model, optimizers, data
+    def init_module(self) -> contextlib.AbstractContextManager:
+        """Build a model under this context to create it where the strategy wants it (device, dtype, or meta)."""
+        self._require_launched("init_module")
+        return self.strategy.module_init_context()
+
+    @overload
+    def setup(self, module: nn.Module) -> EngineModule: ...
+    @overload
+    def setup(self, module: nn.Module, *optimizers: Optimizer) -> tuple[Any, ...]: ...
+    def setup(self, module: nn.Module, *optimizers: Optimizer) -> Any:
+        """Place ``module`` (and its optimizers) for the strategy; returns them wrapped, in the same order."""
+        wrapped = self.setup_module(module)
+        if not optimizers:
+            return wrapped
+        return (wrapped, *self.setup_optimizers(*optimizers))
+
+    def setup_module(self, module: nn.Module) -> EngineModule:
+        from shardtrain.wrapper import ForwardRouter
+
+        self._require_launched("setup")
+        forward_module = self.strategy.setup_module(ForwardRouter(module))
+        return EngineModule(forward_module, module, self.strategy)
+
+    def setup_optimizers(self, *optimizers: Optimizer) -> list[EngineOptimizer]:
+        self._require_launched("setup")
+        self.precision.grad_scaler(self.device.type)
+        return [EngineOptimizer(self.strategy.setup_optimizer(optimizer), self) for optimizer in optimizers]
+
+    def setup_dataloaders(self, *loaders: DataLoader, use_distributed_sampler: bool = True, seed: int = 0) -> Any:
+        """Give each rank its share of the data and move batches to the device."""
+        self._require_launched("setup_dataloaders")
+        out = [
+            DeviceDataLoader(with_distributed_sampler(loader, self.world_size, self.global_rank, seed) if use_distributed_sampler else loader, self.device)
+            for loader in loaders
+        ]
+        return out[0] if len(out) == 1 else out
+
+    def to_device(self, obj: T) -> T:
+        return move_to_device(obj, self.device)
+
+    # ------------------------------------------------------------------ the step
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The precision's compute context, for code that runs outside a set-up module's forward."""
+        return self.strategy.forward_context()
+
+    def no_backward_sync(self, module: EngineModule, enabled: bool = True) -> contextlib.AbstractContextManager:
+        """Skip gradient synchronisation for a micro-batch that only accumulates."""
+        return self.strategy.no_backward_sync(module._forward_module, enabled)
+
+    def backward(self, loss: torch.Tensor, model: EngineModule | None = None) -> None:
+        self.strategy.backward(loss, model._forward_module if model is not None else None)
+
+    def clip_gradients(
+        self,
+        module: EngineModule,
+        optimizer: Optimizer | Sequence[Optimizer],
+        max_norm: float | None = None,
+        clip_val: float | None = None,
+        norm_type: float = 2.0,
+    ) -> torch.Tensor | None:
+        """Clip by the norm of the whole (unsharded) gradient, or by value; returns the norm before clipping."""
+        if (max_norm is None) == (clip_val is None):
+            raise ConfigError("clip_gradients takes exactly one of max_norm and clip_val")
+        optimizers = [optimizer] if isinstance(optimizer, Optimizer) else list(optimizer)
+        raw = [opt.optimizer if isinstance(opt, EngineOptimizer) else opt for opt in optimizers]
+        for opt in raw:
+            self.precision.unscale_gradients(opt)
+        parameters = optimizer_parameters(raw)
+        if max_norm is not None:
+            return self.strategy.clip_gradients_norm(parameters, max_norm, norm_type)
+        self.strategy.clip_gradients_value(parameters, clip_val)  # type: ignore[arg-type]
+        return None
+
+    def step(self, *optimizers: Optimizer) -> None:
+        """Step the given optimizers (what ``optimizer.step()`` on a set-up optimizer does)."""
+        for optimizer in optimizers:
+            self.strategy.optimizer_step(optimizer.optimizer if isinstance(optimizer, EngineOptimizer) else optimizer)
+        self.precision.update()
+
+    # ------------------------------------------------------------------ collectives
+    def all_reduce(self, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
+        return self.strategy.all_reduce(tensor, op)
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.strategy.all_gather(tensor)
+
+    def broadcast(self, obj: T, src: int = 0) -> T:
+        return self.strategy.broadcast(obj, src)
+
+    def barrier(self) -> None:
+        self.strategy.barrier()
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, path: str | os.PathLike, state: dict[str, Any]) -> None:
+        """Save modules, optimizers and plain values in ``state`` (atomically; rank 0 writes)."""
+        if self.is_global_zero:
+            save_full_state(path, {key: self._unwrap(value) for key, value in state.items()})
+        self.barrier()
+
+    def load(self, path: str | os.PathLike, state: dict[str, Any], strict: bool = True) -> dict[str, Any]:
+        """Load ``path`` into ``state`` in place; returns saved entries that ``state`` did not name."""
+        targets = {key: self._unwrap(value) for key, value in state.items()}
+        remainder = load_full_state(path, targets, map_location=self.device, strict=strict)
+        for key, value in targets.items():
+            if not hasattr(state[key], "load_state_dict"):
+                state[key] = value
+        return remainder
+
+    @staticmethod
+    def _unwrap(value: Any) -> Any:
+        if isinstance(value, EngineModule):
+            return value.module
+        if isinstance(value, EngineOptimizer):
+            return value.optimizer
+        return value
+
+    def _require_launched(self, what: str) -> None:
+        if not self._launched:
+            raise RuntimeError(f"call engine.launch() before engine.{what}()")

@@ -1,0 +1,150 @@
+"""Start the other local processes of a run by running the user's command again.
+
+``python train.py`` with ``devices=N`` makes this process rank 0 and starts N-1 copies of the same
+command with the rank layout in their environment (the approach of Lightning's script launcher:
+it works from any script and needs nothing picklable). A watchdog thread in rank 0 stops the
+whole run when a rank dies, so a failure never turns into a hang:
+
+* a child that exits non-zero: rank 0 reports it, terminates the others and exits with code 1
+  if it has not failed by itself within ``failure_grace_seconds``;
+* rank 0 that dies: the children get SIGTERM from the kernel (``PR_SET_PDEATHSIG``);
+* rank 0 that ends normally waits for its children and exits non-zero if any of them failed.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Sequence
+
+from shardtrain.launch.environment import ClusterEnvironment, find_free_port
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def user_command() -> list[str]:
+    """The command line that started this process, so that it can be started again."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name not in ("__main__", None):
+        module = spec.name[: -len(".__main__")] if spec.name.endswith(".__main__") else spec.name
+        return [sys.executable, "-m", module, *sys.argv[1:]]
+    if not sys.argv or not sys.argv[0] or sys.argv[0] == "-c":
+        raise RuntimeError("cannot start more processes from an interactive session or `python -c`")
+    return [sys.executable, *sys.argv]
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+class SubprocessLauncher:
+    """Turns this process into local rank 0 and starts local ranks 1..N-1."""
+
+    def __init__(self, environment: ClusterEnvironment, *, failure_grace_seconds: float = 10.0) -> None:
+        self.environment = environment
+        self.failure_grace_seconds = failure_grace_seconds
+        self._children: dict[int, subprocess.Popen] = {}
+        self._exiting_with_error = False
+
+    def launch(self) -> dict[str, str]:
+        """Start the children; returns the rank-layout variables now set in this process's environment."""
+        env = self.environment
+        node_rank = int(os.environ.get("NODE_RANK", env.node_rank))
+        port = env.main_port or find_free_port()
+        threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // env.local_world_size))
+        common = {
+            "MASTER_ADDR": env.main_address,
+            "MASTER_PORT": str(port),
+            "WORLD_SIZE": str(env.world_size),
+            "LOCAL_WORLD_SIZE": str(env.local_world_size),
+            "GROUP_RANK": str(node_rank),
+            "OMP_NUM_THREADS": threads,
+            "SHARDTRAIN_LAUNCHER": "local",
+        }
+        command = user_command()
+        for local_rank in range(1, env.local_world_size):
+            child_env = {**os.environ, **common, **self._rank_vars(node_rank, local_rank)}
+            self._children[local_rank] = subprocess.Popen(command, env=child_env, preexec_fn=_die_with_parent)
+        own = {**common, **self._rank_vars(node_rank, 0)}
+        os.environ.update(own)
+        self._install_exit_handling()
+        return own
+
+    def _rank_vars(self, node_rank: int, local_rank: int) -> dict[str, str]:
+        rank = node_rank * self.environment.local_world_size + local_rank
+        return {"RANK": str(rank), "LOCAL_RANK": str(local_rank)}
+
+    def _install_exit_handling(self) -> None:
+        previous_hook = sys.excepthook
+
+        def excepthook(*args: object) -> None:
+            self._exiting_with_error = True
+            previous_hook(*args)  # type: ignore[arg-type]
+
+        sys.excepthook = excepthook
+        threading.Thread(target=self._watch_children, name="shardtrain-watchdog", daemon=True).start()
+        atexit.register(self._wait_for_children)
+
+    def _watch_children(self) -> None:
+        while True:
+            for local_rank, child in list(self._children.items()):
+                code = child.poll()
+                if code not in (None, 0):
+                    self._stop_after_child_failure(local_rank, code)
+                    return
+            if all(child.poll() == 0 for child in self._children.values()):
+                return
+            time.sleep(0.2)
+
+    def _stop_after_child_failure(self, local_rank: int, code: int) -> None:
+        rank = int(os.environ.get("GROUP_RANK", 0)) * self.environment.local_world_size + local_rank
+        how = f"signal {-code}" if code < 0 else f"exit code {code}"
+        print(f"[shardtrain] rank {rank} failed ({how}); stopping all ranks.", file=sys.stderr, flush=True)
+        self._terminate_children()
+        # Give rank 0 the chance to fail by itself (a broken collective raises with a traceback);
+        # if it is stuck, e.g. in a collective that never returns, end it.
+        time.sleep(self.failure_grace_seconds)
+        sys.stderr.flush()
+        os._exit(1)
+
+    def _terminate_children(self, timeout: float = 5.0) -> None:
+        for child in self._children.values():
+            if child.poll() is None:
+                child.terminate()
+        deadline = time.monotonic() + timeout
+        for child in self._children.values():
+            try:
+                child.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+    def _wait_for_children(self) -> None:
+        if self._exiting_with_error:
+            self._terminate_children()
+            return
+        codes = [child.wait() for child in self._children.values()]
+        failed = [code for code in codes if code != 0]
+        if failed:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+
+
+def launch_local_processes(environment: ClusterEnvironment) -> Sequence[str]:
+    """Start the local processes of ``environment``; a no-op when they already exist."""
+    if environment.processes_started:
+        return []
+    return list(SubprocessLauncher(environment).launch())

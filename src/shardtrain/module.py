@@ -1,0 +1,98 @@
+"""TrainModule: the class a user subclasses. Hook names follow Lightning's, so code ports by changing the base class."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from shardtrain.trainer import Trainer
+
+StepOutput = torch.Tensor | Mapping[str, Any]
+
+
+class TrainModule(nn.Module):
+    """A model plus how to train it.
+
+    Override:
+        ``configure_model()``: build layers here rather than in ``__init__``, so that sharding
+            strategies can build them on the meta device and materialise only each rank's shard.
+        ``training_step(batch, batch_idx)``: return the loss, or a dict with a ``"loss"`` entry.
+        ``validation_step(batch, batch_idx)``: optional; log what you want to see.
+        ``configure_optimizers()``: an optimizer; or ``(optimizer, lr_scheduler)``; or
+            ``([optimizers], [schedulers])``; or Lightning's dict
+            ``{"optimizer": ..., "lr_scheduler": {"scheduler": ..., "interval": "step"}}``.
+        ``train_dataloader()`` / ``val_dataloader()``: optional, when no loaders are passed to ``fit``.
+        Any ``on_*`` hook of :class:`shardtrain.callbacks.Callback` (without the trainer/module arguments).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._trainer: Trainer | None = None
+        self._logged: dict[str, tuple[torch.Tensor, bool]] = {}
+
+    # -------------------------------------------------------------- hooks to override
+    def configure_model(self) -> None:
+        """Create the layers. Called once per run, under the strategy's init context."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> StepOutput:
+        raise NotImplementedError(f"{type(self).__name__} must define training_step(batch, batch_idx) returning the loss")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> StepOutput | None:
+        return None
+
+    def configure_optimizers(self) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} must define configure_optimizers() returning an optimizer")
+
+    # -------------------------------------------------------------- services for hooks
+    @property
+    def trainer(self) -> "Trainer":
+        if self._trainer is None:
+            raise RuntimeError(f"{type(self).__name__} is not attached to a Trainer")
+        return self._trainer
+
+    @property
+    def device(self) -> torch.device:
+        for tensor in self.parameters():
+            return tensor.device
+        return torch.device("cpu")
+
+    @property
+    def global_rank(self) -> int:
+        return self._trainer.global_rank if self._trainer else 0
+
+    @property
+    def global_step(self) -> int:
+        return self._trainer.global_step if self._trainer else 0
+
+    @property
+    def current_epoch(self) -> int:
+        return self._trainer.current_epoch if self._trainer else 0
+
+    def log(self, name: str, value: torch.Tensor | float, prog_bar: bool = False) -> None:
+        """Record a metric. It is averaged over ranks and written to the loggers every
+        ``log_every_n_steps`` steps (training) or once per validation run (mean over batches).
+        No host sync happens when you call this."""
+        if isinstance(value, torch.Tensor):
+            value = value.detach()
+            if value.numel() != 1:
+                raise ValueError(f"self.log({name!r}, ...) needs a single number, got a tensor of shape {tuple(value.shape)}")
+            value = value.reshape(())
+        else:
+            value = torch.tensor(float(value))
+        self._logged[name] = (value, prog_bar)
+
+    def log_dict(self, metrics: Mapping[str, torch.Tensor | float], prog_bar: bool = False) -> None:
+        for name, value in metrics.items():
+            self.log(name, value, prog_bar=prog_bar)
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        if self.global_rank == 0:
+            print(*args, **kwargs)
+
+    def pop_logged(self) -> dict[str, tuple[torch.Tensor, bool]]:
+        """The metrics logged since the last call (used by the Trainer)."""
+        logged, self._logged = self._logged, {}
+        return logged

@@ -1,0 +1,11 @@
+"""Strategies: how a model and its optimizer are placed on the devices of a run."""
+
+from shardtrain.strategies.base import Strategy
+from shardtrain.strategies.ddp import DDPStrategy
+from shardtrain.strategies.registry import available_strategies, create_strategy, register_strategy
+from shardtrain.strategies.single import SingleDeviceStrategy
+
+register_strategy("single", SingleDeviceStrategy, "one process, one device")
+register_strategy("ddp", DDPStrategy, "data parallel: full replica per rank, gradients all-reduced")
+
+__all__ = ["Strategy", "SingleDeviceStrategy", "DDPStrategy", "available_strategies", "create_strategy", "register_strategy"]

@@ -1,0 +1,147 @@
+"""The Strategy interface: everything that differs between single device, DDP, FSDP, DeepSpeed.
+
+A strategy is a small object that says *how* a module and its optimizers are placed on the
+devices of a run. The Engine calls it; the Trainer never does. Subclasses override only the
+steps where they differ from plain PyTorch on one device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from datetime import timedelta
+from typing import Any, ClassVar, Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.optim import Optimizer
+
+from shardtrain.launch.environment import ClusterEnvironment
+from shardtrain.launch.process_group import init_process_group
+from shardtrain.precision import Precision
+
+
+class Strategy:
+    """Base class and single-process behaviour; distributed strategies override what they need."""
+
+    #: The name this strategy is registered under; ``strategy="<name>"`` selects it.
+    name: ClassVar[str] = ""
+    #: Whether the strategy needs more than one process to mean anything.
+    distributed: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        self.environment: ClusterEnvironment | None = None
+        self.device: torch.device = torch.device("cpu")
+        self.precision: Precision = Precision()
+        self.timeout: timedelta = timedelta(minutes=30)
+
+    # ---------------------------------------------------------------- set-up
+    def validate(self, world_size: int, device_type: str) -> None:
+        """Reject options that cannot work, before any process is started."""
+
+    def connect(self, environment: ClusterEnvironment, device: torch.device, precision: Precision, timeout: timedelta) -> None:
+        """Bind the strategy to this process's place in the run (called once per process)."""
+        self.environment = environment
+        self.device = device
+        self.precision = precision
+        self.timeout = timeout
+
+    def setup_environment(self) -> None:
+        """Join the process group; runs in every process after launch."""
+        assert self.environment is not None, "connect() first"
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        init_process_group(self.environment, self.device, self.timeout)
+
+    @property
+    def world_size(self) -> int:
+        return self.environment.world_size if self.environment else 1
+
+    @property
+    def global_rank(self) -> int:
+        return self.environment.global_rank if self.environment else 0
+
+    # ---------------------------------------------------------------- model and optimizer
+    def module_init_context(self) -> contextlib.AbstractContextManager:
+        """Where ``configure_model()`` builds layers: on the device, in the parameter dtype."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.device)
+        stack.enter_context(self.precision.module_init_context())
+        return stack
+
+    def setup_module(self, module: nn.Module) -> nn.Module:
+        """Place the module and wrap it for this strategy; returns what forward must be called on."""
+        return self.precision.convert_module(module).to(self.device)
+
+    def setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
+        return optimizer
+
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        return self.precision.forward_context(self.device.type)
+
+    def no_backward_sync(self, module: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
+        """Skip gradient synchronisation while accumulating micro-batches."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, module: nn.Module | None = None) -> None:
+        self.precision.scale_loss(loss).backward()
+
+    def optimizer_step(self, optimizer: Optimizer) -> None:
+        self.precision.optimizer_step(optimizer)
+
+    def clip_gradients_norm(self, parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Clip by the norm of the *whole* gradient; returns that norm (a tensor, no host sync)."""
+        return torch.nn.utils.clip_grad_norm_(list(parameters), max_norm, norm_type=norm_type, foreach=True)
+
+    def clip_gradients_value(self, parameters: Iterable[torch.Tensor], clip_value: float) -> None:
+        torch.nn.utils.clip_grad_value_(list(parameters), clip_value, foreach=True)
+
+    def module_state_dict(self, module: nn.Module) -> dict[str, Any]:
+        return module.state_dict()
+
+    def load_module_state_dict(self, module: nn.Module, state: dict[str, Any], strict: bool = True) -> None:
+        module.load_state_dict(state, strict=strict)
+
+    # ---------------------------------------------------------------- collectives
+    def _is_distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
+        """Reduce ``tensor`` over all ranks in place (``"mean"``, ``"sum"``, ``"max"``, ``"min"``)."""
+        if not self._is_distributed():
+            return tensor
+        reduce_op = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op]
+        dist.all_reduce(tensor, op=reduce_op)
+        if op == "mean":
+            tensor /= self.world_size
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Stack ``tensor`` from every rank along a new first dimension."""
+        if not self._is_distributed():
+            return tensor.unsqueeze(0)
+        out = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(out, tensor)
+        return torch.stack(out)
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if not self._is_distributed():
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self._is_distributed():
+            dist.barrier()
+
+    def teardown(self) -> None:
+        """Release what the strategy holds; the process group stays for the next fit/validate."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def optimizer_parameters(optimizers: Sequence[Optimizer]) -> list[torch.Tensor]:
+    """Every parameter that has a gradient, over all param groups of all optimizers."""
+    return [p for opt in optimizers for group in opt.param_groups for p in group["params"] if p.grad is not None]

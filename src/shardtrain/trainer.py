@@ -1,0 +1,420 @@
+"""The Trainer: the training loop, with accumulation, clipping, validation, logging and callbacks.
+
+It knows nothing of strategies: every device, sharding and precision decision goes through the
+:class:`~shardtrain.engine.Engine` it owns. ``batch_size`` of a DataLoader is per process, as in
+Lightning: the global batch is ``batch_size * world_size * accumulate_grad_batches``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+
+from shardtrain.callbacks import Callback, ProgressBar
+from shardtrain.engine import Engine
+from shardtrain.errors import ConfigError, TrainingStepError
+from shardtrain.loggers import CSVLogger, Logger
+from shardtrain.metrics import MetricCollector
+from shardtrain.module import TrainModule
+from shardtrain.optimization import SchedulerConfig, parse_optimizers, step_schedulers
+from shardtrain.seed import seed_everything
+from shardtrain.strategies import Strategy
+from shardtrain.trainer_checkpoint import TrainerCheckpointing
+from shardtrain.wrapper import EngineModule
+
+
+class Trainer(TrainerCheckpointing):
+    """Fit a :class:`TrainModule` on any strategy with one line of configuration.
+
+    Args:
+        accelerator, devices, num_nodes, strategy, precision: as for :class:`Engine`.
+        max_steps: optimizer steps to train for (``-1``: no limit, use ``max_epochs``).
+        max_epochs: passes over the training data (default 1000 when neither limit is set, as in Lightning).
+        accumulate_grad_batches: micro-batches per optimizer step; gradients are synchronised
+            only on the last one.
+        gradient_clip_val: clip gradients to this norm (or value, see ``gradient_clip_algorithm``).
+        gradient_clip_algorithm: ``"norm"`` (of the whole gradient, across shards) or ``"value"``.
+        val_check_interval: ``None``: validate at the end of each epoch; an int ``n``: every ``n``
+            training batches; a float ``f`` in (0, 1]: every ``f`` of an epoch.
+        check_val_every_n_epoch: with end-of-epoch validation, every this many epochs.
+        limit_train_batches, limit_val_batches: at most this many batches (int) or this fraction (float) per epoch.
+        log_every_n_steps: how often training metrics are reduced over ranks and written.
+        default_root_dir: where logs (``metrics.csv``) and checkpoints go.
+        callbacks: extra :class:`Callback` objects.
+        logger: ``True`` (a CSV logger in ``default_root_dir``), ``False``, or logger objects.
+        seed: seed every rank with this before building the model (same initial weights everywhere).
+        enable_progress_bar: rank-0 progress bar with loss and tokens/s.
+        timeout_seconds: how long a collective waits for the other ranks before the run fails.
+    """
+
+    def __init__(
+        self,
+        *,
+        accelerator: str = "auto",
+        devices: int = 1,
+        num_nodes: int = 1,
+        strategy: str | Strategy = "auto",
+        precision: str | int = "32-true",
+        max_steps: int = -1,
+        max_epochs: int | None = None,
+        accumulate_grad_batches: int = 1,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str = "norm",
+        val_check_interval: int | float | None = None,
+        check_val_every_n_epoch: int = 1,
+        limit_train_batches: int | float | None = None,
+        limit_val_batches: int | float | None = None,
+        log_every_n_steps: int = 50,
+        default_root_dir: str | os.PathLike = "runs",
+        callbacks: Sequence[Callback] | Callback | None = None,
+        logger: bool | Logger | Sequence[Logger] = True,
+        seed: int | None = None,
+        enable_progress_bar: bool = True,
+        timeout_seconds: float = 1800.0,
+    ) -> None:
+        _check_positive_int("accumulate_grad_batches", accumulate_grad_batches)
+        _check_positive_int("log_every_n_steps", log_every_n_steps)
+        _check_positive_int("check_val_every_n_epoch", check_val_every_n_epoch)
+        if max_steps != -1:
+            _check_positive_int("max_steps", max_steps, "or -1 for no limit")
+        if max_epochs is not None:
+            _check_positive_int("max_epochs", max_epochs)
+        if gradient_clip_algorithm not in ("norm", "value"):
+            raise ConfigError(f"gradient_clip_algorithm must be 'norm' or 'value', got {gradient_clip_algorithm!r}")
+        if gradient_clip_val is not None and gradient_clip_val <= 0:
+            raise ConfigError(f"gradient_clip_val must be > 0 (or None to disable), got {gradient_clip_val}")
+        _check_limit("val_check_interval", val_check_interval)
+        _check_limit("limit_train_batches", limit_train_batches)
+        _check_limit("limit_val_batches", limit_val_batches, allow_zero=True)
+
+        self.engine = Engine(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision, timeout_seconds=timeout_seconds)
+        self.max_steps = max_steps
+        self.max_epochs = max_epochs if max_epochs is not None else (1000 if max_steps == -1 else None)
+        self.accumulate_grad_batches = accumulate_grad_batches
+        self.gradient_clip_val = gradient_clip_val
+        self.gradient_clip_algorithm = gradient_clip_algorithm
+        self.val_check_interval = val_check_interval
+        self.check_val_every_n_epoch = check_val_every_n_epoch
+        self.limit_train_batches = limit_train_batches
+        self.limit_val_batches = limit_val_batches
+        self.log_every_n_steps = log_every_n_steps
+        self.default_root_dir = Path(default_root_dir)
+        self.seed = seed
+        self.callbacks: list[Callback] = [callbacks] if isinstance(callbacks, Callback) else list(callbacks or [])
+        if enable_progress_bar and not any(isinstance(cb, ProgressBar) for cb in self.callbacks):
+            self.callbacks.append(ProgressBar())
+        self.loggers: list[Logger] = _make_loggers(logger, self.default_root_dir)
+
+        self.global_step = 0
+        self.current_epoch = 0
+        self.batches_seen_in_epoch = 0
+        self.callback_metrics: dict[str, float] = {}
+        self.progress_bar_metrics: dict[str, float] = {}
+        self.should_stop = False
+        self.estimated_stepping_batches: int | float = math.inf
+        self.module: TrainModule | None = None
+        self.model: EngineModule | None = None
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self.lr_schedulers: list[SchedulerConfig] = []
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def strategy(self) -> Strategy:
+        return self.engine.strategy
+
+    @property
+    def global_rank(self) -> int:
+        return self.engine.global_rank
+
+    @property
+    def world_size(self) -> int:
+        return self.engine.world_size
+
+    @property
+    def is_global_zero(self) -> bool:
+        return self.engine.is_global_zero
+
+    def init_module(self) -> Any:
+        """Context for building a model outside ``configure_model`` where the strategy wants it."""
+        self.engine.launch()
+        return self.engine.init_module()
+
+    def fit(
+        self,
+        module: TrainModule,
+        train_dataloaders: DataLoader | None = None,
+        val_dataloaders: DataLoader | None = None,
+        ckpt_path: str | os.PathLike | None = None,
+    ) -> None:
+        """Train ``module``; resume from ``ckpt_path`` (a file saved by ``save_checkpoint``, or ``"last"``)."""
+        self.engine.launch()
+        self._attach(module, "fit")
+        try:
+            train_loader = self._loader(train_dataloaders, module, "train_dataloader", required=True)
+            val_loader = self._loader(val_dataloaders, module, "val_dataloader", required=False)
+            self._estimate_steps(train_loader)
+            self._setup(module, "fit")
+            if ckpt_path is not None:
+                self._restore(ckpt_path)
+            self._call("on_fit_start")
+            self._train(train_loader, val_loader)
+            self._call("on_fit_end")
+        except BaseException as exception:
+            self._call("on_exception", exception)
+            raise
+        finally:
+            for logger in self._rank_zero_loggers():
+                logger.finalize()
+
+    def validate(self, module: TrainModule, dataloaders: DataLoader | None = None) -> list[dict[str, float]]:
+        """Run the validation loop once; returns the metrics averaged over batches and ranks."""
+        self.engine.launch()
+        self._attach(module, "validate")
+        self._setup(module, "validate")
+        loader = self._loader(dataloaders, module, "val_dataloader", required=True)
+        metrics = self._validate(loader)
+        for logger in self._rank_zero_loggers():
+            logger.finalize()
+        return [metrics]
+
+    # ------------------------------------------------------------------ set-up
+    def _attach(self, module: TrainModule, stage: str) -> None:
+        if not isinstance(module, TrainModule):
+            raise ConfigError(f"Trainer.{stage} takes a shardtrain.TrainModule, got {type(module).__name__}")
+        module._trainer = self
+
+    def _setup(self, module: TrainModule, stage: str) -> None:
+        if self.module is module and self.model is not None:
+            return
+        if self.seed is not None:
+            seed_everything(self.seed)
+        with self.engine.init_module():
+            module.configure_model()
+        self.module = module
+        self.model = self.engine.setup_module(module)
+        if stage == "fit":
+            self.optimizers, self.lr_schedulers = parse_optimizers(module.configure_optimizers())
+            self.engine.setup_optimizers(*self.optimizers)
+        for callback in self.callbacks:
+            callback.setup(self, module, stage)
+
+    def _loader(self, given: DataLoader | None, module: TrainModule, hook: str, required: bool) -> Any:
+        loader = given if given is not None else (getattr(module, hook)() if callable(getattr(module, hook, None)) else None)
+        if loader is None:
+            if required:
+                raise ConfigError(f"no {hook.replace('_', ' ')}: pass it to the Trainer or define {type(module).__name__}.{hook}()")
+            return None
+        return self.engine.setup_dataloaders(loader, seed=self.seed or 0)
+
+    def _estimate_steps(self, loader: Any) -> None:
+        if self.max_steps > 0:
+            self.estimated_stepping_batches = self.max_steps
+            return
+        try:
+            batches = _limited(len(loader), self.limit_train_batches)
+        except TypeError:
+            return
+        self.estimated_stepping_batches = self.max_epochs * math.ceil(batches / self.accumulate_grad_batches)
+
+    # ------------------------------------------------------------------ training
+    def _train(self, train_loader: Any, val_loader: Any) -> None:
+        assert self.model is not None
+        self.should_stop = self._reached_max_steps() or (self.max_epochs is not None and self.current_epoch >= self.max_epochs)
+        self._call("on_train_start")
+        while not self.should_stop:
+            self.model.train()
+            train_loader.set_epoch(self.current_epoch)
+            self._call("on_train_epoch_start")
+            self._train_epoch(train_loader, val_loader)
+            self._call("on_train_epoch_end")
+            self.current_epoch += 1
+            self.batches_seen_in_epoch = 0
+            step_schedulers(self.lr_schedulers, "epoch", self.current_epoch, self.callback_metrics)
+            if self.max_epochs is not None and self.current_epoch >= self.max_epochs:
+                self.should_stop = True
+        self._call("on_train_end")
+
+    def _train_epoch(self, train_loader: Any, val_loader: Any) -> None:
+        try:
+            num_batches = _limited(len(train_loader), self.limit_train_batches)
+        except TypeError:
+            num_batches = math.inf
+        interval = self._val_interval(num_batches)
+        collector = MetricCollector(mean_over_batches=False)
+        step_loss = torch.zeros((), device=self.engine.device)
+        skip = self.batches_seen_in_epoch  # resuming mid-epoch: these batches were already trained on
+        for batch_idx, batch in enumerate(train_loader):
+            if batch_idx >= num_batches:
+                break
+            if batch_idx < skip:
+                continue
+            self._call("on_train_batch_start", batch, batch_idx)
+            is_last = batch_idx + 1 == num_batches
+            step_now = (batch_idx + 1) % self.accumulate_grad_batches == 0 or is_last
+            loss, outputs = self._training_micro_step(batch, batch_idx, sync=step_now)
+            step_loss += loss
+            collector.update(self.module.pop_logged())
+            self.batches_seen_in_epoch = batch_idx + 1
+            if step_now:
+                micro_batches = (batch_idx % self.accumulate_grad_batches) + 1
+                self._optimizer_step(collector, step_loss / micro_batches)
+                step_loss = torch.zeros((), device=self.engine.device)
+            self._call("on_train_batch_end", outputs, batch, batch_idx)
+            if val_loader is not None and interval and (batch_idx + 1) % interval == 0 and self._val_epoch_due():
+                self._validate(val_loader)
+            if self._reached_max_steps() or self.should_stop:
+                self.should_stop = True
+                return
+        if val_loader is not None and interval == 0 and self._val_epoch_due():
+            self._validate(val_loader)
+
+    def _training_micro_step(self, batch: Any, batch_idx: int, sync: bool) -> tuple[torch.Tensor, Any]:
+        with self.engine.no_backward_sync(self.model, enabled=not sync):
+            outputs = self.model.training_step(batch, batch_idx)
+            loss = _extract_loss(outputs, type(self.module).__name__)
+            self._call("on_before_backward", loss)
+            self.engine.backward(loss / self.accumulate_grad_batches, self.model)
+        self._call("on_after_backward")
+        return loss.detach(), outputs
+
+    def _optimizer_step(self, collector: MetricCollector, step_loss: torch.Tensor) -> None:
+        for optimizer in self.optimizers:
+            self._call("on_before_optimizer_step", optimizer)
+        logged: dict[str, tuple[torch.Tensor, bool]] = {"train_loss": (step_loss, True)}
+        if self.gradient_clip_val is not None:
+            if self.gradient_clip_algorithm == "norm":
+                norm = self.engine.clip_gradients(self.model, self.optimizers, max_norm=self.gradient_clip_val)
+                logged["train_grad_norm"] = (norm.detach(), False)
+            else:
+                self.engine.clip_gradients(self.model, self.optimizers, clip_val=self.gradient_clip_val)
+        self.engine.step(*self.optimizers)
+        for optimizer in self.optimizers:
+            self._call("on_before_zero_grad", optimizer)
+            optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        step_schedulers(self.lr_schedulers, "step", self.global_step, self.callback_metrics)
+        collector.update(logged)
+        if self.global_step % self.log_every_n_steps == 0 or self._reached_max_steps():
+            self._log(collector, {"epoch": float(self.current_epoch)})
+            collector.reset()
+
+    def _reached_max_steps(self) -> bool:
+        return 0 < self.max_steps <= self.global_step
+
+    # ------------------------------------------------------------------ validation
+    def _val_interval(self, num_batches: float) -> int:
+        """Validate every this many training batches; 0 means at the end of the epoch."""
+        if self.val_check_interval is None:
+            return 0
+        if isinstance(self.val_check_interval, float):
+            if math.isinf(num_batches):
+                raise ConfigError("a fractional val_check_interval needs a training loader with a length; give an int number of batches")
+            return max(1, int(num_batches * self.val_check_interval))
+        return int(self.val_check_interval)
+
+    def _val_epoch_due(self) -> bool:
+        return (self.current_epoch + 1) % self.check_val_every_n_epoch == 0 or self.val_check_interval is not None
+
+    @torch.no_grad()
+    def _validate(self, loader: Any) -> dict[str, float]:
+        assert self.model is not None and self.module is not None
+        was_training = self.model.training
+        self.model.eval()
+        self._call("on_validation_start")
+        self._call("on_validation_epoch_start")
+        collector = MetricCollector(mean_over_batches=True)
+        try:
+            num_batches = _limited(len(loader), self.limit_val_batches)
+        except TypeError:
+            num_batches = math.inf
+        for batch_idx, batch in enumerate(loader):
+            if batch_idx >= num_batches:
+                break
+            self._call("on_validation_batch_start", batch, batch_idx)
+            outputs = self.model.validation_step(batch, batch_idx)
+            collector.update(self.module.pop_logged())
+            self._call("on_validation_batch_end", outputs, batch, batch_idx)
+        metrics = self._log(collector, {})
+        self._call("on_validation_epoch_end")
+        self._call("on_validation_end")
+        self.model.train(was_training)
+        return metrics
+
+    # ------------------------------------------------------------------ logging and hooks
+    def _log(self, collector: MetricCollector, extra: dict[str, float]) -> dict[str, float]:
+        metrics = collector.compute(lambda t: self.engine.all_reduce(t, "mean"), self.engine.device)
+        self.callback_metrics.update(metrics)
+        self.progress_bar_metrics.update({name: metrics[name] for name in collector.prog_bar if name in metrics})
+        if metrics and self.is_global_zero:
+            row = {**metrics, **extra}
+            for logger in self.loggers:
+                logger.log_metrics(row, self.global_step)
+            for callback in self.callbacks:
+                callback.on_log(self, row, self.global_step)
+        return metrics
+
+    def _rank_zero_loggers(self) -> list[Logger]:
+        return self.loggers if self.is_global_zero else []
+
+    def _call(self, hook: str, *args: Any) -> None:
+        module_hook = getattr(self.module, hook, None)
+        if callable(module_hook) and hook.startswith("on_"):
+            module_hook(*args)
+        for callback in self.callbacks:
+            getattr(callback, hook)(self, self.module, *args)
+
+
+def _extract_loss(outputs: Any, module_name: str) -> torch.Tensor:
+    loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+    if not isinstance(loss, torch.Tensor):
+        raise TrainingStepError(
+            f"{module_name}.training_step returned {type(outputs).__name__}; return the loss tensor or a dict with a 'loss' tensor"
+        )
+    if loss.numel() != 1:
+        raise TrainingStepError(f"{module_name}.training_step returned a loss of shape {tuple(loss.shape)}; reduce it to one number (e.g. .mean())")
+    if not loss.requires_grad:
+        raise TrainingStepError(f"{module_name}.training_step returned a loss that does not require grad; was it computed under torch.no_grad() or detached?")
+    return loss
+
+
+def _limited(length: int, limit: int | float | None) -> int:
+    if limit is None:
+        return length
+    if isinstance(limit, float):
+        return int(length * limit)
+    return min(length, limit)
+
+
+def _check_positive_int(name: str, value: Any, hint: str = "") -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{name} must be a whole number >= 1{' ' + hint if hint else ''}, got {value!r}")
+
+
+def _check_limit(name: str, value: Any, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if isinstance(value, float) and not (0.0 < value <= 1.0 or (allow_zero and value == 0.0)):
+        raise ConfigError(f"{name} as a fraction must be in (0, 1], got {value}")
+    if isinstance(value, int) and not isinstance(value, bool) and value < (0 if allow_zero else 1):
+        raise ConfigError(f"{name} as a number of batches must be >= {0 if allow_zero else 1}, got {value}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ConfigError(f"{name} must be an int (batches) or a float (fraction), got {value!r}")
+
+
+def _make_loggers(logger: bool | Logger | Sequence[Logger], root: Path) -> list[Logger]:
+    if logger is True:
+        return [CSVLogger(root)]
+    if logger is False or logger is None:
+        return []
+    if isinstance(logger, Logger):
+        return [logger]
+    loggers = list(logger)
+    bad = [type(item).__name__ for item in loggers if not isinstance(item, Logger)]
+    if bad:
+        raise ConfigError(f"logger must be True, False or Logger objects; got {bad}")
+    return loggers

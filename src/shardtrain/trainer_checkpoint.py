@@ -1,0 +1,95 @@
+"""The Trainer's side of checkpoints: what a training state is, and how a run resumes from one.
+
+A checkpoint holds the module, optimizers, LR schedulers, loss scaler, callbacks' state and the
+loop position (global step, epoch, batches seen in the epoch), so that a resumed run continues
+at the next batch it would have trained on. Storage goes through ``Engine.save``/``Engine.load``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from shardtrain.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from shardtrain.trainer import Trainer
+
+FORMAT_VERSION = 1
+LAST = "last"
+
+
+class TrainerCheckpointing:
+    """Mixed into :class:`~shardtrain.trainer.Trainer`."""
+
+    @property
+    def checkpoint_dir(self: "Trainer") -> Path:
+        return self.default_root_dir / "checkpoints"
+
+    def save_checkpoint(self: "Trainer", path: str | os.PathLike | None = None) -> Path:
+        """Save the full training state (every rank must call this); also updates ``last``.
+
+        Returns the path written. The default path is ``<default_root_dir>/checkpoints/step=<N>.ckpt``.
+        """
+        if self.module is None:
+            raise RuntimeError("save_checkpoint() needs a module that has been set up by fit()")
+        target = Path(path) if path is not None else self.checkpoint_dir / f"step={self.global_step}.ckpt"
+        checkpoint: dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "module": self.module.state_dict(),
+            "optimizers": [optimizer.state_dict() for optimizer in self.optimizers],
+            "lr_schedulers": [config.scheduler.state_dict() for config in self.lr_schedulers],
+            "loop": {"global_step": self.global_step, "current_epoch": self.current_epoch, "batches_seen_in_epoch": self.batches_seen_in_epoch},
+            "callbacks": {callback.state_key: callback.state_dict() for callback in self.callbacks},
+        }
+        scaler = self.engine.precision.grad_scaler(self.engine.device.type)
+        if scaler is not None:
+            checkpoint["grad_scaler"] = scaler.state_dict()
+        self._call("on_save_checkpoint", checkpoint)
+        self.engine.save(target, checkpoint)
+        if self.is_global_zero:
+            _point_last_at(self.checkpoint_dir, target)
+        self.engine.barrier()
+        return target
+
+    def _resolve_checkpoint(self: "Trainer", ckpt_path: str | os.PathLike) -> Path:
+        if str(ckpt_path) != LAST:
+            return Path(ckpt_path)
+        pointer = self.checkpoint_dir / LAST
+        if not pointer.is_file():
+            raise CheckpointError(f"ckpt_path='last' but no checkpoint was saved in {self.checkpoint_dir}; train without ckpt_path first")
+        return self.checkpoint_dir / pointer.read_text().strip()
+
+    def _restore(self: "Trainer", ckpt_path: str | os.PathLike) -> None:
+        path = self._resolve_checkpoint(ckpt_path)
+        state: dict[str, Any] = {"module": self.module, "format_version": None, "optimizers": None, "lr_schedulers": None, "loop": None, "callbacks": None}
+        rest = self.engine.load(path, state)
+        if state["format_version"] is None or state["format_version"] > FORMAT_VERSION:
+            raise CheckpointError(f"{path} has format version {state['format_version']}; this shardtrain reads up to {FORMAT_VERSION}: upgrade shardtrain")
+        if len(state["optimizers"]) != len(self.optimizers):
+            raise CheckpointError(f"{path} holds {len(state['optimizers'])} optimizer states but configure_optimizers() made {len(self.optimizers)}")
+        for optimizer, saved in zip(self.optimizers, state["optimizers"]):
+            optimizer.load_state_dict(saved)
+        for config, saved in zip(self.lr_schedulers, state["lr_schedulers"]):
+            config.scheduler.load_state_dict(saved)
+        for callback in self.callbacks:
+            if callback.state_key in state["callbacks"]:
+                callback.load_state_dict(state["callbacks"][callback.state_key])
+        scaler = self.engine.precision.grad_scaler(self.engine.device.type)
+        if scaler is not None and "grad_scaler" in rest:
+            scaler.load_state_dict(rest["grad_scaler"])
+        loop = state["loop"]
+        self.global_step = loop["global_step"]
+        self.current_epoch = loop["current_epoch"]
+        self.batches_seen_in_epoch = loop["batches_seen_in_epoch"]
+        self._call("on_load_checkpoint", {**rest, **state})
+
+
+def _point_last_at(directory: Path, target: Path) -> None:
+    """Atomically make ``<directory>/last`` name ``target`` (relative when inside the directory)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    name = os.path.relpath(target.resolve(), directory.resolve())
+    temporary = directory / f".{LAST}.tmp"
+    temporary.write_text(name)
+    os.replace(temporary, directory / LAST)

@@ -1,0 +1,48 @@
+"""Run a script that starts its own ranks (through shardtrain's launcher or torchrun) and read what it wrote.
+
+Scripts write their results as JSON files into ``--out``; tests assert numbers from those files.
+No part of torch.distributed is mocked: the ranks are real processes talking over gloo.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = Path(__file__).resolve().parent / "scripts"
+
+
+@dataclass
+class Run:
+    returncode: int
+    output: str
+    out_dir: Path
+
+    def result(self, name: str = "result.json") -> Any:
+        path = self.out_dir / name
+        assert path.is_file(), f"{name} was not written; output:\n{self.output[-4000:]}"
+        return json.loads(path.read_text())
+
+
+def run_script(script: str, out_dir: Path, *args: str, timeout: float = 300, torchrun: int | None = None, env: dict | None = None) -> Run:
+    """Run ``scripts/<script>`` with ``--out out_dir``; with ``torchrun=N`` under ``torchrun --nproc-per-node N``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, str(SCRIPTS / script), "--out", str(out_dir), *args]
+    if torchrun:
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={torchrun}", "--master-port=0", *command[1:]]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **(env or {})}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK"):
+        full_env.pop(key, None)
+    completed = subprocess.run(command, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return Run(completed.returncode, completed.stdout + completed.stderr, out_dir)
+
+
+def assert_ok(run: Run) -> Run:
+    assert run.returncode == 0, f"exit code {run.returncode}; output:\n{run.output[-6000:]}"
+    return run

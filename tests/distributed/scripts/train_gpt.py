@@ -1,0 +1,90 @@
+"""Train a tiny GPT with the Trainer and write the per-step losses (reduced over ranks) as JSON.
+
+Used by the parity tests: the same global batch through 1 process or N, with or without
+accumulation, must give the same losses.
+"""
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from examples.gpt.data import corpus_splits
+from examples.gpt.model import GPTConfig, GPTModule
+from shardtrain import Callback, Trainer
+
+
+class GradNormRecorder(Callback):
+    def __init__(self) -> None:
+        self.norms = []
+
+    def on_before_optimizer_step(self, trainer, module, optimizer):
+        grads = [p.grad.detach().flatten() for p in module.parameters() if p.grad is not None]
+        self.norms.append(torch.cat(grads).norm().item())
+
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--out", required=True)
+parser.add_argument("--devices", type=int, default=1)
+parser.add_argument("--strategy", default="auto")
+parser.add_argument("--batch-size", type=int, default=8, help="per process")
+parser.add_argument("--accumulate", type=int, default=1)
+parser.add_argument("--max-steps", type=int, default=10)
+parser.add_argument("--clip", type=float, default=None)
+parser.add_argument("--clip-algorithm", default="norm")
+parser.add_argument("--precision", default="32-true")
+parser.add_argument("--val-check-interval", type=int, default=None)
+parser.add_argument("--seed", type=int, default=1234)
+parser.add_argument("--ckpt-path", default=None)
+parser.add_argument("--save-at-end", action="store_true")
+args = parser.parse_args()
+
+config = GPTConfig(n_layer=2, n_head=2, d_model=64, seq_len=32)
+train, val = corpus_splits(config.seq_len)
+train = torch.utils.data.Subset(train, range(2048))
+recorder = GradNormRecorder()
+trainer = Trainer(
+    accelerator="cpu",
+    devices=args.devices,
+    strategy=args.strategy,
+    precision=args.precision,
+    max_steps=args.max_steps,
+    accumulate_grad_batches=args.accumulate,
+    gradient_clip_val=args.clip,
+    gradient_clip_algorithm=args.clip_algorithm,
+    val_check_interval=args.val_check_interval,
+    limit_val_batches=4,
+    log_every_n_steps=1,
+    default_root_dir=args.out,
+    seed=args.seed,
+    callbacks=[recorder],
+    enable_progress_bar=False,
+)
+module = GPTModule(config, learning_rate=3e-3, warmup_steps=3)
+trainer.fit(
+    module,
+    DataLoader(train, batch_size=args.batch_size, shuffle=False),
+    DataLoader(val, batch_size=args.batch_size) if args.val_check_interval else None,
+    ckpt_path=args.ckpt_path,
+)
+if args.save_at_end:
+    trainer.save_checkpoint()
+if trainer.is_global_zero:
+    rows = list(csv.DictReader(open(Path(args.out) / "metrics.csv")))
+    losses = {int(r["step"]): float(r["train_loss"]) for r in rows if r.get("train_loss")}
+    val_losses = {int(r["step"]): float(r["val_loss"]) for r in rows if r.get("val_loss")}
+    result = {
+        "losses": [losses[s] for s in sorted(losses)],
+        "steps": sorted(losses),
+        "val_losses": val_losses,
+        "grad_norms_before_clip": recorder.norms,
+        "grad_norm_logged": [float(r["train_grad_norm"]) for r in rows if r.get("train_grad_norm")],
+        "world_size": trainer.world_size,
+        "global_step": trainer.global_step,
+        "weight_checksum": sum(p.detach().double().sum().item() for p in module.parameters()),
+        "lr": trainer.optimizers[0].param_groups[0]["lr"],
+    }
+    (Path(args.out) / "result.json").write_text(json.dumps(result))
