@@ -230,7 +230,8 @@ class Trainer(TrainerCheckpointing):
             self.model.train()
             train_loader.set_epoch(self.current_epoch)
             self._call("on_train_epoch_start")
-            self._train_epoch(train_loader, val_loader)
+            if not self._train_epoch(train_loader, val_loader):
+                break  # stopped mid-epoch (max_steps or should_stop): the epoch is not over
             self._call("on_train_epoch_end")
             self.current_epoch += 1
             self.batches_seen_in_epoch = 0
@@ -239,7 +240,8 @@ class Trainer(TrainerCheckpointing):
                 self.should_stop = True
         self._call("on_train_end")
 
-    def _train_epoch(self, train_loader: Any, val_loader: Any) -> None:
+    def _train_epoch(self, train_loader: Any, val_loader: Any) -> bool:
+        """Train until the epoch's data runs out (returns True) or training must stop (False)."""
         try:
             num_batches = _limited(len(train_loader), self.limit_train_batches)
         except TypeError:
@@ -269,9 +271,12 @@ class Trainer(TrainerCheckpointing):
                 self._validate(val_loader)
             if self._reached_max_steps() or self.should_stop:
                 self.should_stop = True
-                return
+                if self.batches_seen_in_epoch < num_batches:
+                    return False
+                break
         if val_loader is not None and interval == 0 and self._val_epoch_due():
             self._validate(val_loader)
+        return True
 
     def _training_micro_step(self, batch: Any, batch_idx: int, sync: bool) -> tuple[torch.Tensor, Any]:
         with self.engine.no_backward_sync(self.model, enabled=not sync):

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shardtrain.launch.environment import find_free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 
@@ -30,12 +32,13 @@ class Run:
         return json.loads(path.read_text())
 
 
-def run_script(script: str, out_dir: Path, *args: str, timeout: float = 300, torchrun: int | None = None, env: dict | None = None) -> Run:
+def run_script(script: str, out_dir: Path, *args: str, timeout: float = 180, torchrun: int | None = None, env: dict | None = None) -> Run:
     """Run ``scripts/<script>`` with ``--out out_dir``; with ``torchrun=N`` under ``torchrun --nproc-per-node N``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, str(SCRIPTS / script), "--out", str(out_dir), *args]
     if torchrun:
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={torchrun}", "--master-port=0", *command[1:]]
+        port = find_free_port()
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={torchrun}", f"--master-port={port}", *command[1:]]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **(env or {})}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK"):
         full_env.pop(key, None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 from datetime import timedelta
 
 import torch
@@ -34,14 +35,36 @@ def init_process_group(environment: ClusterEnvironment, device: torch.device, ti
         timeout=timeout,
         **kwargs,
     )
+    _note_uncaught_exceptions()
     atexit.register(destroy_process_group)
 
 
+_failed = False
+
+
+def _note_uncaught_exceptions() -> None:
+    """Remember whether the interpreter is exiting because of an exception (excepthook runs before atexit)."""
+    previous = sys.excepthook
+
+    def hook(*args: object) -> None:
+        global _failed
+        _failed = True
+        previous(*args)  # type: ignore[arg-type]
+
+    sys.excepthook = hook
+
+
 def destroy_process_group() -> None:
-    """Leave the process group so that no communication thread outlives the interpreter."""
+    """Leave the process group so that no communication thread outlives the interpreter.
+
+    After a clean run the ranks first meet at a barrier; a rank that is exiting with an
+    exception skips it and leaves at once, so that its peers see the closed connections and
+    fail instead of waiting for the collective timeout.
+    """
     if not dist.is_initialized():
         return
     try:
-        dist.barrier()
+        if not _failed:
+            dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -58,6 +58,7 @@ class SubprocessLauncher:
         self.failure_grace_seconds = failure_grace_seconds
         self._children: dict[int, subprocess.Popen] = {}
         self._exiting_with_error = False
+        self._reported = False
 
     def launch(self) -> dict[str, str]:
         """Start the children; returns the rank-layout variables now set in this process's environment."""
@@ -109,10 +110,14 @@ class SubprocessLauncher:
                 return
             time.sleep(0.2)
 
-    def _stop_after_child_failure(self, local_rank: int, code: int) -> None:
+    def _report_failure(self, local_rank: int, code: int) -> None:
         rank = int(os.environ.get("GROUP_RANK", 0)) * self.environment.local_world_size + local_rank
         how = f"signal {-code}" if code < 0 else f"exit code {code}"
-        print(f"[shardtrain] rank {rank} failed ({how}); stopping all ranks.", file=sys.stderr, flush=True)
+        print(f"[shardtrain] rank {rank} failed ({how}); stopping all ranks. Its traceback, if any, is above.", file=sys.stderr, flush=True)
+
+    def _stop_after_child_failure(self, local_rank: int, code: int) -> None:
+        self._reported = True
+        self._report_failure(local_rank, code)
         self._terminate_children()
         # Give rank 0 the chance to fail by itself (a broken collective raises with a traceback);
         # if it is stuck, e.g. in a collective that never returns, end it.
@@ -133,6 +138,16 @@ class SubprocessLauncher:
 
     def _wait_for_children(self) -> None:
         if self._exiting_with_error:
+            if not self._reported:
+                # A peer's failure is often what made this rank fail: let it finish exiting, then name it.
+                deadline = time.monotonic() + 5.0
+                for local_rank, child in self._children.items():
+                    try:
+                        child.wait(max(0.0, deadline - time.monotonic()))
+                    except subprocess.TimeoutExpired:
+                        continue
+                    if child.returncode != 0:
+                        self._report_failure(local_rank, child.returncode)
             self._terminate_children()
             return
         codes = [child.wait() for child in self._children.values()]

@@ -1,0 +1,40 @@
+"""A DDP run in which one rank fails at a given step: by exception, by exit, or by SIGKILL."""
+
+import argparse
+import os
+import signal
+import time
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from shardtrain import TrainModule, Trainer
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--out", required=True)
+parser.add_argument("--fail-rank", type=int, default=1)
+parser.add_argument("--fail-step", type=int, default=3)
+parser.add_argument("--how", choices=["raise", "kill", "hang-others"], default="raise")
+args = parser.parse_args()
+
+
+class Failing(TrainModule):
+    def configure_model(self):
+        self.layer = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        if self.global_rank == args.fail_rank and self.global_step == args.fail_step:
+            if args.how in ("raise", "hang-others"):
+                raise RuntimeError(f"planted failure on rank {args.fail_rank}")
+            if args.how == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+        if args.how == "hang-others" and self.global_rank != args.fail_rank and self.global_step == args.fail_step:
+            time.sleep(3600)  # stuck outside any collective: only the watchdog can end this
+        return self.layer(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+data = DataLoader(TensorDataset(torch.randn(256, 4)), batch_size=4)
+Trainer(accelerator="cpu", devices=2, max_steps=50, default_root_dir=args.out, enable_progress_bar=False, timeout_seconds=60).fit(Failing(), data)

@@ -1,0 +1,63 @@
+"""Starting processes: devices=N from a plain script, torchrun, failures that stop the run, clean exits."""
+
+import time
+
+import pytest
+
+from tests.distributed.runner import assert_ok, run_script
+
+pytestmark = pytest.mark.distributed
+
+
+def _ranks(run, world_size):
+    return [run.result(f"rank{rank}.json") for rank in range(world_size)]
+
+
+def test_engine_loop_from_plain_script(tmp_path):
+    run = assert_ok(run_script("engine_loop.py", tmp_path))
+    rank0, rank1 = _ranks(run, 2)
+    assert (rank0["source"], rank0["world_size"], rank1["rank"]) == ("local", 2, 1)
+    losses = rank0["losses"]  # 2 batches per epoch, 5 epochs
+    assert losses == rank1["losses"] and losses[-2] + losses[-1] < 0.9 * (losses[0] + losses[1])
+    assert rank0["weights"] == rank1["weights"], "DDP replicas must stay identical"
+    assert rank0["restored_step"] == 4
+
+
+def test_engine_loop_under_torchrun_matches_own_launcher(tmp_path):
+    ours = _ranks(assert_ok(run_script("engine_loop.py", tmp_path / "ours")), 2)
+    torchrun = _ranks(assert_ok(run_script("engine_loop.py", tmp_path / "torchrun", torchrun=2)), 2)
+    assert torchrun[0]["source"] == "torchrun"
+    assert torchrun[0]["losses"] == pytest.approx(ours[0]["losses"], abs=1e-6)
+
+
+def test_engine_loop_four_processes(tmp_path):
+    ranks = _ranks(assert_ok(run_script("engine_loop.py", tmp_path, "--devices", "4")), 4)
+    assert [r["rank"] for r in ranks] == [0, 1, 2, 3]
+    assert len({r["weights"] for r in ranks}) == 1
+
+
+@pytest.mark.parametrize("how", ["raise", "kill"])
+def test_child_rank_failure_stops_the_run(tmp_path, how):
+    start = time.monotonic()
+    run = run_script("fail_rank.py", tmp_path, "--fail-rank", "1", "--how", how, timeout=120)
+    elapsed = time.monotonic() - start
+    assert run.returncode != 0
+    assert "rank 1 failed" in run.output
+    if how == "raise":
+        assert "planted failure on rank 1" in run.output
+    assert elapsed < 60, f"took {elapsed:.0f}s to stop"
+
+
+def test_rank_zero_failure_stops_the_children(tmp_path):
+    start = time.monotonic()
+    run = run_script("fail_rank.py", tmp_path, "--fail-rank", "0", timeout=120)
+    assert run.returncode != 0 and "planted failure on rank 0" in run.output
+    assert time.monotonic() - start < 60
+
+
+def test_a_stuck_rank_is_ended_when_another_dies(tmp_path):
+    # Rank 0 sleeps outside any collective while rank 1 dies: the watchdog must end rank 0.
+    start = time.monotonic()
+    run = run_script("fail_rank.py", tmp_path, "--fail-rank", "1", "--how", "hang-others", timeout=120)
+    assert run.returncode != 0 and "rank 1 failed" in run.output
+    assert time.monotonic() - start < 60
