@@ -41,24 +41,35 @@ def _tensors(batch: Any) -> list[torch.Tensor]:
 
 
 class ThroughputMeter:
-    """Samples and tokens per second between two ``rates()`` calls."""
+    """Samples and tokens per second of training between two ``rates()`` calls (pauses excluded)."""
 
     def __init__(self) -> None:
         self._samples = 0
         self._tokens = 0
-        self._since = time.perf_counter()
+        self._elapsed = 0.0
+        self._since: float | None = time.perf_counter()
 
     def add(self, samples: int, tokens: int) -> None:
         self._samples += samples
         self._tokens += tokens
 
+    def pause(self) -> None:
+        if self._since is not None:
+            self._elapsed += time.perf_counter() - self._since
+            self._since = None
+
+    def resume(self) -> None:
+        if self._since is None:
+            self._since = time.perf_counter()
+
     def rates(self) -> dict[str, float]:
-        now = time.perf_counter()
-        elapsed = max(now - self._since, 1e-9)
+        self.pause()
+        elapsed = max(self._elapsed, 1e-9)
         out = {"samples_per_sec": self._samples / elapsed}
         if self._tokens:
             out["tokens_per_sec"] = self._tokens / elapsed
-        self._samples, self._tokens, self._since = 0, 0, now
+        self._samples, self._tokens, self._elapsed = 0, 0, 0.0
+        self.resume()
         return out
 
 
@@ -101,19 +112,25 @@ class ProgressBar(Callback):
         if self._progress is not None:
             self._progress.update(self._task, completed=trainer.global_step)
 
+    def on_validation_start(self, trainer: "Trainer", module: "TrainModule") -> None:
+        self._meter.pause()
+
+    def on_validation_end(self, trainer: "Trainer", module: "TrainModule") -> None:
+        self._meter.resume()
+
     def on_log(self, trainer: "Trainer", metrics: dict[str, float], step: int) -> None:
-        if not any(name.startswith("train") or name in trainer.progress_bar_metrics for name in metrics):
-            return
-        rates = self._meter.rates()
-        shown = {name: value for name, value in trainer.progress_bar_metrics.items()}
-        parts = [f"{name}={value:.4g}" for name, value in shown.items()]
-        parts += [f"{name.replace('_per_sec', '/s')}={value:,.0f}" for name, value in rates.items()]
+        training = "train_loss" in metrics
+        if training:
+            self._rates = self._meter.rates()
+        parts = [f"{name}={value:.4g}" for name, value in trainer.progress_bar_metrics.items()]
+        parts += [f"{name.replace('_per_sec', '/s')}={value:,.0f}" for name, value in getattr(self, "_rates", {}).items()]
         self._text = "  ".join(parts)
         if self._progress is not None:
             self._progress.update(self._task, completed=trainer.global_step, metrics=self._text)
+        elif training:
+            print(f"step {step}/{trainer.estimated_stepping_batches}  {self._text}", flush=True)
         else:
-            total = trainer.estimated_stepping_batches
-            print(f"step {step}/{total}  {self._text}", flush=True)
+            print(f"validation at step {step}: " + "  ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
 
     def on_train_end(self, trainer: "Trainer", module: "TrainModule") -> None:
         if self._progress is not None:
