@@ -16,7 +16,7 @@ Sharding strategies may implement the same meaning their own way (FSDP uses its
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Literal, get_args
+from typing import Any, Callable, Iterator, Literal, get_args
 
 import torch
 from torch import nn
@@ -65,6 +65,18 @@ class Precision:
         finally:
             torch.set_default_dtype(previous)
 
+    def convert_input(self, data: Any) -> Any:
+        """Floating-point inputs in the parameter dtype (``bf16-true`` only: autocast handles the mixed settings)."""
+        if self.name != "bf16-true":
+            return data
+        return _map_floating(data, lambda t: t.to(self.parameter_dtype))
+
+    def convert_output(self, data: Any) -> Any:
+        """Floating-point outputs back in fp32 for ``bf16-true``, so losses and metrics are reduced in fp32."""
+        if self.name != "bf16-true":
+            return data
+        return _map_floating(data, lambda t: t.to(torch.float32))
+
     def convert_module(self, module: nn.Module) -> nn.Module:
         return module.to(self.parameter_dtype) if self.name == "bf16-true" else module
 
@@ -91,3 +103,13 @@ class Precision:
         """Called once per optimizer step, after every optimizer has stepped."""
         if self._scaler is not None:
             self._scaler.update()
+
+
+def _map_floating(data: Any, function: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if isinstance(data, torch.Tensor):
+        return function(data) if data.is_floating_point() else data
+    if isinstance(data, dict):
+        return {key: _map_floating(value, function) for key, value in data.items()}
+    if isinstance(data, (list, tuple)) and not hasattr(data, "_fields"):
+        return type(data)(_map_floating(value, function) for value in data)
+    return data

@@ -60,8 +60,11 @@ class EngineModule(nn.Module):
         self._forward_methods.add(name)
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        precision = self._strategy.precision
+        args, kwargs = precision.convert_input((args, kwargs))
         with self._strategy.forward_context():
-            return self._forward_module(*args, **kwargs, **{_METHOD_KEY: method})
+            output = self._forward_module(*args, **kwargs, **{_METHOD_KEY: method})
+        return precision.convert_output(output)
 
     def __getattr__(self, name: str) -> Any:
         try:
