@@ -45,9 +45,14 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         assert config.d_model % config.n_head == 0, "d_model must be divisible by n_head"
         self.n_head = config.n_head
+        self.n_layer = config.n_layer
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.dropout = config.dropout
+
+    def reset_parameters(self) -> None:
+        _init_linear(self.qkv, std=0.02)
+        _init_linear(self.proj, std=0.02 / math.sqrt(2 * self.n_layer))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, dim = x.shape
@@ -60,8 +65,13 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
+        self.n_layer = config.n_layer
         self.up = nn.Linear(config.d_model, 4 * config.d_model, bias=config.bias)
         self.down = nn.Linear(4 * config.d_model, config.d_model, bias=config.bias)
+
+    def reset_parameters(self) -> None:
+        _init_linear(self.up, std=0.02)
+        _init_linear(self.down, std=0.02 / math.sqrt(2 * self.n_layer))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.gelu(self.up(x)))
@@ -82,6 +92,12 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def _init_linear(layer: nn.Linear, std: float) -> None:
+    nn.init.normal_(layer.weight, mean=0.0, std=std)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -92,16 +108,27 @@ class GPT(nn.Module):
         self.norm = nn.LayerNorm(config.d_model, bias=config.bias)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.head.weight = self.token_embedding.weight  # tied
-        self.reset_parameters()
+        if not self.head.weight.is_meta:
+            self.init_weights()
 
     def reset_parameters(self) -> None:
-        """GPT-2 initialisation; residual projections scaled by 1/sqrt(2 * n_layer)."""
-        for name, param in self.named_parameters():
-            if param.dim() < 2:
-                nn.init.ones_(param) if "norm" in name and name.endswith("weight") else nn.init.zeros_(param)
-            else:
-                std = 0.02 / math.sqrt(2 * self.config.n_layer) if name.endswith(("proj.weight", "down.weight")) else 0.02
-                nn.init.normal_(param, mean=0.0, std=std)
+        """This module's own parameters; blocks initialise theirs (so FSDP can init one unit at a time)."""
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.position_embedding.weight, std=0.02)
+
+    def init_weights(self) -> None:
+        """GPT-2 initialisation: every module's ``reset_parameters()``, children first.
+
+        This is the order shardtrain materialises a model built on the meta device in, so a
+        model built on the meta device and one built here from the same seed state agree.
+        """
+        def visit(module: nn.Module) -> None:
+            for child in module.children():
+                visit(child)
+            if callable(getattr(module, "reset_parameters", None)):
+                module.reset_parameters()
+
+        visit(self)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(tokens.shape[1], device=tokens.device)
@@ -126,8 +153,11 @@ class GPTModule(shardtrain.TrainModule):
         return {**asdict(self.config), "learning_rate": self.learning_rate, "weight_decay": self.weight_decay}
 
     def configure_model(self) -> None:
+        # Built on the meta device whatever the strategy: no memory is allocated here, and the
+        # strategy materialises it (sharded, for FSDP) with the same initialisation everywhere.
         if self.model is None:
-            self.model = GPT(self.config)
+            with torch.device("meta"):
+                self.model = GPT(self.config)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens)

@@ -18,7 +18,7 @@ from shardtrain.loggers import CSVLogger, Logger, TensorBoardLogger
 from shardtrain.module import TrainModule
 from shardtrain.precision import Precision
 from shardtrain.seed import seed_everything
-from shardtrain.strategies import DDPStrategy, SingleDeviceStrategy, Strategy, available_strategies, register_strategy
+from shardtrain.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy, Strategy, available_strategies, register_strategy
 from shardtrain.trainer import Trainer
 
 __version__ = "0.1.0"
@@ -30,6 +30,7 @@ __all__ = [
     "Strategy",
     "SingleDeviceStrategy",
     "DDPStrategy",
+    "FSDPStrategy",
     "available_strategies",
     "register_strategy",
     "Precision",

@@ -19,6 +19,7 @@ from torch.optim import Optimizer
 from shardtrain.launch.environment import ClusterEnvironment
 from shardtrain.launch.process_group import init_process_group
 from shardtrain.precision import Precision
+from shardtrain.strategies.materialize import has_meta_tensors, materialize
 
 
 class Strategy:
@@ -70,7 +71,12 @@ class Strategy:
         return stack
 
     def setup_module(self, module: nn.Module) -> nn.Module:
-        """Place the module and wrap it for this strategy; returns what forward must be called on."""
+        """Place the module and wrap it for this strategy; returns what forward must be called on.
+
+        A module built on the meta device is materialised here (see ``materialize``).
+        """
+        if has_meta_tensors(module):
+            materialize(module, self.device)
         return self.precision.convert_module(module).to(self.device)
 
     def setup_optimizer(self, optimizer: Optimizer) -> Optimizer:

@@ -1,0 +1,188 @@
+"""Fully sharded data parallel on PyTorch FSDP2 (``torch.distributed.fsdp.fully_shard``).
+
+Each selected block (by default: each child of the model's largest ``nn.ModuleList``, i.e.
+its transformer blocks) becomes an FSDP unit, then the root. Parameters, gradients and
+optimizer state are sharded over the ranks; a unit's parameters are all-gathered just
+before it runs and freed after. The apply step is ordered as in torchtitan: activation
+checkpointing, then FSDP per block, then the root, then delayed initialisation.
+
+Lightning's argument names and values are accepted, so a Lightning strategy line works unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Iterable, Literal
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+from shardtrain.errors import StrategyError
+from shardtrain.strategies.activation_checkpoint import apply_activation_checkpointing
+from shardtrain.strategies.base import Strategy
+from shardtrain.strategies.materialize import has_meta_tensors, materialize
+from shardtrain.strategies.policy import ModulePolicy, describe, repeated_blocks, select_modules
+
+log = logging.getLogger(__name__)
+
+ShardingStrategy = Literal["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"]
+SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
+_HYBRID_ALIASES = {"_HYBRID_SHARD_ZERO2": "HYBRID_SHARD"}
+
+
+class FSDPStrategy(Strategy):
+    """Shard parameters, gradients and optimizer state over the ranks with FSDP2.
+
+    Args:
+        sharding_strategy: ``"FULL_SHARD"`` (ZeRO-3-like, default): parameters are gathered
+            for each unit's forward and again for its backward. ``"SHARD_GRAD_OP"``: kept
+            gathered between forward and backward (more memory, less communication).
+            ``"NO_SHARD"``: replicated, like DDP. ``"HYBRID_SHARD"``: shard within a node,
+            replicate across nodes (needs a 2-D ``device_mesh``).
+        device_mesh: ``(replicate, shard)`` sizes for ``HYBRID_SHARD`` (default:
+            ``(num_nodes, devices)``), or a ``DeviceMesh`` with dimensions ``("replicate", "shard")``.
+        auto_wrap_policy: which modules become FSDP units: module classes, class names, or a
+            callable ``(module) -> bool``. Default: the blocks of the largest ``nn.ModuleList``.
+        activation_checkpointing_policy: which modules recompute their activations in backward
+            (same forms); no model change needed.
+        cpu_offload: keep parameters, gradients and optimizer state in CPU memory; each unit is
+            copied to the device when it runs (the optimizer step then runs on the CPU).
+        mixed_precision: a ``MixedPrecisionPolicy`` that overrides the one derived from the
+            Trainer's ``precision``.
+        delayed_init: build ``configure_model()`` on the meta device and materialise shard by
+            shard (default True), so the full model never exists on one rank.
+    """
+
+    name = "fsdp"
+    distributed = True
+
+    def __init__(
+        self,
+        *,
+        sharding_strategy: ShardingStrategy | str = "FULL_SHARD",
+        device_mesh: tuple[int, int] | DeviceMesh | None = None,
+        auto_wrap_policy: ModulePolicy | None = None,
+        activation_checkpointing_policy: ModulePolicy | None = None,
+        cpu_offload: bool = False,
+        mixed_precision: MixedPrecisionPolicy | None = None,
+        delayed_init: bool = True,
+    ) -> None:
+        super().__init__()
+        name = getattr(sharding_strategy, "name", sharding_strategy)  # torch's ShardingStrategy enum too
+        name = _HYBRID_ALIASES.get(str(name).upper(), str(name).upper())
+        if name not in SHARDING_STRATEGIES:
+            raise StrategyError(f"unknown sharding_strategy {sharding_strategy!r}; choose one of {', '.join(SHARDING_STRATEGIES)}")
+        if device_mesh is not None and name != "HYBRID_SHARD":
+            raise StrategyError(f"device_mesh is for sharding_strategy='HYBRID_SHARD'; with {name!r} leave it out")
+        self.sharding_strategy: str = name
+        self.device_mesh_shape = device_mesh if isinstance(device_mesh, tuple) else None
+        self._mesh: DeviceMesh | None = device_mesh if isinstance(device_mesh, DeviceMesh) else None
+        self.auto_wrap_policy = auto_wrap_policy
+        self.activation_checkpointing_policy = activation_checkpointing_policy
+        self.cpu_offload = cpu_offload
+        self.mixed_precision = mixed_precision
+        self.delayed_init = delayed_init
+        self._root: FSDPModule | None = None
+
+    # ------------------------------------------------------------------ checks and mesh
+    def validate(self, world_size: int, device_type: str) -> None:
+        if self.device_mesh_shape is not None:
+            shape = tuple(self.device_mesh_shape)
+            if len(shape) != 2 or any(not isinstance(n, int) or n < 1 for n in shape):
+                raise StrategyError(f"device_mesh must be (replicate, shard) sizes, got {self.device_mesh_shape!r}")
+            if shape[0] * shape[1] != world_size:
+                raise StrategyError(
+                    f"device_mesh {shape} has {shape[0] * shape[1]} ranks but the run has {world_size} "
+                    f"(devices x num_nodes); choose (replicate, shard) with replicate * shard = {world_size}"
+                )
+
+    def mesh(self) -> DeviceMesh:
+        """The device mesh: 1-D ``("shard",)``, or 2-D ``("replicate", "shard")`` for HYBRID_SHARD and NO_SHARD."""
+        if self._mesh is None:
+            world, device_type = self.world_size, self.device.type
+            if self.sharding_strategy == "HYBRID_SHARD":
+                env = self.environment
+                shape = self.device_mesh_shape or (world // env.local_world_size, env.local_world_size)
+                self._mesh = init_device_mesh(device_type, tuple(shape), mesh_dim_names=("replicate", "shard"))
+            elif self.sharding_strategy == "NO_SHARD":
+                self._mesh = init_device_mesh(device_type, (world, 1), mesh_dim_names=("replicate", "shard"))
+            else:
+                self._mesh = init_device_mesh(device_type, (world,), mesh_dim_names=("shard",))
+        return self._mesh
+
+    # ------------------------------------------------------------------ model
+    def module_init_context(self) -> contextlib.AbstractContextManager:
+        if not self.delayed_init:
+            return super().module_init_context()
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.device("meta"))
+        stack.enter_context(self.precision.module_init_context())
+        return stack
+
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # precision is FSDP's MixedPrecisionPolicy, not autocast
+
+    def mixed_precision_policy(self) -> MixedPrecisionPolicy:
+        """bf16-mixed: bf16 all-gather and compute, fp32 gradient reduction, fp32 master weights."""
+        if self.mixed_precision is not None:
+            return self.mixed_precision
+        if self.precision.name == "bf16-mixed":
+            return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if self.precision.name == "16-mixed":
+            return MixedPrecisionPolicy(param_dtype=torch.float16, reduce_dtype=torch.float32)
+        return MixedPrecisionPolicy()
+
+    def setup_module(self, module: nn.Module) -> nn.Module:
+        user_module = getattr(module, "module", module)
+        module = self.precision.convert_module(module)
+        if self.activation_checkpointing_policy is not None:
+            apply_activation_checkpointing(user_module, self.activation_checkpointing_policy)
+        units = self._units(user_module)
+        options: dict[str, Any] = dict(
+            mesh=self.mesh(),
+            reshard_after_forward=self.sharding_strategy not in ("SHARD_GRAD_OP",),
+            mp_policy=self.mixed_precision_policy(),
+            offload_policy=CPUOffloadPolicy() if self.cpu_offload else OffloadPolicy(),
+        )
+        meta = has_meta_tensors(module)
+        if not meta and not self.cpu_offload:
+            module.to(self.device)
+        for unit in units:
+            fully_shard(unit, **options)
+        self._root = fully_shard(module, **options)
+        if meta:
+            materialize(module, torch.device("cpu") if self.cpu_offload else self.device)
+        log.info("FSDP %s over %s: %d units (%s) and the root", self.sharding_strategy, tuple(self.mesh().shape), len(units), describe(units))
+        return module
+
+    def _units(self, user_module: nn.Module) -> list[nn.Module]:
+        if self.auto_wrap_policy is not None:
+            return select_modules(user_module, self.auto_wrap_policy, "auto_wrap_policy")
+        return repeated_blocks(user_module)
+
+    def no_backward_sync(self, module: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
+        return _gradient_sync(module, enabled) if isinstance(module, FSDPModule) else contextlib.nullcontext()
+
+    def clip_gradients_norm(self, parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """The norm of the whole gradient over all shards (DTensor arithmetic reduces it), then clipped."""
+        norm = torch.nn.utils.clip_grad_norm_(list(parameters), max_norm, norm_type=norm_type, foreach=True)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def __repr__(self) -> str:
+        return f"FSDPStrategy(sharding_strategy={self.sharding_strategy!r}, cpu_offload={self.cpu_offload})"
+
+
+@contextlib.contextmanager
+def _gradient_sync(module: FSDPModule, enabled: bool):
+    """Accumulate unsharded gradients locally (no reduce-scatter) while ``enabled``."""
+    if not enabled:
+        yield
+        return
+    module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)

@@ -1,0 +1,93 @@
+"""Delayed initialisation: turn a model built on the meta device into real, initialised tensors.
+
+The contract, the same as PyTorch's own layers follow: ``reset_parameters()`` of a module
+initialises the parameters and buffers of that module and of its submodules that are in the
+same FSDP unit (not of nested units). Modules are visited children first, so a block's custom
+``reset_parameters`` runs after, and wins over, the defaults of its ``nn.Linear`` layers.
+
+For a sharded parameter, the module's *full* tensor is created for the duration of its
+``reset_parameters()`` call, initialised, and only this rank's shard is kept. This way:
+
+* the full model never exists on one rank (at most one FSDP unit at a time);
+* the result does not depend on DTensor's random-number tracking, which on CPU gives every rank
+  the same numbers for its shard;
+* a seeded run starts from the same weights under every strategy and any number of ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+
+def has_meta_tensors(module: nn.Module) -> bool:
+    return any(t.is_meta for t in module.parameters()) or any(t.is_meta for t in module.buffers())
+
+
+def materialize(module: nn.Module, device: torch.device) -> None:
+    """Allocate ``module``'s meta tensors on ``device`` and initialise them with ``reset_parameters()``."""
+    ties = _shared_parameters(module)
+    module.to_empty(device=device)
+    for owners in ties:  # to_empty gives each owner of a shared (tied) parameter its own copy: tie them again
+        first_owner, first_name = owners[0]
+        for owner, name in owners[1:]:
+            owner._parameters[name] = first_owner._parameters[first_name]
+    for submodule in _post_order(module):
+        reset = getattr(submodule, "reset_parameters", None)
+        if callable(reset):
+            with _full_parameters(submodule):
+                reset()
+
+
+def _shared_parameters(module: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    """Groups of (owner, name) that hold the same parameter object, such as tied embeddings."""
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for submodule in module.modules():
+        for name, param in submodule._parameters.items():
+            if param is not None:
+                owners.setdefault(id(param), []).append((submodule, name))
+    return [group for group in owners.values() if len(group) > 1]
+
+
+def _post_order(module: nn.Module) -> Iterator[nn.Module]:
+    for child in module.children():
+        yield from _post_order(child)
+    yield module
+
+
+def _unit_parameters(module: nn.Module) -> list[tuple[nn.Module, str, nn.Parameter]]:
+    """(owner, name, parameter) of ``module`` and of submodules that are not FSDP units of their own."""
+    from torch.distributed.fsdp import FSDPModule
+
+    found = [(module, name, p) for name, p in module._parameters.items() if p is not None]
+    for child in module.children():
+        if not isinstance(child, FSDPModule):
+            found += _unit_parameters(child)
+    return found
+
+
+class _full_parameters:
+    """Within the block, the unit's sharded parameters are plain full tensors; on exit, shards are kept."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.swapped = [(owner, name, p) for owner, name, p in _unit_parameters(module) if isinstance(p, DTensor)]
+        self.full: dict[int, nn.Parameter] = {}
+
+    def __enter__(self) -> None:
+        for owner, name, sharded in self.swapped:
+            if id(sharded) not in self.full:  # tied parameters share one full tensor
+                # The current values: a parent's reset_parameters may leave some of its unit untouched.
+                full = sharded.detach().full_tensor()
+                self.full[id(sharded)] = nn.Parameter(full, requires_grad=sharded.requires_grad)
+            owner._parameters[name] = self.full[id(sharded)]
+
+    def __exit__(self, *exc: object) -> None:
+        with torch.no_grad():
+            for owner, name, sharded in self.swapped:
+                full = self.full[id(sharded)]
+                shard = distribute_tensor(full.detach(), sharded.device_mesh, sharded.placements, src_data_rank=None)
+                sharded._local_tensor.copy_(shard.to_local())  # the storage FSDP all-gathers from
+                owner._parameters[name] = sharded
