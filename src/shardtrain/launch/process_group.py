@@ -10,7 +10,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from shardtrain.launch.environment import ClusterEnvironment
+from shardtrain.launch.environment import ClusterEnvironment, find_free_port
 
 
 def backend_for(device: torch.device) -> str:
@@ -18,12 +18,16 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def init_process_group(environment: ClusterEnvironment, device: torch.device, timeout: timedelta) -> None:
-    """Join the default process group of ``environment`` (no-op for one process or when already joined)."""
-    if environment.world_size == 1 or dist.is_initialized():
+def init_process_group(environment: ClusterEnvironment, device: torch.device, timeout: timedelta, *, always: bool = False) -> None:
+    """Join the default process group of ``environment``.
+
+    A no-op when already joined, and for one process unless ``always`` (strategies built on
+    DTensor need a group, even of one).
+    """
+    if dist.is_initialized() or (environment.world_size == 1 and not always):
         return
     os.environ.setdefault("MASTER_ADDR", environment.main_address)
-    os.environ.setdefault("MASTER_PORT", str(environment.main_port))
+    os.environ.setdefault("MASTER_PORT", str(environment.main_port or find_free_port()))
     kwargs: dict = {}
     if device.type == "cuda":
         kwargs["device_id"] = device  # eager NCCL init, and no guessing of the device per rank

@@ -29,6 +29,8 @@ class Strategy:
     name: ClassVar[str] = ""
     #: Whether the strategy needs more than one process to mean anything.
     distributed: ClassVar[bool] = False
+    #: Whether a process group is needed even for one process (DTensor-based strategies).
+    needs_process_group: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.environment: ClusterEnvironment | None = None
@@ -52,7 +54,7 @@ class Strategy:
         assert self.environment is not None, "connect() first"
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        init_process_group(self.environment, self.device, self.timeout)
+        init_process_group(self.environment, self.device, self.timeout, always=self.needs_process_group)
 
     @property
     def world_size(self) -> int:

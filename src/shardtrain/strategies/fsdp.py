@@ -58,6 +58,7 @@ class FSDPStrategy(Strategy):
 
     name = "fsdp"
     distributed = True
+    needs_process_group = True
 
     def __init__(
         self,
@@ -78,7 +79,9 @@ class FSDPStrategy(Strategy):
         if device_mesh is not None and name != "HYBRID_SHARD":
             raise StrategyError(f"device_mesh is for sharding_strategy='HYBRID_SHARD'; with {name!r} leave it out")
         self.sharding_strategy: str = name
-        self.device_mesh_shape = device_mesh if isinstance(device_mesh, tuple) else None
+        self.device_mesh_shape = tuple(device_mesh) if isinstance(device_mesh, (tuple, list)) else None
+        if device_mesh is not None and self.device_mesh_shape is None and not isinstance(device_mesh, DeviceMesh):
+            raise StrategyError(f"device_mesh must be (replicate, shard) sizes or a DeviceMesh, got {device_mesh!r}")
         self._mesh: DeviceMesh | None = device_mesh if isinstance(device_mesh, DeviceMesh) else None
         self.auto_wrap_policy = auto_wrap_policy
         self.activation_checkpointing_policy = activation_checkpointing_policy
@@ -145,17 +148,19 @@ class FSDPStrategy(Strategy):
             mesh=self.mesh(),
             reshard_after_forward=self.sharding_strategy not in ("SHARD_GRAD_OP",),
             mp_policy=self.mixed_precision_policy(),
-            offload_policy=CPUOffloadPolicy() if self.cpu_offload else OffloadPolicy(),
+            # Pinned host memory speeds up copies to a GPU; without one there is nothing to pin for.
+            offload_policy=CPUOffloadPolicy(pin_memory=self.device.type == "cuda") if self.cpu_offload else OffloadPolicy(),
         )
         meta = has_meta_tensors(module)
         if not meta and not self.cpu_offload:
             module.to(self.device)
-        for unit in units:
+        for unit in reversed(units):  # innermost first: a unit nested in another is sharded before its parent
             fully_shard(unit, **options)
         self._root = fully_shard(module, **options)
         if meta:
             materialize(module, torch.device("cpu") if self.cpu_offload else self.device)
-        log.info("FSDP %s over %s: %d units (%s) and the root", self.sharding_strategy, tuple(self.mesh().shape), len(units), describe(units))
+        self.wrapped_units = units
+        log.info("FSDP %s over mesh %s: %d units (%s) and the root", self.sharding_strategy, tuple(self.mesh().shape), len(units), describe(units))
         return module
 
     def _units(self, user_module: nn.Module) -> list[nn.Module]:

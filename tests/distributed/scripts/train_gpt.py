@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from shardtrain.strategies import create_strategy
+
 from examples.gpt.data import corpus_splits
 from examples.gpt.model import GPTConfig, GPTModule
 from shardtrain import Callback, Trainer
@@ -40,6 +42,7 @@ parser.add_argument("--val-check-interval", type=int, default=None)
 parser.add_argument("--seed", type=int, default=1234)
 parser.add_argument("--ckpt-path", default=None)
 parser.add_argument("--save-at-end", action="store_true")
+parser.add_argument("--strategy-options", default="{}", help="JSON dict of strategy options")
 args = parser.parse_args()
 
 config = GPTConfig(n_layer=2, n_head=2, d_model=64, seq_len=32)
@@ -49,7 +52,7 @@ recorder = GradNormRecorder()
 trainer = Trainer(
     accelerator="cpu",
     devices=args.devices,
-    strategy=args.strategy,
+    strategy=create_strategy(args.strategy, **json.loads(args.strategy_options)) if args.strategy != "auto" else "auto",
     precision=args.precision,
     max_steps=args.max_steps,
     accumulate_grad_batches=args.accumulate,
@@ -72,6 +75,7 @@ trainer.fit(
 )
 if args.save_at_end:
     trainer.save_checkpoint()
+checksum = sum((p.full_tensor() if hasattr(p, "full_tensor") else p).detach().double().sum().item() for p in module.parameters())
 if trainer.is_global_zero:
     rows = list(csv.DictReader(open(Path(args.out) / "metrics.csv")))
     losses = {int(r["step"]): float(r["train_loss"]) for r in rows if r.get("train_loss")}
@@ -84,7 +88,8 @@ if trainer.is_global_zero:
         "grad_norm_logged": [float(r["train_grad_norm"]) for r in rows if r.get("train_grad_norm")],
         "world_size": trainer.world_size,
         "global_step": trainer.global_step,
-        "weight_checksum": sum(p.detach().double().sum().item() for p in module.parameters()),
+        "weight_checksum": checksum,
         "lr": trainer.optimizers[0].param_groups[0]["lr"],
+        "mesh": list(trainer.strategy.mesh().shape) if hasattr(trainer.strategy, "mesh") else None,
     }
     (Path(args.out) / "result.json").write_text(json.dumps(result))

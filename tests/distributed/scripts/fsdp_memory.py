@@ -1,0 +1,102 @@
+"""Memory facts of an FSDP run, measured from real tensors and the process's peak RSS.
+
+* ``--what init``: build a GPT on the meta device and shard it; report peak RSS growth during
+  set-up against the full model's size (the full model must never exist on one rank).
+* ``--what states``: after one training step, bytes of parameters, gradients and optimizer
+  state this rank holds (falls as 1/N with FULL_SHARD).
+* ``--what activations``: bytes saved for backward in one forward pass, with and without
+  activation checkpointing (measured with a saved-tensors pack hook).
+"""
+
+import argparse
+import json
+import resource
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from examples.gpt.model import GPTConfig, GPTModule
+from shardtrain import Callback, Engine, FSDPStrategy, Trainer
+from shardtrain.wrapper import ForwardRouter
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--out", required=True)
+parser.add_argument("--devices", type=int, default=2)
+parser.add_argument("--what", choices=["init", "states", "activations"], required=True)
+parser.add_argument("--checkpointing", action="store_true")
+args = parser.parse_args()
+out = Path(args.out)
+
+
+def rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def local_bytes(tensors) -> int:
+    total = 0
+    for t in tensors:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        total += t.numel() * t.element_size()
+    return total
+
+
+if args.what == "init":
+    config = GPTConfig(n_layer=8, n_head=16, d_model=1024, seq_len=128)  # ~101M parameters, 405 MB in fp32
+    engine = Engine(accelerator="cpu", devices=args.devices, strategy=FSDPStrategy())
+    engine.launch()
+    module = GPTModule(config)
+    before = rss_bytes()
+    with engine.init_module():
+        module.configure_model()
+    engine.setup_module(module)
+    growth = rss_bytes() - before
+    full = sum(p.numel() * p.element_size() for p in module.parameters())  # DTensor sizes are global
+    unit = max(sum(p.numel() * p.element_size() for p in block.parameters()) for block in module.model.blocks)
+    result = {"rank": engine.global_rank, "rss_growth": growth, "full_model_bytes": full, "largest_unit_bytes": unit, "local_param_bytes": local_bytes(module.parameters())}
+elif args.what == "states":
+    config = GPTConfig(n_layer=4, n_head=4, d_model=256, seq_len=64)
+
+    class Measure(Callback):
+        def on_train_end(self, trainer, module):
+            optimizer = trainer.optimizers[0]
+            self.result = {
+                "params": local_bytes(module.parameters()),
+                "grads": 0,
+                "optimizer": local_bytes(t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t) and t.dim() > 0),
+            }
+
+        def on_before_zero_grad(self, trainer, module, optimizer):
+            self.grads = local_bytes(p.grad for p in module.parameters() if p.grad is not None)
+
+    measure = Measure()
+    tokens = torch.randint(0, 256, (64, config.seq_len + 1))
+    trainer = Trainer(accelerator="cpu", devices=args.devices, strategy="fsdp", max_steps=1, callbacks=[measure], enable_progress_bar=False, logger=False)
+    trainer.fit(GPTModule(config), DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=2))
+    result = {**measure.result, "grads": measure.grads, "rank": trainer.global_rank}
+else:
+    config = GPTConfig(n_layer=8, n_head=4, d_model=128, seq_len=256)
+    policy = {"Block"} if args.checkpointing else None
+    engine = Engine(accelerator="cpu", devices=args.devices, strategy=FSDPStrategy(activation_checkpointing_policy=policy))
+    engine.launch()
+    engine.seed_everything(0)
+    module = GPTModule(config)
+    with engine.init_module():
+        module.configure_model()
+    model = engine.setup_module(module)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    tokens = torch.randint(0, 256, (4, config.seq_len + 1))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model.training_step((tokens[:, :-1], tokens[:, 1:]), 0)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(list(module.parameters()), 1e9)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    result = {"rank": engine.global_rank, "saved_bytes": sum(saved), "loss": loss.item(), "grad_norm": grad_norm.item()}
+
+out.mkdir(parents=True, exist_ok=True)
+(out / f"rank{result['rank']}.json").write_text(json.dumps(result))
