@@ -26,9 +26,9 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-from shardtrain.checkpoint import load_full_state, save_full_state
+from shardtrain.checkpoint import read_state_file, write_state_file
 from shardtrain.data import DeviceDataLoader, move_to_device, with_distributed_sampler
-from shardtrain.errors import ConfigError
+from shardtrain.errors import CheckpointError, ConfigError
 from shardtrain.launch.environment import ClusterEnvironment, detect_environment
 from shardtrain.launch.subprocess_launcher import launch_local_processes
 from shardtrain.precision import Precision
@@ -118,6 +118,7 @@ class Engine:
         self.precision = Precision(precision)
         self.timeout = timedelta(seconds=timeout_seconds)
         self._launched = False
+        self._modules: list[nn.Module] = []
 
     # ------------------------------------------------------------------ processes
     def launch(self, function: Callable[..., T] | None = None, *args: Any, **kwargs: Any) -> T | None:
@@ -198,6 +199,7 @@ class Engine:
 
         self._require_launched("setup")
         forward_module = self.strategy.setup_module(ForwardRouter(module))
+        self._modules.append(module)
         return EngineModule(forward_module, module, self.strategy)
 
     def setup_optimizers(self, *optimizers: Optimizer) -> list[EngineOptimizer]:
@@ -271,27 +273,69 @@ class Engine:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: str | os.PathLike, state: dict[str, Any]) -> None:
-        """Save modules, optimizers and plain values in ``state`` (atomically; rank 0 writes)."""
+        """Save ``state`` to one file: modules and optimizers as their full state (gathered from
+        shards where needed, keyed by parameter names), anything with ``state_dict()`` through it,
+        plain values as they are. Every rank must call this; rank 0 writes, atomically."""
+        plain = {key: self._state_of(value) for key, value in state.items()}
         if self.is_global_zero:
-            save_full_state(path, {key: self._unwrap(value) for key, value in state.items()})
+            write_state_file(path, plain)
         self.barrier()
 
     def load(self, path: str | os.PathLike, state: dict[str, Any], strict: bool = True) -> dict[str, Any]:
-        """Load ``path`` into ``state`` in place; returns saved entries that ``state`` did not name."""
-        targets = {key: self._unwrap(value) for key, value in state.items()}
-        remainder = load_full_state(path, targets, map_location=self.device, strict=strict)
-        for key, value in targets.items():
-            if not hasattr(state[key], "load_state_dict"):
-                state[key] = value
-        return remainder
+        """Load ``path`` into the objects of ``state`` in place (plain values are replaced in the
+        dict); returns the saved entries that ``state`` did not name. Every rank must call this."""
+        saved = read_state_file(path)
+        missing = [key for key in state if key not in saved]
+        if missing and strict:
+            raise CheckpointError(f"checkpoint {path} has no entries {missing}; it holds {sorted(saved)}")
+        for key in state:
+            if key in saved:
+                state[key] = self._load_into(state[key], saved[key], f"{path}: {key!r}", strict)
+        return {key: value for key, value in saved.items() if key not in state}
 
-    @staticmethod
-    def _unwrap(value: Any) -> Any:
+    def _state_of(self, value: Any) -> Any:
         if isinstance(value, EngineModule):
-            return value.module
-        if isinstance(value, EngineOptimizer):
-            return value.optimizer
+            return self.strategy.module_state_dict(value.module)
+        if isinstance(value, Optimizer):
+            raw = value.optimizer if isinstance(value, EngineOptimizer) else value
+            return self.strategy.optimizer_state_dict(self._module_of(raw), raw)
+        if isinstance(value, nn.Module):
+            return self.strategy.module_state_dict(value)
+        if isinstance(value, (list, tuple)):
+            return [self._state_of(item) for item in value]
+        if callable(getattr(value, "state_dict", None)):
+            return value.state_dict()
         return value
+
+    def _load_into(self, target: Any, saved: Any, where: str, strict: bool) -> Any:
+        try:
+            if isinstance(target, (EngineModule, nn.Module)):
+                self.strategy.load_module_state_dict(target.module if isinstance(target, EngineModule) else target, saved, strict)
+            elif isinstance(target, Optimizer):
+                raw = target.optimizer if isinstance(target, EngineOptimizer) else target
+                self.strategy.load_optimizer_state_dict(self._module_of(raw), raw, saved)
+            elif isinstance(target, list) and any(hasattr(item, "load_state_dict") for item in target):
+                if len(target) != len(saved):
+                    raise CheckpointError(f"{where} holds {len(saved)} entries but {len(target)} were given to load into")
+                for item, item_state in zip(target, saved):
+                    self._load_into(item, item_state, where, strict)
+            elif callable(getattr(target, "load_state_dict", None)):
+                target.load_state_dict(saved)
+            else:
+                return saved
+        except (RuntimeError, KeyError, ValueError) as error:  # missing/unexpected keys, shape mismatches
+            if isinstance(error, CheckpointError):
+                raise
+            raise CheckpointError(f"checkpoint {where} does not fit: {error}") from error
+        return target
+
+    def _module_of(self, optimizer: Optimizer) -> nn.Module:
+        """The set-up module whose parameters ``optimizer`` updates."""
+        params = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        for module in self._modules:
+            if any(id(p) in params for p in module.parameters()):
+                return module
+        raise CheckpointError("the optimizer's parameters belong to no module set up with this engine; call engine.setup(model, optimizer) first")
 
     def _require_launched(self, what: str) -> None:
         if not self._launched:

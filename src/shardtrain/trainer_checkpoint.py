@@ -37,9 +37,9 @@ class TrainerCheckpointing:
         target = Path(path) if path is not None else self.checkpoint_dir / f"step={self.global_step}.ckpt"
         checkpoint: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
-            "module": self.module.state_dict(),
-            "optimizers": [optimizer.state_dict() for optimizer in self.optimizers],
-            "lr_schedulers": [config.scheduler.state_dict() for config in self.lr_schedulers],
+            "module": self.model,
+            "optimizers": list(self.optimizers),
+            "lr_schedulers": [config.scheduler for config in self.lr_schedulers],
             "loop": {"global_step": self.global_step, "current_epoch": self.current_epoch, "batches_seen_in_epoch": self.batches_seen_in_epoch},
             "callbacks": {callback.state_key: callback.state_dict() for callback in self.callbacks},
         }
@@ -63,16 +63,20 @@ class TrainerCheckpointing:
 
     def _restore(self: "Trainer", ckpt_path: str | os.PathLike) -> None:
         path = self._resolve_checkpoint(ckpt_path)
-        state: dict[str, Any] = {"module": self.module, "format_version": None, "optimizers": None, "lr_schedulers": None, "loop": None, "callbacks": None}
-        rest = self.engine.load(path, state)
-        if state["format_version"] is None or state["format_version"] > FORMAT_VERSION:
-            raise CheckpointError(f"{path} has format version {state['format_version']}; this shardtrain reads up to {FORMAT_VERSION}: upgrade shardtrain")
-        if len(state["optimizers"]) != len(self.optimizers):
-            raise CheckpointError(f"{path} holds {len(state['optimizers'])} optimizer states but configure_optimizers() made {len(self.optimizers)}")
-        for optimizer, saved in zip(self.optimizers, state["optimizers"]):
-            optimizer.load_state_dict(saved)
-        for config, saved in zip(self.lr_schedulers, state["lr_schedulers"]):
-            config.scheduler.load_state_dict(saved)
+        state: dict[str, Any] = {
+            "format_version": None,
+            "module": self.model,
+            "optimizers": list(self.optimizers),
+            "lr_schedulers": [config.scheduler for config in self.lr_schedulers],
+            "loop": None,
+            "callbacks": None,
+        }
+        try:
+            rest = self.engine.load(path, state)  # "format_version" is read first
+        except CheckpointError:
+            _check_version(path, state["format_version"])
+            raise
+        _check_version(path, state["format_version"])
         for callback in self.callbacks:
             if callback.state_key in state["callbacks"]:
                 callback.load_state_dict(state["callbacks"][callback.state_key])
@@ -93,3 +97,10 @@ def _point_last_at(directory: Path, target: Path) -> None:
     temporary = directory / f".{LAST}.tmp"
     temporary.write_text(name)
     os.replace(temporary, directory / LAST)
+
+
+def _check_version(path: Path, version: Any) -> None:
+    if not isinstance(version, int):
+        raise CheckpointError(f"{path} is not a Trainer checkpoint (no format_version); Engine.save files load with Engine.load")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format version {version}; this shardtrain reads up to {FORMAT_VERSION}: upgrade shardtrain")

@@ -1,5 +1,5 @@
 """Saving and loading training state."""
 
-from shardtrain.checkpoint.full_state import load_full_state, save_full_state
+from shardtrain.checkpoint.full_state import read_state_file, write_state_file
 
-__all__ = ["save_full_state", "load_full_state"]
+__all__ = ["read_state_file", "write_state_file"]

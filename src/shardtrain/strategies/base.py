@@ -14,6 +14,13 @@ from typing import Any, ClassVar, Iterable, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.optim import Optimizer
 
 from shardtrain.launch.environment import ClusterEnvironment
@@ -104,11 +111,19 @@ class Strategy:
     def clip_gradients_value(self, parameters: Iterable[torch.Tensor], clip_value: float) -> None:
         torch.nn.utils.clip_grad_value_(list(parameters), clip_value, foreach=True)
 
+    # Full (unsharded) state, keyed by parameter names, the same for every strategy: a checkpoint
+    # saved under one strategy loads under another. Every rank must call these together.
     def module_state_dict(self, module: nn.Module) -> dict[str, Any]:
-        return module.state_dict()
+        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def load_module_state_dict(self, module: nn.Module, state: dict[str, Any], strict: bool = True) -> None:
-        module.load_state_dict(state, strict=strict)
+        set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, strict=strict))
+
+    def optimizer_state_dict(self, module: nn.Module, optimizer: Optimizer) -> dict[str, Any]:
+        return get_optimizer_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_optimizer_state_dict(self, module: nn.Module, optimizer: Optimizer, state: dict[str, Any]) -> None:
+        set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
     # ---------------------------------------------------------------- collectives
     def _is_distributed(self) -> bool:

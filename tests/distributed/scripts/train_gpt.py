@@ -19,6 +19,15 @@ from examples.gpt.model import GPTConfig, GPTModule
 from shardtrain import Callback, Trainer
 
 
+class StopAt(Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if self.step is not None and trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
 class GradNormRecorder(Callback):
     def __init__(self) -> None:
         self.norms = []
@@ -42,6 +51,7 @@ parser.add_argument("--val-check-interval", type=int, default=None)
 parser.add_argument("--seed", type=int, default=1234)
 parser.add_argument("--ckpt-path", default=None)
 parser.add_argument("--save-at-end", action="store_true")
+parser.add_argument("--stop-at", type=int, default=None, help="stop (as if preempted) after this many steps")
 parser.add_argument("--strategy-options", default="{}", help="JSON dict of strategy options")
 args = parser.parse_args()
 
@@ -63,7 +73,7 @@ trainer = Trainer(
     log_every_n_steps=1,
     default_root_dir=args.out,
     seed=args.seed,
-    callbacks=[recorder],
+    callbacks=[recorder, StopAt(args.stop_at)],
     enable_progress_bar=False,
 )
 module = GPTModule(config, learning_rate=3e-3, warmup_steps=3)

@@ -1,0 +1,30 @@
+"""Trainer checkpoints under DDP and FSDP: a resumed run continues the exact loss curve, across strategies."""
+
+import pytest
+
+from tests.distributed.runner import assert_ok, run_script
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    return assert_ok(run_script("train_gpt.py", tmp_path_factory.mktemp("full"), "--devices", "1", "--batch-size", "16")).result()
+
+
+@pytest.mark.parametrize(
+    "save_with, resume_with",
+    [
+        (["--devices", "2", "--strategy", "fsdp", "--batch-size", "8"], ["--devices", "2", "--strategy", "fsdp", "--batch-size", "8"]),
+        (["--devices", "2", "--strategy", "ddp", "--batch-size", "8"], ["--devices", "2", "--strategy", "fsdp", "--batch-size", "8"]),
+        (["--devices", "2", "--strategy", "fsdp", "--batch-size", "8"], ["--devices", "1", "--batch-size", "16"]),
+    ],
+    ids=["fsdp->fsdp", "ddp->fsdp", "fsdp(2)->single(1)"],
+)
+def test_resume_continues_the_loss_curve(uninterrupted, tmp_path, save_with, resume_with):
+    assert_ok(run_script("train_gpt.py", tmp_path, *save_with, "--stop-at", "5", "--save-at-end"))
+    assert (tmp_path / "checkpoints" / "last").read_text() == "step=5.ckpt"
+    resumed = assert_ok(run_script("train_gpt.py", tmp_path, *resume_with, "--max-steps", "10", "--ckpt-path", "last")).result()
+    assert resumed["steps"] == list(range(6, 11))
+    assert resumed["losses"] == pytest.approx(uninterrupted["losses"][5:], abs=1e-5)
+    assert resumed["weight_checksum"] == pytest.approx(uninterrupted["weight_checksum"], rel=1e-5)
