@@ -1,10 +1,12 @@
-"""Run shardtrain and the hand-written reference in turn, same model, data, batch and process count.
+"""Run shardtrain and the hand-written PyTorch reference in turn: same model, data, batch, process count.
 
-    python benchmarks/run.py                 # 46M-parameter GPT, 2 processes, 20 steps (a few minutes on 2 cores)
-    python benchmarks/run.py --small         # a tiny model, for a smoke test
+    python benchmarks/run.py                        # DDP, FSDP, FSDP + activation checkpointing; 46M GPT, 2 processes
+    python benchmarks/run.py --configs fsdp --steps 10
+    python benchmarks/run.py --small                # a tiny model: a smoke test of the harness
 
-Prints tokens/s, median step time and spread, peak memory per rank, and the ratio ours/reference;
-writes everything to ``benchmarks/results/ddp.json``.
+For each configuration it prints tokens/s, median step time and spread, peak memory per rank
+(RSS on CPU, max_memory_allocated on CUDA), and the ratio shardtrain / reference. Results go to
+``benchmarks/results/results.json``.
 """
 
 from __future__ import annotations
@@ -19,14 +21,22 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
+#: configuration -> (reference script and its flags, shardtrain flags)
+CONFIGS = {
+    "ddp": (["reference_ddp.py"], ["--strategy", "ddp"]),
+    "fsdp": (["reference_fsdp.py"], ["--strategy", "fsdp"]),
+    "fsdp_ac": (["reference_fsdp.py", "--activation-checkpointing"], ["--strategy", "fsdp", "--activation-checkpointing"]),
+}
+
 
 def run(command: list[str], out: Path) -> dict:
+    for stale in out.glob("rank*.json"):
+        stale.unlink()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{HERE}"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     subprocess.run(command, env=env, cwd=ROOT, check=True)
-    ranks = sorted(out.glob("rank*.json"))
-    results = [json.loads(path.read_text()) for path in ranks]
+    results = [json.loads(path.read_text()) for path in sorted(out.glob("rank*.json"))]
     return {
         "tokens_per_sec": results[0]["tokens_per_sec"],
         "step_time_median": results[0]["step_time_median"],
@@ -38,6 +48,7 @@ def run(command: list[str], out: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--small", action="store_true")
@@ -45,31 +56,34 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     common = ["--steps", str(args.steps)] + (["--small"] if args.small else [])
-    port = 29400 + os.getpid() % 1000
-    reference_out, ours_out = out / "reference_ddp", out / "shardtrain_ddp"
-    for directory in (reference_out, ours_out):
-        for stale in directory.glob("rank*.json"):
-            stale.unlink()
-    reference = run(
-        [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.devices}", f"--master-port={port}", str(HERE / "reference_ddp.py"), "--out", str(reference_out), *common],
-        reference_out,
-    )
-    ours = run([sys.executable, str(HERE / "shardtrain_ddp.py"), "--out", str(ours_out), "--devices", str(args.devices), *common], ours_out)
-    report = {
-        "config": {"model": "small" if args.small else "gpt-46M", "devices": args.devices, "steps": args.steps},
-        "reference_ddp": reference,
-        "shardtrain_ddp": ours,
-        "ratio_tokens_per_sec": ours["tokens_per_sec"] / reference["tokens_per_sec"],
-        "ratio_step_time": ours["step_time_median"] / reference["step_time_median"],
-        "ratio_peak_memory": ours["peak_memory_per_rank_bytes"] / reference["peak_memory_per_rank_bytes"],
-    }
+    report: dict = {"model": "small" if args.small else "gpt-38M (12 layers, d=512, seq 256)", "devices": args.devices, "steps": args.steps, "configs": {}}
+    for index, name in enumerate(args.configs):
+        reference_args, ours_args = CONFIGS[name]
+        port = 29400 + (os.getpid() + index) % 1000
+        reference = run(
+            [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.devices}", f"--master-port={port}",
+             str(HERE / reference_args[0]), *reference_args[1:], "--out", str(out / name / "reference"), *common],
+            out / name / "reference",
+        )
+        ours = run(
+            [sys.executable, str(HERE / "shardtrain_trainer.py"), *ours_args, "--devices", str(args.devices), "--out", str(out / name / "shardtrain"), *common],
+            out / name / "shardtrain",
+        )
+        report["configs"][name] = {
+            "reference": reference,
+            "shardtrain": ours,
+            "ratio_tokens_per_sec": ours["tokens_per_sec"] / reference["tokens_per_sec"],
+            "ratio_peak_memory": ours["peak_memory_per_rank_bytes"] / reference["peak_memory_per_rank_bytes"],
+        }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ddp.json").write_text(json.dumps(report, indent=2))
-    print(f"{'':18}{'tokens/s':>10}{'step (s)':>10}{'spread':>9}{'peak MiB/rank':>15}")
-    for name in ("reference_ddp", "shardtrain_ddp"):
-        r = report[name]
-        print(f"{name:18}{r['tokens_per_sec']:10.0f}{r['step_time_median']:10.3f}{r['step_time_spread']:9.3f}{r['peak_memory_per_rank_bytes'] / 2**20:15.0f}")
-    print(f"ratio shardtrain/reference: tokens/s {report['ratio_tokens_per_sec']:.3f}, step time {report['ratio_step_time']:.3f}, peak memory {report['ratio_peak_memory']:.3f}")
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    print(f"{report['model']}, {args.devices} processes, {args.steps} steps")
+    print(f"{'config':10}{'side':12}{'tokens/s':>10}{'step (s)':>10}{'spread':>9}{'peak MiB/rank':>15}")
+    for name, entry in report["configs"].items():
+        for side in ("reference", "shardtrain"):
+            r = entry[side]
+            print(f"{name:10}{side:12}{r['tokens_per_sec']:10.0f}{r['step_time_median']:10.3f}{r['step_time_spread']:9.3f}{r['peak_memory_per_rank_bytes'] / 2**20:15.0f}")
+        print(f"{name:10}{'ratio':12}{entry['ratio_tokens_per_sec']:10.3f}{'':19}{entry['ratio_peak_memory']:15.3f}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The same run as reference_ddp.py through shardtrain's Trainer (devices=N, strategy=ddp)."""
+"""The same runs as the reference_*.py loops, through shardtrain's Trainer (devices=N, one strategy word)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from common import MODEL, SMALL, StepTimer, dataset, write_result
 from examples.gpt.model import GPTModule
-from shardtrain import Callback, Trainer
+from shardtrain import Callback, FSDPStrategy, Trainer
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)
@@ -20,6 +20,7 @@ parser.add_argument("--steps", type=int, default=20)
 parser.add_argument("--warmup", type=int, default=3)
 parser.add_argument("--batch-size", type=int, default=4)
 parser.add_argument("--small", action="store_true")
+parser.add_argument("--activation-checkpointing", action="store_true")
 args = parser.parse_args()
 
 
@@ -44,7 +45,7 @@ timing = Timing()
 trainer = Trainer(
     accelerator="cpu",
     devices=args.devices,
-    strategy=args.strategy,
+    strategy=FSDPStrategy(activation_checkpointing_policy={"Block"}) if args.activation_checkpointing else args.strategy,
     max_steps=args.steps,
     gradient_clip_val=1.0,
     log_every_n_steps=args.steps,
