@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import statistics
@@ -40,6 +41,45 @@ class StepTimer:
         if self._last is not None:
             self.times.append(now - self._last)
         self._last = now
+
+
+def reference_arguments() -> argparse.Namespace:
+    """The command line every hand-written reference loop takes."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--small", action="store_true")
+    parser.add_argument("--activation-checkpointing", action="store_true")
+    return parser.parse_args()
+
+
+def reference_training_loop(model: torch.nn.Module, config: GPTConfig, args: argparse.Namespace) -> None:
+    """The plain PyTorch loop both references run: AdamW, clipping at 1.0, no logging, rank-sharded data."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    data = dataset(config)
+    loader = DataLoader(data, batch_size=args.batch_size, sampler=DistributedSampler(data, shuffle=False), drop_last=True)
+    timer = StepTimer()
+    timer.tick()
+    for step, (x, y) in enumerate(loader):
+        if step == args.steps:
+            break
+        logits = model(x)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        timer.tick()
+    write_result(Path(args.out), rank, timer.times, args.warmup, args.batch_size * world * config.seq_len, [])
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def peak_memory_bytes() -> int:

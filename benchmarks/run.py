@@ -29,10 +29,10 @@ CONFIGS = {
 }
 
 
-def run(command: list[str], out: Path) -> dict:
+def run(command: list[str], out: Path, extra_env: dict[str, str]) -> dict:
     for stale in out.glob("rank*.json"):
         stale.unlink()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{HERE}"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{HERE}", **extra_env}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     subprocess.run(command, env=env, cwd=ROOT, check=True)
@@ -53,10 +53,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--small", action="store_true")
     parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument(
+        "--pinned-malloc",
+        action="store_true",
+        help="run both sides with MALLOC_MMAP_THRESHOLD_=131072, so that CPU RSS tracks live tensors rather than "
+        "what glibc keeps of freed ones (which depends on allocation order)",
+    )
     args = parser.parse_args()
+    extra_env = {"MALLOC_MMAP_THRESHOLD_": "131072"} if args.pinned_malloc else {}
     out = Path(args.out)
     common = ["--steps", str(args.steps)] + (["--small"] if args.small else [])
-    report: dict = {"model": "small" if args.small else "gpt-38M (12 layers, d=512, seq 256)", "devices": args.devices, "steps": args.steps, "configs": {}}
+    report: dict = {"model": "small" if args.small else "gpt-38M (12 layers, d=512, seq 256)", "devices": args.devices, "steps": args.steps, "pinned_malloc": args.pinned_malloc, "configs": {}}
     for index, name in enumerate(args.configs):
         reference_args, ours_args = CONFIGS[name]
         port = 29400 + (os.getpid() + index) % 1000
@@ -64,10 +71,12 @@ def main() -> None:
             [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.devices}", f"--master-port={port}",
              str(HERE / reference_args[0]), *reference_args[1:], "--out", str(out / name / "reference"), *common],
             out / name / "reference",
+            extra_env,
         )
         ours = run(
             [sys.executable, str(HERE / "shardtrain_trainer.py"), *ours_args, "--devices", str(args.devices), "--out", str(out / name / "shardtrain"), *common],
             out / name / "shardtrain",
+            extra_env,
         )
         report["configs"][name] = {
             "reference": reference,
@@ -77,7 +86,7 @@ def main() -> None:
         }
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(report, indent=2))
-    print(f"{report['model']}, {args.devices} processes, {args.steps} steps")
+    print(f"{report['model']}, {args.devices} processes, {args.steps} steps{', pinned malloc' if args.pinned_malloc else ''}")
     print(f"{'config':10}{'side':12}{'tokens/s':>10}{'step (s)':>10}{'spread':>9}{'peak MiB/rank':>15}")
     for name, entry in report["configs"].items():
         for side in ("reference", "shardtrain"):

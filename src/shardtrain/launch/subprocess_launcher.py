@@ -96,19 +96,15 @@ class SubprocessLauncher:
             previous_hook(*args)  # type: ignore[arg-type]
 
         sys.excepthook = excepthook
-        threading.Thread(target=self._watch_children, name="shardtrain-watchdog", daemon=True).start()
+        for local_rank, child in self._children.items():
+            # A blocking wait per child: no polling, no GIL taken while training runs.
+            threading.Thread(target=self._watch_child, args=(local_rank, child), name=f"shardtrain-watch-rank{local_rank}", daemon=True).start()
         atexit.register(self._wait_for_children)
 
-    def _watch_children(self) -> None:
-        while True:
-            for local_rank, child in list(self._children.items()):
-                code = child.poll()
-                if code not in (None, 0):
-                    self._stop_after_child_failure(local_rank, code)
-                    return
-            if all(child.poll() == 0 for child in self._children.values()):
-                return
-            time.sleep(0.2)
+    def _watch_child(self, local_rank: int, child: subprocess.Popen) -> None:
+        code = child.wait()
+        if code != 0 and not self._reported and not self._exiting_with_error:
+            self._stop_after_child_failure(local_rank, code)
 
     def _report_failure(self, local_rank: int, code: int) -> None:
         rank = int(os.environ.get("GROUP_RANK", 0)) * self.environment.local_world_size + local_rank

@@ -16,6 +16,7 @@ For a sharded parameter, the module's *full* tensor is created for the duration 
 
 from __future__ import annotations
 
+import ctypes
 from typing import Iterator
 
 import torch
@@ -40,6 +41,20 @@ def materialize(module: nn.Module, device: torch.device) -> None:
         if callable(reset):
             with _full_parameters(submodule):
                 reset()
+    release_freed_host_memory()
+
+
+def release_freed_host_memory() -> None:
+    """Give the transient buffers of initialisation back to the operating system.
+
+    glibc keeps freed blocks below its (rising) mmap threshold for reuse, so without this the
+    full tensors made one unit at a time stay in the process's resident memory for the whole
+    run: measured +207 MiB per rank against a hand-written FSDP2 loop on a 38M-parameter GPT.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _shared_parameters(module: nn.Module) -> list[list[tuple[nn.Module, str]]]:
