@@ -54,6 +54,8 @@ class FSDPStrategy(Strategy):
             Trainer's ``precision``.
         delayed_init: build ``configure_model()`` on the meta device and materialise shard by
             shard (default True), so the full model never exists on one rank.
+        compile: ``torch.compile`` each FSDP unit (in place, so parameter names do not change)
+            before sharding; ``True`` for the defaults or a dict of ``torch.compile`` options.
     """
 
     name = "fsdp"
@@ -70,6 +72,7 @@ class FSDPStrategy(Strategy):
         cpu_offload: bool = False,
         mixed_precision: MixedPrecisionPolicy | None = None,
         delayed_init: bool = True,
+        compile: bool | dict[str, Any] = False,
     ) -> None:
         super().__init__()
         name = getattr(sharding_strategy, "name", sharding_strategy)  # torch's ShardingStrategy enum too
@@ -88,6 +91,9 @@ class FSDPStrategy(Strategy):
         self.cpu_offload = cpu_offload
         self.mixed_precision = mixed_precision
         self.delayed_init = delayed_init
+        if not isinstance(compile, (bool, dict)):
+            raise StrategyError(f"compile must be True, False or a dict of torch.compile options, got {compile!r}")
+        self.compile = compile
         self._root: FSDPModule | None = None
 
     # ------------------------------------------------------------------ checks and mesh
@@ -155,6 +161,8 @@ class FSDPStrategy(Strategy):
         if not meta and not self.cpu_offload:
             module.to(self.device)
         for unit in reversed(units):  # innermost first: a unit nested in another is sharded before its parent
+            if self.compile:
+                unit.compile(**(self.compile if isinstance(self.compile, dict) else {}))
             fully_shard(unit, **options)
         self._root = fully_shard(module, **options)
         if meta:
