@@ -1,6 +1,6 @@
 """Train the GPT example on the embedded corpus: the README's main job.
 
-    python examples/gpt/train.py                      # 2 processes, DDP, CPU or GPU
+    python examples/gpt/train.py                      # 2 processes, FSDP (sharded), CPU or GPU
     python examples/gpt/train.py --devices 1 --max-steps 50
     torchrun --nproc-per-node 8 examples/gpt/train.py --precision bf16-mixed
 
@@ -24,7 +24,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--devices", type=int, default=2)
-    parser.add_argument("--strategy", default="ddp")
+    parser.add_argument("--strategy", default="fsdp")
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--max-steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per process per step")
