@@ -18,12 +18,13 @@ from torch.utils.data import DataLoader
 from shardtrain.callbacks import Callback, ProgressBar
 from shardtrain.engine import Engine
 from shardtrain.errors import ConfigError, TrainingStepError
-from shardtrain.loggers import CSVLogger, Logger
+from shardtrain.loggers import Logger
 from shardtrain.metrics import MetricCollector
 from shardtrain.module import TrainModule
 from shardtrain.optimization import SchedulerConfig, parse_optimizers, step_schedulers
 from shardtrain.seed import seed_everything
 from shardtrain.strategies import Strategy
+from shardtrain.trainer_arguments import check_limit, check_positive_int, make_loggers
 from shardtrain.trainer_checkpoint import TrainerCheckpointing
 from shardtrain.wrapper import EngineModule
 
@@ -77,20 +78,20 @@ class Trainer(TrainerCheckpointing):
         enable_progress_bar: bool = True,
         timeout_seconds: float = 1800.0,
     ) -> None:
-        _check_positive_int("accumulate_grad_batches", accumulate_grad_batches)
-        _check_positive_int("log_every_n_steps", log_every_n_steps)
-        _check_positive_int("check_val_every_n_epoch", check_val_every_n_epoch)
+        check_positive_int("accumulate_grad_batches", accumulate_grad_batches)
+        check_positive_int("log_every_n_steps", log_every_n_steps)
+        check_positive_int("check_val_every_n_epoch", check_val_every_n_epoch)
         if max_steps != -1:
-            _check_positive_int("max_steps", max_steps, "or -1 for no limit")
+            check_positive_int("max_steps", max_steps, "or -1 for no limit")
         if max_epochs is not None:
-            _check_positive_int("max_epochs", max_epochs)
+            check_positive_int("max_epochs", max_epochs)
         if gradient_clip_algorithm not in ("norm", "value"):
             raise ConfigError(f"gradient_clip_algorithm must be 'norm' or 'value', got {gradient_clip_algorithm!r}")
         if gradient_clip_val is not None and gradient_clip_val <= 0:
             raise ConfigError(f"gradient_clip_val must be > 0 (or None to disable), got {gradient_clip_val}")
-        _check_limit("val_check_interval", val_check_interval)
-        _check_limit("limit_train_batches", limit_train_batches)
-        _check_limit("limit_val_batches", limit_val_batches, allow_zero=True)
+        check_limit("val_check_interval", val_check_interval)
+        check_limit("limit_train_batches", limit_train_batches)
+        check_limit("limit_val_batches", limit_val_batches, allow_zero=True)
 
         self.engine = Engine(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision, timeout_seconds=timeout_seconds)
         self.max_steps = max_steps
@@ -108,7 +109,7 @@ class Trainer(TrainerCheckpointing):
         self.callbacks: list[Callback] = [callbacks] if isinstance(callbacks, Callback) else list(callbacks or [])
         if enable_progress_bar and not any(isinstance(cb, ProgressBar) for cb in self.callbacks):
             self.callbacks.append(ProgressBar())
-        self.loggers: list[Logger] = _make_loggers(logger, self.default_root_dir)
+        self.loggers: list[Logger] = make_loggers(logger, self.default_root_dir)
 
         self.global_step = 0
         self.current_epoch = 0
@@ -393,33 +394,3 @@ def _limited(length: int, limit: int | float | None) -> int:
     if isinstance(limit, float):
         return int(length * limit)
     return min(length, limit)
-
-
-def _check_positive_int(name: str, value: Any, hint: str = "") -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{name} must be a whole number >= 1{' ' + hint if hint else ''}, got {value!r}")
-
-
-def _check_limit(name: str, value: Any, allow_zero: bool = False) -> None:
-    if value is None:
-        return
-    if isinstance(value, float) and not (0.0 < value <= 1.0 or (allow_zero and value == 0.0)):
-        raise ConfigError(f"{name} as a fraction must be in (0, 1], got {value}")
-    if isinstance(value, int) and not isinstance(value, bool) and value < (0 if allow_zero else 1):
-        raise ConfigError(f"{name} as a number of batches must be >= {0 if allow_zero else 1}, got {value}")
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise ConfigError(f"{name} must be an int (batches) or a float (fraction), got {value!r}")
-
-
-def _make_loggers(logger: bool | Logger | Sequence[Logger], root: Path) -> list[Logger]:
-    if logger is True:
-        return [CSVLogger(root)]
-    if logger is False or logger is None:
-        return []
-    if isinstance(logger, Logger):
-        return [logger]
-    loggers = list(logger)
-    bad = [type(item).__name__ for item in loggers if not isinstance(item, Logger)]
-    if bad:
-        raise ConfigError(f"logger must be True, False or Logger objects; got {bad}")
-    return loggers

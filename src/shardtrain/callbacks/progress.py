@@ -81,6 +81,7 @@ class ProgressBar(Callback):
         self._progress: Any = None
         self._task: Any = None
         self._text = ""
+        self._rates: dict[str, float] = {}
 
     def on_train_start(self, trainer: "Trainer", module: "TrainModule") -> None:
         if not trainer.is_global_zero:
@@ -123,7 +124,7 @@ class ProgressBar(Callback):
         if training:
             self._rates = self._meter.rates()
         parts = [f"{name}={value:.4g}" for name, value in trainer.progress_bar_metrics.items()]
-        parts += [f"{name.replace('_per_sec', '/s')}={value:,.0f}" for name, value in getattr(self, "_rates", {}).items()]
+        parts += [f"{name.replace('_per_sec', '/s')}={value:,.0f}" for name, value in self._rates.items()]
         self._text = "  ".join(parts)
         if self._progress is not None:
             self._progress.update(self._task, completed=trainer.global_step, metrics=self._text)
