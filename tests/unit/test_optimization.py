@@ -41,6 +41,7 @@ def test_step_frequency_and_interval():
     sched = torch.optim.lr_scheduler.StepLR(a, step_size=1, gamma=0.5)
     _, configs = parse_optimizers({"optimizer": a, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 2}})
     for count in range(1, 5):
+        a.step()
         step_schedulers(configs, "epoch", count, {})  # wrong interval: never steps
         step_schedulers(configs, "step", count, {})
     assert a.param_groups[0]["lr"] == pytest.approx(0.25)  # stepped at counts 2 and 4
