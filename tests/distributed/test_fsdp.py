@@ -88,3 +88,15 @@ def test_activation_checkpointing_saves_memory_and_changes_nothing_else(tmp_path
     assert checkpointed["saved_bytes"] < 0.35 * plain["saved_bytes"], (checkpointed["saved_bytes"], plain["saved_bytes"])
     assert checkpointed["loss"] == pytest.approx(plain["loss"], abs=1e-6)
     assert checkpointed["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-5)
+
+
+def test_clipping_by_value_matches(tmp_path):
+    one = assert_ok(run_script("train_gpt.py", tmp_path / "one", "--devices", "1", "--batch-size", "16", "--clip", "0.01", "--clip-algorithm", "value")).result()
+    two = assert_ok(run_script("train_gpt.py", tmp_path / "two", "--devices", "2", "--strategy", "fsdp", "--batch-size", "8", "--clip", "0.01", "--clip-algorithm", "value")).result()
+    assert two["losses"] == pytest.approx(one["losses"], abs=1e-5)
+
+
+def test_bf16_true_trains_in_bf16(single, tmp_path):
+    result = assert_ok(run_script("train_gpt.py", tmp_path, "--devices", "2", "--strategy", "fsdp", "--batch-size", "8", "--precision", "bf16-true")).result()
+    assert result["losses"] == pytest.approx(single["losses"], abs=5e-2)
+    assert result["losses"][-1] < result["losses"][0] - 1.0
