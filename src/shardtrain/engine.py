@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 from datetime import timedelta
 from typing import Any, Callable, Iterable, Literal, Sequence, TypeVar, overload
 
@@ -26,13 +27,13 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-from shardtrain.checkpoint import read_state_file, write_state_file
+from shardtrain.checkpoint import load_sharded, read_meta, save_sharded, saved_keys
 from shardtrain.data import DeviceDataLoader, move_to_device, with_distributed_sampler
 from shardtrain.errors import CheckpointError, ConfigError
 from shardtrain.launch.environment import ClusterEnvironment, detect_environment
 from shardtrain.launch.subprocess_launcher import launch_local_processes
 from shardtrain.precision import Precision
-from shardtrain.seed import seed_everything
+from shardtrain.seed import restore_rng, rng_tensors, seed_everything
 from shardtrain.strategies import Strategy, create_strategy
 from shardtrain.strategies.base import optimizer_parameters
 from shardtrain.wrapper import EngineModule
@@ -272,62 +273,96 @@ class Engine:
         self.strategy.barrier()
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self, path: str | os.PathLike, state: dict[str, Any]) -> None:
-        """Save ``state`` to one file: modules and optimizers as their full state (gathered from
-        shards where needed, keyed by parameter names), anything with ``state_dict()`` through it,
-        plain values as they are. Every rank must call this; rank 0 writes, atomically."""
-        plain = {key: self._state_of(value) for key, value in state.items()}
-        if self.is_global_zero:
-            write_state_file(path, plain)
-        self.barrier()
+    def save(self, path: str | os.PathLike, state: dict[str, Any]) -> Path:
+        """Save ``state`` as a sharded checkpoint directory (see ``shardtrain.checkpoint.sharded``).
+
+        Modules and optimizers: each rank writes its own shards (no gather), keyed by parameter
+        names. Tensors: as they are. Objects with ``state_dict()`` (schedulers, callbacks) and
+        plain values: as JSON. Every rank's RNG state is saved too. Every rank must call this;
+        the directory appears atomically when all have finished.
+        """
+        tensors: dict[str, Any] = {}
+        plain: dict[str, Any] = {}
+        for key, value in state.items():
+            self._split(key, value, tensors, plain)
+        tensors["rng"] = {f"rank{self.global_rank}": rng_tensors()}
+        meta = {"world_size": self.world_size, "strategy": self.strategy.name, "state": plain}
+        return save_sharded(path, tensors, meta, rank=self.global_rank, barrier=self.barrier)
 
     def load(self, path: str | os.PathLike, state: dict[str, Any], strict: bool = True) -> dict[str, Any]:
-        """Load ``path`` into the objects of ``state`` in place (plain values are replaced in the
-        dict); returns the saved entries that ``state`` did not name. Every rank must call this."""
-        saved = read_state_file(path)
-        missing = [key for key in state if key not in saved]
-        if missing and strict:
-            raise CheckpointError(f"checkpoint {path} has no entries {missing}; it holds {sorted(saved)}")
-        for key in state:
-            if key in saved:
-                state[key] = self._load_into(state[key], saved[key], f"{path}: {key!r}", strict)
-        return {key: value for key, value in saved.items() if key not in state}
+        """Load a checkpoint saved by ``save`` into ``state`` in place, on any number of ranks and
+        under any strategy; plain values in ``state`` are replaced. Returns saved plain entries
+        that ``state`` did not name. Every rank must call this."""
+        meta = read_meta(path)
+        saved_plain: dict[str, Any] = meta["state"]
+        on_disk = saved_keys(path)
+        tensors: dict[str, Any] = {}
+        plain_targets: dict[str, Any] = {}
+        for key, value in state.items():
+            in_tensors = any(k == key or k.startswith(key + ".") for k in on_disk)
+            if not in_tensors and key not in saved_plain:
+                if strict:
+                    raise CheckpointError(f"checkpoint {path} has no entry {key!r}; it holds {sorted(saved_plain) + sorted({k.split('.')[0] for k in on_disk})}")
+                continue
+            self._split(key, value, tensors, plain_targets)
+        same_layout = meta["world_size"] == self.world_size
+        if same_layout:
+            tensors["rng"] = {f"rank{self.global_rank}": rng_tensors()}
+        modules = tuple(key for key, value in state.items() if isinstance(value, nn.Module) and key in tensors)
+        load_sharded(path, tensors, strict_prefixes=modules if strict else ())
+        for key, value in state.items():
+            if key in tensors:
+                self._apply_tensors(value, tensors[key], strict)
+            elif key in saved_plain:
+                state[key] = self._apply_plain(value, saved_plain[key], f"{path}: {key!r}")
+        if same_layout:
+            restore_rng(tensors["rng"][f"rank{self.global_rank}"])
+        return {key: value for key, value in saved_plain.items() if key not in state}
 
-    def _state_of(self, value: Any) -> Any:
-        if isinstance(value, EngineModule):
-            return self.strategy.module_state_dict(value.module)
-        if isinstance(value, Optimizer):
-            raw = value.optimizer if isinstance(value, EngineOptimizer) else value
-            return self.strategy.optimizer_state_dict(self._module_of(raw), raw)
+    def _split(self, key: str, value: Any, tensors: dict[str, Any], plain: dict[str, Any]) -> None:
+        """Put ``value``'s state under ``key`` in ``tensors`` (sharded) or ``plain`` (JSON)."""
         if isinstance(value, nn.Module):
-            return self.strategy.module_state_dict(value)
-        if isinstance(value, (list, tuple)):
-            return [self._state_of(item) for item in value]
-        if callable(getattr(value, "state_dict", None)):
-            return value.state_dict()
-        return value
+            tensors[key] = self.strategy.module_state_dict(value.module if isinstance(value, EngineModule) else value, full=False)
+        elif isinstance(value, Optimizer):
+            raw = value.optimizer if isinstance(value, EngineOptimizer) else value
+            tensors[key] = self.strategy.optimizer_state_dict(self._module_of(raw), raw, full=False)
+        elif isinstance(value, (list, tuple)) and value and all(isinstance(item, Optimizer) for item in value):
+            nested: dict[str, Any] = {}
+            for index, item in enumerate(value):
+                self._split(str(index), item, nested, {})
+            tensors[key] = nested
+        elif isinstance(value, torch.Tensor):
+            tensors[key] = value
+        elif isinstance(value, (list, tuple)) and any(callable(getattr(item, "state_dict", None)) for item in value):
+            plain[key] = [item.state_dict() for item in value]
+        elif callable(getattr(value, "state_dict", None)):
+            plain[key] = value.state_dict()
+        else:
+            plain[key] = value
 
-    def _load_into(self, target: Any, saved: Any, where: str, strict: bool) -> Any:
-        try:
-            if isinstance(target, (EngineModule, nn.Module)):
-                self.strategy.load_module_state_dict(target.module if isinstance(target, EngineModule) else target, saved, strict)
-            elif isinstance(target, Optimizer):
-                raw = target.optimizer if isinstance(target, EngineOptimizer) else target
-                self.strategy.load_optimizer_state_dict(self._module_of(raw), raw, saved)
-            elif isinstance(target, list) and any(hasattr(item, "load_state_dict") for item in target):
-                if len(target) != len(saved):
-                    raise CheckpointError(f"{where} holds {len(saved)} entries but {len(target)} were given to load into")
-                for item, item_state in zip(target, saved):
-                    self._load_into(item, item_state, where, strict)
-            elif callable(getattr(target, "load_state_dict", None)):
-                target.load_state_dict(saved)
-            else:
-                return saved
-        except (RuntimeError, KeyError, ValueError) as error:  # missing/unexpected keys, shape mismatches
-            if isinstance(error, CheckpointError):
-                raise
-            raise CheckpointError(f"checkpoint {where} does not fit: {error}") from error
-        return target
+    def _apply_tensors(self, target: Any, loaded: Any, strict: bool) -> None:
+        if isinstance(target, nn.Module):
+            self.strategy.load_module_state_dict(target.module if isinstance(target, EngineModule) else target, loaded, strict=strict, full=False)
+        elif isinstance(target, Optimizer):
+            raw = target.optimizer if isinstance(target, EngineOptimizer) else target
+            self.strategy.load_optimizer_state_dict(self._module_of(raw), raw, loaded, full=False)
+        elif isinstance(target, (list, tuple)):
+            for index, item in enumerate(target):
+                self._apply_tensors(item, loaded[str(index)], strict)
+        # plain tensors were filled in place by DCP
+
+    @staticmethod
+    def _apply_plain(target: Any, saved: Any, where: str) -> Any:
+        if isinstance(target, (list, tuple)) and any(callable(getattr(item, "load_state_dict", None)) for item in target):
+            if len(target) != len(saved):
+                raise CheckpointError(f"{where} holds {len(saved)} states but {len(target)} objects were given to load them into")
+            for item, item_state in zip(target, saved):
+                item.load_state_dict(item_state)
+            return target
+        if callable(getattr(target, "load_state_dict", None)):
+            target.load_state_dict(saved)
+            return target
+        return saved
 
     def _module_of(self, optimizer: Optimizer) -> nn.Module:
         """The set-up module whose parameters ``optimizer`` updates."""

@@ -20,3 +20,19 @@ def seed_everything(seed: int) -> int:
         pass
     os.environ["SHARDTRAIN_SEED"] = str(seed)
     return seed
+
+
+def rng_tensors() -> dict[str, "torch.Tensor"]:
+    """This process's torch random-number states as tensors (CPU, and each CUDA device)."""
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for index, state in enumerate(torch.cuda.get_rng_state_all()):
+            states[f"cuda{index}"] = state
+    return states
+
+
+def restore_rng(states: dict[str, "torch.Tensor"]) -> None:
+    torch.set_rng_state(states["cpu"])
+    for key, state in states.items():
+        if key.startswith("cuda") and torch.cuda.is_available() and int(key[4:]) < torch.cuda.device_count():
+            torch.cuda.set_rng_state(state, int(key[4:]))

@@ -1,8 +1,9 @@
 """The Trainer's side of checkpoints: what a training state is, and how a run resumes from one.
 
-A checkpoint holds the module, optimizers, LR schedulers, loss scaler, callbacks' state and the
-loop position (global step, epoch, batches seen in the epoch), so that a resumed run continues
-at the next batch it would have trained on. Storage goes through ``Engine.save``/``Engine.load``.
+A checkpoint holds the module, optimizers, LR schedulers, loss scaler, callbacks' state, every
+rank's RNG state and the loop position (global step, epoch, batches seen in the epoch), so that
+a resumed run continues at the next batch it would have trained on. Storage goes through
+``Engine.save``/``Engine.load``: a sharded DCP directory, committed atomically.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from shardtrain.errors import CheckpointError
 if TYPE_CHECKING:
     from shardtrain.trainer import Trainer
 
-FORMAT_VERSION = 1
 LAST = "last"
 
 
@@ -28,15 +28,25 @@ class TrainerCheckpointing:
         return self.default_root_dir / "checkpoints"
 
     def save_checkpoint(self: "Trainer", path: str | os.PathLike | None = None) -> Path:
-        """Save the full training state (every rank must call this); also updates ``last``.
+        """Save the training state as a sharded checkpoint directory (every rank must call this).
 
-        Returns the path written. The default path is ``<default_root_dir>/checkpoints/step=<N>.ckpt``.
+        Each rank writes its own shards; the directory appears atomically once all have
+        finished, and ``<default_root_dir>/checkpoints/last`` then names it. Returns the path;
+        the default is ``<default_root_dir>/checkpoints/step=<N>``.
         """
-        if self.module is None:
+        if self.model is None:
             raise RuntimeError("save_checkpoint() needs a module that has been set up by fit()")
-        target = Path(path) if path is not None else self.checkpoint_dir / f"step={self.global_step}.ckpt"
-        checkpoint: dict[str, Any] = {
-            "format_version": FORMAT_VERSION,
+        target = Path(path) if path is not None else self.checkpoint_dir / f"step={self.global_step}"
+        state = self._checkpoint_state()
+        self._call("on_save_checkpoint", state)
+        self.engine.save(target, state)
+        if self.is_global_zero:
+            _point_last_at(self.checkpoint_dir, target)
+        self.engine.barrier()
+        return target
+
+    def _checkpoint_state(self: "Trainer") -> dict[str, Any]:
+        state: dict[str, Any] = {
             "module": self.model,
             "optimizers": list(self.optimizers),
             "lr_schedulers": [config.scheduler for config in self.lr_schedulers],
@@ -45,13 +55,8 @@ class TrainerCheckpointing:
         }
         scaler = self.engine.precision.grad_scaler(self.engine.device.type)
         if scaler is not None:
-            checkpoint["grad_scaler"] = scaler.state_dict()
-        self._call("on_save_checkpoint", checkpoint)
-        self.engine.save(target, checkpoint)
-        if self.is_global_zero:
-            _point_last_at(self.checkpoint_dir, target)
-        self.engine.barrier()
-        return target
+            state["grad_scaler"] = scaler
+        return state
 
     def _resolve_checkpoint(self: "Trainer", ckpt_path: str | os.PathLike) -> Path:
         if str(ckpt_path) != LAST:
@@ -63,31 +68,16 @@ class TrainerCheckpointing:
 
     def _restore(self: "Trainer", ckpt_path: str | os.PathLike) -> None:
         path = self._resolve_checkpoint(ckpt_path)
-        state: dict[str, Any] = {
-            "format_version": None,
-            "module": self.model,
-            "optimizers": list(self.optimizers),
-            "lr_schedulers": [config.scheduler for config in self.lr_schedulers],
-            "loop": None,
-            "callbacks": None,
-        }
-        try:
-            rest = self.engine.load(path, state)  # "format_version" is read first
-        except CheckpointError:
-            _check_version(path, state["format_version"])
-            raise
-        _check_version(path, state["format_version"])
+        state = self._checkpoint_state()
+        self.engine.load(path, state)
         for callback in self.callbacks:
             if callback.state_key in state["callbacks"]:
                 callback.load_state_dict(state["callbacks"][callback.state_key])
-        scaler = self.engine.precision.grad_scaler(self.engine.device.type)
-        if scaler is not None and "grad_scaler" in rest:
-            scaler.load_state_dict(rest["grad_scaler"])
         loop = state["loop"]
         self.global_step = loop["global_step"]
         self.current_epoch = loop["current_epoch"]
         self.batches_seen_in_epoch = loop["batches_seen_in_epoch"]
-        self._call("on_load_checkpoint", {**rest, **state})
+        self._call("on_load_checkpoint", state)
 
 
 def _point_last_at(directory: Path, target: Path) -> None:
@@ -98,9 +88,3 @@ def _point_last_at(directory: Path, target: Path) -> None:
     temporary.write_text(name)
     os.replace(temporary, directory / LAST)
 
-
-def _check_version(path: Path, version: Any) -> None:
-    if not isinstance(version, int):
-        raise CheckpointError(f"{path} is not a Trainer checkpoint (no format_version); Engine.save files load with Engine.load")
-    if version > FORMAT_VERSION:
-        raise CheckpointError(f"{path} has format version {version}; this shardtrain reads up to {FORMAT_VERSION}: upgrade shardtrain")

@@ -23,7 +23,7 @@ def uninterrupted(tmp_path_factory):
 )
 def test_resume_continues_the_loss_curve(uninterrupted, tmp_path, save_with, resume_with):
     assert_ok(run_script("train_gpt.py", tmp_path, *save_with, "--stop-at", "5", "--save-at-end"))
-    assert (tmp_path / "checkpoints" / "last").read_text() == "step=5.ckpt"
+    assert (tmp_path / "checkpoints" / "last").read_text() == "step=5"
     resumed = assert_ok(run_script("train_gpt.py", tmp_path, *resume_with, "--max-steps", "10", "--ckpt-path", "last")).result()
     assert resumed["steps"] == list(range(6, 11))
     assert resumed["losses"] == pytest.approx(uninterrupted["losses"][5:], abs=1e-5)

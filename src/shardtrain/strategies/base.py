@@ -111,19 +111,20 @@ class Strategy:
     def clip_gradients_value(self, parameters: Iterable[torch.Tensor], clip_value: float) -> None:
         torch.nn.utils.clip_grad_value_(list(parameters), clip_value, foreach=True)
 
-    # Full (unsharded) state, keyed by parameter names, the same for every strategy: a checkpoint
-    # saved under one strategy loads under another. Every rank must call these together.
-    def module_state_dict(self, module: nn.Module) -> dict[str, Any]:
-        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # State keyed by parameter names, the same for every strategy, so that a checkpoint saved
+    # under one strategy loads under another. ``full=True`` gathers whole tensors (to the CPU);
+    # ``full=False`` gives each rank its shards (DTensors under FSDP). Every rank must call these.
+    def module_state_dict(self, module: nn.Module, full: bool = True) -> dict[str, Any]:
+        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=full, cpu_offload=full))
 
-    def load_module_state_dict(self, module: nn.Module, state: dict[str, Any], strict: bool = True) -> None:
-        set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, strict=strict))
+    def load_module_state_dict(self, module: nn.Module, state: dict[str, Any], strict: bool = True, full: bool = True) -> None:
+        set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=full, strict=strict))
 
-    def optimizer_state_dict(self, module: nn.Module, optimizer: Optimizer) -> dict[str, Any]:
-        return get_optimizer_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    def optimizer_state_dict(self, module: nn.Module, optimizer: Optimizer, full: bool = True) -> dict[str, Any]:
+        return get_optimizer_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=full, cpu_offload=full))
 
-    def load_optimizer_state_dict(self, module: nn.Module, optimizer: Optimizer, state: dict[str, Any]) -> None:
-        set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    def load_optimizer_state_dict(self, module: nn.Module, optimizer: Optimizer, state: dict[str, Any], full: bool = True) -> None:
+        set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=full))
 
     # ---------------------------------------------------------------- collectives
     def _is_distributed(self) -> bool:

@@ -1,0 +1,168 @@
+"""Sharded checkpoints: a directory in ``torch.distributed.checkpoint`` (DCP) format plus ``meta.json``.
+
+Layout of a committed checkpoint ``<dir>/``:
+
+* ``.metadata`` and ``__<rank>_<n>.distcp``: DCP's own files; each rank writes its own shards
+  of the model and optimizer (no gather to rank 0). DCP reshards on load, so a checkpoint
+  saved by N processes loads on M, under any strategy whose parameter names match.
+* ``meta.json``: the format version, the world size and strategy it was saved with, and every
+  plain value (trainer loop position, LR schedulers, callbacks' state), as JSON.
+
+Atomic commit: everything is written into the sibling ``.<name>.partial``, DCP fsyncs its files,
+rank 0 writes ``meta.json`` last, fsyncs it, and renames the directory into place. A crash at any
+moment leaves either the previous checkpoint or a ``.partial`` directory that nothing loads.
+Loading never unpickles: tensors come from DCP, everything else from JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from shardtrain.errors import CheckpointError
+
+FORMAT_VERSION = 2
+META_FILE = "meta.json"
+
+
+def partial_path(path: Path) -> Path:
+    return path.parent / f".{path.name}.partial"
+
+
+def save_sharded(path: str | os.PathLike, tensors: dict[str, Any], meta: dict[str, Any], *, rank: int, barrier: Callable[[], None]) -> Path:
+    """Write ``tensors`` (nested dicts of tensors/DTensors) with DCP and ``meta`` as JSON, atomically.
+
+    Every rank calls this with its own shards. Returns the committed directory.
+    """
+    target = Path(path)
+    staging = partial_path(target)
+    if rank == 0:
+        if staging.exists():
+            shutil.rmtree(staging)  # left by a crash during an earlier save
+        staging.mkdir(parents=True)
+    barrier()
+    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(staging, sync_files=True), no_dist=not dist.is_initialized())
+    if rank == 0:
+        _write_json(staging / META_FILE, {"format_version": FORMAT_VERSION, **meta})
+        _fsync_directory(staging)
+        _replace_directory(staging, target)
+    barrier()
+    return target
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """``meta.json`` of a committed checkpoint, after checking that it is one and that we can read it."""
+    directory = Path(path)
+    if not directory.exists():
+        raise CheckpointError(f"no checkpoint at {directory}; check the path")
+    if directory.is_file():
+        raise CheckpointError(f"{directory} is a file, not a sharded checkpoint directory; a consolidated file loads as model weights")
+    meta_path = directory / META_FILE
+    if not meta_path.is_file():
+        raise CheckpointError(f"{directory} has no {META_FILE}: it is half-written (a save did not finish) or not a shardtrain checkpoint")
+    meta = json.loads(meta_path.read_text())
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{directory} has format version {version}; this shardtrain reads up to {FORMAT_VERSION}: upgrade shardtrain")
+    return meta
+
+
+def load_sharded(path: str | os.PathLike, tensors: dict[str, Any], *, strict_prefixes: tuple[str, ...] = ()) -> None:
+    """Fill ``tensors`` in place from the checkpoint at ``path`` (any world size, any sharding).
+
+    For each prefix in ``strict_prefixes`` (e.g. ``"model"``), the saved keys and shapes must
+    match the requested ones exactly; differences are listed in the error.
+    """
+    directory = Path(path)
+    saved = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata
+    requested = _flatten(tensors)
+    for prefix in strict_prefixes:
+        _check_match(
+            directory,
+            prefix,
+            {k: v for k, v in requested.items() if k.startswith(prefix + ".") and isinstance(v, torch.Tensor)},
+            {k: v for k, v in saved.items() if k.startswith(prefix + ".") and hasattr(v, "size")},
+        )
+    missing = sorted(key for key, value in requested.items() if isinstance(value, torch.Tensor) and key not in saved)
+    if missing:
+        raise CheckpointError(f"{directory} lacks {len(missing)} entries that this run needs, e.g. {missing[:5]}")
+    dcp.load(tensors, storage_reader=dcp.FileSystemReader(directory), no_dist=not dist.is_initialized())
+
+
+def saved_keys(path: str | os.PathLike) -> set[str]:
+    return set(dcp.FileSystemReader(Path(path)).read_metadata().state_dict_metadata)
+
+
+def _check_match(directory: Path, prefix: str, requested: dict[str, Any], saved: dict[str, Any]) -> None:
+    missing = sorted(set(requested) - set(saved))
+    unexpected = sorted(set(saved) - set(requested))
+    shapes = []
+    for key in sorted(set(requested) & set(saved)):
+        want = tuple(requested[key].shape) if isinstance(requested[key], torch.Tensor) else None
+        have = tuple(getattr(saved[key], "size", ()) or ())
+        if want is not None and hasattr(saved[key], "size") and want != have:
+            shapes.append(f"{key}: checkpoint {have}, model {want}")
+    if missing or unexpected or shapes:
+        strip = len(prefix) + 1
+        parts = []
+        if missing:
+            parts.append(f"missing from the checkpoint: {[k[strip:] for k in missing[:10]]}{' ...' if len(missing) > 10 else ''}")
+        if unexpected:
+            parts.append(f"not in the model: {[k[strip:] for k in unexpected[:10]]}{' ...' if len(unexpected) > 10 else ''}")
+        if shapes:
+            parts.append(f"shape mismatches: {shapes[:10]}")
+        raise CheckpointError(f"checkpoint {directory} is from a different {prefix}; " + "; ".join(parts))
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    if isinstance(tree, (list, tuple)):
+        out = {}
+        for index, value in enumerate(tree):
+            out.update(_flatten(value, f"{prefix}{index}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    try:
+        text = json.dumps(payload, indent=1)
+    except TypeError as error:
+        raise CheckpointError(f"a value to be saved is not JSON-serialisable ({error}); state_dict() of callbacks and schedulers must hold plain values") from error
+    with open(path, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_directory(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _replace_directory(staging: Path, target: Path) -> None:
+    """Move ``staging`` to ``target``; an existing ``target`` is moved aside first, then deleted."""
+    aside = target.parent / f".{target.name}.old"
+    if target.exists():
+        if aside.exists():
+            shutil.rmtree(aside)
+        os.rename(target, aside)
+    os.rename(staging, target)
+    _fsync_directory(target.parent)
+    if aside.exists():
+        shutil.rmtree(aside)
+
