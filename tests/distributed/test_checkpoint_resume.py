@@ -18,8 +18,11 @@ def uninterrupted(tmp_path_factory):
         (["--devices", "2", "--strategy", "fsdp", "--batch-size", "8"], ["--devices", "2", "--strategy", "fsdp", "--batch-size", "8"]),
         (["--devices", "2", "--strategy", "ddp", "--batch-size", "8"], ["--devices", "2", "--strategy", "fsdp", "--batch-size", "8"]),
         (["--devices", "2", "--strategy", "fsdp", "--batch-size", "8"], ["--devices", "1", "--batch-size", "16"]),
+        (["--devices", "1", "--batch-size", "16"], ["--devices", "2", "--strategy", "fsdp", "--batch-size", "8"]),
+        (["--devices", "2", "--strategy", "fsdp", "--batch-size", "8"], ["--devices", "4", "--strategy", "fsdp", "--batch-size", "4"]),
+        (["--devices", "2", "--strategy", "fsdp", "--batch-size", "8"], ["--devices", "2", "--strategy", "ddp", "--batch-size", "8"]),
     ],
-    ids=["fsdp->fsdp", "ddp->fsdp", "fsdp(2)->single(1)"],
+    ids=["fsdp->fsdp", "ddp->fsdp", "fsdp(2)->single(1)", "single(1)->fsdp(2)", "fsdp(2)->fsdp(4)", "fsdp->ddp"],
 )
 def test_resume_continues_the_loss_curve(uninterrupted, tmp_path, save_with, resume_with):
     assert_ok(run_script("train_gpt.py", tmp_path, *save_with, "--stop-at", "5", "--save-at-end"))

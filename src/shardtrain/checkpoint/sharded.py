@@ -16,11 +16,13 @@ Loading never unpickles: tensors come from DCP, everything else from JSON.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -48,7 +50,8 @@ def save_sharded(path: str | os.PathLike, tensors: dict[str, Any], meta: dict[st
             shutil.rmtree(staging)  # left by a crash during an earlier save
         staging.mkdir(parents=True)
     barrier()
-    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(staging, sync_files=True), no_dist=not dist.is_initialized())
+    with _quiet_single_process():
+        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(staging, sync_files=True), no_dist=not dist.is_initialized())
     if rank == 0:
         _write_json(staging / META_FILE, {"format_version": FORMAT_VERSION, **meta})
         _fsync_directory(staging)
@@ -93,7 +96,16 @@ def load_sharded(path: str | os.PathLike, tensors: dict[str, Any], *, strict_pre
     missing = sorted(key for key, value in requested.items() if isinstance(value, torch.Tensor) and key not in saved)
     if missing:
         raise CheckpointError(f"{directory} lacks {len(missing)} entries that this run needs, e.g. {missing[:5]}")
-    dcp.load(tensors, storage_reader=dcp.FileSystemReader(directory), no_dist=not dist.is_initialized())
+    with _quiet_single_process():
+        dcp.load(tensors, storage_reader=dcp.FileSystemReader(directory), no_dist=not dist.is_initialized())
+
+
+@contextlib.contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """DCP warns that it 'assumes' a single process when there is no process group: that is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def saved_keys(path: str | os.PathLike) -> set[str]:
@@ -108,7 +120,7 @@ def _check_match(directory: Path, prefix: str, requested: dict[str, Any], saved:
         want = tuple(requested[key].shape) if isinstance(requested[key], torch.Tensor) else None
         have = tuple(getattr(saved[key], "size", ()) or ())
         if want is not None and hasattr(saved[key], "size") and want != have:
-            shapes.append(f"{key}: checkpoint {have}, model {want}")
+            shapes.append(f"{key[len(prefix) + 1:]}: checkpoint {have}, model {want}")
     if missing or unexpected or shapes:
         strip = len(prefix) + 1
         parts = []
