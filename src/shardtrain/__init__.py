@@ -3,7 +3,7 @@
 The public API is what this module exports; everything else may change between releases.
 """
 
-from shardtrain.callbacks import Callback, ProgressBar
+from shardtrain.callbacks import Callback, ModelCheckpoint, ProgressBar
 from shardtrain.engine import Engine
 from shardtrain.errors import (
     CheckpointError,
@@ -36,6 +36,7 @@ __all__ = [
     "Precision",
     "Callback",
     "ProgressBar",
+    "ModelCheckpoint",
     "Logger",
     "CSVLogger",
     "TensorBoardLogger",

@@ -31,3 +31,15 @@ def test_resume_continues_the_loss_curve(uninterrupted, tmp_path, save_with, res
     assert resumed["steps"] == list(range(6, 11))
     assert resumed["losses"] == pytest.approx(uninterrupted["losses"][5:], abs=1e-5)
     assert resumed["weight_checksum"] == pytest.approx(uninterrupted["weight_checksum"], rel=1e-5)
+
+
+def test_kill_9_in_the_middle_of_a_save_keeps_the_last_checkpoint(uninterrupted, tmp_path):
+    run = run_script("train_gpt.py", tmp_path, "--devices", "2", "--strategy", "fsdp", "--batch-size", "8", "--checkpoint-every", "3", "--kill-in-save", "6", timeout=120)
+    assert run.returncode != 0 and "rank 1 failed (signal 9)" in run.output
+    checkpoints = tmp_path / "checkpoints"
+    assert (checkpoints / "last").read_text() == "step=3"
+    partial = checkpoints / ".step=6.partial"
+    assert partial.is_dir() and not (partial / "meta.json").exists() and not (checkpoints / "step=6").exists()
+    resumed = assert_ok(run_script("train_gpt.py", tmp_path, "--devices", "2", "--strategy", "fsdp", "--batch-size", "8", "--ckpt-path", "last")).result()
+    assert resumed["steps"] == list(range(4, 11))
+    assert resumed["losses"] == pytest.approx(uninterrupted["losses"][3:], abs=1e-5)

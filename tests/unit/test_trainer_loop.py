@@ -162,3 +162,25 @@ def test_max_steps_at_epoch_end_still_validates_and_counts_the_epoch(tmp_path):
 def test_max_steps_mid_epoch_does_not_end_the_epoch(tmp_path):
     trainer, _, _ = _fit(tmp_path, max_steps=3)
     assert (trainer.current_epoch, trainer.batches_seen_in_epoch) == (0, 3)
+
+
+def test_model_checkpoint_rotation_keeps_the_newest_k(tmp_path):
+    from shardtrain import ModelCheckpoint
+
+    trainer, _, _ = _fit(tmp_path, max_steps=6, batch_size=8, callbacks=[ModelCheckpoint(every_n_train_steps=2, save_top_k=2)])
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir())
+    assert names == ["step=4", "step=6"]
+    assert (tmp_path / "checkpoints" / "last").read_text() == "step=6"
+
+
+def test_model_checkpoint_keeps_the_best_by_metric(tmp_path):
+    from shardtrain import ModelCheckpoint
+
+    callback = ModelCheckpoint(monitor="val_loss", mode="min", save_top_k=1, save_on_train_end=False)
+    trainer, _, rows = _fit(tmp_path, max_steps=6, batch_size=8, val_check_interval=2, callbacks=[callback])
+    val = {int(r["step"]): float(r["val_loss"]) for r in rows if r.get("val_loss")}
+    best_step = min(val, key=val.get)
+    names = {p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()}
+    assert f"step={best_step}" in names and "step=6" in names  # the best, and the newest that 'last' names
+    assert len(names) == (1 if best_step == 6 else 2)
+    assert callback.best["step"] == best_step

@@ -7,6 +7,10 @@ accumulation, must give the same losses.
 import argparse
 import csv
 import json
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -16,7 +20,7 @@ from shardtrain.strategies import create_strategy
 
 from examples.gpt.data import corpus_splits
 from examples.gpt.model import GPTConfig, GPTModule
-from shardtrain import Callback, Trainer
+from shardtrain import Callback, ModelCheckpoint, Trainer
 
 
 class StopAt(Callback):
@@ -26,6 +30,25 @@ class StopAt(Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         if self.step is not None and trainer.global_step >= self.step:
             trainer.should_stop = True
+
+
+class KillInSave(Callback):
+    """Rank 1 kills itself (SIGKILL) once its shard file of the checkpoint being saved appears."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_save_checkpoint(self, trainer, module, checkpoint):
+        if trainer.global_rank != 1 or trainer.global_step != self.step:
+            return
+        staging = trainer.checkpoint_dir / f".step={self.step}.partial"
+
+        def kill_when_writing():
+            while not any(staging.glob("__1_*.distcp")):
+                time.sleep(0.0005)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        threading.Thread(target=kill_when_writing, daemon=True).start()
 
 
 class GradNormRecorder(Callback):
@@ -52,6 +75,8 @@ parser.add_argument("--seed", type=int, default=1234)
 parser.add_argument("--ckpt-path", default=None)
 parser.add_argument("--save-at-end", action="store_true")
 parser.add_argument("--stop-at", type=int, default=None, help="stop (as if preempted) after this many steps")
+parser.add_argument("--checkpoint-every", type=int, default=None)
+parser.add_argument("--kill-in-save", type=int, default=None, help="rank 1 SIGKILLs itself in the middle of the save at this step")
 parser.add_argument("--strategy-options", default="{}", help="JSON dict of strategy options")
 args = parser.parse_args()
 
@@ -73,7 +98,8 @@ trainer = Trainer(
     log_every_n_steps=1,
     default_root_dir=args.out,
     seed=args.seed,
-    callbacks=[recorder, StopAt(args.stop_at)],
+    callbacks=[recorder, StopAt(args.stop_at), KillInSave(args.kill_in_save)]
+    + ([ModelCheckpoint(every_n_train_steps=args.checkpoint_every, save_top_k=-1)] if args.checkpoint_every else []),
     enable_progress_bar=False,
 )
 module = GPTModule(config, learning_rate=3e-3, warmup_steps=3)
