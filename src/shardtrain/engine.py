@@ -27,7 +27,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-from shardtrain.checkpoint import load_sharded, read_meta, save_sharded, saved_keys
+from shardtrain.checkpoint import PendingSave, load_sharded, read_meta, save_sharded, save_sharded_async, saved_keys
 from shardtrain.data import DeviceDataLoader, move_to_device, with_distributed_sampler
 from shardtrain.errors import CheckpointError, ConfigError
 from shardtrain.launch.environment import ClusterEnvironment, detect_environment
@@ -120,6 +120,7 @@ class Engine:
         self.timeout = timedelta(seconds=timeout_seconds)
         self._launched = False
         self._modules: list[nn.Module] = []
+        self._pending_save: PendingSave | None = None
 
     # ------------------------------------------------------------------ processes
     def launch(self, function: Callable[..., T] | None = None, *args: Any, **kwargs: Any) -> T | None:
@@ -273,26 +274,41 @@ class Engine:
         self.strategy.barrier()
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self, path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    def save(self, path: str | os.PathLike, state: dict[str, Any], *, asynchronous: bool = False, on_commit: Callable[[Path], None] | None = None) -> Path:
         """Save ``state`` as a sharded checkpoint directory (see ``shardtrain.checkpoint.sharded``).
 
         Modules and optimizers: each rank writes its own shards (no gather), keyed by parameter
         names. Tensors: as they are. Objects with ``state_dict()`` (schedulers, callbacks) and
         plain values: as JSON. Every rank's RNG state is saved too. Every rank must call this;
-        the directory appears atomically when all have finished.
+        the directory appears atomically when all have finished, and then ``on_commit(path)``
+        runs on rank 0.
+
+        With ``asynchronous=True`` this returns once the state is copied to CPU memory and the
+        files are written in the background; at most one save is in flight (a new save, a load
+        or ``wait_for_checkpoint()`` waits for it).
         """
+        self.wait_for_checkpoint()
         tensors: dict[str, Any] = {}
         plain: dict[str, Any] = {}
         for key, value in state.items():
             self._split(key, value, tensors, plain)
         tensors["rng"] = {f"rank{self.global_rank}": rng_tensors()}
         meta = {"world_size": self.world_size, "strategy": self.strategy.name, "state": plain}
-        return save_sharded(path, tensors, meta, rank=self.global_rank, barrier=self.barrier)
+        if asynchronous:
+            self._pending_save = save_sharded_async(path, tensors, meta, rank=self.global_rank, barrier=self.barrier, on_commit=on_commit)
+            return Path(path)
+        return save_sharded(path, tensors, meta, rank=self.global_rank, barrier=self.barrier, on_commit=on_commit)
+
+    def wait_for_checkpoint(self) -> Path | None:
+        """Block until an asynchronous save in flight is committed; returns its path (or None)."""
+        pending, self._pending_save = self._pending_save, None
+        return pending.wait() if pending is not None else None
 
     def load(self, path: str | os.PathLike, state: dict[str, Any], strict: bool = True) -> dict[str, Any]:
         """Load a checkpoint saved by ``save`` into ``state`` in place, on any number of ranks and
         under any strategy; plain values in ``state`` are replaced. Returns saved plain entries
         that ``state`` did not name. Every rank must call this."""
+        self.wait_for_checkpoint()
         meta = read_meta(path)
         saved_plain: dict[str, Any] = meta["state"]
         on_disk = saved_keys(path)

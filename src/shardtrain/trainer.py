@@ -169,6 +169,7 @@ class Trainer(TrainerCheckpointing):
             self._call("on_exception", exception)
             raise
         finally:
+            self.engine.wait_for_checkpoint()
             for logger in self._rank_zero_loggers():
                 logger.finalize()
 

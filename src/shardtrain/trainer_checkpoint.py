@@ -27,22 +27,22 @@ class TrainerCheckpointing:
     def checkpoint_dir(self: "Trainer") -> Path:
         return self.default_root_dir / "checkpoints"
 
-    def save_checkpoint(self: "Trainer", path: str | os.PathLike | None = None) -> Path:
+    def save_checkpoint(self: "Trainer", path: str | os.PathLike | None = None, *, asynchronous: bool = False) -> Path:
         """Save the training state as a sharded checkpoint directory (every rank must call this).
 
         Each rank writes its own shards; the directory appears atomically once all have
         finished, and ``<default_root_dir>/checkpoints/last`` then names it. Returns the path;
-        the default is ``<default_root_dir>/checkpoints/step=<N>``.
+        the default is ``<default_root_dir>/checkpoints/step=<N>``. With ``asynchronous=True``
+        the loop is blocked only while the state is copied to CPU memory; the files are written
+        and committed in the background (the next save and the end of ``fit`` wait for it).
         """
         if self.model is None:
             raise RuntimeError("save_checkpoint() needs a module that has been set up by fit()")
         target = Path(path) if path is not None else self.checkpoint_dir / f"step={self.global_step}"
         state = self._checkpoint_state()
         self._call("on_save_checkpoint", state)
-        self.engine.save(target, state)
-        if self.is_global_zero:
-            _point_last_at(self.checkpoint_dir, target)
-        self.engine.barrier()
+        checkpoint_dir = self.checkpoint_dir
+        self.engine.save(target, state, asynchronous=asynchronous, on_commit=lambda committed: _point_last_at(checkpoint_dir, committed))
         return target
 
     def _checkpoint_state(self: "Trainer") -> dict[str, Any]:

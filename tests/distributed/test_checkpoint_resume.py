@@ -43,3 +43,35 @@ def test_kill_9_in_the_middle_of_a_save_keeps_the_last_checkpoint(uninterrupted,
     resumed = assert_ok(run_script("train_gpt.py", tmp_path, "--devices", "2", "--strategy", "fsdp", "--batch-size", "8", "--ckpt-path", "last")).result()
     assert resumed["steps"] == list(range(4, 11))
     assert resumed["losses"] == pytest.approx(uninterrupted["losses"][3:], abs=1e-5)
+
+
+def test_async_save_writes_what_sync_save_writes(tmp_path):
+    import json
+
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    result = assert_ok(run_script("async_save.py", tmp_path)).result()
+    assert all(loss == loss for loss in result["losses"]), "training went on while the files were written"
+    tensors = {}
+    for name in ("sync", "async"):
+        assert (tmp_path / name / "meta.json").is_file() and not (tmp_path / f".{name}.partial").exists()
+        dcp_to_torch_save(tmp_path / name, tmp_path / f"{name}.pt")
+        tensors[name] = torch.load(tmp_path / f"{name}.pt", weights_only=True)
+    flat_sync = {k: v for k, v in _flatten(tensors["sync"]).items() if not k.startswith("rng")}
+    flat_async = {k: v for k, v in _flatten(tensors["async"]).items() if not k.startswith("rng")}
+    assert flat_sync.keys() == flat_async.keys() and len(flat_sync) > 10
+    for key, value in flat_sync.items():
+        assert torch.equal(value, flat_async[key]) if torch.is_tensor(value) else value == flat_async[key], key
+    sync_meta = json.loads((tmp_path / "sync" / "meta.json").read_text())
+    async_meta = json.loads((tmp_path / "async" / "meta.json").read_text())
+    assert sync_meta == async_meta
+
+
+def _flatten(tree, prefix=""):
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}

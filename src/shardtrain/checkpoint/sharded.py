@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import shutil
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -38,11 +39,95 @@ def partial_path(path: Path) -> Path:
     return path.parent / f".{path.name}.partial"
 
 
-def save_sharded(path: str | os.PathLike, tensors: dict[str, Any], meta: dict[str, Any], *, rank: int, barrier: Callable[[], None]) -> Path:
+def save_sharded(
+    path: str | os.PathLike,
+    tensors: dict[str, Any],
+    meta: dict[str, Any],
+    *,
+    rank: int,
+    barrier: Callable[[], None],
+    on_commit: Callable[[Path], None] | None = None,
+) -> Path:
     """Write ``tensors`` (nested dicts of tensors/DTensors) with DCP and ``meta`` as JSON, atomically.
 
-    Every rank calls this with its own shards. Returns the committed directory.
+    Every rank calls this with its own shards. ``on_commit`` runs on rank 0 once the directory is
+    in place. Returns the committed directory.
     """
+    target, staging = _prepare(path, rank, barrier)
+    with _quiet_single_process():
+        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(staging, sync_files=True), no_dist=not dist.is_initialized())
+    if rank == 0:
+        _commit(staging, target, meta, on_commit)
+    barrier()
+    return target
+
+
+class PendingSave:
+    """A save whose files are still being written in the background; ``wait()`` until committed."""
+
+    def __init__(self, target: Path, thread: threading.Thread, errors: list[BaseException]) -> None:
+        self.target = target
+        self._thread = thread
+        self._errors = errors
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self) -> Path:
+        self._thread.join()
+        if self._errors:
+            raise CheckpointError(f"the asynchronous save of {self.target} failed: {self._errors[0]}") from self._errors[0]
+        return self.target
+
+
+_checkpoint_group: Any = None
+
+
+def checkpoint_process_group() -> Any:
+    """A gloo group for checkpoint traffic only. On gloo, async saves on the default group collided
+    with training's collectives ("Received data size doesn't match expected size")."""
+    global _checkpoint_group
+    if _checkpoint_group is None and dist.is_initialized():
+        _checkpoint_group = dist.new_group(backend="gloo")
+    return _checkpoint_group
+
+
+def save_sharded_async(
+    path: str | os.PathLike,
+    tensors: dict[str, Any],
+    meta: dict[str, Any],
+    *,
+    rank: int,
+    barrier: Callable[[], None],
+    on_commit: Callable[[Path], None] | None = None,
+) -> PendingSave:
+    """Like ``save_sharded``, but return once the tensors are staged in CPU memory.
+
+    DCP writes the files in a background thread; when every rank has written its files (a
+    barrier on the checkpoint group, off the training path), rank 0 commits.
+    """
+    target, staging = _prepare(path, rank, barrier)
+    group = checkpoint_process_group()
+    with _quiet_single_process():
+        future = dcp.async_save(tensors, storage_writer=dcp.FileSystemWriter(staging, sync_files=True), process_group=group, no_dist=group is None)
+    errors: list[BaseException] = []
+
+    def finish() -> None:
+        try:
+            future.result()
+            if group is not None:
+                dist.barrier(group=group)
+            if rank == 0:
+                _commit(staging, target, meta, on_commit)
+        except BaseException as error:  # reported by wait()
+            errors.append(error)
+
+    thread = threading.Thread(target=finish, name=f"shardtrain-save-{target.name}", daemon=False)
+    thread.start()
+    return PendingSave(target, thread, errors)
+
+
+def _prepare(path: str | os.PathLike, rank: int, barrier: Callable[[], None]) -> tuple[Path, Path]:
     target = Path(path)
     staging = partial_path(target)
     if rank == 0:
@@ -50,14 +135,15 @@ def save_sharded(path: str | os.PathLike, tensors: dict[str, Any], meta: dict[st
             shutil.rmtree(staging)  # left by a crash during an earlier save
         staging.mkdir(parents=True)
     barrier()
-    with _quiet_single_process():
-        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(staging, sync_files=True), no_dist=not dist.is_initialized())
-    if rank == 0:
-        _write_json(staging / META_FILE, {"format_version": FORMAT_VERSION, **meta})
-        _fsync_directory(staging)
-        _replace_directory(staging, target)
-    barrier()
-    return target
+    return target, staging
+
+
+def _commit(staging: Path, target: Path, meta: dict[str, Any], on_commit: Callable[[Path], None] | None) -> None:
+    _write_json(staging / META_FILE, {"format_version": FORMAT_VERSION, **meta})
+    _fsync_directory(staging)
+    _replace_directory(staging, target)
+    if on_commit is not None:
+        on_commit(target)
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
