@@ -293,7 +293,8 @@ class Engine:
         for key, value in state.items():
             self._split(key, value, tensors, plain)
         tensors["rng"] = {f"rank{self.global_rank}": rng_tensors()}
-        meta = {"world_size": self.world_size, "strategy": self.strategy.name, "state": plain}
+        modules = [key for key, value in state.items() if isinstance(value, nn.Module)]
+        meta = {"world_size": self.world_size, "strategy": self.strategy.name, "modules": modules, "state": plain}
         if asynchronous:
             self._pending_save = save_sharded_async(path, tensors, meta, rank=self.global_rank, barrier=self.barrier, on_commit=on_commit)
             return Path(path)

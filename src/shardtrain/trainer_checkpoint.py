@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from shardtrain.checkpoint.consolidate import is_weights_file, load_weights
 from shardtrain.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -68,6 +69,9 @@ class TrainerCheckpointing:
 
     def _restore(self: "Trainer", ckpt_path: str | os.PathLike) -> None:
         path = self._resolve_checkpoint(ckpt_path)
+        if is_weights_file(path):  # consolidated weights: initialise the model from them, start at step 0
+            self.strategy.load_module_state_dict(self.module, load_weights(path), strict=True, full=True)
+            return
         state = self._checkpoint_state()
         self.engine.load(path, state)
         for callback in self.callbacks:

@@ -51,6 +51,28 @@ class KillInSave(Callback):
         threading.Thread(target=kill_when_writing, daemon=True).start()
 
 
+class DumpWeights(Callback):
+    """The full weights as the training processes hold them (an independent path from checkpoints)."""
+
+    def __init__(self, when, out):
+        self.when, self.out = when, out
+
+    def _dump(self, trainer, module):
+        from safetensors.torch import save_file
+
+        full = {name: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone().contiguous() for name, t in module.state_dict().items()}
+        if trainer.is_global_zero:
+            save_file(full, str(Path(self.out) / f"weights_{self.when}.safetensors"))
+
+    def on_train_start(self, trainer, module):
+        if self.when == "start":
+            self._dump(trainer, module)
+
+    def on_train_end(self, trainer, module):
+        if self.when == "end":
+            self._dump(trainer, module)
+
+
 class GradNormRecorder(Callback):
     def __init__(self) -> None:
         self.norms = []
@@ -76,6 +98,7 @@ parser.add_argument("--ckpt-path", default=None)
 parser.add_argument("--save-at-end", action="store_true")
 parser.add_argument("--stop-at", type=int, default=None, help="stop (as if preempted) after this many steps")
 parser.add_argument("--checkpoint-every", type=int, default=None)
+parser.add_argument("--dump-weights", choices=["start", "end"], default=None, help="write the full weights to weights_<when>.safetensors")
 parser.add_argument("--kill-in-save", type=int, default=None, help="rank 1 SIGKILLs itself in the middle of the save at this step")
 parser.add_argument("--strategy-options", default="{}", help="JSON dict of strategy options")
 args = parser.parse_args()
@@ -98,7 +121,7 @@ trainer = Trainer(
     log_every_n_steps=1,
     default_root_dir=args.out,
     seed=args.seed,
-    callbacks=[recorder, StopAt(args.stop_at), KillInSave(args.kill_in_save)]
+    callbacks=[recorder, StopAt(args.stop_at), KillInSave(args.kill_in_save), DumpWeights(args.dump_weights, args.out)]
     + ([ModelCheckpoint(every_n_train_steps=args.checkpoint_every, save_top_k=-1)] if args.checkpoint_every else []),
     enable_progress_bar=False,
 )

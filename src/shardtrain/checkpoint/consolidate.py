@@ -1,0 +1,107 @@
+"""Export a sharded checkpoint's model weights to safetensors, and read such files back.
+
+Works on one process, whatever world size the checkpoint was saved with: each tensor is read
+from the DCP shards on its own (``dcp.load`` of one key), so memory holds at most one output
+file's tensors. Models past ``max_shard_bytes`` are split into several files with a
+``model.safetensors.index.json`` (the layout Hugging Face uses).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from shardtrain.checkpoint.sharded import _quiet_single_process, read_meta
+from shardtrain.errors import CheckpointError
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def consolidate(checkpoint: str | os.PathLike, output: str | os.PathLike, *, key: str | None = None, max_shard_bytes: int = 5 * 2**30) -> list[Path]:
+    """Write the weights under ``key`` (default: the checkpoint's first module) to safetensors.
+
+    ``output`` is a ``.safetensors`` file, or a directory when the weights exceed
+    ``max_shard_bytes`` (then ``model-0000i-of-0000n.safetensors`` plus the index). Returns the files written.
+    """
+    source = Path(checkpoint)
+    meta = read_meta(source)
+    key = key or (meta.get("modules") or ["module"])[0]
+    tensors = {name[len(key) + 1 :]: info for name, info in _metadata(source).items() if name.startswith(key + ".") and isinstance(info, TensorStorageMetadata)}
+    if not tensors:
+        raise CheckpointError(f"{source} holds no tensors under {key!r}; its modules are {meta.get('modules')}")
+    groups = _group_by_size(tensors, max_shard_bytes)
+    target = Path(output)
+    if len(groups) == 1 and target.suffix == ".safetensors":
+        files = [target]
+    else:
+        target.mkdir(parents=True, exist_ok=True)
+        files = [target / f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    weight_map: dict[str, str] = {}
+    for names, path in zip(groups, files):
+        chunk = {name: _read_tensor(source, f"{key}.{name}", tensors[name]) for name in names}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(chunk, str(path), metadata={"format": "pt", "source": str(source)})
+        weight_map.update({name: path.name for name in names})
+        del chunk
+    if len(files) > 1 or target.is_dir():
+        total = sum(_bytes(info) for info in tensors.values())
+        (target / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    return files
+
+
+def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from a ``.safetensors`` file, an index file, or a directory holding one."""
+    source = Path(path)
+    if source.is_dir():
+        index = source / INDEX_FILE
+        files = sorted(source.glob("*.safetensors")) if not index.exists() else sorted({source / f for f in json.loads(index.read_text())["weight_map"].values()})
+    elif source.name.endswith(".index.json"):
+        files = sorted({source.parent / f for f in json.loads(source.read_text())["weight_map"].values()})
+    else:
+        files = [source]
+    if not files or not all(f.is_file() for f in files):
+        raise CheckpointError(f"no safetensors weights at {source}")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    return state
+
+
+def is_weights_file(path: str | os.PathLike) -> bool:
+    source = Path(path)
+    return source.suffix == ".safetensors" or source.name.endswith(".index.json") or (source.is_dir() and (source / INDEX_FILE).exists())
+
+
+def _metadata(source: Path) -> dict[str, Any]:
+    return dcp.FileSystemReader(source).read_metadata().state_dict_metadata
+
+
+def _read_tensor(source: Path, name: str, info: TensorStorageMetadata) -> torch.Tensor:
+    tensor = torch.empty(info.size, dtype=info.properties.dtype)
+    with _quiet_single_process():
+        dcp.load({name: tensor}, storage_reader=dcp.FileSystemReader(source), no_dist=True)
+    return tensor
+
+
+def _bytes(info: TensorStorageMetadata) -> int:
+    return info.size.numel() * torch.empty((), dtype=info.properties.dtype).element_size()
+
+
+def _group_by_size(tensors: dict[str, TensorStorageMetadata], limit: int) -> list[list[str]]:
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, info in tensors.items():
+        nbytes = _bytes(info)
+        if groups[-1] and size + nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    return groups
