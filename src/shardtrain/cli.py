@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from shardtrain.checkpoint.consolidate import consolidate
+from shardtrain.checkpoint.consolidate import consolidate, consolidate_optimizer
 from shardtrain.errors import ShardtrainError
 
 
@@ -30,9 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     cons.add_argument("output", help="model.safetensors, or a directory for several files with an index")
     cons.add_argument("--key", default=None, help="which module of the checkpoint (default: its first)")
     cons.add_argument("--max-shard-size", default="5GiB", type=_parse_size, help="split into files of at most this size (default 5GiB)")
+    cons.add_argument("--optimizer", default=None, metavar="FILE", help="also write the optimizer state tensors to this .safetensors file")
     args = parser.parse_args(argv)
     try:
         files = consolidate(args.checkpoint, args.output, key=args.key, max_shard_bytes=args.max_shard_size)
+        if args.optimizer:
+            files.append(consolidate_optimizer(args.checkpoint, args.optimizer))
     except ShardtrainError as error:
         print(f"shardtrain: {error}", file=sys.stderr)
         return 2

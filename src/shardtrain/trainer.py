@@ -93,6 +93,13 @@ class Trainer(TrainerCheckpointing):
         check_limit("limit_train_batches", limit_train_batches)
         check_limit("limit_val_batches", limit_val_batches, allow_zero=True)
 
+        self.config: dict[str, Any] = {  # the resolved arguments, written into every checkpoint
+            "accelerator": accelerator, "devices": devices, "num_nodes": num_nodes, "strategy": strategy if isinstance(strategy, str) else repr(strategy),
+            "precision": str(precision), "max_steps": max_steps, "max_epochs": max_epochs, "accumulate_grad_batches": accumulate_grad_batches,
+            "gradient_clip_val": gradient_clip_val, "gradient_clip_algorithm": gradient_clip_algorithm, "val_check_interval": val_check_interval,
+            "check_val_every_n_epoch": check_val_every_n_epoch, "limit_train_batches": limit_train_batches, "limit_val_batches": limit_val_batches,
+            "log_every_n_steps": log_every_n_steps, "default_root_dir": str(default_root_dir), "seed": seed, "timeout_seconds": timeout_seconds,
+        }
         self.engine = Engine(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision, timeout_seconds=timeout_seconds)
         self.max_steps = max_steps
         self.max_epochs = max_epochs if max_epochs is not None else (1000 if max_steps == -1 else None)

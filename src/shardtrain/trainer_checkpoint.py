@@ -53,6 +53,7 @@ class TrainerCheckpointing:
             "lr_schedulers": [config.scheduler for config in self.lr_schedulers],
             "loop": {"global_step": self.global_step, "current_epoch": self.current_epoch, "batches_seen_in_epoch": self.batches_seen_in_epoch},
             "callbacks": {callback.state_key: callback.state_dict() for callback in self.callbacks},
+            "trainer_config": {**self.config, "strategy": repr(self.strategy), "world_size": self.world_size},
         }
         scaler = self.engine.precision.grad_scaler(self.engine.device.type)
         if scaler is not None:
@@ -77,6 +78,7 @@ class TrainerCheckpointing:
         for callback in self.callbacks:
             if callback.state_key in state["callbacks"]:
                 callback.load_state_dict(state["callbacks"][callback.state_key])
+        self.resumed_config = state["trainer_config"]  # what the checkpoint was trained with
         loop = state["loop"]
         self.global_step = loop["global_step"]
         self.current_epoch = loop["current_epoch"]

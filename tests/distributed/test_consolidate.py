@@ -33,6 +33,11 @@ def test_consolidate_round_trip(tmp_path):
         assert torch.equal(exported[name], tensor), name  # values, not only names
         assert exported[name].abs().sum() > 0, f"{name} is empty"
 
+    optimizer_file = _consolidate(checkpoint, tmp_path / "model2.safetensors", "--optimizer", tmp_path / "optimizer.safetensors")[-1]
+    moments = load_file(optimizer_file)
+    assert "state.model.blocks.0.mlp.up.weight.exp_avg" in moments
+    assert moments["state.model.blocks.0.mlp.up.weight.exp_avg_sq"].shape == trained["model.blocks.0.mlp.up.weight"].shape
+
     files = _consolidate(checkpoint, tmp_path / "split", "--max-shard-size", "200KiB")
     assert len(files) > 1
     index = json.loads((tmp_path / "split" / "model.safetensors.index.json").read_text())

@@ -56,6 +56,25 @@ def consolidate(checkpoint: str | os.PathLike, output: str | os.PathLike, *, key
     return files
 
 
+def consolidate_optimizer(checkpoint: str | os.PathLike, output: str | os.PathLike, *, key: str | None = None) -> Path:
+    """Write the optimizer state tensors (e.g. AdamW's moments) to one safetensors file.
+
+    Keys are ``state.<parameter name>.<entry>`` (e.g. ``state.blocks.0.mlp.up.weight.exp_avg``),
+    the layout of ``torch.distributed.checkpoint.state_dict``; hyperparameters stay in the checkpoint.
+    """
+    source = Path(checkpoint)
+    read_meta(source)
+    metadata = _metadata(source)
+    prefix = key or next((name.split(".state.")[0] for name in metadata if ".state." in name and name.startswith("optimizer")), None)
+    if prefix is None:
+        raise CheckpointError(f"{source} holds no optimizer state")
+    tensors = {name[len(prefix) + 1 :]: info for name, info in metadata.items() if name.startswith(prefix + ".state.") and isinstance(info, TensorStorageMetadata)}
+    target = Path(output)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_file({name: _read_tensor(source, f"{prefix}.{name}", info) for name, info in tensors.items()}, str(target), metadata={"format": "pt", "source": str(source)})
+    return target
+
+
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A state dict from a ``.safetensors`` file, an index file, or a directory holding one."""
     source = Path(path)
