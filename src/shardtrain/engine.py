@@ -191,9 +191,12 @@ class Engine:
     def setup(self, module: nn.Module, *optimizers: Optimizer) -> tuple[Any, ...]: ...
     def setup(self, module: nn.Module, *optimizers: Optimizer) -> Any:
         """Place ``module`` (and its optimizers) for the strategy; returns them wrapped, in the same order."""
+        names = {id(param): name for name, param in module.named_parameters(remove_duplicate=False)}
         wrapped = self.setup_module(module)
         if not optimizers:
             return wrapped
+        for optimizer in optimizers:
+            _repoint_to_new_parameters(optimizer, names, dict(module.named_parameters(remove_duplicate=False)))
         return (wrapped, *self.setup_optimizers(*optimizers))
 
     def setup_module(self, module: nn.Module) -> EngineModule:
@@ -392,3 +395,23 @@ class Engine:
     def _require_launched(self, what: str) -> None:
         if not self._launched:
             raise RuntimeError(f"call engine.launch() before engine.{what}()")
+
+
+def _repoint_to_new_parameters(optimizer: Optimizer, old_names: dict[int, str], new_parameters: dict[str, nn.Parameter]) -> None:
+    """Make an optimizer built before set-up update the parameters the strategy put in place.
+
+    Sharding (FSDP) replaces each parameter with a sharded one; an optimizer that still held the
+    old tensors would train nothing, silently.
+    """
+    replaced = False
+    for group in optimizer.param_groups:
+        for index, param in enumerate(group["params"]):
+            name = old_names.get(id(param))
+            if name is not None and new_parameters.get(name) is not None and new_parameters[name] is not param:
+                group["params"][index] = new_parameters[name]
+                replaced = True
+    if replaced and optimizer.state:
+        raise ConfigError(
+            "the optimizer already has state for parameters that set-up replaced (sharding); "
+            "create it before its first step, or after engine.setup(model)"
+        )

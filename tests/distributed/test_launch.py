@@ -68,3 +68,10 @@ def test_exits_are_clean_every_time(tmp_path):
     # aborted at exit (SIGABRT) after finishing; 8 runs catch a regression with probability ~0.7.
     codes = [run_script("engine_loop.py", tmp_path / str(i), "--steps", "2").returncode for i in range(8)]
     assert codes == [0] * 8
+
+
+def test_optimizer_built_before_setup_trains_the_sharded_model(tmp_path):
+    fsdp = assert_ok(run_script("engine_fsdp_optimizer_first.py", tmp_path / "fsdp")).result()["losses"]
+    ddp = assert_ok(run_script("engine_fsdp_optimizer_first.py", tmp_path / "ddp", "--strategy", "ddp")).result()["losses"]
+    assert fsdp == pytest.approx(ddp, abs=1e-5)
+    assert fsdp[-1] < fsdp[0]
