@@ -11,7 +11,9 @@ import gzip
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from shardtrain import DataModule
 
 CORPUS = Path(__file__).parent / "data" / "corpus.txt.gz"
 
@@ -54,3 +56,33 @@ def corpus_loaders(seq_len: int, batch_size: int, shuffle: bool = True) -> tuple
         DataLoader(train, batch_size=batch_size, shuffle=shuffle, drop_last=True),
         DataLoader(val, batch_size=batch_size, shuffle=False, drop_last=True),
     )
+
+
+class CorpusData(DataModule):
+    """The embedded corpus as a DataModule, for run configs (``data.class_path``).
+
+    Args:
+        seq_len: bytes per sample (must match the model's ``seq_len``).
+        batch_size: sequences per process per step.
+        shuffle: shuffle the training windows each epoch.
+        limit_samples: use only the first this many training windows (for small tests).
+    """
+
+    def __init__(self, seq_len: int = 256, batch_size: int = 8, shuffle: bool = True, limit_samples: int | None = None) -> None:
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.limit_samples = limit_samples
+        self._splits: tuple[Dataset, Dataset] | None = None
+
+    def _datasets(self) -> tuple[Dataset, Dataset]:
+        if self._splits is None:
+            train, val = corpus_splits(self.seq_len)
+            self._splits = (Subset(train, range(self.limit_samples)) if self.limit_samples else train, val)
+        return self._splits
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self._datasets()[0], batch_size=self.batch_size, shuffle=self.shuffle, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self._datasets()[1], batch_size=self.batch_size, shuffle=False, drop_last=True)

@@ -4,6 +4,7 @@ The public API is what this module exports; everything else may change between r
 """
 
 from shardtrain.callbacks import Callback, ModelCheckpoint, ProgressBar
+from shardtrain.datamodule import DataModule
 from shardtrain.engine import Engine
 from shardtrain.errors import (
     CheckpointError,
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Trainer",
     "TrainModule",
+    "DataModule",
     "Engine",
     "Strategy",
     "SingleDeviceStrategy",

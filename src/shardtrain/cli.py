@@ -1,16 +1,88 @@
-"""``shardtrain <command>``: thin commands over the library (parse, call, print).
+"""``shardtrain <command>`` (also ``python -m shardtrain``): thin commands over the library.
 
-Today: ``consolidate``. The run-config commands (``fit``, ``validate``, ``print-config``,
-``estimate``) come with the configuration work.
+    shardtrain fit --config run.yaml [--trainer.max_steps 100] [--strategy.sharding_strategy SHARD_GRAD_OP]
+    shardtrain fit --ckpt_path runs/checkpoints/step=100      # resume with the config stored in the checkpoint
+    shardtrain validate --config run.yaml
+    shardtrain print-config --config run.yaml                 # the resolved config, defaults included
+    shardtrain consolidate CHECKPOINT OUT [--max-shard-size 5GiB] [--optimizer FILE]
+
+Class paths in a config (``model.class_path``, ``data.class_path``) are imported with the
+current directory on ``sys.path``, as ``python -m`` would.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
+from pathlib import Path
 
 from shardtrain.checkpoint.consolidate import consolidate, consolidate_optimizer
 from shardtrain.errors import ShardtrainError
+
+RUN_COMMANDS = ("fit", "validate", "print-config")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in (*RUN_COMMANDS, "consolidate"):
+        print(__doc__)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    try:
+        if argv[0] == "consolidate":
+            return _consolidate(argv[1:])
+        return _run(argv[0], argv[1:])
+    except ShardtrainError as error:
+        print(f"shardtrain {argv[0]}: {error}", file=sys.stderr)
+        return 2
+
+
+def _run(command: str, argv: list[str]) -> int:
+    from shardtrain import config as run_config
+
+    if "--help" in argv or "-h" in argv:
+        run_config.build_parser(command).print_help()
+        return 0
+    argv = _config_from_checkpoint(argv)
+    parsed = run_config.parse(command, argv)
+    if command == "print-config":
+        print(run_config.dump(parsed), end="")
+        return 0
+    trainer, model, data = run_config.instantiate(parsed)
+    train = data.train_dataloader() if data is not None else None
+    val = data.val_dataloader() if data is not None else None
+    if command == "fit":
+        trainer.engine.launch()
+        if trainer.is_global_zero:
+            run_config.write_resolved_config(parsed, trainer.default_root_dir)
+        trainer.fit(model, train, val, ckpt_path=parsed.ckpt_path)
+    else:
+        for name, value in trainer.validate(model, val)[0].items():
+            trainer.engine.print(f"{name}: {value:.6g}")
+    return 0
+
+
+def _config_from_checkpoint(argv: list[str]) -> list[str]:
+    """With ``--ckpt_path`` and no ``--config``, use the run config stored in the checkpoint."""
+    if "--config" in argv or "--ckpt_path" not in argv:
+        return argv
+    from shardtrain.checkpoint import read_meta
+
+    path = Path(argv[argv.index("--ckpt_path") + 1])
+    if path.name == "last" and path.is_file():
+        path = path.parent / path.read_text().strip()
+    stored = read_meta(path)["state"].get("trainer_config", {}).get("run")
+    if stored is None:
+        raise ShardtrainError(f"{path} holds no run config (it was not saved by `shardtrain fit`); pass --config")
+    import yaml
+
+    handle = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
+    yaml.safe_dump(stored, handle)
+    handle.close()
+    return ["--config", handle.name, *argv]
 
 
 def _parse_size(text: str) -> int:
@@ -22,23 +94,17 @@ def _parse_size(text: str) -> int:
     return int(lowered)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="shardtrain", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    cons = commands.add_parser("consolidate", help="export a sharded checkpoint's model weights to safetensors")
-    cons.add_argument("checkpoint", help="a checkpoint directory (e.g. runs/checkpoints/step=1000)")
-    cons.add_argument("output", help="model.safetensors, or a directory for several files with an index")
-    cons.add_argument("--key", default=None, help="which module of the checkpoint (default: its first)")
-    cons.add_argument("--max-shard-size", default="5GiB", type=_parse_size, help="split into files of at most this size (default 5GiB)")
-    cons.add_argument("--optimizer", default=None, metavar="FILE", help="also write the optimizer state tensors to this .safetensors file")
+def _consolidate(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="shardtrain consolidate", description="export a sharded checkpoint's model weights to safetensors")
+    parser.add_argument("checkpoint", help="a checkpoint directory (e.g. runs/checkpoints/step=1000)")
+    parser.add_argument("output", help="model.safetensors, or a directory for several files with an index")
+    parser.add_argument("--key", default=None, help="which module of the checkpoint (default: its first)")
+    parser.add_argument("--max-shard-size", default="5GiB", type=_parse_size, help="split into files of at most this size (default 5GiB)")
+    parser.add_argument("--optimizer", default=None, metavar="FILE", help="also write the optimizer state tensors to this .safetensors file")
     args = parser.parse_args(argv)
-    try:
-        files = consolidate(args.checkpoint, args.output, key=args.key, max_shard_bytes=args.max_shard_size)
-        if args.optimizer:
-            files.append(consolidate_optimizer(args.checkpoint, args.optimizer))
-    except ShardtrainError as error:
-        print(f"shardtrain: {error}", file=sys.stderr)
-        return 2
+    files = consolidate(args.checkpoint, args.output, key=args.key, max_shard_bytes=args.max_shard_size)
+    if args.optimizer:
+        files.append(consolidate_optimizer(args.checkpoint, args.optimizer))
     for path in files:
         print(path)
     return 0

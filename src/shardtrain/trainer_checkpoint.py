@@ -61,8 +61,11 @@ class TrainerCheckpointing:
         return state
 
     def _resolve_checkpoint(self: "Trainer", ckpt_path: str | os.PathLike) -> Path:
+        path = Path(ckpt_path)
+        if path.name == LAST and path.is_file():  # the pointer file itself
+            return path.parent / path.read_text().strip()
         if str(ckpt_path) != LAST:
-            return Path(ckpt_path)
+            return path
         pointer = self.checkpoint_dir / LAST
         if not pointer.is_file():
             raise CheckpointError(f"ckpt_path='last' but no checkpoint was saved in {self.checkpoint_dir}; train without ckpt_path first")

@@ -28,6 +28,8 @@ class DDPStrategy(Strategy):
 
     name = "ddp"
     distributed = True
+    #: Where ``**ddp_kwargs`` go: config checks accept that signature's options.
+    passthrough_options_of = DistributedDataParallel.__init__
 
     def __init__(
         self,

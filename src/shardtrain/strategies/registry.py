@@ -46,6 +46,12 @@ def strategy_description(name: str) -> str:
     return _REGISTRY[name].description
 
 
+def strategy_factory(name: str) -> Callable[..., Strategy]:
+    """The class (or callable) that ``strategy=name`` builds."""
+    _load_entry_points()
+    return _REGISTRY[name.lower()].factory
+
+
 def create_strategy(strategy: str | Strategy, **options: Any) -> Strategy:
     """Build the strategy named ``strategy`` with ``options`` overriding its alias's defaults."""
     if isinstance(strategy, Strategy):

@@ -1,0 +1,162 @@
+"""Run configuration: one YAML file (or dotted command-line options) → Trainer, strategy, model, data.
+
+The options are read from the signatures of ``Trainer``, of the strategy classes, and of the
+model and data classes named by ``class_path``, so the file format cannot drift from the
+Python API. Parsing and type checking use jsonargparse (the library under Lightning's CLI: it
+understands dataclasses, ``class_path``/``init_args`` and dotted overrides); we add the
+strategy group, "did you mean" suggestions, and checks that run before any process starts.
+
+A run config::
+
+    trainer:            # any Trainer argument
+      devices: 2
+      max_steps: 200
+    strategy:           # a registered name, then that strategy's options
+      name: fsdp
+      sharding_strategy: SHARD_GRAD_OP
+    model:              # a TrainModule subclass
+      class_path: examples.gpt.model.GPTModule
+      init_args: {learning_rate: 0.002}
+    data:               # a DataModule subclass (or the model's own *_dataloader hooks)
+      class_path: examples.gpt.data.CorpusData
+    ckpt_path: null
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+
+from shardtrain.datamodule import DataModule
+from shardtrain.errors import ConfigError, StrategyError
+from shardtrain.module import TrainModule
+from shardtrain.strategies import available_strategies, create_strategy
+from shardtrain.strategies.registry import strategy_factory
+from shardtrain.trainer import Trainer
+
+_TRAINER_SKIP = {"strategy", "logger"}
+
+
+def build_parser(command: str) -> ArgumentParser:
+    """The parser of ``shardtrain <command>``: Trainer options, strategy, model, data, ckpt_path."""
+    parser = ArgumentParser(prog=f"shardtrain {command}", exit_on_error=False, description=f"shardtrain {command}: run from a config file and/or options")
+    parser.add_argument("--config", action=ActionConfigFile, help="a run config YAML file (options given after it override it)")
+    parser.add_class_arguments(Trainer, "trainer", skip=_TRAINER_SKIP, instantiate=False)
+    parser.add_argument("--strategy", type=dict, default={"name": "auto"}, help="{name: <registered strategy>, <option>: <value>, ...}; --strategy.<option> VALUE sets one")
+    parser.add_subclass_arguments(TrainModule, "model", required=True)
+    parser.add_subclass_arguments(DataModule, "data", required=False)
+    parser.add_argument("--ckpt_path", type=str | None, default=None, help="resume from this checkpoint ('last', a directory, or consolidated weights)")
+    return parser
+
+
+def parse(command: str, argv: list[str]) -> Namespace:
+    """Parse and check a run config; every error is a ConfigError that names the fix."""
+    argv, strategy_overrides = _split_strategy_overrides(argv)
+    parser = build_parser(command)
+    try:
+        config = parser.parse_args(argv)
+    except Exception as error:  # jsonargparse's ArgumentError
+        raise ConfigError(_explain(str(error), parser, argv)) from None
+    strategy = dict(config.strategy or {})
+    strategy.update(strategy_overrides)
+    config.strategy = strategy
+    check_strategy(strategy)
+    return config
+
+
+def check_strategy(strategy: dict[str, Any]) -> None:
+    name = strategy.get("name", "auto")
+    if name != "auto" and name not in available_strategies():
+        raise StrategyError(f"unknown strategy {name!r} in the config's strategy.name; choose one of: auto, {', '.join(available_strategies())}")
+    options = {key: value for key, value in strategy.items() if key != "name"}
+    if name == "auto" or not options:
+        return
+    factory = strategy_factory(name)
+    parameters = list(inspect.signature(factory).parameters.values())
+    names = {p.name for p in parameters if p.kind is not p.VAR_KEYWORD}
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters)
+    passthrough = getattr(factory, "passthrough_options_of", None)  # where **kwargs go, e.g. DistributedDataParallel
+    if takes_any and passthrough is not None:
+        names |= {p.name for p in inspect.signature(passthrough).parameters.values() if p.name not in ("self", "module")}
+        takes_any = False
+    for key in options:
+        if key not in names and not takes_any:
+            hint = difflib.get_close_matches(key, names, n=1)
+            raise StrategyError(
+                f"strategy option {key!r} does not belong to strategy {name!r}"
+                + (f"; did you mean {hint[0]!r}?" if hint else "")
+                + f" Its options are: {', '.join(sorted(names))}"
+            )
+
+
+def instantiate(config: Namespace, parser: ArgumentParser | None = None) -> tuple[Trainer, TrainModule, DataModule | None]:
+    """Build the Trainer (checks everything before any process starts), the model and the data."""
+    parser = parser or build_parser("fit")
+    objects = parser.instantiate(config)
+    strategy = dict(config.strategy)
+    name = strategy.pop("name", "auto")
+    trainer_kwargs = dict(vars(objects.trainer)) if isinstance(objects.trainer, Namespace) else dict(objects.trainer)
+    trainer = Trainer(**trainer_kwargs, strategy=name if name == "auto" and not strategy else create_strategy(name, **strategy))
+    trainer.config = {**trainer.config, "run": to_plain(config)}
+    return trainer, objects.model, objects.data
+
+
+def to_plain(config: Namespace) -> dict[str, Any]:
+    plain = config.clone().as_dict()
+    plain.pop("config", None)
+    plain.pop("__path__", None)
+    return plain
+
+
+def dump(config: Namespace) -> str:
+    """The resolved config as YAML (defaults included); fed back with --config it reproduces the run."""
+    return yaml.safe_dump(to_plain(config), sort_keys=False)
+
+
+def write_resolved_config(config: Namespace, directory: str | os.PathLike) -> Path:
+    path = Path(directory) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dump(config))
+    return path
+
+
+def _split_strategy_overrides(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """``--strategy.<option> VALUE`` pairs, taken out of argv (values read as YAML scalars)."""
+    rest: list[str] = []
+    overrides: dict[str, Any] = {}
+    index = 0
+    while index < len(argv):
+        item = argv[index]
+        if item.startswith("--strategy."):
+            key, _, value = item[len("--strategy.") :].partition("=")
+            if not _:
+                if index + 1 >= len(argv):
+                    raise ConfigError(f"{item} needs a value")
+                value = argv[index + 1]
+                index += 1
+            overrides[key] = yaml.safe_load(value)
+        else:
+            rest.append(item)
+        index += 1
+    return rest, overrides
+
+
+def _explain(message: str, parser: ArgumentParser, argv: list[str]) -> str:
+    """jsonargparse's message, with the config file named and a 'did you mean' where a key is unknown."""
+    source = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), None)
+    where = f" (in {source})" if source else ""
+    for marker in ("does not accept option '", "Key '", "unrecognized arguments: "):
+        if marker in message:
+            unknown = message.split(marker, 1)[1].split("'")[0].split()[0].lstrip("-").split(".")[-1]
+            known = {action.dest.split(".")[-1] for action in parser._actions}
+            hint = difflib.get_close_matches(unknown, known, n=1)
+            if hint:
+                return f"{message.strip()}{where}; did you mean {hint[0]!r}?"
+    return f"{message.strip()}{where}"

@@ -1,0 +1,51 @@
+"""`shardtrain fit` from a YAML file: the same run as in Python, resumable with no config file."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.distributed.runner import ROOT, assert_ok, run_script
+
+pytestmark = pytest.mark.distributed
+CONFIG = ROOT / "tests" / "distributed" / "configs" / "tiny.yaml"
+
+
+def _cli(*args, timeout=180):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run([sys.executable, "-m", "shardtrain", *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    return completed
+
+
+def _losses(directory):
+    return {int(r["step"]): float(r["train_loss"]) for r in csv.DictReader(open(directory / "metrics.csv")) if r.get("train_loss")}
+
+
+def test_yaml_run_equals_python_run_and_resumes_without_a_config(tmp_path):
+    _cli("fit", "--config", CONFIG, "--trainer.default_root_dir", tmp_path / "cli")
+    assert_ok(run_script("python_equivalent.py", tmp_path / "python"))
+    cli, python = _losses(tmp_path / "cli"), _losses(tmp_path / "python")
+    assert sorted(cli) == [1, 2, 3, 4, 5]
+    assert [cli[s] for s in sorted(cli)] == pytest.approx([python[s] for s in sorted(python)], abs=1e-6)
+    assert (tmp_path / "cli" / "config.yaml").is_file()
+
+    # No config file: the run config comes from the checkpoint; an override extends the run.
+    _cli("fit", "--ckpt_path", tmp_path / "cli" / "checkpoints" / "last", "--trainer.max_steps", "8")
+    resumed = _losses(tmp_path / "cli")
+    assert sorted(resumed) == [6, 7, 8]
+
+
+def test_bad_config_exits_with_the_message(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer: {max_step: 3}\nmodel: {class_path: examples.gpt.model.GPTModule}\n")
+    completed = subprocess.run([sys.executable, "-m", "shardtrain", "fit", "--config", str(bad)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 2
+    assert "did you mean 'max_steps'" in completed.stderr and "Traceback" not in completed.stderr
+
+
+def test_help_lists_options_with_types_and_defaults():
+    out = _cli("fit", "--help").stdout
+    assert "--trainer.max_steps MAX_STEPS" in out and "(type: int, default: -1)" in out
