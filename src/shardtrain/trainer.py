@@ -33,7 +33,11 @@ class Trainer(TrainerCheckpointing):
     """Fit a :class:`TrainModule` on any strategy with one line of configuration.
 
     Args:
-        accelerator, devices, num_nodes, strategy, precision: as for :class:`Engine`.
+        accelerator: ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when available).
+        devices: processes per node (one per GPU on CUDA).
+        num_nodes: machines in the run.
+        strategy: a registered name (see ``available_strategies()``), ``"auto"``, or a ``Strategy`` object.
+        precision: ``"32-true"``, ``"bf16-mixed"``, ``"bf16-true"`` or ``"16-mixed"`` (see docs/precision.md).
         max_steps: optimizer steps to train for (``-1``: no limit, use ``max_epochs``).
         max_epochs: passes over the training data (default 1000 when neither limit is set, as in Lightning).
         accumulate_grad_batches: micro-batches per optimizer step; gradients are synchronised
@@ -43,7 +47,8 @@ class Trainer(TrainerCheckpointing):
         val_check_interval: ``None``: validate at the end of each epoch; an int ``n``: every ``n``
             training batches; a float ``f`` in (0, 1]: every ``f`` of an epoch.
         check_val_every_n_epoch: with end-of-epoch validation, every this many epochs.
-        limit_train_batches, limit_val_batches: at most this many batches (int) or this fraction (float) per epoch.
+        limit_train_batches: at most this many training batches (int) or this fraction (float) per epoch.
+        limit_val_batches: at most this many validation batches (int) or this fraction (float) per run.
         log_every_n_steps: how often training metrics are reduced over ranks and written.
         default_root_dir: where logs (``metrics.csv``) and checkpoints go.
         callbacks: extra :class:`Callback` objects.

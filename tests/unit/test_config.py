@@ -78,3 +78,12 @@ def test_unknown_strategy_name(tmp_path):
 def test_model_class_must_be_a_train_module(tmp_path):
     with pytest.raises(ConfigError, match="model"):
         parse("fit", ["--config", _write(tmp_path, "model: {class_path: torch.nn.Linear}\n")])
+
+
+def test_configuration_reference_is_current():
+    from pathlib import Path
+
+    from shardtrain.config_reference import generate
+
+    committed = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    assert committed == generate(), "docs/configuration.md is stale: run `python -m shardtrain.config_reference > docs/configuration.md`"

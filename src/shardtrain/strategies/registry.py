@@ -46,6 +46,12 @@ def strategy_description(name: str) -> str:
     return _REGISTRY[name].description
 
 
+def strategy_defaults(name: str) -> dict[str, Any]:
+    """The options an alias presets (e.g. ``fsdp_cpu_offload`` → ``cpu_offload=True``)."""
+    _load_entry_points()
+    return dict(_REGISTRY[name.lower()].defaults)
+
+
 def strategy_factory(name: str) -> Callable[..., Strategy]:
     """The class (or callable) that ``strategy=name`` builds."""
     _load_entry_points()
