@@ -49,3 +49,9 @@ def test_bad_config_exits_with_the_message(tmp_path):
 def test_help_lists_options_with_types_and_defaults():
     out = _cli("fit", "--help").stdout
     assert "--trainer.max_steps MAX_STEPS" in out and "(type: int, default: -1)" in out
+
+
+def test_validate_command_prints_the_metrics():
+    out = _cli("validate", "--config", CONFIG, "--trainer.devices", "1", "--strategy.name", "single", "--trainer.limit_val_batches", "2", "--trainer.callbacks", "[]").stdout
+    value = float(out.split("val_loss:")[1].split()[0])
+    assert 5.0 < value < 6.0  # an untrained byte-level model: about ln(256) = 5.55
