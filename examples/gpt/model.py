@@ -152,6 +152,11 @@ class GPTModule(shardtrain.TrainModule):
     def hparams(self) -> dict:
         return {**asdict(self.config), "learning_rate": self.learning_rate, "weight_decay": self.weight_decay}
 
+    def example_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch of the right shape, for memory estimation (``shardtrain.estimate_memory``)."""
+        tokens = torch.zeros(batch_size, self.config.seq_len, dtype=torch.long)
+        return tokens, tokens
+
     def configure_model(self) -> None:
         # Built on the meta device whatever the strategy: no memory is allocated here, and the
         # strategy materialises it (sharded, for FSDP) with the same initialisation everywhere.

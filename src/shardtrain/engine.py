@@ -141,6 +141,17 @@ class Engine:
             self._launched = True
         return function(self, *args, **kwargs) if function is not None else None
 
+    def use_strategy(self, strategy: str | Strategy) -> None:
+        """Switch to another strategy before any model is set up (how ``strategy="auto"`` decides late)."""
+        if self._modules:
+            raise RuntimeError("use_strategy() must come before setup(): a model is already placed by the current strategy")
+        chosen = create_strategy(strategy)
+        chosen.validate(self.world_size, self.accelerator)
+        if self._launched:
+            chosen.connect(self._environment, self.strategy.device, self.precision, self.timeout)
+            chosen.setup_environment()
+        self.strategy = chosen
+
     @property
     def environment(self) -> ClusterEnvironment:
         return self._environment

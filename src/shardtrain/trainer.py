@@ -7,6 +7,7 @@ Lightning: the global batch is ``batch_size * world_size * accumulate_grad_batch
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
@@ -27,6 +28,8 @@ from shardtrain.strategies import Strategy
 from shardtrain.trainer_arguments import check_limit, check_positive_int, make_loggers
 from shardtrain.trainer_checkpoint import TrainerCheckpointing
 from shardtrain.wrapper import EngineModule
+
+log = logging.getLogger(__name__)
 
 
 class Trainer(TrainerCheckpointing):
@@ -105,6 +108,7 @@ class Trainer(TrainerCheckpointing):
             "check_val_every_n_epoch": check_val_every_n_epoch, "limit_train_batches": limit_train_batches, "limit_val_batches": limit_val_batches,
             "log_every_n_steps": log_every_n_steps, "default_root_dir": str(default_root_dir), "seed": seed, "timeout_seconds": timeout_seconds,
         }
+        self.auto_strategy = isinstance(strategy, str) and strategy == "auto"
         self.engine = Engine(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision, timeout_seconds=timeout_seconds)
         self.max_steps = max_steps
         self.max_epochs = max_epochs if max_epochs is not None else (1000 if max_steps == -1 else None)
@@ -205,6 +209,8 @@ class Trainer(TrainerCheckpointing):
     def _setup(self, module: TrainModule, stage: str) -> None:
         if self.module is module and self.model is not None:
             return
+        if self.auto_strategy:
+            self._choose_strategy(module)
         if self.seed is not None:
             seed_everything(self.seed)
         with self.engine.init_module():
@@ -216,6 +222,19 @@ class Trainer(TrainerCheckpointing):
             self.engine.setup_optimizers(*self.optimizers)
         for callback in self.callbacks:
             callback.setup(self, module, stage)
+
+    def _choose_strategy(self, module: TrainModule) -> None:
+        """``strategy="auto"``: pick from the memory estimate (see ``shardtrain.estimate``)."""
+        from shardtrain.estimate import choose_strategy
+
+        env = self.engine.environment
+        name, reason = choose_strategy(module, devices=env.local_world_size, num_nodes=max(1, env.world_size // env.local_world_size), precision=self.engine.precision.name, device_type=self.engine.device.type)
+        self.engine.use_strategy(name)
+        self.auto_strategy = False
+        self.strategy_reason = reason
+        if self.is_global_zero:
+            log.info("strategy='auto' chose %s", reason)
+            print(f"[shardtrain] strategy='auto' chose {reason}", flush=True)
 
     def _loader(self, given: DataLoader | None, module: TrainModule, hook: str, required: bool) -> Any:
         loader = given if given is not None else (getattr(module, hook)() if callable(getattr(module, hook, None)) else None)

@@ -25,6 +25,7 @@ parser.add_argument("--out", required=True)
 parser.add_argument("--devices", type=int, default=2)
 parser.add_argument("--what", choices=["init", "states", "activations"], required=True)
 parser.add_argument("--checkpointing", action="store_true")
+parser.add_argument("--strategy", default="fsdp")
 args = parser.parse_args()
 out = Path(args.out)
 
@@ -71,7 +72,7 @@ elif args.what == "states":
 
     measure = Measure()
     tokens = torch.randint(0, 256, (64, config.seq_len + 1))
-    trainer = Trainer(accelerator="cpu", devices=args.devices, strategy="fsdp", max_steps=1, callbacks=[measure], enable_progress_bar=False, logger=False)
+    trainer = Trainer(accelerator="cpu", devices=args.devices, strategy=args.strategy, max_steps=1, callbacks=[measure], enable_progress_bar=False, logger=False)
     trainer.fit(GPTModule(config), DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=2))
     result = {**measure.result, "grads": measure.grads, "rank": trainer.global_rank}
 else:

@@ -150,5 +150,6 @@ if trainer.is_global_zero:
         "weight_checksum": checksum,
         "lr": trainer.optimizers[0].param_groups[0]["lr"],
         "mesh": list(trainer.strategy.mesh().shape) if hasattr(trainer.strategy, "mesh") else None,
+        "strategy": type(trainer.strategy).__name__,
     }
     (Path(args.out) / "result.json").write_text(json.dumps(result))
