@@ -4,6 +4,7 @@
     shardtrain fit --ckpt_path runs/checkpoints/step=100      # resume with the config stored in the checkpoint
     shardtrain validate --config run.yaml
     shardtrain print-config --config run.yaml                 # the resolved config, defaults included
+    shardtrain estimate --config run.yaml [--devices 8 --num-nodes 4 --device-memory 80GiB --host-memory 1TiB] [--json]
     shardtrain consolidate CHECKPOINT OUT [--max-shard-size 5GiB] [--optimizer FILE]
 
 Class paths in a config (``model.class_path``, ``data.class_path``) are imported with the
@@ -21,7 +22,7 @@ from pathlib import Path
 from shardtrain.checkpoint.consolidate import consolidate, consolidate_optimizer
 from shardtrain.errors import ShardtrainError
 
-RUN_COMMANDS = ("fit", "validate", "print-config")
+RUN_COMMANDS = ("fit", "validate", "print-config", "estimate")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +47,8 @@ def _run(command: str, argv: list[str]) -> int:
     if "--help" in argv or "-h" in argv:
         run_config.build_parser(command).print_help()
         return 0
+    if command == "estimate":
+        return _estimate(argv)
     argv = _config_from_checkpoint(argv)
     parsed = run_config.parse(command, argv)
     if command == "print-config":
@@ -62,6 +65,51 @@ def _run(command: str, argv: list[str]) -> int:
     else:
         for name, value in trainer.validate(model, val)[0].items():
             trainer.engine.print(f"{name}: {value:.6g}")
+    return 0
+
+
+def _estimate(argv: list[str]) -> int:
+    """Per-device memory of the config's model under every strategy, what fits, and the pick."""
+    from shardtrain import config as run_config
+    from shardtrain.estimate import device_memory_bytes, estimate_memory, parse_memory_size
+
+    layout = argparse.ArgumentParser(prog="shardtrain estimate", add_help=False)
+    layout.add_argument("--devices", type=int, default=None)
+    layout.add_argument("--num-nodes", type=int, default=None)
+    layout.add_argument("--device-memory", default=None)
+    layout.add_argument("--host-memory", default=None)
+    layout.add_argument("--json", action="store_true")
+    options, rest = layout.parse_known_args(argv)
+    parsed = run_config.parse("estimate", rest)
+    model = run_config.build_parser("estimate").instantiate(parsed).model
+    trainer, strategy = parsed.trainer, dict(parsed.strategy)
+    devices = options.devices or trainer.devices
+    num_nodes = options.num_nodes or trainer.num_nodes
+    data_args = (parsed.data or {}).get("init_args", {}) if isinstance(parsed.data, dict) else vars(getattr(parsed.data, "init_args", None) or {})
+    estimate = estimate_memory(
+        model,
+        devices=devices,
+        num_nodes=num_nodes,
+        precision=str(trainer.precision),
+        batch_size=int(data_args.get("batch_size", 1)),
+        activation_checkpointing=strategy.get("activation_checkpointing_policy") is not None,
+    )
+    local_device, local_host = device_memory_bytes("cuda" if trainer.accelerator in ("cuda", "gpu") else "cpu", devices)
+    device_memory = parse_memory_size(options.device_memory) if options.device_memory else local_device
+    host_memory = parse_memory_size(options.host_memory) // devices if options.host_memory else local_host
+    pick, reason = estimate.recommend(device_memory, host_memory)
+    if options.json:
+        import json
+
+        payload = json.loads(estimate.to_json())
+        payload["fits"] = {s.strategy: s.fits(device_memory, host_memory, 0.9) for s in estimate.strategies}
+        payload["recommended"], payload["reason"] = pick, reason
+        print(json.dumps(payload, indent=1))
+        return 0
+    print(estimate.table())
+    fitting = [s.strategy for s in estimate.strategies if s.fits(device_memory, host_memory, 0.9)]
+    print(f"\nfits in {device_memory / 2**30:.1f} GiB per device (90% headroom): {', '.join(fitting) or 'nothing'}")
+    print(f"recommended: {reason}")
     return 0
 
 

@@ -55,3 +55,16 @@ def test_validate_command_prints_the_metrics():
     out = _cli("validate", "--config", CONFIG, "--trainer.devices", "1", "--strategy.name", "single", "--trainer.limit_val_batches", "2", "--trainer.callbacks", "[]").stdout
     value = float(out.split("val_loss:")[1].split()[0])
     assert 5.0 < value < 6.0  # an untrained byte-level model: about ln(256) = 5.55
+
+
+def test_estimate_command(tmp_path):
+    import json
+
+    payload = json.loads(_cli("estimate", "--config", CONFIG, "--devices", "8", "--device-memory", "80GiB", "--json").stdout)
+    assert payload["devices"] == 8 and payload["recommended"] == "ddp" and payload["fits"]["fsdp"]
+    tight = json.loads(_cli("estimate", "--config", CONFIG, "--device-memory", "1KiB", "--json").stdout)
+    assert tight["recommended"] == "fsdp_cpu_offload" and not any(tight["fits"].values())
+    table = _cli("estimate", "--config", CONFIG, "--device-memory", "80GiB").stdout
+    assert "recommended: ddp" in table and "fsdp_cpu_offload" in table
+    completed = subprocess.run([sys.executable, "-m", "shardtrain", "estimate", "--config", str(CONFIG), "--device-memory", "eighty"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 2 and "write it like 80GiB" in completed.stderr
