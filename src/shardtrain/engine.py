@@ -20,7 +20,7 @@ import contextlib
 import os
 from pathlib import Path
 from datetime import timedelta
-from typing import Any, Callable, Iterable, Literal, Sequence, TypeVar, overload
+from typing import Any, Callable, Literal, Sequence, TypeVar, overload
 
 import torch
 from torch import nn

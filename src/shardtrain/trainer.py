@@ -11,7 +11,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch.utils.data import DataLoader
@@ -25,14 +25,15 @@ from shardtrain.module import TrainModule
 from shardtrain.optimization import SchedulerConfig, parse_optimizers, step_schedulers
 from shardtrain.seed import seed_everything
 from shardtrain.strategies import Strategy
-from shardtrain.trainer_arguments import check_limit, check_positive_int, make_loggers
+from shardtrain.trainer_arguments import check_limit, check_positive_int, limited_batches, make_loggers
 from shardtrain.trainer_checkpoint import TrainerCheckpointing
+from shardtrain.trainer_validation import TrainerValidation
 from shardtrain.wrapper import EngineModule
 
 log = logging.getLogger(__name__)
 
 
-class Trainer(TrainerCheckpointing):
+class Trainer(TrainerCheckpointing, TrainerValidation):
     """Fit a :class:`TrainModule` on any strategy with one line of configuration.
 
     Args:
@@ -249,7 +250,7 @@ class Trainer(TrainerCheckpointing):
             self.estimated_stepping_batches = self.max_steps
             return
         try:
-            batches = _limited(len(loader), self.limit_train_batches)
+            batches = limited_batches(len(loader), self.limit_train_batches)
         except TypeError:
             return
         self.estimated_stepping_batches = self.max_epochs * math.ceil(batches / self.accumulate_grad_batches)
@@ -276,7 +277,7 @@ class Trainer(TrainerCheckpointing):
     def _train_epoch(self, train_loader: Any, val_loader: Any) -> bool:
         """Train until the epoch's data runs out (returns True) or training must stop (False)."""
         try:
-            num_batches = _limited(len(train_loader), self.limit_train_batches)
+            num_batches = limited_batches(len(train_loader), self.limit_train_batches)
         except TypeError:
             num_batches = math.inf
         interval = self._val_interval(num_batches)
@@ -344,45 +345,6 @@ class Trainer(TrainerCheckpointing):
     def _reached_max_steps(self) -> bool:
         return 0 < self.max_steps <= self.global_step
 
-    # ------------------------------------------------------------------ validation
-    def _val_interval(self, num_batches: float) -> int:
-        """Validate every this many training batches; 0 means at the end of the epoch."""
-        if self.val_check_interval is None:
-            return 0
-        if isinstance(self.val_check_interval, float):
-            if math.isinf(num_batches):
-                raise ConfigError("a fractional val_check_interval needs a training loader with a length; give an int number of batches")
-            return max(1, int(num_batches * self.val_check_interval))
-        return int(self.val_check_interval)
-
-    def _val_epoch_due(self) -> bool:
-        return (self.current_epoch + 1) % self.check_val_every_n_epoch == 0 or self.val_check_interval is not None
-
-    @torch.no_grad()
-    def _validate(self, loader: Any) -> dict[str, float]:
-        assert self.model is not None and self.module is not None
-        was_training = self.model.training
-        self.model.eval()
-        self._call("on_validation_start")
-        self._call("on_validation_epoch_start")
-        collector = MetricCollector(mean_over_batches=True)
-        try:
-            num_batches = _limited(len(loader), self.limit_val_batches)
-        except TypeError:
-            num_batches = math.inf
-        for batch_idx, batch in enumerate(loader):
-            if batch_idx >= num_batches:
-                break
-            self._call("on_validation_batch_start", batch, batch_idx)
-            outputs = self.model.validation_step(batch, batch_idx)
-            collector.update(self.module.pop_logged())
-            self._call("on_validation_batch_end", outputs, batch, batch_idx)
-        metrics = self._log(collector, {})
-        self._call("on_validation_epoch_end")
-        self._call("on_validation_end")
-        self.model.train(was_training)
-        return metrics
-
     # ------------------------------------------------------------------ logging and hooks
     def _log(self, collector: MetricCollector, extra: dict[str, float]) -> dict[str, float]:
         metrics = collector.compute(lambda t: self.engine.all_reduce(t, "mean"), self.engine.device)
@@ -418,11 +380,3 @@ def _extract_loss(outputs: Any, module_name: str) -> torch.Tensor:
     if not loss.requires_grad:
         raise TrainingStepError(f"{module_name}.training_step returned a loss that does not require grad; was it computed under torch.no_grad() or detached?")
     return loss
-
-
-def _limited(length: int, limit: int | float | None) -> int:
-    if limit is None:
-        return length
-    if isinstance(limit, float):
-        return int(length * limit)
-    return min(length, limit)

@@ -37,3 +37,12 @@ def make_loggers(logger: bool | Logger | Sequence[Logger], root: Path) -> list[L
     if bad:
         raise ConfigError(f"logger must be True, False or Logger objects; got {bad}")
     return loggers
+
+
+def limited_batches(length: int, limit: int | float | None) -> int:
+    """Batches per epoch after ``limit_*_batches`` (an int count or a float fraction)."""
+    if limit is None:
+        return length
+    if isinstance(limit, float):
+        return int(length * limit)
+    return min(length, limit)

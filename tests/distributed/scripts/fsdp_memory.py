@@ -18,7 +18,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from examples.gpt.model import GPTConfig, GPTModule
 from shardtrain import Callback, Engine, FSDPStrategy, Trainer
-from shardtrain.wrapper import ForwardRouter
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)
