@@ -66,7 +66,7 @@ def test_model_that_fails_on_meta_names_itself():
     class NeedsData(TrainModule):
         def configure_model(self):
             self.layer = nn.Linear(4, 4)
-            self.scale = float(self.layer.weight.sum())  # needs real values
+            self.scale = float(self.layer.weight.detach().sum())  # needs real values
 
     with pytest.raises(ConfigError, match="building NeedsData on the meta device failed"):
         estimate_memory(NeedsData())
