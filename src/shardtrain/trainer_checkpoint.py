@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from shardtrain.checkpoint import read_meta
 from shardtrain.checkpoint.consolidate import is_weights_file, load_weights
 from shardtrain.errors import CheckpointError
 
@@ -77,6 +78,8 @@ class TrainerCheckpointing:
             self.strategy.load_module_state_dict(self.module, load_weights(path), strict=True, full=True)
             return
         state = self._checkpoint_state()
+        if "grad_scaler" in state and "grad_scaler" not in read_meta(path)["state"]:
+            del state["grad_scaler"]  # saved without loss scaling (another precision): the scaler starts fresh
         self.engine.load(path, state)
         for callback in self.callbacks:
             if callback.state_key in state["callbacks"]:

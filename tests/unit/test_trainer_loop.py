@@ -184,3 +184,11 @@ def test_model_checkpoint_keeps_the_best_by_metric(tmp_path):
     assert f"step={best_step}" in names and "step=6" in names  # the best, and the newest that 'last' names
     assert len(names) == (1 if best_step == 6 else 2)
     assert callback.best["step"] == best_step
+
+
+def test_resume_under_another_precision(tmp_path):
+    trainer, _, _ = _fit(tmp_path, max_steps=2, batch_size=8)
+    trainer.save_checkpoint()
+    resumed = Trainer(accelerator="cpu", precision="16-mixed", max_steps=4, default_root_dir=tmp_path, seed=7, enable_progress_bar=False)
+    resumed.fit(Regression(), DataLoader(_data(), batch_size=8), ckpt_path="last")
+    assert resumed.global_step == 4
