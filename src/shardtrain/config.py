@@ -75,6 +75,8 @@ def check_strategy(strategy: dict[str, Any]) -> None:
     if name != "auto" and name not in available_strategies():
         raise StrategyError(f"unknown strategy {name!r} in the config's strategy.name; choose one of: auto, {', '.join(available_strategies())}")
     options = {key: value for key, value in strategy.items() if key != "name"}
+    if name == "auto" and options:
+        raise StrategyError(f"strategy options {sorted(options)} need a named strategy; set strategy.name (one of {', '.join(available_strategies())})")
     if name == "auto" or not options:
         return
     factory = strategy_factory(name)

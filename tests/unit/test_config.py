@@ -70,6 +70,11 @@ def test_strategy_option_of_another_strategy(tmp_path):
         parse("fit", ["--config", _write(tmp_path, "strategy: {name: fsdp, cpu_ofload: true}\n"), *MODEL])
 
 
+def test_options_without_a_strategy_name(tmp_path):
+    with pytest.raises(StrategyError, match="need a named strategy"):
+        parse("fit", ["--config", _write(tmp_path, "strategy: {sharding_strategy: FULL_SHARD}\n"), *MODEL])
+
+
 def test_unknown_strategy_name(tmp_path):
     with pytest.raises(StrategyError, match="unknown strategy 'zero4'.*fsdp"):
         parse("fit", ["--config", _write(tmp_path, "strategy: {name: zero4}\n"), *MODEL])
