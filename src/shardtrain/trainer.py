@@ -317,7 +317,7 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
             outputs = self.model.training_step(batch, batch_idx)
             loss = _extract_loss(outputs, type(self.module).__name__)
             self._call("on_before_backward", loss)
-            self.engine.backward(loss / self.accumulate_grad_batches, self.model)
+            self.engine.backward(loss / self.accumulate_grad_batches if self.accumulate_grad_batches > 1 else loss, self.model)
         self._call("on_after_backward")
         return loss.detach(), outputs
 

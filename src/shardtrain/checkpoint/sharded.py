@@ -70,9 +70,6 @@ class PendingSave:
         self._thread = thread
         self._errors = errors
 
-    def done(self) -> bool:
-        return not self._thread.is_alive()
-
     def wait(self) -> Path:
         self._thread.join()
         if self._errors:
