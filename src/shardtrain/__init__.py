@@ -19,7 +19,7 @@ from shardtrain.loggers import CSVLogger, Logger, TensorBoardLogger
 from shardtrain.module import TrainModule
 from shardtrain.precision import Precision
 from shardtrain.seed import seed_everything
-from shardtrain.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy, Strategy, available_strategies, register_strategy
+from shardtrain.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy, Strategy, available_strategies, register_strategy
 from shardtrain.trainer import Trainer
 
 __version__ = "0.1.0"
@@ -32,6 +32,7 @@ __all__ = [
     "Strategy",
     "SingleDeviceStrategy",
     "DDPStrategy",
+    "DeepSpeedStrategy",
     "FSDPStrategy",
     "available_strategies",
     "register_strategy",

@@ -76,6 +76,10 @@ class DeviceDataLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
+    @property
+    def batch_size(self) -> int | None:
+        return self.loader.batch_size
+
     def set_epoch(self, epoch: int) -> None:
         sampler = getattr(self.loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):

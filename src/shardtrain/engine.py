@@ -35,7 +35,7 @@ from shardtrain.launch.subprocess_launcher import launch_local_processes
 from shardtrain.precision import Precision
 from shardtrain.seed import restore_rng, rng_tensors, seed_everything
 from shardtrain.strategies import Strategy, create_strategy
-from shardtrain.strategies.base import optimizer_parameters
+from shardtrain.strategies.base import TrainingSettings, optimizer_parameters
 from shardtrain.wrapper import EngineModule
 
 T = TypeVar("T")
@@ -73,6 +73,9 @@ class EngineOptimizer:
         if closure is not None:
             closure()
         self._engine.step(self._optimizer)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:  # type: ignore[override]
+        self._engine.strategy.optimizer_zero_grad(self._optimizer, set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
         return self._optimizer.state_dict()
@@ -118,6 +121,7 @@ class Engine:
         self.strategy.validate(world_size, self.accelerator)
         self.precision = Precision(precision)
         self.timeout = timedelta(seconds=timeout_seconds)
+        self._training = TrainingSettings()
         self._launched = False
         self._modules: list[nn.Module] = []
         self._pending_save: PendingSave | None = None
@@ -137,6 +141,7 @@ class Engine:
             if self.accelerator == "cpu" and env.local_world_size > 1:
                 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", max(1, (os.cpu_count() or 1) // env.local_world_size))))
             self.strategy.connect(env, device, self.precision, self.timeout)
+            self.precision = self.strategy.precision  # a strategy may implement the precision its own way
             self.strategy.setup_environment()
             self._launched = True
         return function(self, *args, **kwargs) if function is not None else None
@@ -149,8 +154,31 @@ class Engine:
         chosen.validate(self.world_size, self.accelerator)
         if self._launched:
             chosen.connect(self._environment, self.strategy.device, self.precision, self.timeout)
+            self.precision = chosen.precision
             chosen.setup_environment()
+        chosen.configure_training(self._training)
         self.strategy = chosen
+
+    def configure_training(
+        self,
+        *,
+        accumulate_grad_batches: int = 1,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str = "norm",
+        micro_batch_size: int | None = None,
+    ) -> None:
+        """Tell the strategy how the loop will train (DeepSpeed writes this into its config).
+
+        Optional for custom loops; raises ``ConfigError`` for settings the strategy cannot honour
+        (DeepSpeed and clipping by value), before any process group exists.
+        """
+        self._training = TrainingSettings(
+            accumulate_grad_batches=accumulate_grad_batches,
+            gradient_clip_val=gradient_clip_val,
+            gradient_clip_algorithm=gradient_clip_algorithm,
+            micro_batch_size=micro_batch_size,
+        )
+        self.strategy.configure_training(self._training)
 
     @property
     def environment(self) -> ClusterEnvironment:
@@ -201,14 +229,33 @@ class Engine:
     @overload
     def setup(self, module: nn.Module, *optimizers: Optimizer) -> tuple[Any, ...]: ...
     def setup(self, module: nn.Module, *optimizers: Optimizer) -> Any:
-        """Place ``module`` (and its optimizers) for the strategy; returns them wrapped, in the same order."""
-        names = {id(param): name for name, param in module.named_parameters(remove_duplicate=False)}
-        wrapped = self.setup_module(module)
+        """Place ``module`` (and its optimizers) for the strategy; returns them wrapped, in the same order.
+
+        Optimizers built before set-up are re-pointed at the parameters the strategy put in place.
+        """
         if not optimizers:
-            return wrapped
-        for optimizer in optimizers:
-            _repoint_to_new_parameters(optimizer, names, dict(module.named_parameters(remove_duplicate=False)))
-        return (wrapped, *self.setup_optimizers(*optimizers))
+            return self.setup_module(module)
+        names = {id(param): name for name, param in module.named_parameters(remove_duplicate=False)}
+
+        def given() -> list[Optimizer]:
+            for optimizer in optimizers:
+                _repoint_to_new_parameters(optimizer, names, dict(module.named_parameters(remove_duplicate=False)))
+            return list(optimizers)
+
+        wrapped, wrapped_optimizers = self.setup_module_and_optimizers(module, given)
+        return (wrapped, *wrapped_optimizers)
+
+    def setup_module_and_optimizers(self, module: nn.Module, make_optimizers: Callable[[], Sequence[Optimizer]]) -> tuple[EngineModule, list[EngineOptimizer]]:
+        """Set up ``module`` and the optimizers ``make_optimizers()`` builds, in the order the strategy
+        needs: on the sharded parameters after FSDP wraps the model, or before DeepSpeed takes both.
+        ``make_optimizers`` is called once, with the module's parameters real (not meta)."""
+        from shardtrain.wrapper import ForwardRouter
+
+        self._require_launched("setup")
+        self.precision.grad_scaler(self.device.type)
+        forward_module, optimizers = self.strategy.setup_module_and_optimizers(ForwardRouter(module), make_optimizers)
+        self._modules.append(module)
+        return EngineModule(forward_module, module, self.strategy), [EngineOptimizer(optimizer, self) for optimizer in optimizers]
 
     def setup_module(self, module: nn.Module) -> EngineModule:
         from shardtrain.wrapper import ForwardRouter

@@ -29,8 +29,8 @@ class CheckpointError(ShardtrainError, RuntimeError):
 class MissingDependencyError(ShardtrainError, ImportError):
     """An optional package is needed for the chosen feature; the message says how to install it."""
 
-    def __init__(self, package: str, feature: str, extra: str | None = None) -> None:
-        install = f"pip install 'shardtrain[{extra}]'" if extra else f"pip install {package}"
+    def __init__(self, package: str, feature: str, extra: str | None = None, install: str | None = None) -> None:
+        install = install or (f"pip install 'shardtrain[{extra}]'" if extra else f"pip install {package}")
         super().__init__(f"{feature} needs the optional package '{package}', which is not installed. Install it with: {install}")
         self.package = package
 

@@ -111,6 +111,7 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
         }
         self.auto_strategy = isinstance(strategy, str) and strategy == "auto"
         self.engine = Engine(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision, timeout_seconds=timeout_seconds)
+        self.engine.configure_training(accumulate_grad_batches=accumulate_grad_batches, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
         self.max_steps = max_steps
         self.max_epochs = max_epochs if max_epochs is not None else (1000 if max_steps == -1 else None)
         self.accumulate_grad_batches = accumulate_grad_batches
@@ -176,6 +177,10 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
             train_loader = self._loader(train_dataloaders, module, "train_dataloader", required=True)
             val_loader = self._loader(val_dataloaders, module, "val_dataloader", required=False)
             self._estimate_steps(train_loader)
+            self.engine.configure_training(
+                accumulate_grad_batches=self.accumulate_grad_batches, gradient_clip_val=self.gradient_clip_val,
+                gradient_clip_algorithm=self.gradient_clip_algorithm, micro_batch_size=getattr(train_loader, "batch_size", None),
+            )
             self._setup(module, "fit")
             if ckpt_path is not None:
                 self._restore(ckpt_path)
@@ -217,10 +222,14 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
         with self.engine.init_module():
             module.configure_model()
         self.module = module
-        self.model = self.engine.setup_module(module)
         if stage == "fit":
-            self.optimizers, self.lr_schedulers = parse_optimizers(module.configure_optimizers())
-            self.engine.setup_optimizers(*self.optimizers)
+            def configure_optimizers() -> list[torch.optim.Optimizer]:
+                optimizers, self.lr_schedulers = parse_optimizers(module.configure_optimizers())
+                return optimizers
+
+            self.model, self.optimizers = self.engine.setup_module_and_optimizers(module, configure_optimizers)
+        else:
+            self.model = self.engine.setup_module(module)
         for callback in self.callbacks:
             callback.setup(self, module, stage)
 

@@ -8,8 +8,9 @@ steps where they differ from plain PyTorch on one device.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, ClassVar, Iterable, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,16 @@ from shardtrain.precision import Precision
 from shardtrain.strategies.materialize import has_meta_tensors, materialize
 
 
+@dataclass(kw_only=True, slots=True)
+class TrainingSettings:
+    """What the training loop decides that a strategy may need to know (DeepSpeed writes it into its config)."""
+
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float | None = None
+    gradient_clip_algorithm: str = "norm"
+    micro_batch_size: int | None = None
+
+
 class Strategy:
     """Base class and single-process behaviour; distributed strategies override what they need."""
 
@@ -38,6 +49,8 @@ class Strategy:
     distributed: ClassVar[bool] = False
     #: Whether a process group is needed even for one process (DTensor-based strategies).
     needs_process_group: ClassVar[bool] = False
+    #: Whether the optimizer must exist before the module is set up (DeepSpeed) rather than after (FSDP).
+    sets_up_optimizers_with_module: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.environment: ClusterEnvironment | None = None
@@ -48,6 +61,9 @@ class Strategy:
     # ---------------------------------------------------------------- set-up
     def validate(self, world_size: int, device_type: str) -> None:
         """Reject options that cannot work, before any process is started."""
+
+    def configure_training(self, settings: TrainingSettings) -> None:
+        """Accept (or reject, with a ``ConfigError``) the loop's settings; before any process starts."""
 
     def connect(self, environment: ClusterEnvironment, device: torch.device, precision: Precision, timeout: timedelta) -> None:
         """Bind the strategy to this process's place in the run (called once per process)."""
@@ -90,6 +106,17 @@ class Strategy:
 
     def setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
         return optimizer
+
+    def setup_module_and_optimizers(self, module: nn.Module, make_optimizers: Callable[[], Sequence[Optimizer]]) -> tuple[nn.Module, list[Optimizer]]:
+        """Set up ``module``, then the optimizers ``make_optimizers()`` builds on its (sharded) parameters.
+
+        Strategies that need the optimizer first (``sets_up_optimizers_with_module``) override this.
+        """
+        wrapped = self.setup_module(module)
+        return wrapped, [self.setup_optimizer(optimizer) for optimizer in make_optimizers()]
+
+    def optimizer_zero_grad(self, optimizer: Optimizer, set_to_none: bool = True) -> None:
+        optimizer.zero_grad(set_to_none=set_to_none)
 
     def forward_context(self) -> contextlib.AbstractContextManager:
         return self.precision.forward_context(self.device.type)

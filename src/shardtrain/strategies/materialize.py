@@ -17,7 +17,7 @@ For a sharded parameter, the module's *full* tensor is created for the duration 
 from __future__ import annotations
 
 import ctypes
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -106,3 +106,40 @@ class _full_parameters:
                 shard = distribute_tensor(full.detach(), sharded.device_mesh, sharded.placements, src_data_rank=None)
                 sharded._local_tensor.copy_(shard.to_local())  # the storage FSDP all-gathers from
                 owner._parameters[name] = sharded
+
+
+def materialize_in_units(module: nn.Module, device: torch.device, units: list[nn.Module], partition: Callable[[nn.Module], None]) -> None:
+    """Like ``materialize``, for strategies that partition a module after it is initialised (ZeRO-3).
+
+    Modules are visited children first, exactly as ``materialize`` does (so a seeded model gets
+    the same weights). Each module's meta tensors become real just before its
+    ``reset_parameters()``; once a unit (a block, then ``module`` itself for the rest) is
+    initialised, ``partition(unit)`` keeps only this rank's share. At most one unit, plus the
+    root's own parameters, exists in full at any time. Tied parameters stay tied.
+    """
+    real: dict[int, torch.Tensor] = {}
+    unit_ids = {id(unit) for unit in units}
+
+    def make_real(owner: nn.Module) -> None:
+        for name, param in owner._parameters.items():
+            if param is not None and param.is_meta:
+                if id(param) not in real:
+                    real[id(param)] = nn.Parameter(torch.empty_like(param, device=device), requires_grad=param.requires_grad)
+                owner._parameters[name] = real[id(param)]  # type: ignore[assignment]
+        for name, buffer in owner._buffers.items():
+            if buffer is not None and buffer.is_meta:
+                owner._buffers[name] = torch.empty_like(buffer, device=device)
+
+    def visit(current: nn.Module) -> None:
+        for child in current.children():
+            visit(child)
+        make_real(current)
+        reset = getattr(current, "reset_parameters", None)
+        if callable(reset):
+            reset()
+        if id(current) in unit_ids:
+            partition(current)
+
+    visit(module)
+    partition(module)
+    release_freed_host_memory()

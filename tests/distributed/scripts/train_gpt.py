@@ -79,7 +79,8 @@ class GradNormRecorder(Callback):
 
     def on_before_optimizer_step(self, trainer, module, optimizer):
         grads = [p.grad.detach().flatten() for p in module.parameters() if p.grad is not None]
-        self.norms.append(torch.cat(grads).norm().item())
+        if grads:  # under DeepSpeed, ZeRO holds the gradients in its own buffers
+            self.norms.append(torch.cat(grads).norm().item())
 
 
 parser = argparse.ArgumentParser()
@@ -134,7 +135,11 @@ trainer.fit(
 )
 if args.save_at_end:
     trainer.save_checkpoint()
-checksum = sum((p.full_tensor() if hasattr(p, "full_tensor") else p).detach().double().sum().item() for p in module.parameters())
+if trainer.strategy.sets_up_optimizers_with_module:  # DeepSpeed: whole weights through the strategy (collective)
+    weights = trainer.strategy.module_state_dict(module, full=True)
+    checksum = sum(weights[name].double().sum().item() for name, _ in module.named_parameters())
+else:
+    checksum = sum((p.full_tensor() if hasattr(p, "full_tensor") else p).detach().double().sum().item() for p in module.parameters())
 if trainer.is_global_zero:
     rows = list(csv.DictReader(open(Path(args.out) / "metrics.csv")))
     losses = {int(r["step"]): float(r["train_loss"]) for r in rows if r.get("train_loss")}

@@ -1,0 +1,386 @@
+"""DeepSpeed ZeRO (stages 0-3) with CPU and disk (NVMe) offload, through ``deepspeed.initialize``.
+
+DeepSpeed is an optional extra (``pip install 'shardtrain[deepspeed]'``). The apply step, in
+order: delayed initialisation (ZeRO-3: each block is initialised and partitioned in turn, so the
+whole model never exists on one rank), activation checkpointing from a policy, the optimizer
+from ``configure_optimizers()`` (DeepSpeed's CPU Adam in its place when the optimizer state is
+offloaded), then ``deepspeed.initialize``. The DeepSpeed config is assembled by
+``deepspeed_config``; checkpoints use the common format (``deepspeed_state``).
+
+The Trainer's loop runs unchanged: ``no_backward_sync`` marks accumulation micro-batches
+(DeepSpeed's accumulation boundary), ``backward`` is DeepSpeed's (loss scaling included), and
+the optimizer step is DeepSpeed's, which also clips by norm.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.optim import Optimizer
+
+from shardtrain.errors import ConfigError, MissingDependencyError, StrategyError
+from shardtrain.precision import Precision, _map_floating
+from shardtrain.strategies import deepspeed_state as state_io
+from shardtrain.strategies.activation_checkpoint import apply_activation_checkpointing
+from shardtrain.strategies.base import Strategy, TrainingSettings
+from shardtrain.strategies.deepspeed_config import DeepSpeedOptions, TrainerSettings, build_config, offload_nvme_paths, offloads_optimizer
+from shardtrain.strategies.materialize import has_meta_tensors, materialize, materialize_in_units
+from shardtrain.strategies.policy import ModulePolicy, repeated_blocks
+
+log = logging.getLogger(__name__)
+
+
+class DeepSpeedPrecision(Precision):
+    """DeepSpeed runs the model in the low-precision dtype itself (bf16/fp16 weights, fp32 master
+    copy in the optimizer): no autocast, floating inputs cast to that dtype, outputs back to fp32."""
+
+    def forward_context(self, device_type: str) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def module_init_context(self) -> Iterator[None]:
+        yield  # fp32 at build time: DeepSpeed casts when it takes the model
+
+    def convert_module(self, module: nn.Module) -> nn.Module:
+        return module
+
+    def convert_input(self, data: Any) -> Any:
+        if self.name == "32-true":
+            return data
+        return _map_floating(data, lambda t: t.to(self.compute_dtype))
+
+    def convert_output(self, data: Any) -> Any:
+        if self.name == "32-true":
+            return data
+        return _map_floating(data, lambda t: t.float())
+
+    def grad_scaler(self, device_type: str) -> None:
+        return None  # DeepSpeed scales fp16 losses itself
+
+
+class DeepSpeedStrategy(Strategy):
+    """Partition optimizer state (ZeRO-1), gradients (ZeRO-2) and parameters (ZeRO-3) with DeepSpeed.
+
+    Args:
+        stage: ZeRO stage 0-3 (default 2; the file's value if ``config`` sets one).
+        offload_optimizer: keep the optimizer state (and its step) in CPU memory or on disk.
+        offload_parameters: keep parameters in CPU memory or on disk between uses (stage 3).
+        offload_optimizer_device: ``"cpu"`` (default) or ``"nvme"`` (stage 3).
+        offload_params_device: ``"cpu"`` (default) or ``"nvme"``.
+        nvme_path: directory on a fast local disk for the swap files of ``"nvme"`` offload.
+        pin_memory: page-lock offloaded CPU buffers (default: on CUDA only).
+        allgather_bucket_size: elements per parameter all-gather bucket.
+        reduce_bucket_size: elements per gradient reduce bucket.
+        overlap_comm: overlap gradient reduction with the backward pass.
+        activation_checkpointing_policy: which modules recompute their activations in backward
+            (module classes, class names or a callable), with no change to the model.
+        delayed_init: ZeRO-3 only: build ``configure_model()`` on the meta device and initialise
+            and partition one block at a time (default True).
+        config: everything else: a DeepSpeed config dict, or a path to a DeepSpeed JSON file.
+            Named options given here win over the file's keys (with a warning naming them); the
+            Trainer's precision, batch size, accumulation and clipping win over both.
+    """
+
+    name = "deepspeed"
+    distributed = True
+    needs_process_group = True
+    #: DeepSpeed takes the model and its optimizer together (``deepspeed.initialize``).
+    sets_up_optimizers_with_module = True
+
+    def __init__(
+        self,
+        *,
+        stage: int | None = None,
+        offload_optimizer: bool | None = None,
+        offload_parameters: bool | None = None,
+        offload_optimizer_device: str | None = None,
+        offload_params_device: str | None = None,
+        nvme_path: str | None = None,
+        pin_memory: bool | None = None,
+        allgather_bucket_size: int | None = None,
+        reduce_bucket_size: int | None = None,
+        overlap_comm: bool | None = None,
+        activation_checkpointing_policy: ModulePolicy | None = None,
+        delayed_init: bool = True,
+        config: dict[str, Any] | str | os.PathLike | None = None,
+    ) -> None:
+        super().__init__()
+        if importlib.util.find_spec("deepspeed") is None:
+            raise MissingDependencyError("deepspeed", "strategy='deepspeed'", extra="deepspeed")
+        self.options = DeepSpeedOptions(
+            stage=stage,
+            offload_optimizer=offload_optimizer,
+            offload_parameters=offload_parameters,
+            offload_optimizer_device=offload_optimizer_device,
+            offload_params_device=offload_params_device,
+            nvme_path=nvme_path,
+            pin_memory=pin_memory,
+            allgather_bucket_size=allgather_bucket_size,
+            reduce_bucket_size=reduce_bucket_size,
+            overlap_comm=overlap_comm,
+        )
+        self.user_config = config
+        self.activation_checkpointing_policy = activation_checkpointing_policy
+        self.delayed_init = delayed_init
+        self.training = TrainingSettings()
+        self._device_type = "cpu"
+        self.config = self._build_config()  # every check runs now, before any process starts
+        self._engine: Any = None
+        self._user_optimizer: Optimizer | None = None
+        self._group_names: list[list[str]] = []
+        self._pending_norm: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ config
+    def _build_config(self) -> dict[str, Any]:
+        trainer = TrainerSettings(
+            precision=self.precision.name,
+            micro_batch_size=self.training.micro_batch_size,
+            accumulate_grad_batches=self.training.accumulate_grad_batches,
+            gradient_clip_val=self.training.gradient_clip_val,
+            world_size=self.world_size,
+        )
+        return build_config(self.options, self.user_config, trainer, device_type=self._device_type)
+
+    @property
+    def stage(self) -> int:
+        return int(self.config["zero_optimization"]["stage"])
+
+    def validate(self, world_size: int, device_type: str) -> None:
+        self._device_type = device_type
+        self.config = self._build_config()
+        if offload_nvme_paths(self.config):
+            _require_async_io(device_type)
+
+    def configure_training(self, settings: TrainingSettings) -> None:
+        if settings.gradient_clip_val is not None and settings.gradient_clip_algorithm == "value":
+            raise ConfigError(
+                "DeepSpeed clips gradients by norm only; use gradient_clip_algorithm='norm' "
+                "(or another strategy, such as 'fsdp', to clip by value)"
+            )
+        self.training = settings
+        self.config = self._build_config()
+
+    def connect(self, environment: Any, device: torch.device, precision: Precision, timeout: Any) -> None:
+        super().connect(environment, device, DeepSpeedPrecision(precision.name), timeout)
+        self._device_type = device.type
+        self.config = self._build_config()
+
+    def setup_environment(self) -> None:
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if self.device.type == "cuda" else "cpu")
+        super().setup_environment()
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, timeout=self.timeout)
+        for path in offload_nvme_paths(self.config):
+            os.makedirs(path, exist_ok=True)
+
+    # ------------------------------------------------------------------ model and optimizer
+    def module_init_context(self) -> contextlib.AbstractContextManager:
+        if self.stage == 3 and self.delayed_init:
+            return torch.device("meta")
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.device)
+        return stack
+
+    def setup_module(self, module: nn.Module) -> nn.Module:
+        engine, _ = self.setup_module_and_optimizers(module, lambda: [])
+        return engine
+
+    def setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
+        raise StrategyError(
+            "DeepSpeed sets up a model and its optimizer together: call engine.setup(model, optimizer) "
+            "or engine.setup_module_and_optimizers(model, make_optimizers), not setup_optimizers() after setup_module()"
+        )
+
+    def setup_module_and_optimizers(self, module: nn.Module, make_optimizers: Callable[[], Sequence[Optimizer]]) -> tuple[nn.Module, list[Optimizer]]:
+        import deepspeed
+
+        self.config = self._build_config()
+        # The optimizer is built first, on the parameters as the model defines them (whole shapes,
+        # still on the meta device under delayed init): code such as ``p.dim() >= 2`` to choose
+        # weight decay must not see ZeRO-3's empty partitions. It is pointed at the real ones after.
+        names = {id(p): name for name, p in module.named_parameters()}
+        optimizers = list(make_optimizers())
+        if has_meta_tensors(module):
+            self._materialize(module)
+            _repoint(optimizers, names, dict(module.named_parameters()))
+        if self.activation_checkpointing_policy is not None:
+            apply_activation_checkpointing(module, self.activation_checkpointing_policy)
+        if len(optimizers) > 1:
+            raise StrategyError(
+                f"DeepSpeed trains one optimizer, but configure_optimizers() returned {len(optimizers)}; "
+                "put all parameters in one optimizer (use parameter groups for different settings), or use strategy='fsdp'"
+            )
+        user_optimizer = optimizers[0] if optimizers else None
+        if user_optimizer is not None and "optimizer" in self.config:
+            raise ConfigError("the DeepSpeed config has an 'optimizer' section and configure_optimizers() returned an optimizer too; keep one")
+        self._user_optimizer = user_optimizer
+        names = {id(p): name for name, p in module.named_parameters()}
+        self._group_names = [[names[id(p)].removeprefix("module.") for p in group["params"]] for group in user_optimizer.param_groups] if user_optimizer else []
+        engine, zero_optimizer, _, _ = deepspeed.initialize(
+            model=module, optimizer=self._optimizer_for_deepspeed(user_optimizer), config=self.config, dist_init_required=False
+        )
+        self._engine = engine
+        if user_optimizer is None and engine.optimizer is not None:  # DeepSpeed's own, from the config
+            self._user_optimizer = state_io.base_optimizer(engine.optimizer)
+            self._group_names = [list(names.values())]
+            optimizers = [self._user_optimizer]
+        if engine.optimizer is not None:
+            state_io.initialise_optimizer_state(engine.optimizer)
+        log.info("DeepSpeed ZeRO stage %d, %s", self.stage, self._describe_offload())
+        return engine, optimizers
+
+    def _materialize(self, module: nn.Module) -> None:
+        if self.stage != 3:
+            materialize(module, self.device)
+            return
+        import deepspeed
+
+        blocks = repeated_blocks(module)
+
+        def partition(unit: nn.Module) -> None:
+            deepspeed.zero.Init(module=unit, config_dict_or_path=self.config)
+
+        materialize_in_units(module, self.device, blocks, partition)
+
+    def _optimizer_for_deepspeed(self, optimizer: Optimizer | None) -> Optimizer | None:
+        """With the optimizer state offloaded, DeepSpeed's CPU Adam replaces torch's Adam/AdamW.
+
+        It shares the user optimizer's parameter groups, so LR schedulers built on the user's
+        optimizer still drive it.
+        """
+        if optimizer is None or not offloads_optimizer(self.config) or type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
+            return optimizer
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        defaults = optimizer.defaults
+        cpu_adam = DeepSpeedCPUAdam(
+            [p for group in optimizer.param_groups for p in group["params"]],
+            lr=defaults["lr"], betas=defaults["betas"], eps=defaults["eps"], weight_decay=defaults["weight_decay"],
+            adamw_mode=type(optimizer) is torch.optim.AdamW,
+        )
+        for group in optimizer.param_groups:
+            for key, value in cpu_adam.defaults.items():
+                group.setdefault(key, value)
+        cpu_adam.param_groups = optimizer.param_groups
+        log.info("optimizer state offloaded: %s replaced by DeepSpeed's CPU Adam", type(optimizer).__name__)
+        return cpu_adam
+
+    def _describe_offload(self) -> str:
+        zero = self.config["zero_optimization"]
+        parts = [f"{key} to {zero[key]['device']}" for key in ("offload_optimizer", "offload_param") if zero.get(key, {}).get("device", "none") != "none"]
+        return ", ".join(parts) or "no offload"
+
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ the step
+    def no_backward_sync(self, module: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
+        return _accumulation_boundary(self._engine, is_boundary=not enabled)
+
+    def backward(self, loss: torch.Tensor, module: nn.Module | None = None) -> None:
+        self._require_engine("backward")
+        self._engine.backward(loss, scale_wrt_gas=False)  # the Trainer divides by the accumulation steps
+
+    def optimizer_step(self, optimizer: Optimizer) -> None:
+        self._require_engine("step")
+        self._engine.step()
+        if self._pending_norm is not None:
+            norm = self._engine.get_global_grad_norm()
+            if norm is not None:
+                self._pending_norm.fill_(norm.detach().reshape(()) if isinstance(norm, torch.Tensor) else float(norm))
+            self._pending_norm = None
+
+    def optimizer_zero_grad(self, optimizer: Optimizer, set_to_none: bool = True) -> None:
+        """DeepSpeed's step clears the gradients; ZeRO owns the gradient buffers, so nothing else may."""
+
+    def clip_gradients_norm(self, parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """DeepSpeed clips inside its optimizer step; the returned tensor holds the norm once that step ran."""
+        self._require_engine("clip_gradients")
+        if norm_type != 2.0:
+            raise ConfigError(f"DeepSpeed clips by the 2-norm only, got norm_type={norm_type}")
+        self._engine._config.gradient_clipping = float(max_norm)
+        if hasattr(self._engine.optimizer, "clip_grad"):
+            self._engine.optimizer.clip_grad = float(max_norm)
+        self._pending_norm = torch.full((), float("nan"), device=self.device)
+        return self._pending_norm
+
+    def clip_gradients_value(self, parameters: Iterable[torch.Tensor], clip_value: float) -> None:
+        raise ConfigError("DeepSpeed clips gradients by norm only; use max_norm / gradient_clip_algorithm='norm'")
+
+    # ------------------------------------------------------------------ state, in the common format
+    def module_state_dict(self, module: nn.Module, full: bool = True) -> dict[str, Any]:
+        return state_io.model_state(module, owned_only=not full)
+
+    def load_module_state_dict(self, module: nn.Module, state: dict[str, Any], strict: bool = True, full: bool = True) -> None:
+        if full:
+            rank, world = state_io._rank_and_world()
+            names = [name for name, _ in state_io.named_state_tensors(module)]
+            state = {name: state[name] for index, name in enumerate(names) if index % world == rank and name in state}
+        state_io.load_model_state(module, state, self.device, self._zero_optimizer())
+
+    def optimizer_state_dict(self, module: nn.Module, optimizer: Optimizer, full: bool = True) -> dict[str, Any]:
+        self._require_engine("optimizer_state_dict")
+        return state_io.optimizer_state(module, self._engine.optimizer, optimizer, self._group_names, owned_only=not full)
+
+    def load_optimizer_state_dict(self, module: nn.Module, optimizer: Optimizer, state: dict[str, Any], full: bool = True) -> None:
+        self._require_engine("load_optimizer_state_dict")
+        if full:
+            rank, world = state_io._rank_and_world()
+            names = [name for name, _ in state_io._trainable(module)]
+            state = {**state, "state": {n: state["state"][n] for i, n in enumerate(names) if i % world == rank and n in state.get("state", {})}}
+        state_io.load_optimizer_state(module, self._engine.optimizer, optimizer, state, self.device)
+        state_io.refresh_low_precision_params(self._engine.optimizer)
+
+    def _zero_optimizer(self) -> Any:
+        return self._engine.optimizer if self._engine is not None else None
+
+    def _require_engine(self, what: str) -> None:
+        if self._engine is None:
+            raise RuntimeError(f"{what}() under DeepSpeed needs the model set up first (engine.setup(model, optimizer))")
+
+    def teardown(self) -> None:
+        if self._engine is not None and hasattr(self._engine, "destroy"):
+            self._engine.destroy()
+
+    def __repr__(self) -> str:
+        given = {k: getattr(self.options, k) for k in self.options.__slots__ if getattr(self.options, k) is not None}
+        return f"DeepSpeedStrategy({', '.join(f'{k}={v!r}' for k, v in given.items())})"
+
+
+def _repoint(optimizers: list[Optimizer], old_names: dict[int, str], parameters: dict[str, nn.Parameter]) -> None:
+    """Point optimizers built on meta parameters at the materialised ones (same names)."""
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["params"] = [parameters.get(old_names.get(id(p), ""), p) for p in group["params"]]
+
+
+@contextlib.contextmanager
+def _accumulation_boundary(engine: Any, is_boundary: bool) -> Iterator[None]:
+    """Tell DeepSpeed whether the coming backward ends an accumulation window."""
+    if engine is None:
+        yield
+        return
+    engine.set_gradient_accumulation_boundary(is_boundary)
+    try:
+        yield
+    finally:
+        engine.set_gradient_accumulation_boundary(True)
+
+
+def _require_async_io(device_type: str) -> None:
+    """NVMe offload needs DeepSpeed's async_io op, which needs libaio; say so before starting."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device_type == "cuda" else "cpu")
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    if not AsyncIOBuilder().is_compatible(verbose=False):
+        raise MissingDependencyError(
+            "libaio", "DeepSpeed offload to NVMe (its async_io op)", install="apt-get install libaio-dev (Debian/Ubuntu), then run again"
+        ) from None
