@@ -124,6 +124,7 @@ class Engine:
         self._training = TrainingSettings()
         self._launched = False
         self._modules: list[nn.Module] = []
+        self._module_of_optimizer: dict[int, nn.Module] = {}  # where parameters cannot tell (ZeRO flattens them)
         self._pending_save: PendingSave | None = None
 
     # ------------------------------------------------------------------ processes
@@ -255,6 +256,7 @@ class Engine:
         self.precision.grad_scaler(self.device.type)
         forward_module, optimizers = self.strategy.setup_module_and_optimizers(ForwardRouter(module), make_optimizers)
         self._modules.append(module)
+        self._module_of_optimizer.update({id(optimizer): module for optimizer in optimizers})
         return EngineModule(forward_module, module, self.strategy), [EngineOptimizer(optimizer, self) for optimizer in optimizers]
 
     def setup_module(self, module: nn.Module) -> EngineModule:
@@ -444,6 +446,8 @@ class Engine:
 
     def _module_of(self, optimizer: Optimizer) -> nn.Module:
         """The set-up module whose parameters ``optimizer`` updates."""
+        if id(optimizer) in self._module_of_optimizer:
+            return self._module_of_optimizer[id(optimizer)]
         params = {id(p) for group in optimizer.param_groups for p in group["params"]}
         for module in self._modules:
             if any(id(p) in params for p in module.parameters()):

@@ -186,12 +186,12 @@ def load_sharded(path: str | os.PathLike, tensors: dict[str, Any], *, strict_pre
     saved = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata
     requested = _flatten(tensors)
     for prefix in strict_prefixes:
-        _check_match(
-            directory,
-            prefix,
-            {k: v for k, v in requested.items() if k.startswith(prefix + ".") and isinstance(v, torch.Tensor)},
-            {k: v for k, v in saved.items() if k.startswith(prefix + ".") and hasattr(v, "size")},
-        )
+        wanted = {k: tuple(v.shape) for k, v in requested.items() if k.startswith(prefix + ".") and isinstance(v, torch.Tensor)}
+        if dist.is_initialized() and dist.get_world_size() > 1:  # a rank may ask for only its share (DeepSpeed): check the union
+            everyone: list[dict[str, tuple[int, ...]]] = [{} for _ in range(dist.get_world_size())]
+            dist.all_gather_object(everyone, wanted)
+            wanted = {k: v for part in everyone for k, v in part.items()}
+        _check_match(directory, prefix, wanted, {k: v for k, v in saved.items() if k.startswith(prefix + ".") and hasattr(v, "size")})
     missing = sorted(key for key, value in requested.items() if isinstance(value, torch.Tensor) and key not in saved)
     if missing:
         raise CheckpointError(f"{directory} lacks {len(missing)} entries that this run needs, e.g. {missing[:5]}")
@@ -211,14 +211,14 @@ def saved_keys(path: str | os.PathLike) -> set[str]:
     return set(dcp.FileSystemReader(Path(path)).read_metadata().state_dict_metadata)
 
 
-def _check_match(directory: Path, prefix: str, requested: dict[str, Any], saved: dict[str, Any]) -> None:
+def _check_match(directory: Path, prefix: str, requested: dict[str, tuple[int, ...]], saved: dict[str, Any]) -> None:
     missing = sorted(set(requested) - set(saved))
     unexpected = sorted(set(saved) - set(requested))
     shapes = []
     for key in sorted(set(requested) & set(saved)):
-        want = tuple(requested[key].shape) if isinstance(requested[key], torch.Tensor) else None
+        want = requested[key]
         have = tuple(getattr(saved[key], "size", ()) or ())
-        if want is not None and hasattr(saved[key], "size") and want != have:
+        if hasattr(saved[key], "size") and want != have:
             shapes.append(f"{key[len(prefix) + 1:]}: checkpoint {have}, model {want}")
     if missing or unexpected or shapes:
         strip = len(prefix) + 1

@@ -245,8 +245,11 @@ class DeepSpeedStrategy(Strategy):
 
         blocks = repeated_blocks(module)
 
+        swapper = None  # one disk swapper (and its buffers) for all units, not one per unit
+
         def partition(unit: nn.Module) -> None:
-            deepspeed.zero.Init(module=unit, config_dict_or_path=self.config)
+            nonlocal swapper
+            swapper = deepspeed.zero.Init(module=unit, config_dict_or_path=self.config, param_swapper=swapper).param_swapper
 
         materialize_in_units(module, self.device, blocks, partition)
 

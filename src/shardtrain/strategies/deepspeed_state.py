@@ -113,15 +113,17 @@ def base_optimizer(zero_optimizer: Any) -> torch.optim.Optimizer | None:
 def optimizer_tensor_keys(zero_optimizer: Any) -> list[str]:
     optimizer = base_optimizer(zero_optimizer)
     for state in optimizer.state.values():
-        return [key for key, value in state.items() if key != "step" and isinstance(value, torch.Tensor) and value.dim() > 0]
+        if state:
+            return [key for key, value in state.items() if key != "step" and isinstance(value, torch.Tensor) and value.dim() > 0]
     return []
 
 
 def optimizer_step_count(zero_optimizer: Any) -> float:
     optimizer = base_optimizer(zero_optimizer)
     for state in optimizer.state.values():
-        step = state.get("step", 0)
-        return float(step.item() if isinstance(step, torch.Tensor) else step)
+        if "step" in state:
+            step = state["step"]
+            return float(step.item() if isinstance(step, torch.Tensor) else step)
     return 0.0
 
 
@@ -183,22 +185,26 @@ def initialise_optimizer_state(zero_optimizer: Any) -> None:
     changing a weight; the step counters are then reset to 0.
     """
     optimizer = base_optimizer(zero_optimizer)
-    if optimizer is None or optimizer.state or getattr(zero_optimizer, "swap_optimizer", False):
-        return
-    saved_lrs = [group["lr"] for group in optimizer.param_groups]
-    made: list[torch.Tensor] = []
-    for group in optimizer.param_groups:
-        group["lr"] = 0.0
-        for param in group["params"]:
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
-                made.append(param)
-    optimizer.step()
-    for group, lr in zip(optimizer.param_groups, saved_lrs):
-        group["lr"] = lr
-    for param in made:
-        param.grad = None
+    if optimizer is None or any(optimizer.state.values()) or getattr(zero_optimizer, "swap_optimizer", False):
+        return  # already there (ZeRO-3 may hold empty entries before the first step), or swapped to disk
+    flats = getattr(zero_optimizer, "fp32_partitioned_groups_flat", None)
+    if flats is not None:  # ZeRO-3 puts each sub-group into its parameter group only while it steps
+        work = [(optimizer.param_groups[zero_optimizer.sub_group_to_group_id[i]], [flat]) for i, flat in enumerate(flats)]
+    else:
+        work = [(group, list(group["params"])) for group in optimizer.param_groups]
+    for group, params in work:
+        saved_params, saved_lr = group["params"], group["lr"]
+        group["params"], group["lr"] = params, 0.0
+        made = [p for p in params if p.grad is None]
+        for param in made:
+            param.grad = torch.zeros_like(param)
+        optimizer.step()
+        for param in made:
+            param.grad = None
+        group["params"], group["lr"] = saved_params, saved_lr
     _set_step(optimizer, 0)
+    if hasattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO 1/2 link state to parameters at their first step
+        zero_optimizer._lazy_init_hp_params_optimizer_state()
 
 
 def _trainable(module: nn.Module) -> list[tuple[str, torch.Tensor]]:

@@ -60,7 +60,10 @@ class DumpWeights(Callback):
     def _dump(self, trainer, module):
         from safetensors.torch import save_file
 
-        full = {name: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone().contiguous() for name, t in module.state_dict().items()}
+        if trainer.strategy.sets_up_optimizers_with_module:  # DeepSpeed: whole weights through the strategy
+            full = {name: t.contiguous() for name, t in trainer.strategy.module_state_dict(module, full=True).items()}
+        else:
+            full = {name: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone().contiguous() for name, t in module.state_dict().items()}
         if trainer.is_global_zero:
             save_file(full, str(Path(self.out) / f"weights_{self.when}.safetensors"))
 
