@@ -76,6 +76,17 @@ class DumpWeights(Callback):
             self._dump(trainer, module)
 
 
+class WatchDir(Callback):
+    """The most bytes seen in files under a directory during training (DeepSpeed's disk swap files)."""
+
+    def __init__(self, directory):
+        self.directory, self.most = directory, 0
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if self.directory:
+            self.most = max(self.most, sum(f.stat().st_size for f in Path(self.directory).rglob("*") if f.is_file()))
+
+
 class GradNormRecorder(Callback):
     def __init__(self) -> None:
         self.norms = []
@@ -105,12 +116,14 @@ parser.add_argument("--checkpoint-every", type=int, default=None)
 parser.add_argument("--dump-weights", choices=["start", "end"], default=None, help="write the full weights to weights_<when>.safetensors")
 parser.add_argument("--kill-in-save", type=int, default=None, help="rank 1 SIGKILLs itself in the middle of the save at this step")
 parser.add_argument("--strategy-options", default="{}", help="JSON dict of strategy options")
+parser.add_argument("--watch-dir", default=None, help="record the most bytes held in files under this directory")
 args = parser.parse_args()
 
 config = GPTConfig(n_layer=2, n_head=2, d_model=64, seq_len=32)
 train, val = corpus_splits(config.seq_len)
 train = torch.utils.data.Subset(train, range(2048))
 recorder = GradNormRecorder()
+watcher = WatchDir(args.watch_dir)
 trainer = Trainer(
     accelerator="cpu",
     devices=args.devices,
@@ -125,7 +138,7 @@ trainer = Trainer(
     log_every_n_steps=1,
     default_root_dir=args.out,
     seed=args.seed,
-    callbacks=[recorder, StopAt(args.stop_at), KillInSave(args.kill_in_save), DumpWeights(args.dump_weights, args.out)]
+    callbacks=[recorder, watcher, StopAt(args.stop_at), KillInSave(args.kill_in_save), DumpWeights(args.dump_weights, args.out)]
     + ([ModelCheckpoint(every_n_train_steps=args.checkpoint_every, save_top_k=-1)] if args.checkpoint_every else []),
     enable_progress_bar=False,
 )
@@ -159,5 +172,7 @@ if trainer.is_global_zero:
         "lr": trainer.optimizers[0].param_groups[0]["lr"],
         "mesh": list(trainer.strategy.mesh().shape) if hasattr(trainer.strategy, "mesh") else None,
         "strategy": type(trainer.strategy).__name__,
+        "zero_stage": getattr(trainer.strategy, "stage", None),
+        "watched_bytes": watcher.most,
     }
     (Path(args.out) / "result.json").write_text(json.dumps(result))
