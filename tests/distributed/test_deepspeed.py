@@ -38,24 +38,22 @@ def test_each_zero_stage_matches_one_process(single, tmp_path, stage):
 def test_stage_2_with_the_optimizer_in_cpu_memory(single, tmp_path):
     # DeepSpeed's CPU Adam replaces torch's AdamW (its C++ op is built on first use: ~45 s once).
     result = _deepspeed(tmp_path, {"stage": 2, "offload_optimizer": True}, timeout=600)
-    assert result["losses"] == pytest.approx(single["losses"], abs=1e-5)
+    # Another Adam implementation (vectorised C++, fused multiply-adds): measured 2.5e-5 after 10 steps.
+    assert result["losses"] == pytest.approx(single["losses"], abs=1e-4)
 
 
-def test_stage_3_with_parameters_and_optimizer_on_disk(single, tmp_path):
+def test_stage_3_with_parameters_and_optimizer_on_disk(tmp_path):
     # DeepSpeed's async_io op needs libaio (Debian: libaio-dev) and is built on first use: ~2.5 min once.
+    # DeepSpeed keeps tensors under 1 MiB in memory, so this model is wider than the others (1.6M parameters).
+    wide = ("--d-model", "256", "--max-steps", "5")
+    reference = assert_ok(run_script("train_gpt.py", tmp_path / "single", "--devices", "1", "--batch-size", "16", *wide)).result()
     nvme = tmp_path / "nvme"
     options = {"stage": 3, "offload_optimizer": True, "offload_parameters": True, "offload_optimizer_device": "nvme", "offload_params_device": "nvme", "nvme_path": str(nvme)}
-    result = _deepspeed(tmp_path / "run", options, "--watch-dir", str(nvme), timeout=900)
-    assert result["losses"] == pytest.approx(single["losses"], abs=1e-5)
-    # Every fp32 parameter and both Adam moments were on disk: at least 3 x 4 bytes per parameter.
-    parameters = single_parameters()
-    assert result["watched_bytes"] >= 3 * 4 * parameters, result["watched_bytes"]
-
-
-def single_parameters() -> int:
-    from examples.gpt.model import GPTConfig
-
-    return GPTConfig(n_layer=2, n_head=2, d_model=64, seq_len=32).num_parameters
+    result = _deepspeed(tmp_path / "run", options, *wide, "--watch-dir", str(nvme), timeout=900)
+    assert result["losses"] == pytest.approx(reference["losses"], abs=1e-4)  # CPU Adam, as above
+    # fp32 master weights and both Adam moments were in swap files: measured 19.76 MB of the
+    # 19.77 MB those take (the small persistent norm weights stay in memory).
+    assert result["watched_bytes"] >= 0.95 * 3 * 4 * result["parameters"], result["watched_bytes"]
 
 
 def test_activation_checkpointing_from_a_policy(single, tmp_path):

@@ -116,10 +116,11 @@ parser.add_argument("--checkpoint-every", type=int, default=None)
 parser.add_argument("--dump-weights", choices=["start", "end"], default=None, help="write the full weights to weights_<when>.safetensors")
 parser.add_argument("--kill-in-save", type=int, default=None, help="rank 1 SIGKILLs itself in the middle of the save at this step")
 parser.add_argument("--strategy-options", default="{}", help="JSON dict of strategy options")
+parser.add_argument("--d-model", type=int, default=64)
 parser.add_argument("--watch-dir", default=None, help="record the most bytes held in files under this directory")
 args = parser.parse_args()
 
-config = GPTConfig(n_layer=2, n_head=2, d_model=64, seq_len=32)
+config = GPTConfig(n_layer=2, n_head=2, d_model=args.d_model, seq_len=32)
 train, val = corpus_splits(config.seq_len)
 train = torch.utils.data.Subset(train, range(2048))
 recorder = GradNormRecorder()
@@ -174,5 +175,6 @@ if trainer.is_global_zero:
         "strategy": type(trainer.strategy).__name__,
         "zero_stage": getattr(trainer.strategy, "stage", None),
         "watched_bytes": watcher.most,
+        "parameters": config.num_parameters,
     }
     (Path(args.out) / "result.json").write_text(json.dumps(result))
