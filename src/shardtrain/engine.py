@@ -35,7 +35,7 @@ from shardtrain.launch.subprocess_launcher import launch_local_processes
 from shardtrain.precision import Precision
 from shardtrain.seed import restore_rng, rng_tensors, seed_everything
 from shardtrain.strategies import Strategy, create_strategy
-from shardtrain.strategies.base import TrainingSettings, optimizer_parameters
+from shardtrain.strategies.base import TrainingSettings, optimizer_parameters, repoint_optimizer
 from shardtrain.wrapper import EngineModule
 
 T = TypeVar("T")
@@ -240,7 +240,7 @@ class Engine:
 
         def given() -> list[Optimizer]:
             for optimizer in optimizers:
-                _repoint_to_new_parameters(optimizer, names, dict(module.named_parameters(remove_duplicate=False)))
+                repoint_optimizer(optimizer, names, dict(module.named_parameters(remove_duplicate=False)))
             return list(optimizers)
 
         wrapped, wrapped_optimizers = self.setup_module_and_optimizers(module, given)
@@ -457,23 +457,3 @@ class Engine:
     def _require_launched(self, what: str) -> None:
         if not self._launched:
             raise RuntimeError(f"call engine.launch() before engine.{what}()")
-
-
-def _repoint_to_new_parameters(optimizer: Optimizer, old_names: dict[int, str], new_parameters: dict[str, nn.Parameter]) -> None:
-    """Make an optimizer built before set-up update the parameters the strategy put in place.
-
-    Sharding (FSDP) replaces each parameter with a sharded one; an optimizer that still held the
-    old tensors would train nothing, silently.
-    """
-    replaced = False
-    for group in optimizer.param_groups:
-        for index, param in enumerate(group["params"]):
-            name = old_names.get(id(param))
-            if name is not None and new_parameters.get(name) is not None and new_parameters[name] is not param:
-                group["params"][index] = new_parameters[name]
-                replaced = True
-    if replaced and optimizer.state:
-        raise ConfigError(
-            "the optimizer already has state for parameters that set-up replaced (sharding); "
-            "create it before its first step, or after engine.setup(model)"
-        )

@@ -24,6 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.optim import Optimizer
 
+from shardtrain.errors import ConfigError
 from shardtrain.launch.environment import ClusterEnvironment
 from shardtrain.launch.process_group import init_process_group
 from shardtrain.precision import Precision
@@ -196,3 +197,23 @@ class Strategy:
 def optimizer_parameters(optimizers: Sequence[Optimizer]) -> list[torch.Tensor]:
     """Every parameter that has a gradient, over all param groups of all optimizers."""
     return [p for opt in optimizers for group in opt.param_groups for p in group["params"] if p.grad is not None]
+
+
+def repoint_optimizer(optimizer: Optimizer, old_names: dict[int, str], new_parameters: dict[str, nn.Parameter]) -> None:
+    """Make an optimizer built before set-up update the parameters the strategy put in place.
+
+    Sharding (FSDP) and materialising a meta-device model replace parameters with new ones; an
+    optimizer that still held the old tensors would train nothing, silently.
+    """
+    replaced = False
+    for group in optimizer.param_groups:
+        for index, param in enumerate(group["params"]):
+            name = old_names.get(id(param))
+            if name is not None and new_parameters.get(name) is not None and new_parameters[name] is not param:
+                group["params"][index] = new_parameters[name]
+                replaced = True
+    if replaced and optimizer.state:
+        raise ConfigError(
+            "the optimizer already has state for parameters that set-up replaced (sharding); "
+            "create it before its first step, or after engine.setup(model)"
+        )

@@ -29,7 +29,7 @@ from shardtrain.errors import ConfigError, MissingDependencyError, StrategyError
 from shardtrain.precision import Precision, _map_floating
 from shardtrain.strategies import deepspeed_state as state_io
 from shardtrain.strategies.activation_checkpoint import apply_activation_checkpointing
-from shardtrain.strategies.base import Strategy, TrainingSettings
+from shardtrain.strategies.base import Strategy, TrainingSettings, repoint_optimizer
 from shardtrain.strategies.deepspeed_config import DeepSpeedOptions, TrainerSettings, build_config, offload_nvme_paths, offloads_optimizer
 from shardtrain.strategies.materialize import has_meta_tensors, materialize, materialize_in_units
 from shardtrain.strategies.policy import ModulePolicy, repeated_blocks
@@ -210,7 +210,8 @@ class DeepSpeedStrategy(Strategy):
         optimizers = list(make_optimizers())
         if has_meta_tensors(module):
             self._materialize(module)
-            _repoint(optimizers, names, dict(module.named_parameters()))
+            for optimizer in optimizers:
+                repoint_optimizer(optimizer, names, dict(module.named_parameters()))
         if self.activation_checkpointing_policy is not None:
             apply_activation_checkpointing(module, self.activation_checkpointing_policy)
         if len(optimizers) > 1:
@@ -323,10 +324,8 @@ class DeepSpeedStrategy(Strategy):
         return state_io.model_state(module, owned_only=not full)
 
     def load_module_state_dict(self, module: nn.Module, state: dict[str, Any], strict: bool = True, full: bool = True) -> None:
-        if full:
-            rank, world = state_io._rank_and_world()
-            names = [name for name, _ in state_io.named_state_tensors(module)]
-            state = {name: state[name] for index, name in enumerate(names) if index % world == rank and name in state}
+        if full:  # every rank was given everything: keep what this rank owns (and broadcasts)
+            state = state_io.keep_owned([name for name, _ in state_io.named_state_tensors(module)], state)
         state_io.load_model_state(module, state, self.device, self._zero_optimizer())
 
     def optimizer_state_dict(self, module: nn.Module, optimizer: Optimizer, full: bool = True) -> dict[str, Any]:
@@ -336,9 +335,7 @@ class DeepSpeedStrategy(Strategy):
     def load_optimizer_state_dict(self, module: nn.Module, optimizer: Optimizer, state: dict[str, Any], full: bool = True) -> None:
         self._require_engine("load_optimizer_state_dict")
         if full:
-            rank, world = state_io._rank_and_world()
-            names = [name for name, _ in state_io._trainable(module)]
-            state = {**state, "state": {n: state["state"][n] for i, n in enumerate(names) if i % world == rank and n in state.get("state", {})}}
+            state = {**state, "state": state_io.keep_owned([name for name, _ in state_io._trainable(module)], state.get("state", {}))}
         state_io.load_optimizer_state(module, self._engine.optimizer, optimizer, state, self.device)
         state_io.refresh_low_precision_params(self._engine.optimizer)
 
@@ -356,13 +353,6 @@ class DeepSpeedStrategy(Strategy):
     def __repr__(self) -> str:
         given = {k: getattr(self.options, k) for k in self.options.__slots__ if getattr(self.options, k) is not None}
         return f"DeepSpeedStrategy({', '.join(f'{k}={v!r}' for k, v in given.items())})"
-
-
-def _repoint(optimizers: list[Optimizer], old_names: dict[int, str], parameters: dict[str, nn.Parameter]) -> None:
-    """Point optimizers built on meta parameters at the materialised ones (same names)."""
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            group["params"] = [parameters.get(old_names.get(id(p), ""), p) for p in group["params"]]
 
 
 @contextlib.contextmanager

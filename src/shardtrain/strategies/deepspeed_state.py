@@ -39,6 +39,12 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def keep_owned(names: list[str], values: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``values`` this rank owns (``names[i]`` belongs to rank ``i % world_size``)."""
+    rank, world = _rank_and_world()
+    return {name: values[name] for index, name in enumerate(names) if index % world == rank and name in values}
+
+
 def full_fp32_value(tensor: torch.Tensor) -> torch.Tensor:
     """The whole fp32 value of a (possibly ZeRO-partitioned) parameter or buffer. Collective."""
     from deepspeed.utils import safe_get_full_fp32_param
