@@ -9,12 +9,14 @@ strategy; apply it before sharding.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from shardtrain.flops import recomputation_context
 from shardtrain.strategies.policy import ModulePolicy, describe, select_modules
 
 log = logging.getLogger(__name__)
@@ -27,7 +29,12 @@ def apply_activation_checkpointing(root: nn.Module, policy: ModulePolicy) -> lis
         if getattr(module, "_shardtrain_checkpointed", False):
             continue
         original = module.forward
-        module.forward = functools.partial(checkpoint, original, use_reentrant=False)  # type: ignore[method-assign]
+        module.forward = functools.partial(checkpoint, original, use_reentrant=False, context_fn=_contexts)  # type: ignore[method-assign]
         module._shardtrain_checkpointed = True
     log.info("activation checkpointing on %s", describe(selected))
     return selected
+
+
+def _contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """Nothing around the forward pass; the recomputation is marked so FLOP counting can tell it apart."""
+    return contextlib.nullcontext(), recomputation_context()
