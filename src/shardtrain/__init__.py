@@ -3,7 +3,7 @@
 The public API is what this module exports; everything else may change between releases.
 """
 
-from shardtrain.callbacks import Callback, ModelCheckpoint, ProgressBar
+from shardtrain.callbacks import Callback, ModelCheckpoint, ProgressBar, ThroughputMonitor
 from shardtrain.datamodule import DataModule
 from shardtrain.engine import Engine
 from shardtrain.errors import (
@@ -40,6 +40,7 @@ __all__ = [
     "Callback",
     "ProgressBar",
     "ModelCheckpoint",
+    "ThroughputMonitor",
     "Logger",
     "CSVLogger",
     "TensorBoardLogger",

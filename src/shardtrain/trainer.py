@@ -361,10 +361,10 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
         self.progress_bar_metrics.update({name: metrics[name] for name in collector.prog_bar if name in metrics})
         if metrics and self.is_global_zero:
             row = {**metrics, **extra}
+            for callback in self.callbacks:  # first: a callback may add figures to the row (ThroughputMonitor)
+                callback.on_log(self, row, self.global_step)
             for logger in self.loggers:
                 logger.log_metrics(row, self.global_step)
-            for callback in self.callbacks:
-                callback.on_log(self, row, self.global_step)
         return metrics
 
     def _rank_zero_loggers(self) -> list[Logger]:

@@ -3,5 +3,6 @@
 from shardtrain.callbacks.base import Callback
 from shardtrain.callbacks.checkpoint import ModelCheckpoint
 from shardtrain.callbacks.progress import ProgressBar
+from shardtrain.callbacks.throughput import ThroughputMonitor
 
-__all__ = ["Callback", "ModelCheckpoint", "ProgressBar"]
+__all__ = ["Callback", "ModelCheckpoint", "ProgressBar", "ThroughputMonitor"]

@@ -42,7 +42,8 @@ class Callback:
     def on_load_checkpoint(self, trainer: "Trainer", module: "TrainModule", checkpoint: dict[str, Any]) -> None: ...
     def on_exception(self, trainer: "Trainer", module: "TrainModule", exception: BaseException) -> None: ...
     def on_log(self, trainer: "Trainer", metrics: dict[str, float], step: int) -> None:
-        """Called on rank 0 with metrics already reduced over ranks (shardtrain's addition)."""
+        """Called on rank 0 with metrics already reduced over ranks, before the loggers write
+        them; a callback may add entries to ``metrics`` (shardtrain's addition)."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -62,14 +62,19 @@ class ThroughputMeter:
         if self._since is None:
             self._since = time.perf_counter()
 
-    def rates(self) -> dict[str, float]:
+    def take(self) -> tuple[int, int, float]:
+        """(samples, tokens, seconds) since the last ``take``, and start a new window."""
         self.pause()
-        elapsed = max(self._elapsed, 1e-9)
-        out = {"samples_per_sec": self._samples / elapsed}
-        if self._tokens:
-            out["tokens_per_sec"] = self._tokens / elapsed
+        window = (self._samples, self._tokens, max(self._elapsed, 1e-9))
         self._samples, self._tokens, self._elapsed = 0, 0, 0.0
         self.resume()
+        return window
+
+    def rates(self) -> dict[str, float]:
+        samples, tokens, elapsed = self.take()
+        out = {"samples_per_sec": samples / elapsed}
+        if tokens:
+            out["tokens_per_sec"] = tokens / elapsed
         return out
 
 

@@ -20,7 +20,7 @@ from shardtrain.strategies import create_strategy
 
 from examples.gpt.data import corpus_splits
 from examples.gpt.model import GPTConfig, GPTModule
-from shardtrain import Callback, ModelCheckpoint, Trainer
+from shardtrain import Callback, ModelCheckpoint, ThroughputMonitor, Trainer
 
 
 class StopAt(Callback):
@@ -118,6 +118,7 @@ parser.add_argument("--kill-in-save", type=int, default=None, help="rank 1 SIGKI
 parser.add_argument("--strategy-options", default="{}", help="JSON dict of strategy options")
 parser.add_argument("--d-model", type=int, default=64)
 parser.add_argument("--watch-dir", default=None, help="record the most bytes held in files under this directory")
+parser.add_argument("--throughput-monitor", action="store_true", help="train with a ThroughputMonitor (its figures go to metrics.csv)")
 args = parser.parse_args()
 
 config = GPTConfig(n_layer=2, n_head=2, d_model=args.d_model, seq_len=32)
@@ -125,6 +126,7 @@ train, val = corpus_splits(config.seq_len)
 train = torch.utils.data.Subset(train, range(2048))
 recorder = GradNormRecorder()
 watcher = WatchDir(args.watch_dir)
+monitor = ThroughputMonitor() if args.throughput_monitor else None
 trainer = Trainer(
     accelerator="cpu",
     devices=args.devices,
@@ -140,7 +142,8 @@ trainer = Trainer(
     default_root_dir=args.out,
     seed=args.seed,
     callbacks=[recorder, watcher, StopAt(args.stop_at), KillInSave(args.kill_in_save), DumpWeights(args.dump_weights, args.out)]
-    + ([ModelCheckpoint(every_n_train_steps=args.checkpoint_every, save_top_k=-1)] if args.checkpoint_every else []),
+    + ([ModelCheckpoint(every_n_train_steps=args.checkpoint_every, save_top_k=-1)] if args.checkpoint_every else [])
+    + ([monitor] if monitor else []),
     enable_progress_bar=False,
 )
 module = GPTModule(config, learning_rate=3e-3, warmup_steps=3)
@@ -176,5 +179,9 @@ if trainer.is_global_zero:
         "zero_stage": getattr(trainer.strategy, "stage", None),
         "watched_bytes": watcher.most,
         "parameters": config.num_parameters,
+        "seq_len": config.seq_len,
+        "flops_per_batch": monitor.flops_per_batch if monitor else None,
+        "peak_flops": monitor.peak_flops if monitor else None,
+        "throughput": [{k: float(v) for k, v in r.items() if k.startswith("throughput/") and v} for r in rows],
     }
     (Path(args.out) / "result.json").write_text(json.dumps(result))

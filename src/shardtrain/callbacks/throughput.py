@@ -1,0 +1,153 @@
+"""ThroughputMonitor: tokens/s, samples/s, FLOP/s, MFU and peak memory, logged with the metrics.
+
+Nothing it does in a training step waits for the device: per batch it reads tensor shapes and
+adds integers. Rates are computed when the Trainer logs (every ``log_every_n_steps``), which is
+already the point where the Trainer copies its metrics to the host, so the wall time measured
+there matches the device's.
+
+FLOPs are counted from the model: rank 0's first training batch runs under
+:class:`shardtrain.flops.TrainingFlopCounter` (forward and backward, the model's FLOPs apart from
+activation recomputation), and every later batch is assumed to cost the same. Give
+``flops_per_batch`` when batches differ in shape or to skip the count. The first optimizer
+step (counting, warm-up) is left out of the timing.
+"""
+
+from __future__ import annotations
+
+import resource
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from shardtrain.callbacks.base import Callback
+from shardtrain.callbacks.progress import ThroughputMeter, batch_size_and_tokens
+from shardtrain.flops import TrainingFlopCounter, peak_flops
+
+if TYPE_CHECKING:
+    from shardtrain.module import TrainModule
+    from shardtrain.trainer import Trainer
+
+PREFIX = "throughput/"
+
+
+class ThroughputMonitor(Callback):
+    """Logs, at each logging step, on rank 0:
+
+    ========================================  ====================================================
+    ``throughput/tokens_per_sec``             all ranks together (tokens: the first integer
+                                              ``[batch, seq]`` tensor of a batch)
+    ``throughput/samples_per_sec``            all ranks together
+    ``throughput/step_time``                  seconds per optimizer step
+    ``throughput/flops_per_sec``              model FLOP/s of all ranks together
+    ``throughput/flops_per_sec_per_device``   model FLOP/s of one device
+    ``throughput/mfu``                        the above over the device's peak (0 to 1)
+    ``throughput/peak_memory_gib``            rank 0's peak: ``max_memory_allocated`` on CUDA,
+                                              the process's peak RSS on CPU
+    ========================================  ====================================================
+
+    Args:
+        peak_flops: the peak FLOP/s of one device. By default a datasheet figure for known CUDA
+            GPUs in the run's compute dtype, otherwise (CPU) a matmul measured at the start of
+            training in every process.
+        flops_per_batch: model FLOPs of one batch on one device; counted from the first batch if
+            not given.
+        count_flops: set False to report no FLOPs or MFU (nothing is counted then).
+        prog_bar: show MFU (or tokens/s when there is none) in the progress bar.
+    """
+
+    def __init__(self, peak_flops: float | None = None, flops_per_batch: int | None = None, count_flops: bool = True, prog_bar: bool = True) -> None:
+        self.peak_flops = peak_flops
+        self.peak_source = "given" if peak_flops is not None else ""
+        self.flops_per_batch = flops_per_batch
+        self.count_flops = count_flops
+        self.prog_bar = prog_bar
+        self._counter: TrainingFlopCounter | None = None
+        self._meter = ThroughputMeter()
+        self._batches = 0
+        self._steps_at_window_start = 0
+        self._started = False
+
+    def on_train_start(self, trainer: "Trainer", module: "TrainModule") -> None:
+        if self.count_flops and self.peak_flops is None:  # every rank measures at once, as they train
+            dtype = trainer.engine.precision.compute_dtype
+            self.peak_flops, self.peak_source = peak_flops(trainer.engine.device, dtype)
+        self._started = False
+
+    def on_train_batch_start(self, trainer: "Trainer", module: "TrainModule", batch: Any, batch_idx: int) -> None:
+        if not trainer.is_global_zero:
+            return
+        if self._started:
+            # Counted at its start: a logging step's batch is inside the window its log closes.
+            samples, tokens = batch_size_and_tokens(batch)
+            self._meter.add(samples * trainer.world_size, tokens * trainer.world_size)
+            self._batches += 1
+        elif self.count_flops and self.flops_per_batch is None and self._counter is None:  # the first batch
+            self._counter = TrainingFlopCounter()
+            self._counter.start()
+
+    def on_before_backward(self, trainer: "Trainer", module: "TrainModule", loss: Any) -> None:
+        if self._counter is not None and self._counter.result is None:
+            self._counter.forward_done()
+
+    def on_after_backward(self, trainer: "Trainer", module: "TrainModule") -> None:  # ends the count
+        if self._counter is not None and self._counter.result is None:
+            self.flops_per_batch = self._counter.finish().model
+
+    def on_exception(self, trainer: "Trainer", module: "TrainModule", exception: BaseException) -> None:
+        if self._counter is not None and self._counter.result is None:
+            self._counter.finish()
+
+    def on_train_batch_end(self, trainer: "Trainer", module: "TrainModule", outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._started or not trainer.is_global_zero or trainer.global_step == 0:
+            return
+        # The first optimizer step (FLOP counting, warm-up) is not timed; one wait for the device, once.
+        if trainer.engine.device.type == "cuda":
+            torch.cuda.synchronize(trainer.engine.device)
+        self._meter = ThroughputMeter()
+        self._batches = 0
+        self._steps_at_window_start = trainer.global_step
+        self._started = True
+
+    def on_validation_start(self, trainer: "Trainer", module: "TrainModule") -> None:
+        self._meter.pause()
+
+    def on_validation_end(self, trainer: "Trainer", module: "TrainModule") -> None:
+        self._meter.resume()
+
+    # ---------------------------------------------------------------- at logging steps
+    def on_log(self, trainer: "Trainer", metrics: dict[str, float], step: int) -> None:
+        if "train_loss" not in metrics or not self._started or self._batches == 0:
+            return
+        samples, tokens, elapsed = self._meter.take()
+        figures = {f"{PREFIX}samples_per_sec": samples / elapsed}
+        if tokens:
+            figures[f"{PREFIX}tokens_per_sec"] = tokens / elapsed
+        steps = trainer.global_step - self._steps_at_window_start
+        if steps:
+            figures[f"{PREFIX}step_time"] = elapsed / steps
+        if self.flops_per_batch:
+            per_device = self.flops_per_batch * self._batches / elapsed
+            figures[f"{PREFIX}flops_per_sec"] = per_device * trainer.world_size
+            figures[f"{PREFIX}flops_per_sec_per_device"] = per_device
+            if self.peak_flops:
+                figures[f"{PREFIX}mfu"] = per_device / self.peak_flops
+        figures[f"{PREFIX}peak_memory_gib"] = peak_memory_bytes(trainer.engine.device) / 2**30
+        self._batches = 0
+        self._steps_at_window_start = trainer.global_step
+        metrics.update(figures)
+        trainer.callback_metrics.update(figures)
+        if self.prog_bar:
+            shown = "mfu" if f"{PREFIX}mfu" in figures else "tokens_per_sec"
+            if f"{PREFIX}{shown}" in figures:
+                trainer.progress_bar_metrics[shown] = figures[f"{PREFIX}{shown}"]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """``max_memory_allocated`` on CUDA; the process's peak resident memory elsewhere."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
