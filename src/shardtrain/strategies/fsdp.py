@@ -164,7 +164,9 @@ class FSDPStrategy(Strategy):
             if self.compile:
                 unit.compile(**(self.compile if isinstance(self.compile, dict) else {}))
             fully_shard(unit, **options)
-        self._root = fully_shard(module, **options)
+        # The root keeps its parameters unsharded from the end of forward to the start of backward,
+        # which needs them at once (FSDP2's own default for a root): no second all-gather per step.
+        self._root = fully_shard(module, **{**options, "reshard_after_forward": False})
         if meta:
             materialize(module, torch.device("cpu") if self.cpu_offload else self.device)
         self.wrapped_units = units
