@@ -1,9 +1,11 @@
-"""What both sides of a benchmark share: the model size, the data, the timing record."""
+"""What both sides of a benchmark share: the model sizes, the data, the command line, the timing record."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import resource
 import statistics
 import sys
@@ -17,9 +19,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from examples.gpt.data import corpus_splits  # noqa: E402
 from examples.gpt.model import GPTConfig  # noqa: E402
 
-#: The 46M-parameter GPT of the issue's reference figures: 12 layers, d=512, seq 256.
-MODEL = GPTConfig(n_layer=12, n_head=8, d_model=512, seq_len=256)
-SMALL = GPTConfig(n_layer=2, n_head=2, d_model=64, seq_len=64)
+#: Model sizes. ``gpt38m`` is the issue's reference shape (12 layers, d=512, seq 256; 38M
+#: parameters with our 256-byte vocabulary); ``gpt1b`` is for one large GPU.
+MODELS = {
+    "small": GPTConfig(n_layer=2, n_head=2, d_model=64, seq_len=64),
+    "gpt38m": GPTConfig(n_layer=12, n_head=8, d_model=512, seq_len=256),
+    "gpt1b": GPTConfig(n_layer=24, n_head=16, d_model=2048, seq_len=1024),
+}
 
 
 def dataset(config: GPTConfig):
@@ -43,43 +49,76 @@ class StepTimer:
         self._last = now
 
 
-def reference_arguments() -> argparse.Namespace:
-    """The command line every hand-written reference loop takes."""
-    parser = argparse.ArgumentParser()
+def benchmark_arguments(parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """The command line both sides take (the shardtrain side adds its strategy options)."""
+    parser = parser or argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
+    parser.add_argument("--model", default="gpt38m", choices=list(MODELS))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--small", action="store_true")
+    parser.add_argument("--batch-size", type=int, default=4, help="sequences per process per step")
+    parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
     parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--stage", type=int, default=2, help="DeepSpeed ZeRO stage")
     return parser.parse_args()
 
 
-def reference_training_loop(model: torch.nn.Module, config: GPTConfig, args: argparse.Namespace) -> None:
-    """The plain PyTorch loop both references run: AdamW, clipping at 1.0, no logging, rank-sharded data."""
-    import torch.distributed as dist
-    import torch.nn.functional as F
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def autocast(args: argparse.Namespace, device: torch.device) -> contextlib.AbstractContextManager:
+    if args.precision == "bf16-mixed":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def loader(config: GPTConfig, args: argparse.Namespace):
+    """This rank's share of the data: DistributedSampler over the embedded corpus, in order."""
     from torch.utils.data import DataLoader, DistributedSampler
 
-    rank, world = dist.get_rank(), dist.get_world_size()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
     data = dataset(config)
-    loader = DataLoader(data, batch_size=args.batch_size, sampler=DistributedSampler(data, shuffle=False), drop_last=True)
+    return DataLoader(data, batch_size=args.batch_size, sampler=DistributedSampler(data, shuffle=False), drop_last=True)
+
+
+def reference_training_loop(model: torch.nn.Module, config: GPTConfig, args: argparse.Namespace, device: torch.device) -> None:
+    """The plain PyTorch loop the DDP and FSDP references run: AdamW, clipping at 1.0, nothing else."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
     timer = StepTimer()
     timer.tick()
-    for step, (x, y) in enumerate(loader):
+    for step, (x, y) in enumerate(loader(config, args)):
         if step == args.steps:
             break
-        logits = model(x)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast(args, device):
+            logits = model(x)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         timer.tick()
-    write_result(Path(args.out), rank, timer.times, args.warmup, args.batch_size * world * config.seq_len, [])
+    finish(args, timer, config)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def finish(args: argparse.Namespace, timer: StepTimer, config: GPTConfig, extra: dict | None = None) -> None:
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    write_result(Path(args.out), rank, timer.times, args.warmup, args.batch_size * world * config.seq_len, extra or {})
 
 
 def peak_memory_bytes() -> int:
@@ -88,15 +127,17 @@ def peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def write_result(out: Path, rank: int, times: list[float], warmup: int, tokens_per_step: int, losses: list[float]) -> None:
+def write_result(out: Path, rank: int, times: list[float], warmup: int, tokens_per_step: int, extra: dict) -> None:
     measured = times[warmup:]
+    if not measured:
+        raise SystemExit(f"no timed steps: {len(times)} steps ran and the first {warmup} are warm-up; raise --steps")
     result = {
         "step_time_median": statistics.median(measured),
-        "step_time_spread": (max(measured) - min(measured)) if measured else 0.0,
+        "step_time_spread": max(measured) - min(measured),
         "tokens_per_sec": tokens_per_step / statistics.median(measured),
         "peak_memory_bytes": peak_memory_bytes(),
-        "losses": losses,
         "steps_timed": len(measured),
+        **extra,
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{rank}.json").write_text(json.dumps(result))

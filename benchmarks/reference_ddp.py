@@ -4,12 +4,14 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from common import MODEL, SMALL, reference_arguments, reference_training_loop
+from common import MODELS, backend, benchmark_arguments, device, reference_training_loop
 from examples.gpt.model import GPT
 
-args = reference_arguments()
-dist.init_process_group("gloo")
-config = SMALL if args.small else MODEL
+args = benchmark_arguments()
+dist.init_process_group(backend())
+config = MODELS[args.model]
+where = device()
 torch.manual_seed(0)
-model = DistributedDataParallel(GPT(config), gradient_as_bucket_view=True)
-reference_training_loop(model, config, args)
+model = GPT(config).to(where)
+model = DistributedDataParallel(model, gradient_as_bucket_view=True, device_ids=[where.index] if where.type == "cuda" else None)
+reference_training_loop(model, config, args, where)

@@ -1,12 +1,15 @@
-"""Run shardtrain and the hand-written PyTorch reference in turn: same model, data, batch, process count.
+"""Run shardtrain and the hand-written reference in turn: same model, data, batch, precision, process count.
 
-    python benchmarks/run.py                        # DDP, FSDP, FSDP + activation checkpointing; 46M GPT, 2 processes
-    python benchmarks/run.py --configs fsdp --steps 10
-    python benchmarks/run.py --small                # a tiny model: a smoke test of the harness
+    python benchmarks/run.py                              # DDP, FSDP, FSDP + AC, ZeRO-2, ZeRO-3; 38M GPT, 2 processes
+    python benchmarks/run.py --configs fsdp zero3 --scaling 1 2 4
+    python benchmarks/run.py --model small --steps 6      # a tiny model: a smoke test of the harness
+    python benchmarks/run.py --model gpt1b --devices 1 --precision bf16-mixed --configs fsdp   # one GPU
 
-For each configuration it prints tokens/s, median step time and spread, peak memory per rank
-(RSS on CPU, max_memory_allocated on CUDA), and the ratio shardtrain / reference. Results go to
-``benchmarks/results/results.json``.
+For each configuration it prints, for the reference and for shardtrain: tokens/s, model FLOP/s
+and MFU, median step time and spread, peak memory per rank (RSS on CPU, max_memory_allocated on
+CUDA), and the ratio shardtrain / reference. MFU is measured against a stated peak: the
+datasheet figure of a known GPU, or on CPU a matmul measured at the start of this run in as many
+processes as train. Results go to ``<out>/results.json`` and ``<out>/benchmark.png``.
 """
 
 from __future__ import annotations
@@ -14,85 +17,181 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
 
-#: configuration -> (reference script and its flags, shardtrain flags)
+#: configuration -> (reference script and its flags, shardtrain's flags)
 CONFIGS = {
     "ddp": (["reference_ddp.py"], ["--strategy", "ddp"]),
     "fsdp": (["reference_fsdp.py"], ["--strategy", "fsdp"]),
     "fsdp_ac": (["reference_fsdp.py", "--activation-checkpointing"], ["--strategy", "fsdp", "--activation-checkpointing"]),
+    "zero2": (["reference_deepspeed.py", "--stage", "2"], ["--strategy", "deepspeed", "--stage", "2"]),
+    "zero3": (["reference_deepspeed.py", "--stage", "3"], ["--strategy", "deepspeed", "--stage", "3"]),
 }
+
+#: MALLOC_MMAP_THRESHOLD_ pins glibc's threshold, so that CPU RSS tracks live tensors rather than
+#: what glibc keeps of freed ones (which depends on the order of allocations, not on the program).
+PINNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def environment(extra: dict[str, str]) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONPATH": f"{ROOT}{os.pathsep}{HERE}", **extra}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
 
 
 def run(command: list[str], out: Path, extra_env: dict[str, str]) -> dict:
     for stale in out.glob("rank*.json"):
         stale.unlink()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{HERE}", **extra_env}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    subprocess.run(command, env=env, cwd=ROOT, check=True)
+    subprocess.run(command, env=environment(extra_env), cwd=ROOT, check=True)
     results = [json.loads(path.read_text()) for path in sorted(out.glob("rank*.json"))]
-    return {
+    summary = {
         "tokens_per_sec": results[0]["tokens_per_sec"],
         "step_time_median": results[0]["step_time_median"],
         "step_time_spread": results[0]["step_time_spread"],
         "peak_memory_per_rank_bytes": max(r["peak_memory_bytes"] for r in results),
         "ranks": len(results),
     }
+    for key in ("monitor", "monitor_flops_per_batch", "monitor_peak_flops", "monitor_peak_source"):
+        if key in results[0]:
+            summary[key] = results[0][key]
+    return summary
+
+
+def model_flops_per_token(model: str) -> float:
+    """Training FLOPs per token of the benchmark model, counted on the meta device (nothing allocated)."""
+    import torch
+    import torch.nn.functional as F
+
+    from common import MODELS
+    from examples.gpt.model import GPT
+    from shardtrain.flops import count_training_flops
+
+    config = MODELS[model]
+    with torch.device("meta"):
+        gpt = GPT(config)
+        tokens = torch.zeros(1, config.seq_len, dtype=torch.long)
+    flops = count_training_flops(lambda: F.cross_entropy(gpt(tokens).flatten(0, 1).float(), tokens.flatten()))
+    return flops.model / config.seq_len
+
+
+def device_peak_flops(devices: int, precision: str, extra_env: dict[str, str]) -> tuple[float, str]:
+    """Peak FLOP/s of one device: the datasheet for a known GPU; on CPU a matmul measured in
+    ``devices`` processes at once (each with the threads a training process has)."""
+    probe = (
+        "import torch; from shardtrain.flops import peak_flops; "
+        "d = torch.device('cuda' if torch.cuda.is_available() else 'cpu'); "
+        f"p, s = peak_flops(d, {'torch.bfloat16' if precision == 'bf16-mixed' else 'torch.float32'}); print(p, '|', s)"
+    )
+    env = environment(extra_env)
+    procs = [subprocess.Popen([sys.executable, "-c", probe], env=env, stdout=subprocess.PIPE, text=True) for _ in range(1 if _has_cuda() else devices)]
+    outputs = [p.communicate()[0].strip().rsplit("\n", 1)[-1] for p in procs]
+    values = [float(o.split("|")[0]) for o in outputs]
+    return statistics.median(values), outputs[0].split("|", 1)[1].strip()
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def reference_command(name: str, devices: int, out: Path, common: list[str]) -> list[str]:
+    script, *flags = CONFIGS[name][0]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={devices}", f"--master-port={free_port()}",
+            str(HERE / script), *flags, "--out", str(out), *common]
+
+
+def shardtrain_command(name: str, devices: int, out: Path, common: list[str]) -> list[str]:
+    return [sys.executable, str(HERE / "shardtrain_trainer.py"), *CONFIGS[name][1], "--monitor", "--devices", str(devices), "--out", str(out), *common]
+
+
+def add_efficiency(side: dict, flops_per_token: float, peak: float) -> None:
+    side["model_flops_per_sec"] = side["tokens_per_sec"] * flops_per_token
+    side["mfu"] = side["model_flops_per_sec"] / (side["ranks"] * peak)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--small", action="store_true")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--model", default="gpt38m", choices=["small", "gpt38m", "gpt1b"])
+    parser.add_argument("--batch-size", type=int, default=4, help="sequences per process per step")
+    parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
+    parser.add_argument("--scaling", type=int, nargs="*", default=[], help="also run shardtrain alone at these process counts")
     parser.add_argument("--out", default=str(HERE / "results"))
-    parser.add_argument(
-        "--pinned-malloc",
-        action="store_true",
-        help="run both sides with MALLOC_MMAP_THRESHOLD_=131072, so that CPU RSS tracks live tensors rather than "
-        "what glibc keeps of freed ones (which depends on allocation order)",
-    )
+    parser.add_argument("--default-malloc", action="store_true", help="leave glibc's malloc thresholds dynamic (CPU RSS then varies between identical runs)")
     args = parser.parse_args()
-    extra_env = {"MALLOC_MMAP_THRESHOLD_": "131072"} if args.pinned_malloc else {}
+    extra_env = {} if args.default_malloc else PINNED_MALLOC
     out = Path(args.out)
-    common = ["--steps", str(args.steps)] + (["--small"] if args.small else [])
-    report: dict = {"model": "small" if args.small else "gpt-38M (12 layers, d=512, seq 256)", "devices": args.devices, "steps": args.steps, "pinned_malloc": args.pinned_malloc, "configs": {}}
-    for index, name in enumerate(args.configs):
-        reference_args, ours_args = CONFIGS[name]
-        port = 29400 + (os.getpid() + index) % 1000
-        reference = run(
-            [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.devices}", f"--master-port={port}",
-             str(HERE / reference_args[0]), *reference_args[1:], "--out", str(out / name / "reference"), *common],
-            out / name / "reference",
-            extra_env,
-        )
-        ours = run(
-            [sys.executable, str(HERE / "shardtrain_trainer.py"), *ours_args, "--devices", str(args.devices), "--out", str(out / name / "shardtrain"), *common],
-            out / name / "shardtrain",
-            extra_env,
-        )
+    common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--model", args.model, "--batch-size", str(args.batch_size), "--precision", args.precision]
+
+    flops_per_token = model_flops_per_token(args.model)
+    peak, peak_source = device_peak_flops(args.devices, args.precision, extra_env)
+    report: dict = {
+        "model": args.model, "devices": args.devices, "steps": args.steps, "warmup": args.warmup, "batch_size_per_rank": args.batch_size,
+        "precision": args.precision, "malloc": "default" if args.default_malloc else "pinned",
+        "model_flops_per_token": flops_per_token, "peak_flops_per_device": peak, "peak_source": peak_source, "configs": {}, "scaling": {},
+    }
+    for name in args.configs:
+        reference = run(reference_command(name, args.devices, out / name / "reference", common), out / name / "reference", extra_env)
+        ours = run(shardtrain_command(name, args.devices, out / name / "shardtrain", common), out / name / "shardtrain", extra_env)
+        for side in (reference, ours):
+            add_efficiency(side, flops_per_token, peak)
         report["configs"][name] = {
             "reference": reference,
             "shardtrain": ours,
             "ratio_tokens_per_sec": ours["tokens_per_sec"] / reference["tokens_per_sec"],
             "ratio_peak_memory": ours["peak_memory_per_rank_bytes"] / reference["peak_memory_per_rank_bytes"],
         }
+    for name in args.configs if args.scaling else []:
+        report["scaling"][name] = {}
+        for devices in args.scaling:
+            where = out / "scaling" / name / str(devices)
+            result = run(shardtrain_command(name, devices, where, common), where, extra_env)
+            add_efficiency(result, flops_per_token, peak)
+            report["scaling"][name][str(devices)] = result
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(report, indent=2))
-    print(f"{report['model']}, {args.devices} processes, {args.steps} steps{', pinned malloc' if args.pinned_malloc else ''}")
-    print(f"{'config':10}{'side':12}{'tokens/s':>10}{'step (s)':>10}{'spread':>9}{'peak MiB/rank':>15}")
+    print_report(report)
+    from chart import write_chart
+
+    chart = write_chart(report, out / "benchmark.png")
+    print(f"results: {out / 'results.json'}" + (f", chart: {chart}" if chart else ""))
+
+
+def print_report(report: dict) -> None:
+    print(
+        f"\n{report['model']}, {report['devices']} processes, {report['precision']}, {report['steps']} steps ({report['warmup']} warm-up), "
+        f"malloc {report['malloc']}; peak {report['peak_flops_per_device'] / 1e9:,.0f} GFLOP/s per device ({report['peak_source']})"
+    )
+    print(f"{'config':9}{'side':12}{'tokens/s':>10}{'GFLOP/s':>9}{'MFU':>7}{'step (s)':>10}{'spread':>8}{'peak MiB/rank':>15}")
     for name, entry in report["configs"].items():
         for side in ("reference", "shardtrain"):
             r = entry[side]
-            print(f"{name:10}{side:12}{r['tokens_per_sec']:10.0f}{r['step_time_median']:10.3f}{r['step_time_spread']:9.3f}{r['peak_memory_per_rank_bytes'] / 2**20:15.0f}")
-        print(f"{name:10}{'ratio':12}{entry['ratio_tokens_per_sec']:10.3f}{'':19}{entry['ratio_peak_memory']:15.3f}")
+            print(f"{name:9}{side:12}{r['tokens_per_sec']:10.0f}{r['model_flops_per_sec'] / 1e9:9.1f}{r['mfu']:7.1%}"
+                  f"{r['step_time_median']:10.3f}{r['step_time_spread']:8.3f}{r['peak_memory_per_rank_bytes'] / 2**20:15.0f}")
+        print(f"{name:9}{'ratio':12}{entry['ratio_tokens_per_sec']:10.3f}{'':34}{entry['ratio_peak_memory']:15.3f}")
+    for name, runs in report["scaling"].items():
+        print(f"\nscaling, shardtrain {name}:  " + "   ".join(
+            f"{devices} proc: {r['peak_memory_per_rank_bytes'] / 2**20:.0f} MiB/rank, step {r['step_time_median']:.3f} s, {r['tokens_per_sec']:.0f} tokens/s"
+            for devices, r in runs.items()))
 
 
 if __name__ == "__main__":

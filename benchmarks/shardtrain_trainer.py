@@ -1,4 +1,8 @@
-"""The same runs as the reference_*.py loops, through shardtrain's Trainer (devices=N, one strategy word)."""
+"""The same runs as the reference_*.py loops, through shardtrain's Trainer (devices=N, one strategy word).
+
+With ``--monitor`` the run also carries a ThroughputMonitor, and its own figures (FLOPs counted
+from the model, MFU) are written beside the benchmark's.
+"""
 
 from __future__ import annotations
 
@@ -8,20 +12,15 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from common import MODEL, SMALL, StepTimer, dataset, write_result
+from common import MODELS, StepTimer, benchmark_arguments, dataset, write_result
 from examples.gpt.model import GPTModule
-from shardtrain import Callback, FSDPStrategy, Trainer
+from shardtrain import Callback, DeepSpeedStrategy, FSDPStrategy, ThroughputMonitor, Trainer
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--out", required=True)
 parser.add_argument("--devices", type=int, default=2)
-parser.add_argument("--strategy", default="ddp")
-parser.add_argument("--steps", type=int, default=20)
-parser.add_argument("--warmup", type=int, default=3)
-parser.add_argument("--batch-size", type=int, default=4)
-parser.add_argument("--small", action="store_true")
-parser.add_argument("--activation-checkpointing", action="store_true")
-args = parser.parse_args()
+parser.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp", "deepspeed"])
+parser.add_argument("--monitor", action="store_true", help="add a ThroughputMonitor and record its figures")
+args = benchmark_arguments(parser)
 
 
 class Timing(Callback):
@@ -40,19 +39,38 @@ class ConstantLR(GPTModule):
         return torch.optim.AdamW(self.parameters(), lr=3e-4)
 
 
-config = SMALL if args.small else MODEL
+def strategy():
+    checkpointed = {"Block"} if args.activation_checkpointing else None
+    if args.strategy == "fsdp":
+        return FSDPStrategy(activation_checkpointing_policy=checkpointed)
+    if args.strategy == "deepspeed":
+        return DeepSpeedStrategy(stage=args.stage, activation_checkpointing_policy=checkpointed)
+    return "ddp"
+
+
+config = MODELS[args.model]
 timing = Timing()
+monitor = ThroughputMonitor(prog_bar=False)
 trainer = Trainer(
-    accelerator="cpu",
+    accelerator="auto",
     devices=args.devices,
-    strategy=FSDPStrategy(activation_checkpointing_policy={"Block"}) if args.activation_checkpointing else args.strategy,
+    strategy=strategy(),
+    precision=args.precision,
     max_steps=args.steps,
     gradient_clip_val=1.0,
     log_every_n_steps=args.steps,
     default_root_dir=Path(args.out) / "logs",
-    callbacks=[timing],
+    callbacks=[timing, monitor] if args.monitor else [timing],
     enable_progress_bar=False,
 )
 torch.manual_seed(0)
 trainer.fit(ConstantLR(config), DataLoader(dataset(config), batch_size=args.batch_size, shuffle=False, drop_last=True))
-write_result(Path(args.out), trainer.global_rank, timing.timer.times, args.warmup, args.batch_size * trainer.world_size * config.seq_len, [])
+extra = {}
+if args.monitor and trainer.is_global_zero:
+    extra = {
+        "monitor": {k.removeprefix("throughput/"): v for k, v in trainer.callback_metrics.items() if k.startswith("throughput/")},
+        "monitor_flops_per_batch": monitor.flops_per_batch,
+        "monitor_peak_flops": monitor.peak_flops,
+        "monitor_peak_source": monitor.peak_source,
+    }
+write_result(Path(args.out), trainer.global_rank, timing.timer.times, args.warmup, args.batch_size * trainer.world_size * config.seq_len, extra)

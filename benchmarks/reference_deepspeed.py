@@ -1,0 +1,59 @@
+"""Hand-written DeepSpeed training: ``deepspeed.initialize`` and its engine's loop, started by torchrun.
+
+ZeRO stage from ``--stage``; torch AdamW as the client optimizer, clipping at 1.0, bf16 through
+DeepSpeed's own ``bf16`` section. At stage 3 the model is built under ``deepspeed.zero.Init``,
+as DeepSpeed recommends for large models.
+"""
+
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from common import MODELS, StepTimer, backend, benchmark_arguments, device, finish, loader
+from examples.gpt.model import GPT
+
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+import deepspeed  # noqa: E402
+
+args = benchmark_arguments()
+dist.init_process_group(backend())
+deepspeed.init_distributed(dist_backend=backend())
+config = MODELS[args.model]
+where = device()
+ds_config = {
+    "train_micro_batch_size_per_gpu": args.batch_size,
+    "gradient_accumulation_steps": 1,
+    "gradient_clipping": 1.0,
+    "zero_optimization": {"stage": args.stage},
+    "bf16": {"enabled": args.precision == "bf16-mixed"},
+}
+torch.manual_seed(0)
+build = deepspeed.zero.Init(config_dict_or_path=ds_config) if args.stage == 3 else contextlib.nullcontext()
+with build:
+    model = GPT(config)
+if args.activation_checkpointing:
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.blocks:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+timer = StepTimer()
+timer.tick()
+for step, (x, y) in enumerate(loader(config, args)):
+    if step == args.steps:
+        break
+    x, y = x.to(where, non_blocking=True), y.to(where, non_blocking=True)
+    logits = engine(x)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+    engine.backward(loss)
+    engine.step()
+    timer.tick()
+finish(args, timer, config)
+dist.barrier()
+dist.destroy_process_group()
