@@ -35,6 +35,16 @@ def test_each_zero_stage_matches_one_process(single, tmp_path, stage):
     assert result["weight_checksum"] == pytest.approx(single["weight_checksum"], rel=1e-5)
 
 
+def test_stage_3_in_one_process_started_without_a_launcher(single, tmp_path):
+    # devices=1 starts no launcher, so no LOCAL_RANK; DeepSpeed's zero.Init reads it (found by the
+    # benchmark's scaling run).
+    result = assert_ok(run_script(
+        "train_gpt.py", tmp_path, "--devices", "1", "--batch-size", "16", "--strategy", "deepspeed", "--strategy-options", json.dumps({"stage": 3}),
+    )).result()
+    assert (result["world_size"], result["zero_stage"]) == (1, 3)
+    assert result["losses"] == pytest.approx(single["losses"], abs=1e-5)
+
+
 def test_stage_2_with_the_optimizer_in_cpu_memory(single, tmp_path):
     # DeepSpeed's CPU Adam replaces torch's AdamW (its C++ op is built on first use: ~45 s once).
     result = _deepspeed(tmp_path, {"stage": 2, "offload_optimizer": True}, timeout=600)

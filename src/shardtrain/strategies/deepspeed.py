@@ -174,6 +174,12 @@ class DeepSpeedStrategy(Strategy):
 
     def setup_environment(self) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if self.device.type == "cuda" else "cpu")
+        assert self.environment is not None
+        # DeepSpeed reads the rank layout from the environment (zero.Init needs LOCAL_RANK), which
+        # a single process started without a launcher does not have.
+        os.environ.setdefault("LOCAL_RANK", str(self.environment.local_rank))
+        os.environ.setdefault("RANK", str(self.environment.global_rank))
+        os.environ.setdefault("WORLD_SIZE", str(self.environment.world_size))
         super().setup_environment()
         import deepspeed
 
