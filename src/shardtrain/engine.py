@@ -33,6 +33,7 @@ from shardtrain.errors import CheckpointError, ConfigError
 from shardtrain.launch.environment import ClusterEnvironment, detect_environment
 from shardtrain.launch.subprocess_launcher import launch_local_processes
 from shardtrain.precision import Precision
+from shardtrain.rank_agreement import check_same_on_every_rank, module_fingerprint
 from shardtrain.seed import restore_rng, rng_tensors, seed_everything
 from shardtrain.strategies import Strategy, create_strategy
 from shardtrain.strategies.base import TrainingSettings, optimizer_parameters, repoint_optimizer
@@ -253,6 +254,7 @@ class Engine:
         from shardtrain.wrapper import ForwardRouter
 
         self._require_launched("setup")
+        self._check_ranks_agree(module)
         self.precision.grad_scaler(self.device.type)
         forward_module, optimizers = self.strategy.setup_module_and_optimizers(ForwardRouter(module), make_optimizers)
         self._modules.append(module)
@@ -263,9 +265,19 @@ class Engine:
         from shardtrain.wrapper import ForwardRouter
 
         self._require_launched("setup")
+        self._check_ranks_agree(module)
         forward_module = self.strategy.setup_module(ForwardRouter(module))
         self._modules.append(module)
         return EngineModule(forward_module, module, self.strategy)
+
+    def _check_ranks_agree(self, module: nn.Module) -> None:
+        """One collective at set-up: every rank built the same model with the same settings."""
+        settings = {"strategy": self.strategy.name, "precision": self.precision.name, "training": repr(self._training)}
+        check_same_on_every_rank(
+            "the model or the run's settings",
+            {**module_fingerprint(module), **{f"[setting] {key}": value for key, value in settings.items()}},
+            "Every rank must build the same model with the same arguments: look for a size or config read differently per rank or node.",
+        )
 
     def setup_optimizers(self, *optimizers: Optimizer) -> list[EngineOptimizer]:
         self._require_launched("setup")

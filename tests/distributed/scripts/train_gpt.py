@@ -118,10 +118,12 @@ parser.add_argument("--kill-in-save", type=int, default=None, help="rank 1 SIGKI
 parser.add_argument("--strategy-options", default="{}", help="JSON dict of strategy options")
 parser.add_argument("--d-model", type=int, default=64)
 parser.add_argument("--watch-dir", default=None, help="record the most bytes held in files under this directory")
+parser.add_argument("--d-model-on-rank-1", type=int, default=None, help="rank 1 builds a model of this width (a config mismatch)")
 parser.add_argument("--throughput-monitor", action="store_true", help="train with a ThroughputMonitor (its figures go to metrics.csv)")
 args = parser.parse_args()
 
-config = GPTConfig(n_layer=2, n_head=2, d_model=args.d_model, seq_len=32)
+mismatched = args.d_model_on_rank_1 is not None and os.environ.get("RANK") == "1"
+config = GPTConfig(n_layer=2, n_head=2, d_model=args.d_model_on_rank_1 if mismatched else args.d_model, seq_len=32)
 train, val = corpus_splits(config.seq_len)
 train = torch.utils.data.Subset(train, range(2048))
 recorder = GradNormRecorder()
