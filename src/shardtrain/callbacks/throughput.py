@@ -141,9 +141,6 @@ class ThroughputMonitor(Callback):
             if f"{PREFIX}{shown}" in figures:
                 trainer.progress_bar_metrics[shown] = figures[f"{PREFIX}{shown}"]
 
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
 
 def peak_memory_bytes(device: torch.device) -> int:
     """``max_memory_allocated`` on CUDA; the process's peak resident memory elsewhere."""
