@@ -2,10 +2,19 @@
 
     shardtrain fit --config run.yaml [--trainer.max_steps 100] [--strategy.sharding_strategy SHARD_GRAD_OP]
     shardtrain fit --ckpt_path runs/checkpoints/step=100      # resume with the config stored in the checkpoint
+    shardtrain fit --config run.yaml --num-nodes 2 --node-rank 0 --main-address node0 --main-port 29500   # on node 0
+    shardtrain fit --config run.yaml --num-nodes 2 --node-rank 1 --main-address node0 --main-port 29500   # on node 1
     shardtrain validate --config run.yaml
     shardtrain print-config --config run.yaml                 # the resolved config, defaults included
     shardtrain estimate --config run.yaml [--devices 8 --num-nodes 4 --device-memory 80GiB --host-memory 1TiB] [--json]
     shardtrain consolidate CHECKPOINT OUT [--max-shard-size 5GiB] [--optimizer FILE]
+
+Several machines without torchrun or SLURM: run the same command on every node with the same
+``--num-nodes`` (the same as ``--trainer.num_nodes``), ``--main-address`` (node 0's address) and
+``--main-port`` (a free port of node 0), and each node's own ``--node-rank`` (0 to N-1). Each node
+starts its ``trainer.devices`` processes. The flags set ``NODE_RANK``, ``MASTER_ADDR`` and
+``MASTER_PORT`` before the Trainer is built; they are not part of the run config (``config.yaml``).
+Under torchrun or ``srun`` those three come from the launcher and the flags are refused.
 
 Class paths in a config (``model.class_path``, ``data.class_path``) are imported with the
 current directory on ``sys.path``, as ``python -m`` would.
@@ -18,9 +27,11 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import MutableMapping
 
 from shardtrain.checkpoint.consolidate import consolidate, consolidate_optimizer
-from shardtrain.errors import ShardtrainError
+from shardtrain.errors import ConfigError, ShardtrainError
+from shardtrain.launch.environment import outside_launcher
 
 RUN_COMMANDS = ("fit", "validate", "print-config", "estimate")
 
@@ -46,10 +57,13 @@ def _run(command: str, argv: list[str]) -> int:
 
     if "--help" in argv or "-h" in argv:
         run_config.build_parser(command).print_help()
+        if command != "estimate":
+            print()
+            _node_parser(command).print_help()
         return 0
     if command == "estimate":
         return _estimate(argv)
-    argv = _config_from_checkpoint(argv)
+    argv = _config_from_checkpoint(apply_node_flags(argv))
     parsed = run_config.parse(command, argv)
     if command == "print-config":
         print(run_config.dump(parsed), end="")
@@ -59,6 +73,9 @@ def _run(command: str, argv: list[str]) -> int:
     val = data.val_dataloader() if data is not None else None
     if command == "fit":
         trainer.engine.launch()
+        environment = trainer.engine.environment
+        if environment.num_nodes > 1 and environment.local_rank == 0:
+            print(f"[shardtrain] {environment.describe()}", flush=True)
         if trainer.is_global_zero:
             run_config.write_resolved_config(parsed, trainer.default_root_dir)
         trainer.fit(model, train, val, ckpt_path=parsed.ckpt_path)
@@ -66,6 +83,49 @@ def _run(command: str, argv: list[str]) -> int:
         for name, value in trainer.validate(model, val)[0].items():
             trainer.engine.print(f"{name}: {value:.6g}")
     return 0
+
+
+def _node_parser(command: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"shardtrain {command}", add_help=False, allow_abbrev=False, exit_on_error=False)
+    group = parser.add_argument_group(
+        "several machines",
+        "Run the same command on every node, with its own --node-rank; not needed under torchrun or srun, which set the layout.",
+    )
+    group.add_argument("--num-nodes", type=int, metavar="N", help="machines in the run: the same as --trainer.num_nodes")
+    group.add_argument("--node-rank", type=int, metavar="RANK", help="this machine's number, 0 to N-1 (sets NODE_RANK)")
+    group.add_argument("--main-address", metavar="HOST", help="node 0's address, reachable from every node (sets MASTER_ADDR)")
+    group.add_argument("--main-port", type=int, metavar="PORT", help="a free port of node 0, the same on every node (sets MASTER_PORT)")
+    return parser
+
+
+def apply_node_flags(argv: list[str], environ: MutableMapping[str, str] = os.environ) -> list[str]:
+    """Take ``--num-nodes/--node-rank/--main-address/--main-port`` out of ``argv``.
+
+    The last three set ``NODE_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` in ``environ``, where
+    the Trainer reads the layout (``shardtrain.launch.environment``); ``--num-nodes N`` becomes
+    ``--trainer.num_nodes N`` (after any ``--config``, so it wins). Returns the other arguments.
+    """
+    try:
+        flags, rest = _node_parser("fit").parse_known_args(argv)
+    except argparse.ArgumentError as error:
+        raise ConfigError(f"{error}; e.g. --num-nodes 2 --node-rank 0 --main-address node0 --main-port 29500") from None
+    given = {
+        "NODE_RANK": ("--node-rank", flags.node_rank),
+        "MASTER_ADDR": ("--main-address", flags.main_address),
+        "MASTER_PORT": ("--main-port", flags.main_port),
+    }
+    given = {name: (flag, value) for name, (flag, value) in given.items() if value is not None}
+    launcher = outside_launcher(environ)
+    if launcher is not None and given:
+        names = " ".join(flag for flag, _ in given.values())
+        raise ConfigError(
+            f"{names}: this process was started by {launcher}, which sets the rank layout and the main address; "
+            f"drop {names} and give the node count and address to {launcher} instead (keep --num-nodes)"
+        )
+    environ.update({name: str(value) for name, (_, value) in given.items()})
+    if flags.num_nodes is not None:
+        rest += ["--trainer.num_nodes", str(flags.num_nodes)]
+    return rest
 
 
 def _estimate(argv: list[str]) -> int:

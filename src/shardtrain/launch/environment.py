@@ -6,6 +6,10 @@ Three sources, checked in this order:
 * **SLURM** (``srun``): ranks from ``SLURM_PROCID`` / ``SLURM_LOCALID`` / ``SLURM_NODEID``; the main
   address is the first host of ``SLURM_JOB_NODELIST`` unless ``MASTER_ADDR`` is set.
 * **local**: nothing set; shardtrain starts ``devices`` processes itself (see ``subprocess_launcher``).
+  With ``num_nodes > 1`` this runs once per node, each with ``NODE_RANK`` (0 to ``num_nodes - 1``)
+  and the same ``MASTER_ADDR`` (node 0's address) and ``MASTER_PORT`` (Lightning's convention;
+  ``shardtrain fit --node-rank/--main-address/--main-port`` set them). Node ``n``'s processes are
+  global ranks ``n * devices`` to ``n * devices + devices - 1``.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import re
 import socket
 from dataclasses import dataclass
 from typing import Mapping
+
+from shardtrain.errors import ConfigError
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -32,6 +38,18 @@ class ClusterEnvironment:
     #: True when the processes already exist (torchrun, SLURM, or a child we started).
     processes_started: bool
 
+    @property
+    def num_nodes(self) -> int:
+        return max(1, self.world_size // max(self.local_world_size, 1))
+
+    def describe(self) -> str:
+        """One line for the logs, e.g. ``node 1 of 2 (torchrun): ranks 2-3 of 4, main node0:29500``."""
+        first = self.global_rank - self.local_rank  # this node's first rank, as this process was told
+        return (
+            f"node {self.node_rank} of {self.num_nodes} ({self.source}): ranks {first}-{first + self.local_world_size - 1} "
+            f"of {self.world_size}, main {self.main_address}:{self.main_port}"
+        )
+
 
 def detect_environment(devices: int, num_nodes: int, env: Mapping[str, str] | None = None) -> ClusterEnvironment:
     """Read the rank layout for a run of ``devices`` processes per node on ``num_nodes`` nodes."""
@@ -40,17 +58,59 @@ def detect_environment(devices: int, num_nodes: int, env: Mapping[str, str] | No
         return _from_torchrun(env)
     if _is_slurm(env):
         return _from_slurm(env)
+    return _local(devices, num_nodes, env)
+
+
+def _local(devices: int, num_nodes: int, env: Mapping[str, str]) -> ClusterEnvironment:
+    """The layout before shardtrain starts the processes of this node; checks what the nodes must agree on."""
+    node_rank = _int_variable(env, "NODE_RANK", "--node-rank", default=0)
+    port = _int_variable(env, "MASTER_PORT", "--main-port", default=0)
+    if not 0 <= node_rank < num_nodes:
+        raise ConfigError(
+            f"NODE_RANK={node_rank} but the run has num_nodes={num_nodes}: number the nodes 0 to {num_nodes - 1} "
+            f"(--node-rank, or the NODE_RANK variable), or raise num_nodes (--num-nodes)"
+        )
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"MASTER_PORT={port} is not a TCP port; choose one from 1024 to 65535 (--main-port, or the MASTER_PORT variable)")
+    if num_nodes > 1 and port == 0:
+        raise ConfigError(
+            f"num_nodes={num_nodes} needs the main port, the same on every node: pass --main-port PORT (or set MASTER_PORT) "
+            "to a free port of node 0. It cannot be chosen automatically because every node must agree on it"
+        )
+    if num_nodes > 1 and not env.get("MASTER_ADDR"):
+        raise ConfigError(
+            f"num_nodes={num_nodes} needs the main address, the same on every node: pass --main-address HOST (or set "
+            "MASTER_ADDR) to the address of node 0 that the other nodes can reach"
+        )
     return ClusterEnvironment(
         source="local",
-        global_rank=0,
+        global_rank=node_rank * devices,
         local_rank=0,
-        node_rank=0,
+        node_rank=node_rank,
         world_size=devices * num_nodes,
         local_world_size=devices,
-        main_address=env.get("MASTER_ADDR", "127.0.0.1"),
-        main_port=int(env["MASTER_PORT"]) if "MASTER_PORT" in env else 0,
+        main_address=env.get("MASTER_ADDR") or "127.0.0.1",
+        main_port=port,
         processes_started=devices * num_nodes == 1,
     )
+
+
+def _int_variable(env: Mapping[str, str], name: str, flag: str, *, default: int) -> int:
+    text = env.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{name}={text!r} is not a whole number; set {name} (or {flag}) to one") from None
+
+
+def outside_launcher(env: Mapping[str, str] | None = None) -> str | None:
+    """``"torchrun"`` or ``"slurm"`` when one of them started this process, else None (also for ranks shardtrain started)."""
+    env = os.environ if env is None else env
+    if _is_torchrun(env):
+        return None if env.get("SHARDTRAIN_LAUNCHER") == "local" else "torchrun"
+    return "slurm" if _is_slurm(env) else None
 
 
 def _is_torchrun(env: Mapping[str, str]) -> bool:
