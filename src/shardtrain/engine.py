@@ -29,8 +29,9 @@ from torch.utils.data import DataLoader
 
 from shardtrain.checkpoint import PendingSave, load_sharded, read_meta, save_sharded, save_sharded_async, saved_keys
 from shardtrain.data import DeviceDataLoader, move_to_device, with_distributed_sampler
-from shardtrain.errors import CheckpointError, ConfigError
+from shardtrain.errors import CheckpointError, ConfigError, RankFailedError
 from shardtrain.launch.environment import ClusterEnvironment, detect_environment
+from shardtrain.launch.failures import first_failure, publish_failure
 from shardtrain.launch.subprocess_launcher import launch_local_processes
 from shardtrain.precision import Precision
 from shardtrain.rank_agreement import check_same_on_every_rank, module_fingerprint
@@ -347,6 +348,17 @@ class Engine:
 
     def barrier(self) -> None:
         self.strategy.barrier()
+
+    def explain_failure(self, exception: BaseException) -> RankFailedError | None:
+        """Record that this rank fails with ``exception``; if another rank failed first, the
+        error that names it and holds its traceback (raise it ``from exception``)."""
+        if isinstance(exception, SystemExit):
+            return None
+        publish_failure(exception)
+        root = first_failure()
+        if root is None or root.rank == self.global_rank:
+            return None
+        return RankFailedError(root.rank, root.traceback)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: str | os.PathLike, state: dict[str, Any], *, asynchronous: bool = False, on_commit: Callable[[Path], None] | None = None) -> Path:

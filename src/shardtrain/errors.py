@@ -22,6 +22,15 @@ class LaunchError(ShardtrainError, RuntimeError):
     """Processes could not be started, or a rank failed and the run was stopped."""
 
 
+class RankFailedError(LaunchError):
+    """Another rank failed first; the message names it and holds its traceback."""
+
+    def __init__(self, rank: int, traceback: str) -> None:
+        super().__init__(f"rank {rank} failed first, which stopped this rank. Its traceback:\n{traceback.rstrip()}")
+        self.rank = rank
+        self.traceback = traceback
+
+
 class CheckpointError(ShardtrainError, RuntimeError):
     """A checkpoint is missing, half-written, from another model, or of a newer format."""
 

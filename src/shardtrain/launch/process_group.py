@@ -12,7 +12,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from shardtrain.errors import RankFailedError
 from shardtrain.launch.environment import ClusterEnvironment, find_free_port
+from shardtrain.launch.failures import first_failure, publish_failure
 
 
 def backend_for(device: torch.device) -> str:
@@ -33,9 +35,13 @@ def init_process_group(environment: ClusterEnvironment, device: torch.device, ti
     kwargs: dict = {}
     if device.type == "cuda":
         kwargs["device_id"] = device  # eager NCCL init, and no guessing of the device per rank
+    store = _torchrun_agent_store(timeout)
+    if store is not None:
+        kwargs["store"] = store
+    else:
+        kwargs["init_method"] = "env://"
     dist.init_process_group(
         backend_for(device),
-        init_method="env://",
         rank=environment.global_rank,
         world_size=environment.world_size,
         timeout=timeout,
@@ -45,6 +51,21 @@ def init_process_group(environment: ClusterEnvironment, device: torch.device, ti
     atexit.register(destroy_process_group)
 
 
+def _torchrun_agent_store(timeout: timedelta) -> dist.Store | None:
+    """Under torchrun's agent-hosted store, a client whose keys are private to this restart attempt.
+
+    torchrun's static rendezvous (``--master-port`` without ``--rdzv-backend c10d``) keeps one
+    store across ``--max-restarts``: after a restart, gloo read the previous attempt's addresses
+    and failed to connect ("Connection refused"). Prefixing the keys with the attempt number,
+    as the c10d rendezvous does by giving every attempt a new store, fixes it.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"shardtrain/attempt_{attempt}", client)
+
+
 _failed = False
 
 
@@ -52,10 +73,14 @@ def _note_uncaught_exceptions() -> None:
     """Remember whether the interpreter is exiting because of an exception (excepthook runs before atexit)."""
     previous = sys.excepthook
 
-    def hook(*args: object) -> None:
+    def hook(exc_type: type[BaseException], exception: BaseException, tb: object) -> None:
         global _failed
         _failed = True
-        previous(*args)  # type: ignore[arg-type]
+        publish_failure(exception)  # before leaving the group: the peers read it when their collectives break
+        previous(exc_type, exception, tb)  # type: ignore[arg-type]
+        root = first_failure()
+        if root is not None and root.rank != dist.get_rank() and not isinstance(exception, RankFailedError):
+            print(f"[shardtrain] rank {root.rank} failed first; its traceback:\n{root.traceback}", file=sys.stderr, flush=True)
 
     sys.excepthook = hook
 
