@@ -18,6 +18,7 @@ from shardtrain.errors import (
 from shardtrain.loggers import CSVLogger, Logger, TensorBoardLogger
 from shardtrain.module import TrainModule
 from shardtrain.precision import Precision
+from shardtrain.preemption import EXIT_CODE_PREEMPTED, Preempted, Preemption
 from shardtrain.seed import seed_everything
 from shardtrain.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy, Strategy, available_strategies, register_strategy
 from shardtrain.trainer import Trainer
@@ -37,6 +38,9 @@ __all__ = [
     "available_strategies",
     "register_strategy",
     "Precision",
+    "Preemption",
+    "Preempted",
+    "EXIT_CODE_PREEMPTED",
     "Callback",
     "ProgressBar",
     "ModelCheckpoint",

@@ -23,6 +23,7 @@ from shardtrain.loggers import Logger
 from shardtrain.metrics import MetricCollector
 from shardtrain.module import TrainModule
 from shardtrain.optimization import SchedulerConfig, parse_optimizers, step_schedulers
+from shardtrain.preemption import Preempted, Preemption, SignalCatcher, requeue_slurm_job, running_under_slurm_batch
 from shardtrain.seed import seed_everything
 from shardtrain.strategies import Strategy
 from shardtrain.trainer_arguments import check_limit, check_positive_int, limited_batches, make_loggers
@@ -60,6 +61,9 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
         seed: seed every rank with this before building the model (same initial weights everywhere).
         enable_progress_bar: rank-0 progress bar with loss and tokens/s.
         timeout_seconds: how long a collective waits for the other ranks before the run fails.
+        preemption: what to do when the cluster sends a stop signal (default: on SIGTERM or
+            SIGUSR1, save a checkpoint at the next agreed step, requeue under SLURM, exit with
+            code 75); a :class:`~shardtrain.preemption.Preemption`, or ``False`` to leave signals alone.
     """
 
     def __init__(
@@ -86,6 +90,7 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
         seed: int | None = None,
         enable_progress_bar: bool = True,
         timeout_seconds: float = 1800.0,
+        preemption: Preemption | bool = True,
     ) -> None:
         check_positive_int("accumulate_grad_batches", accumulate_grad_batches)
         check_positive_int("log_every_n_steps", log_every_n_steps)
@@ -101,6 +106,8 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
         check_limit("val_check_interval", val_check_interval)
         check_limit("limit_train_batches", limit_train_batches)
         check_limit("limit_val_batches", limit_val_batches, allow_zero=True)
+        if not isinstance(preemption, (bool, Preemption)):
+            raise ConfigError(f"preemption must be True, False or a shardtrain.Preemption, got {preemption!r}")
 
         self.config: dict[str, Any] = {  # the resolved arguments, written into every checkpoint
             "accelerator": accelerator, "devices": devices, "num_nodes": num_nodes, "strategy": strategy if isinstance(strategy, str) else repr(strategy),
@@ -108,6 +115,7 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
             "gradient_clip_val": gradient_clip_val, "gradient_clip_algorithm": gradient_clip_algorithm, "val_check_interval": val_check_interval,
             "check_val_every_n_epoch": check_val_every_n_epoch, "limit_train_batches": limit_train_batches, "limit_val_batches": limit_val_batches,
             "log_every_n_steps": log_every_n_steps, "default_root_dir": str(default_root_dir), "seed": seed, "timeout_seconds": timeout_seconds,
+            "preemption": repr(preemption),
         }
         self.auto_strategy = isinstance(strategy, str) and strategy == "auto"
         self.engine = Engine(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision, timeout_seconds=timeout_seconds)
@@ -124,6 +132,10 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
         self.log_every_n_steps = log_every_n_steps
         self.default_root_dir = Path(default_root_dir)
         self.seed = seed
+        self.preemption: Preemption | None = Preemption() if preemption is True else (preemption or None)
+        self._signals = SignalCatcher(())
+        self._stop_agreed = False
+        self._last_checkpoint: tuple[int, Path] | None = None  # (global step, path) of the latest save
         self.callbacks: list[Callback] = [callbacks] if isinstance(callbacks, Callback) else list(callbacks or [])
         if enable_progress_bar and not any(isinstance(cb, ProgressBar) for cb in self.callbacks):
             self.callbacks.append(ProgressBar())
@@ -170,9 +182,20 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
         val_dataloaders: DataLoader | None = None,
         ckpt_path: str | os.PathLike | None = None,
     ) -> None:
-        """Train ``module``; resume from ``ckpt_path`` (a file saved by ``save_checkpoint``, or ``"last"``)."""
-        self.engine.launch()
-        self._attach(module, "fit")
+        """Train ``module``; resume from ``ckpt_path`` (a file saved by ``save_checkpoint``, or ``"last"``).
+
+        Raises :class:`~shardtrain.preemption.Preempted` (exit code 75) on every rank after
+        saving a checkpoint, when a preemption signal arrived (see ``preemption``).
+        """
+        self._signals = SignalCatcher(self.preemption.signal_numbers if self.preemption else ())
+        self._signals.install()
+        self._stop_agreed = False
+        try:
+            self.engine.launch()
+            self._attach(module, "fit")
+        except BaseException:
+            self._signals.uninstall()
+            raise
         try:
             train_loader = self._loader(train_dataloaders, module, "train_dataloader", required=True)
             val_loader = self._loader(val_dataloaders, module, "val_dataloader", required=False)
@@ -189,8 +212,12 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
             self._call("on_fit_end")
         except BaseException as exception:
             self._call("on_exception", exception)
+            peer_failure = self.engine.explain_failure(exception)
+            if peer_failure is not None:
+                raise peer_failure from exception
             raise
         finally:
+            self._signals.uninstall()
             self.engine.wait_for_checkpoint()
             for logger in self._rank_zero_loggers():
                 logger.finalize()
@@ -312,6 +339,8 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
             self._call("on_train_batch_end", outputs, batch, batch_idx)
             if val_loader is not None and interval and (batch_idx + 1) % interval == 0 and self._val_epoch_due():
                 self._validate(val_loader)
+            if self._stop_agreed:
+                self._stop_for_preemption()
             if self._reached_max_steps() or self.should_stop:
                 self.should_stop = True
                 if self.batches_seen_in_epoch < num_batches:
@@ -348,8 +377,30 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
         step_schedulers(self.lr_schedulers, "step", self.global_step, self.callback_metrics)
         collector.update(logged)
         if self.global_step % self.log_every_n_steps == 0 or self._reached_max_steps():
+            collector.update({_STOP_REQUESTED: (self._stop_flag(), False)})  # agreement rides on the logging all-reduce
             self._log(collector, {"epoch": float(self.current_epoch)})
             collector.reset()
+        elif self.preemption is not None and self.preemption.check_every_n_steps and self.global_step % self.preemption.check_every_n_steps == 0:
+            self._stop_agreed = bool(self.engine.all_reduce(self._stop_flag(), "max").item())
+
+    # ------------------------------------------------------------------ preemption
+    def _stop_flag(self) -> torch.Tensor:
+        return torch.tensor(1.0 if self._signals.requested else 0.0, device=self.engine.device)
+
+    def _stop_for_preemption(self) -> None:
+        """Every rank agreed to stop after this step: save (unless just saved), requeue, exit with code 75."""
+        assert self.preemption is not None
+        reason = f"{self._signals.received} on rank {self.global_rank}" if self._signals.requested else "a stop signal received by another rank"
+        self.engine.wait_for_checkpoint()
+        last = self._last_checkpoint
+        path = last[1] if last is not None and last[0] == self.global_step else self.save_checkpoint()
+        requeued = False
+        if self.preemption.auto_requeue and self.is_global_zero and running_under_slurm_batch():
+            requeued = requeue_slurm_job()
+        preempted = Preempted(self.global_step, reason, path, requeued)
+        if self.is_global_zero:
+            print(f"[shardtrain] {preempted}; exiting with code {preempted.code}", flush=True)
+        raise preempted
 
     def _reached_max_steps(self) -> bool:
         return 0 < self.max_steps <= self.global_step
@@ -357,6 +408,8 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
     # ------------------------------------------------------------------ logging and hooks
     def _log(self, collector: MetricCollector, extra: dict[str, float]) -> dict[str, float]:
         metrics = collector.compute(lambda t: self.engine.all_reduce(t, "mean"), self.engine.device)
+        if metrics.pop(_STOP_REQUESTED, 0.0) > 0:
+            self._stop_agreed = True
         self.callback_metrics.update(metrics)
         self.progress_bar_metrics.update({name: metrics[name] for name in collector.prog_bar if name in metrics})
         if metrics and self.is_global_zero:
@@ -376,6 +429,9 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
             module_hook(*args)
         for callback in self.callbacks:
             getattr(callback, hook)(self, self.module, *args)
+
+
+_STOP_REQUESTED = "_shardtrain/stop_requested"
 
 
 def _extract_loss(outputs: Any, module_name: str) -> torch.Tensor:

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 from shardtrain.checkpoint import read_meta
 from shardtrain.checkpoint.consolidate import is_weights_file, load_weights
-from shardtrain.errors import CheckpointError
 
 if TYPE_CHECKING:
     from shardtrain.trainer import Trainer
@@ -45,6 +44,7 @@ class TrainerCheckpointing:
         self._call("on_save_checkpoint", state)
         checkpoint_dir = self.checkpoint_dir
         self.engine.save(target, state, asynchronous=asynchronous, on_commit=lambda committed: _point_last_at(checkpoint_dir, committed))
+        self._last_checkpoint = (self.global_step, target)
         return target
 
     def _checkpoint_state(self: "Trainer") -> dict[str, Any]:
@@ -61,7 +61,8 @@ class TrainerCheckpointing:
             state["grad_scaler"] = scaler
         return state
 
-    def _resolve_checkpoint(self: "Trainer", ckpt_path: str | os.PathLike) -> Path:
+    def _resolve_checkpoint(self: "Trainer", ckpt_path: str | os.PathLike) -> Path | None:
+        """The checkpoint directory ``ckpt_path`` names; None for ``"last"`` before any save."""
         path = Path(ckpt_path)
         if path.name == LAST and path.is_file():  # the pointer file itself
             return path.parent / path.read_text().strip()
@@ -69,11 +70,17 @@ class TrainerCheckpointing:
             return path
         pointer = self.checkpoint_dir / LAST
         if not pointer.is_file():
-            raise CheckpointError(f"ckpt_path='last' but no checkpoint was saved in {self.checkpoint_dir}; train without ckpt_path first")
+            # The same command starts a job and its restarts (torchrun --max-restarts, a requeued
+            # SLURM job): the first attempt has nothing to resume from. Lightning does the same.
+            if self.is_global_zero:
+                print(f"[shardtrain] ckpt_path='last' but no checkpoint was saved in {self.checkpoint_dir} yet; training starts from the beginning", flush=True)
+            return None
         return self.checkpoint_dir / pointer.read_text().strip()
 
     def _restore(self: "Trainer", ckpt_path: str | os.PathLike) -> None:
         path = self._resolve_checkpoint(ckpt_path)
+        if path is None:
+            return
         if is_weights_file(path):  # consolidated weights: initialise the model from them, start at step 0
             self.strategy.load_module_state_dict(self.module, load_weights(path), strict=True, full=True)
             return

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from shardtrain.launch.environment import find_free_port
 
@@ -32,15 +32,17 @@ class Run:
         return json.loads(path.read_text())
 
 
-def run_script(script: str, out_dir: Path, *args: str, timeout: float = 180, torchrun: int | None = None, env: dict | None = None) -> Run:
-    """Run ``scripts/<script>`` with ``--out out_dir``; with ``torchrun=N`` under ``torchrun --nproc-per-node N``."""
+def run_script(
+    script: str, out_dir: Path, *args: str, timeout: float = 180, torchrun: int | None = None, torchrun_args: Sequence[str] = (), env: dict | None = None
+) -> Run:
+    """Run ``scripts/<script>`` with ``--out out_dir``; with ``torchrun=N`` under ``torchrun --nproc-per-node N [torchrun_args]``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, str(SCRIPTS / script), "--out", str(out_dir), *args]
     if torchrun:
         port = find_free_port()
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={torchrun}", f"--master-port={port}", *command[1:]]
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={torchrun}", f"--master-port={port}", *torchrun_args, *command[1:]]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **(env or {})}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK"):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK"):
         full_env.pop(key, None)
     completed = subprocess.run(command, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     return Run(completed.returncode, completed.stdout + completed.stderr, out_dir)

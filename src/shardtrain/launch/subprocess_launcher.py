@@ -7,8 +7,12 @@ whole run when a rank dies, so a failure never turns into a hang:
 
 * a child that exits non-zero: rank 0 reports it, terminates the others and exits with code 1
   if it has not failed by itself within ``failure_grace_seconds``;
-* rank 0 that dies: the children get SIGTERM from the kernel (``PR_SET_PDEATHSIG``);
+* rank 0 that dies: the children get SIGKILL from the kernel (``PR_SET_PDEATHSIG``); not
+  SIGTERM, which the Trainer catches as a preemption request;
 * rank 0 that ends normally waits for its children and exits non-zero if any of them failed.
+
+A child that exits with the preemption code (75, see ``shardtrain.preemption``) has not failed:
+every rank saved and stopped at the same step, and rank 0 exits with the same code.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import time
 from typing import Sequence
 
 from shardtrain.launch.environment import ClusterEnvironment, find_free_port
+from shardtrain.preemption import EXIT_CODE_PREEMPTED
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +50,7 @@ def user_command() -> list[str]:
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:
         pass
 
@@ -103,7 +108,7 @@ class SubprocessLauncher:
 
     def _watch_child(self, local_rank: int, child: subprocess.Popen) -> None:
         code = child.wait()
-        if code != 0 and not self._reported and not self._exiting_with_error:
+        if code not in (0, EXIT_CODE_PREEMPTED) and not self._reported and not self._exiting_with_error:
             self._stop_after_child_failure(local_rank, code)
 
     def _report_failure(self, local_rank: int, code: int) -> None:
@@ -122,15 +127,13 @@ class SubprocessLauncher:
         os._exit(1)
 
     def _terminate_children(self, timeout: float = 5.0) -> None:
+        # SIGKILL: the run is over, and SIGTERM would only ask a preemption checkpoint of a
+        # rank whose peers are gone.
         for child in self._children.values():
             if child.poll() is None:
-                child.terminate()
-        deadline = time.monotonic() + timeout
-        for child in self._children.values():
-            try:
-                child.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
                 child.kill()
+        for child in self._children.values():
+            child.wait(timeout)
 
     def _wait_for_children(self) -> None:
         if self._exiting_with_error:
@@ -147,7 +150,7 @@ class SubprocessLauncher:
             self._terminate_children()
             return
         codes = [child.wait() for child in self._children.values()]
-        failed = [code for code in codes if code != 0]
+        failed = [code for code in codes if code not in (0, EXIT_CODE_PREEMPTED)]
         if failed:
             sys.stdout.flush()
             sys.stderr.flush()

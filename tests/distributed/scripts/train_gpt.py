@@ -20,7 +20,7 @@ from shardtrain.strategies import create_strategy
 
 from examples.gpt.data import corpus_splits
 from examples.gpt.model import GPTConfig, GPTModule
-from shardtrain import Callback, ModelCheckpoint, ThroughputMonitor, Trainer
+from shardtrain import Callback, ModelCheckpoint, Preemption, ThroughputMonitor, Trainer
 
 
 class StopAt(Callback):
@@ -49,6 +49,24 @@ class KillInSave(Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
         threading.Thread(target=kill_when_writing, daemon=True).start()
+
+
+class SendSignal(Callback):
+    """At the end of a step, send a real signal to this process (as a scheduler would) and note when."""
+
+    def __init__(self, step, name, rank, out):
+        self.step, self.name, self.rank, self.out = step, name, rank, out
+
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))  # under torchrun --max-restarts
+
+    def on_train_start(self, trainer, module):
+        if trainer.is_global_zero:
+            (Path(self.out) / f"train_start_attempt{self.attempt}.json").write_text(json.dumps({"time": time.time(), "step": trainer.global_step}))
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if self.step is not None and trainer.global_step == self.step and trainer.global_rank == self.rank and self.attempt == 0:
+            (Path(self.out) / "signal_sent.json").write_text(json.dumps({"time": time.time(), "step": self.step, "rank": self.rank}))
+            os.kill(os.getpid(), getattr(signal, self.name))
 
 
 class DumpWeights(Callback):
@@ -119,6 +137,11 @@ parser.add_argument("--strategy-options", default="{}", help="JSON dict of strat
 parser.add_argument("--d-model", type=int, default=64)
 parser.add_argument("--watch-dir", default=None, help="record the most bytes held in files under this directory")
 parser.add_argument("--d-model-on-rank-1", type=int, default=None, help="rank 1 builds a model of this width (a config mismatch)")
+parser.add_argument("--signal-at-step", type=int, default=None, help="send --signal to rank --signal-rank at the end of this step")
+parser.add_argument("--send-signal", default="SIGTERM")
+parser.add_argument("--signal-rank", type=int, default=0)
+parser.add_argument("--log-every", type=int, default=1)
+parser.add_argument("--preemption", default="{}", help="JSON options of shardtrain.Preemption, or 'off'")
 parser.add_argument("--throughput-monitor", action="store_true", help="train with a ThroughputMonitor (its figures go to metrics.csv)")
 args = parser.parse_args()
 
@@ -140,10 +163,11 @@ trainer = Trainer(
     gradient_clip_algorithm=args.clip_algorithm,
     val_check_interval=args.val_check_interval,
     limit_val_batches=4,
-    log_every_n_steps=1,
+    log_every_n_steps=args.log_every,
     default_root_dir=args.out,
     seed=args.seed,
-    callbacks=[recorder, watcher, StopAt(args.stop_at), KillInSave(args.kill_in_save), DumpWeights(args.dump_weights, args.out)]
+    preemption=False if args.preemption == "off" else Preemption(**json.loads(args.preemption)),
+    callbacks=[recorder, watcher, StopAt(args.stop_at), KillInSave(args.kill_in_save), DumpWeights(args.dump_weights, args.out), SendSignal(args.signal_at_step, args.send_signal, args.signal_rank, args.out)]
     + ([ModelCheckpoint(every_n_train_steps=args.checkpoint_every, save_top_k=-1)] if args.checkpoint_every else [])
     + ([monitor] if monitor else []),
     enable_progress_bar=False,
