@@ -11,6 +11,8 @@ from shardtrain.errors import (
     ConfigError,
     LaunchError,
     MissingDependencyError,
+    NonFiniteError,
+    RankFailedError,
     ShardtrainError,
     StrategyError,
     TrainingStepError,
@@ -55,5 +57,7 @@ __all__ = [
     "LaunchError",
     "CheckpointError",
     "MissingDependencyError",
+    "NonFiniteError",
+    "RankFailedError",
     "TrainingStepError",
 ]

@@ -44,5 +44,9 @@ class MissingDependencyError(ShardtrainError, ImportError):
         self.package = package
 
 
+class NonFiniteError(ShardtrainError, FloatingPointError):
+    """A training step's loss or gradient norm was NaN or infinite (``on_nonfinite="stop"``)."""
+
+
 class TrainingStepError(ShardtrainError, RuntimeError):
     """A user hook returned something the Trainer cannot use (e.g. ``training_step`` without a loss)."""

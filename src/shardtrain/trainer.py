@@ -22,6 +22,7 @@ from shardtrain.errors import ConfigError, TrainingStepError
 from shardtrain.loggers import Logger
 from shardtrain.metrics import MetricCollector
 from shardtrain.module import TrainModule
+from shardtrain.nonfinite import NonFiniteCheck
 from shardtrain.optimization import SchedulerConfig, parse_optimizers, step_schedulers
 from shardtrain.preemption import Preempted, Preemption, SignalCatcher, requeue_slurm_job, running_under_slurm_batch
 from shardtrain.seed import seed_everything
@@ -64,6 +65,9 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
         preemption: what to do when the cluster sends a stop signal (default: on SIGTERM or
             SIGUSR1, save a checkpoint at the next agreed step, requeue under SLURM, exit with
             code 75); a :class:`~shardtrain.preemption.Preemption`, or ``False`` to leave signals alone.
+        on_nonfinite: ``"ignore"``, ``"stop"`` (raise ``NonFiniteError`` naming the step and
+            ranks) or ``"skip"`` (leave the optimizer step out) when a step's loss or gradient
+            norm is NaN/Inf; the checks cost one small collective and host sync per step.
     """
 
     def __init__(
@@ -91,6 +95,7 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
         enable_progress_bar: bool = True,
         timeout_seconds: float = 1800.0,
         preemption: Preemption | bool = True,
+        on_nonfinite: str = "ignore",
     ) -> None:
         check_positive_int("accumulate_grad_batches", accumulate_grad_batches)
         check_positive_int("log_every_n_steps", log_every_n_steps)
@@ -115,7 +120,7 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
             "gradient_clip_val": gradient_clip_val, "gradient_clip_algorithm": gradient_clip_algorithm, "val_check_interval": val_check_interval,
             "check_val_every_n_epoch": check_val_every_n_epoch, "limit_train_batches": limit_train_batches, "limit_val_batches": limit_val_batches,
             "log_every_n_steps": log_every_n_steps, "default_root_dir": str(default_root_dir), "seed": seed, "timeout_seconds": timeout_seconds,
-            "preemption": repr(preemption),
+            "preemption": repr(preemption), "on_nonfinite": on_nonfinite,
         }
         self.auto_strategy = isinstance(strategy, str) and strategy == "auto"
         self.engine = Engine(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision, timeout_seconds=timeout_seconds)
@@ -134,6 +139,7 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
         self.seed = seed
         self.preemption: Preemption | None = Preemption() if preemption is True else (preemption or None)
         self._signals = SignalCatcher(())
+        self.nonfinite = NonFiniteCheck(on_nonfinite)
         self._stop_agreed = False
         self._last_checkpoint: tuple[int, Path] | None = None  # (global step, path) of the latest save
         self.callbacks: list[Callback] = [callbacks] if isinstance(callbacks, Callback) else list(callbacks or [])
@@ -205,6 +211,7 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
                 gradient_clip_algorithm=self.gradient_clip_algorithm, micro_batch_size=getattr(train_loader, "batch_size", None),
             )
             self._setup(module, "fit")
+            self.nonfinite.refuse_what_cannot_be_done(self.strategy.can_skip_optimizer_step, self._loss_scaling())
             if ckpt_path is not None:
                 self._restore(ckpt_path)
             self._call("on_fit_start")
@@ -363,18 +370,25 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
         for optimizer in self.optimizers:
             self._call("on_before_optimizer_step", optimizer)
         logged: dict[str, tuple[torch.Tensor, bool]] = {"train_loss": (step_loss, True)}
-        if self.gradient_clip_val is not None:
-            if self.gradient_clip_algorithm == "norm":
-                norm = self.engine.clip_gradients(self.model, self.optimizers, max_norm=self.gradient_clip_val)
-                logged["train_grad_norm"] = (norm.detach(), False)
-            else:
-                self.engine.clip_gradients(self.model, self.optimizers, clip_val=self.gradient_clip_val)
-        self.engine.step(*self.optimizers)
+        norm = None
+        if self.gradient_clip_val is not None and self.gradient_clip_algorithm == "norm":
+            norm = self.engine.clip_gradients(self.model, self.optimizers, max_norm=self.gradient_clip_val)
+            logged["train_grad_norm"] = (norm.detach(), False)
+        step_now = True
+        if self.nonfinite.mode != "ignore":
+            if norm is None and self.strategy.can_skip_optimizer_step and not self._loss_scaling():
+                norm = self.engine.clip_gradients(self.model, self.optimizers, max_norm=math.inf)  # only the norm: scales by 1
+            step_now = self.nonfinite.step_is_finite(self.engine, self.global_step + 1, step_loss, norm if self.strategy.can_skip_optimizer_step else None)
+        if self.gradient_clip_val is not None and self.gradient_clip_algorithm == "value":
+            self.engine.clip_gradients(self.model, self.optimizers, clip_val=self.gradient_clip_val)
+        if step_now:
+            self.engine.step(*self.optimizers)
         for optimizer in self.optimizers:
             self._call("on_before_zero_grad", optimizer)
             optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
-        step_schedulers(self.lr_schedulers, "step", self.global_step, self.callback_metrics)
+        if step_now:
+            step_schedulers(self.lr_schedulers, "step", self.global_step, self.callback_metrics)
         collector.update(logged)
         if self.global_step % self.log_every_n_steps == 0 or self._reached_max_steps():
             collector.update({_STOP_REQUESTED: (self._stop_flag(), False)})  # agreement rides on the logging all-reduce
@@ -401,6 +415,9 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
         if self.is_global_zero:
             print(f"[shardtrain] {preempted}; exiting with code {preempted.code}", flush=True)
         raise preempted
+
+    def _loss_scaling(self) -> bool:
+        return self.engine.precision.grad_scaler(self.engine.device.type) is not None
 
     def _reached_max_steps(self) -> bool:
         return 0 < self.max_steps <= self.global_step

@@ -127,3 +127,23 @@ def test_torchrun_reports_the_failing_rank_and_its_traceback(tmp_path):
     assert "rank      : 1" in root_cause and "planted failure on rank 1" in root_cause, root_cause
     # rank 0's own error names rank 1 and carries its traceback, instead of "Connection closed by peer" alone
     assert "RankFailedError: rank 1 failed first" in run.output
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip", "ignore"])
+def test_a_nan_loss_on_one_rank(tmp_path, mode):
+    """Rank 1's loss is NaN at step 4 (0-based batch 3) of 8."""
+    run = run_script("fail_rank.py", tmp_path, "--how", "nan", "--fail-rank", "1", "--max-steps", "8", "--on-nonfinite", mode, timeout=120)
+    if mode == "stop":
+        assert run.returncode != 0
+        assert "NonFiniteError: step 4: the loss is nan on rank 1 and the gradient norm is nan." in run.output
+        assert not (tmp_path / "rank0.json").exists()
+        return
+    assert_ok(run)
+    ranks = [run.result(f"rank{rank}.json") for rank in (0, 1)]
+    assert [r["global_step"] for r in ranks] == [8, 8]
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    if mode == "skip":
+        assert "step 4: the loss is nan on rank 1 and the gradient norm is nan; the optimizer step was skipped (1 so far)" in run.output
+        assert [r["skipped_steps"] for r in ranks] == [1, 1] and ranks[0]["finite"]
+    else:  # what the option prevents: one NaN step ruins the weights on every rank
+        assert not ranks[0]["finite"]

@@ -192,3 +192,46 @@ def test_resume_under_another_precision(tmp_path):
     resumed = Trainer(accelerator="cpu", precision="16-mixed", max_steps=4, default_root_dir=tmp_path, seed=7, enable_progress_bar=False)
     resumed.fit(Regression(), DataLoader(_data(), batch_size=8), ckpt_path="last")
     assert resumed.global_step == 4
+
+
+class NaNAtStep2(Regression):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)["loss"]
+        return loss * float("nan") if batch_idx == 1 else loss
+
+
+def test_on_nonfinite_skip_leaves_out_exactly_that_step(tmp_path, capsys):
+    trainer, module, rows = _fit(tmp_path, module=NaNAtStep2(), on_nonfinite="skip")
+    assert trainer.global_step == 4 and trainer.nonfinite.skipped_steps == 1
+    assert "step 2: the loss is nan on rank 0" in capsys.readouterr().out
+    # the same run by hand, without the second batch's update
+    torch.manual_seed(7)
+    reference = Regression()
+    from shardtrain.seed import seed_everything
+
+    seed_everything(7)
+    reference.configure_model()
+    optimizer = reference.configure_optimizers()
+    for index, (x, y) in enumerate(DataLoader(_data(), batch_size=16)):
+        if index == 1:
+            continue
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(reference.net(x), y).backward()
+        optimizer.step()
+    assert torch.equal(_weights(module), _weights(reference))
+
+
+def test_on_nonfinite_stop_names_the_step(tmp_path):
+    from shardtrain import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match=r"step 2: the loss is nan on rank 0 and the gradient norm is nan\. .*on_nonfinite='skip'"):
+        _fit(tmp_path, module=NaNAtStep2(), on_nonfinite="stop")
+
+
+def test_on_nonfinite_refuses_what_it_cannot_do(tmp_path):
+    from shardtrain import ConfigError
+
+    with pytest.raises(ConfigError, match="on_nonfinite must be one of 'ignore', 'stop', 'skip'"):
+        Trainer(accelerator="cpu", on_nonfinite="drop")
+    with pytest.raises(ConfigError, match="16-mixed.*GradScaler already skips"):
+        _fit(tmp_path, on_nonfinite="skip", precision="16-mixed")

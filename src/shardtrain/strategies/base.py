@@ -52,6 +52,9 @@ class Strategy:
     needs_process_group: ClassVar[bool] = False
     #: Whether the optimizer must exist before the module is set up (DeepSpeed) rather than after (FSDP).
     sets_up_optimizers_with_module: ClassVar[bool] = False
+    #: Whether the loop may leave out an optimizer step and read the gradient norm before it;
+    #: False where the strategy's engine owns the gradients and the step (DeepSpeed).
+    can_skip_optimizer_step: ClassVar[bool] = True
 
     def __init__(self) -> None:
         self.environment: ClusterEnvironment | None = None

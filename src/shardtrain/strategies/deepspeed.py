@@ -93,6 +93,8 @@ class DeepSpeedStrategy(Strategy):
     needs_process_group = True
     #: DeepSpeed takes the model and its optimizer together (``deepspeed.initialize``).
     sets_up_optimizers_with_module = True
+    #: Its optimizer step also clips and reduces; the norm is known only after it.
+    can_skip_optimizer_step = False
 
     def __init__(
         self,
