@@ -346,7 +346,7 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
             self._call("on_train_batch_end", outputs, batch, batch_idx)
             if val_loader is not None and interval and (batch_idx + 1) % interval == 0 and self._val_epoch_due():
                 self._validate(val_loader)
-            if self._stop_agreed:
+            if self._stop_agreed and not self._reached_max_steps():  # on the last step, just finish
                 self._stop_for_preemption()
             if self._reached_max_steps() or self.should_stop:
                 self.should_stop = True
@@ -378,7 +378,9 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
         if self.nonfinite.mode != "ignore":
             if norm is None and self.strategy.can_skip_optimizer_step and not self._loss_scaling():
                 norm = self.engine.clip_gradients(self.model, self.optimizers, max_norm=math.inf)  # only the norm: scales by 1
-            step_now = self.nonfinite.step_is_finite(self.engine, self.global_step + 1, step_loss, norm if self.strategy.can_skip_optimizer_step else None)
+            # The norm is not checked under loss scaling (an inf there is the GradScaler's business) or DeepSpeed (not known yet).
+            checked_norm = norm if self.strategy.can_skip_optimizer_step and not self._loss_scaling() else None
+            step_now = self.nonfinite.step_is_finite(self.engine, self.global_step + 1, step_loss, checked_norm)
         if self.gradient_clip_val is not None and self.gradient_clip_algorithm == "value":
             self.engine.clip_gradients(self.model, self.optimizers, clip_val=self.gradient_clip_val)
         if step_now:
