@@ -29,6 +29,7 @@ class Failing(TrainModule):
 
     def training_step(self, batch, batch_idx):
         if self.global_rank == args.fail_rank and self.global_step == args.fail_step:
+            Path(args.out, "fault_injected.json").write_text(json.dumps({"time": time.time(), "step": self.global_step + 1}))
             if args.how in ("raise", "hang-others"):
                 raise RuntimeError(f"planted failure on rank {args.fail_rank}")
             if args.how == "kill":
