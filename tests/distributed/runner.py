@@ -18,6 +18,8 @@ from shardtrain.launch.environment import find_free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
+#: What a launcher sets; removed from a test's environment so that no outer layout leaks in.
+LAYOUT_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK")
 
 
 @dataclass
@@ -42,7 +44,7 @@ def run_script(
         port = find_free_port()
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={torchrun}", f"--master-port={port}", *torchrun_args, *command[1:]]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **(env or {})}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK"):
+    for key in LAYOUT_VARIABLES:
         full_env.pop(key, None)
     completed = subprocess.run(command, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     return Run(completed.returncode, completed.stdout + completed.stderr, out_dir)

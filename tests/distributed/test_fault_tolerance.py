@@ -13,7 +13,7 @@ import pytest
 
 from shardtrain.launch.environment import find_free_port
 from shardtrain.preemption import EXIT_CODE_PREEMPTED
-from tests.distributed.runner import ROOT, SCRIPTS, assert_ok, run_script
+from tests.distributed.runner import LAYOUT_VARIABLES, ROOT, SCRIPTS, assert_ok, run_script
 
 pytestmark = pytest.mark.distributed
 
@@ -87,7 +87,7 @@ def test_slurm_preemption_requeues_the_job(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     port = str(find_free_port())
-    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK")}
+    base = {k: v for k, v in os.environ.items() if k not in LAYOUT_VARIABLES}
     base.update(
         OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="4242", SLURM_JOB_NAME="gpt",
         SLURM_NTASKS="2", SLURM_NNODES="1", SLURM_NODEID="0", SLURM_JOB_NODELIST="127.0.0.1", MASTER_PORT=port,

@@ -18,12 +18,11 @@ from pathlib import Path
 import pytest
 
 from shardtrain.launch.environment import find_free_port
-from tests.distributed.runner import ROOT
+from tests.distributed.runner import LAYOUT_VARIABLES, ROOT
 
 pytestmark = pytest.mark.distributed
 CONFIG = ROOT / "tests" / "distributed" / "configs" / "tiny.yaml"
 STEPS = 6
-LAYOUT_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK")
 
 
 def _fit(root: Path, *args: object) -> list[str]:
