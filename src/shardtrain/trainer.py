@@ -376,11 +376,11 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
             logged["train_grad_norm"] = (norm.detach(), False)
         step_now = True
         if self.nonfinite.mode != "ignore":
-            if norm is None and self.strategy.can_skip_optimizer_step and not self._loss_scaling():
-                norm = self.engine.clip_gradients(self.model, self.optimizers, max_norm=math.inf)  # only the norm: scales by 1
             # The norm is not checked under loss scaling (an inf there is the GradScaler's business) or DeepSpeed (not known yet).
-            checked_norm = norm if self.strategy.can_skip_optimizer_step and not self._loss_scaling() else None
-            step_now = self.nonfinite.step_is_finite(self.engine, self.global_step + 1, step_loss, checked_norm)
+            check_norm = self.strategy.can_skip_optimizer_step and not self._loss_scaling()
+            if check_norm and norm is None:
+                norm = self.engine.clip_gradients(self.model, self.optimizers, max_norm=math.inf)  # only the norm: scales by 1
+            step_now = self.nonfinite.step_is_finite(self.engine, self.global_step + 1, step_loss, norm if check_norm else None)
         if self.gradient_clip_val is not None and self.gradient_clip_algorithm == "value":
             self.engine.clip_gradients(self.model, self.optimizers, clip_val=self.gradient_clip_val)
         if step_now:
