@@ -40,7 +40,10 @@ def write_chart(report: dict, path: Path) -> Path | None:
         axis.set_xlabel("processes")
         axis.set_title("shardtrain peak memory per rank, MiB", fontsize=10)
         axis.legend(fontsize=8)
-    figure.suptitle(f"{report['model']}, {report['devices']} processes, {report['precision']}: shardtrain vs hand-written reference", fontsize=11)
+    figure.suptitle(
+        f"{report['model']}, {report['devices']} processes, {report['precision']}: shardtrain vs hand-written reference",
+        fontsize=11,
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -29,7 +29,11 @@ def disk_write_bandwidth(directory: Path, megabytes: int = 1024) -> float:
     """Bytes/s of one sequential write with fsync (dd conv=fsync)."""
     target = directory / "dd.bin"
     start = time.perf_counter()
-    subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=1M", f"count={megabytes}", "conv=fsync"], check=True, capture_output=True)
+    subprocess.run(
+        ["dd", "if=/dev/zero", f"of={target}", "bs=1M", f"count={megabytes}", "conv=fsync"],
+        check=True,
+        capture_output=True,
+    )
     elapsed = time.perf_counter() - start
     target.unlink()
     return megabytes * 2**20 / elapsed

@@ -89,7 +89,9 @@ def loader(config: GPTConfig, args: argparse.Namespace):
     return DataLoader(data, batch_size=args.batch_size, sampler=DistributedSampler(data, shuffle=False), drop_last=True)
 
 
-def reference_training_loop(model: torch.nn.Module, config: GPTConfig, args: argparse.Namespace, device: torch.device) -> None:
+def reference_training_loop(
+    model: torch.nn.Module, config: GPTConfig, args: argparse.Namespace, device: torch.device
+) -> None:
     """The plain PyTorch loop the DDP and FSDP references run: AdamW, clipping at 1.0, nothing else."""
     import torch.distributed as dist
     import torch.nn.functional as F

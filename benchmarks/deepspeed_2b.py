@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import time
 from pathlib import Path
@@ -56,7 +55,10 @@ class Measure(Callback):
         self.times.append(now - self.last)
         self.last = now
         self.losses.append(float(outputs.detach() if isinstance(outputs, torch.Tensor) else outputs["loss"].detach()))
-        print(f"[rank {trainer.global_rank}] step {trainer.global_step}: {self.times[-1]:.1f} s, loss {self.losses[-1]:.4f}", flush=True)
+        print(
+            f"[rank {trainer.global_rank}] step {trainer.global_step}: {self.times[-1]:.1f} s, loss {self.losses[-1]:.4f}",
+            flush=True,
+        )
 
     def on_train_end(self, trainer, module):
         read, written = io_bytes()
@@ -102,7 +104,13 @@ strategy = DeepSpeedStrategy(
     },
 )
 trainer = Trainer(
-    accelerator="cpu", devices=args.devices, strategy=strategy, max_steps=args.steps, log_every_n_steps=1,
-    default_root_dir=args.out, enable_progress_bar=False, callbacks=[Measure()],
+    accelerator="cpu",
+    devices=args.devices,
+    strategy=strategy,
+    max_steps=args.steps,
+    log_every_n_steps=1,
+    default_root_dir=args.out,
+    enable_progress_bar=False,
+    callbacks=[Measure()],
 )
 trainer.fit(GPTModule(config, learning_rate=1e-4, warmup_steps=1), DataLoader(data, batch_size=1))

@@ -37,8 +37,20 @@ GPT = ["--strategy", "fsdp", "--max-steps", "12"]
 def _run(script: str, out: Path, args: list[str], torchrun_args: list[str] | None = None) -> tuple[int, float, str]:
     command = [sys.executable, str(SCRIPTS / script), "--out", str(out), *args]
     if torchrun_args is not None:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={find_free_port()}", *torchrun_args, *command[1:]]
-    env = {key: value for key, value in os.environ.items() if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK")}
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node=2",
+            f"--master-port={find_free_port()}",
+            *torchrun_args,
+            *command[1:],
+        ]
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK")
+    }
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     out.mkdir(parents=True, exist_ok=True)
     completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -51,19 +63,81 @@ def _time_of(path: Path) -> float:
 
 def scenarios() -> dict[str, callable]:
     def preempt_rank0(out: Path) -> dict:
-        code, ended, _ = _run("train_gpt.py", out, ["--devices", "2", *GPT, "--log-every", "4", "--signal-at-step", "5", "--send-signal", "SIGTERM", "--signal-rank", "0"])
-        return {"exit_code": code, "detection_s": ended - _time_of(out / "signal_sent.json"), "stopped_after_step": (out / "checkpoints" / "last").read_text()}
+        code, ended, _ = _run(
+            "train_gpt.py",
+            out,
+            [
+                "--devices",
+                "2",
+                *GPT,
+                "--log-every",
+                "4",
+                "--signal-at-step",
+                "5",
+                "--send-signal",
+                "SIGTERM",
+                "--signal-rank",
+                "0",
+            ],
+        )
+        return {
+            "exit_code": code,
+            "detection_s": ended - _time_of(out / "signal_sent.json"),
+            "stopped_after_step": (out / "checkpoints" / "last").read_text(),
+        }
 
     def preempt_rank1_every_step(out: Path) -> dict:
         options = json.dumps({"signals": ["SIGUSR1"], "check_every_n_steps": 1})
-        code, ended, _ = _run("train_gpt.py", out, ["--devices", "2", *GPT, "--preemption", options, "--signal-at-step", "5", "--send-signal", "SIGUSR1", "--signal-rank", "1"])
-        return {"exit_code": code, "detection_s": ended - _time_of(out / "signal_sent.json"), "stopped_after_step": (out / "checkpoints" / "last").read_text()}
+        code, ended, _ = _run(
+            "train_gpt.py",
+            out,
+            [
+                "--devices",
+                "2",
+                *GPT,
+                "--preemption",
+                options,
+                "--signal-at-step",
+                "5",
+                "--send-signal",
+                "SIGUSR1",
+                "--signal-rank",
+                "1",
+            ],
+        )
+        return {
+            "exit_code": code,
+            "detection_s": ended - _time_of(out / "signal_sent.json"),
+            "stopped_after_step": (out / "checkpoints" / "last").read_text(),
+        }
 
     def sigkill_under_torchrun_restart(out: Path) -> dict:
-        code, ended, _ = _run("train_gpt.py", out, [*GPT, "--checkpoint-every", "3", "--ckpt-path", "last", "--signal-at-step", "7", "--send-signal", "SIGKILL", "--signal-rank", "1"], ["--max-restarts=1"])
+        code, ended, _ = _run(
+            "train_gpt.py",
+            out,
+            [
+                *GPT,
+                "--checkpoint-every",
+                "3",
+                "--ckpt-path",
+                "last",
+                "--signal-at-step",
+                "7",
+                "--send-signal",
+                "SIGKILL",
+                "--signal-rank",
+                "1",
+            ],
+            ["--max-restarts=1"],
+        )
         killed = _time_of(out / "signal_sent.json")
         restarted = json.loads((out / "train_start_attempt1.json").read_text())
-        return {"exit_code": code, "recovery_s": restarted["time"] - killed, "resumed_at_step": restarted["step"], "finish_after_kill_s": ended - killed}
+        return {
+            "exit_code": code,
+            "recovery_s": restarted["time"] - killed,
+            "resumed_at_step": restarted["step"],
+            "finish_after_kill_s": ended - killed,
+        }
 
     def failure(how: str) -> callable:
         def run(out: Path) -> dict:
@@ -78,12 +152,20 @@ def scenarios() -> dict[str, callable]:
         return run
 
     def nan_stop(out: Path) -> dict:
-        code, ended, output = _run("fail_rank.py", out, ["--fail-rank", "1", "--how", "nan", "--on-nonfinite", "stop", "--max-steps", "8"])
-        return {"exit_code": code, "detection_s": ended - _time_of(out / "fault_injected.json"), "reported": "NonFiniteError: step 4" in output}
+        code, ended, output = _run(
+            "fail_rank.py", out, ["--fail-rank", "1", "--how", "nan", "--on-nonfinite", "stop", "--max-steps", "8"]
+        )
+        return {
+            "exit_code": code,
+            "detection_s": ended - _time_of(out / "fault_injected.json"),
+            "reported": "NonFiniteError: step 4" in output,
+        }
 
     def mismatched_models(out: Path) -> dict:
         started = time.time()
-        code, ended, output = _run("train_gpt.py", out, ["--devices", "2", "--strategy", "fsdp", "--d-model-on-rank-1", "96"])
+        code, ended, output = _run(
+            "train_gpt.py", out, ["--devices", "2", "--strategy", "fsdp", "--d-model-on-rank-1", "96"]
+        )
         return {"exit_code": code, "whole_run_s": ended - started, "reported": "differs between ranks" in output}
 
     return {
@@ -109,7 +191,10 @@ def main() -> None:
             results[name] = [scenario(Path(tmp) / f"{len(results)}_{repeat}") for repeat in range(args.repeats)]
             runs = results[name]
             timed = {key for key in runs[0] if key.endswith("_s")}
-            summary = ", ".join(f"{key} median {statistics.median(r[key] for r in runs):.1f} (max {max(r[key] for r in runs):.1f})" for key in sorted(timed))
+            summary = ", ".join(
+                f"{key} median {statistics.median(r[key] for r in runs):.1f} (max {max(r[key] for r in runs):.1f})"
+                for key in sorted(timed)
+            )
             others = {key: sorted({str(r[key]) for r in runs}) for key in runs[0] if key not in timed}
             print(f"{name}: {summary}; {others}", flush=True)
     if args.json:

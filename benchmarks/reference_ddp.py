@@ -13,5 +13,7 @@ config = MODELS[args.model]
 where = device()
 torch.manual_seed(0)
 model = GPT(config).to(where)
-model = DistributedDataParallel(model, gradient_as_bucket_view=True, device_ids=[where.index] if where.type == "cuda" else None)
+model = DistributedDataParallel(
+    model, gradient_as_bucket_view=True, device_ids=[where.index] if where.type == "cuda" else None
+)
 reference_training_loop(model, config, args, where)

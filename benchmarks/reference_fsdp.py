@@ -19,7 +19,9 @@ torch.manual_seed(0)
 model = GPT(config).to(where)
 mesh = init_device_mesh(where.type, (dist.get_world_size(),))
 bf16 = args.precision == "bf16-mixed"
-policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+policy = (
+    MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+)
 args.precision = "32-true"  # FSDP casts the parameters itself: no autocast in the loop
 for block in model.blocks:
     if args.activation_checkpointing:

@@ -31,7 +31,10 @@ sys.path.insert(0, str(HERE))
 CONFIGS = {
     "ddp": (["reference_ddp.py"], ["--strategy", "ddp"]),
     "fsdp": (["reference_fsdp.py"], ["--strategy", "fsdp"]),
-    "fsdp_ac": (["reference_fsdp.py", "--activation-checkpointing"], ["--strategy", "fsdp", "--activation-checkpointing"]),
+    "fsdp_ac": (
+        ["reference_fsdp.py", "--activation-checkpointing"],
+        ["--strategy", "fsdp", "--activation-checkpointing"],
+    ),
     "zero2": (["reference_deepspeed.py", "--stage", "2"], ["--strategy", "deepspeed", "--stage", "2"]),
     "zero3": (["reference_deepspeed.py", "--stage", "3"], ["--strategy", "deepspeed", "--stage", "3"]),
 }
@@ -48,7 +51,12 @@ def free_port() -> int:
 
 
 def environment(extra: dict[str, str]) -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONPATH": f"{ROOT}{os.pathsep}{HERE}", **extra}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{HERE}",
+        **extra,
+    }
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env
@@ -98,7 +106,10 @@ def device_peak_flops(devices: int, precision: str, extra_env: dict[str, str]) -
         f"p, s = peak_flops(d, {'torch.bfloat16' if precision == 'bf16-mixed' else 'torch.float32'}); print(p, '|', s)"
     )
     env = environment(extra_env)
-    procs = [subprocess.Popen([sys.executable, "-c", probe], env=env, stdout=subprocess.PIPE, text=True) for _ in range(1 if _has_cuda() else devices)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", probe], env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(1 if _has_cuda() else devices)
+    ]
     outputs = [p.communicate()[0].strip().rsplit("\n", 1)[-1] for p in procs]
     values = [float(o.split("|")[0]) for o in outputs]
     return statistics.median(values), outputs[0].split("|", 1)[1].strip()
@@ -112,12 +123,32 @@ def _has_cuda() -> bool:
 
 def reference_command(name: str, devices: int, out: Path, common: list[str]) -> list[str]:
     script, *flags = CONFIGS[name][0]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={devices}", f"--master-port={free_port()}",
-            str(HERE / script), *flags, "--out", str(out), *common]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={devices}",
+        f"--master-port={free_port()}",
+        str(HERE / script),
+        *flags,
+        "--out",
+        str(out),
+        *common,
+    ]
 
 
 def shardtrain_command(name: str, devices: int, out: Path, common: list[str]) -> list[str]:
-    return [sys.executable, str(HERE / "shardtrain_trainer.py"), *CONFIGS[name][1], "--monitor", "--devices", str(devices), "--out", str(out), *common]
+    return [
+        sys.executable,
+        str(HERE / "shardtrain_trainer.py"),
+        *CONFIGS[name][1],
+        "--monitor",
+        "--devices",
+        str(devices),
+        "--out",
+        str(out),
+        *common,
+    ]
 
 
 def add_efficiency(side: dict, flops_per_token: float, peak: float) -> None:
@@ -134,25 +165,63 @@ def main() -> None:
     parser.add_argument("--model", default="gpt38m", choices=["small", "gpt38m", "gpt1b"])
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per process per step")
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
-    parser.add_argument("--scaling", type=int, nargs="*", default=[], help="also run shardtrain alone at these process counts")
-    parser.add_argument("--scaling-configs", nargs="+", default=["fsdp", "zero3"], choices=list(CONFIGS), help="the configurations --scaling runs")
+    parser.add_argument(
+        "--scaling", type=int, nargs="*", default=[], help="also run shardtrain alone at these process counts"
+    )
+    parser.add_argument(
+        "--scaling-configs",
+        nargs="+",
+        default=["fsdp", "zero3"],
+        choices=list(CONFIGS),
+        help="the configurations --scaling runs",
+    )
     parser.add_argument("--out", default=str(HERE / "results"))
-    parser.add_argument("--default-malloc", action="store_true", help="leave glibc's malloc thresholds dynamic (CPU RSS then varies between identical runs)")
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc's malloc thresholds dynamic (CPU RSS then varies between identical runs)",
+    )
     args = parser.parse_args()
     extra_env = {} if args.default_malloc else PINNED_MALLOC
     out = Path(args.out)
-    common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--model", args.model, "--batch-size", str(args.batch_size), "--precision", args.precision]
+    common = [
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--model",
+        args.model,
+        "--batch-size",
+        str(args.batch_size),
+        "--precision",
+        args.precision,
+    ]
 
     flops_per_token = model_flops_per_token(args.model)
     peak, peak_source = device_peak_flops(args.devices, args.precision, extra_env)
     report: dict = {
-        "model": args.model, "devices": args.devices, "steps": args.steps, "warmup": args.warmup, "batch_size_per_rank": args.batch_size,
-        "precision": args.precision, "malloc": "default" if args.default_malloc else "pinned",
-        "model_flops_per_token": flops_per_token, "peak_flops_per_device": peak, "peak_source": peak_source, "configs": {}, "scaling": {},
+        "model": args.model,
+        "devices": args.devices,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "batch_size_per_rank": args.batch_size,
+        "precision": args.precision,
+        "malloc": "default" if args.default_malloc else "pinned",
+        "model_flops_per_token": flops_per_token,
+        "peak_flops_per_device": peak,
+        "peak_source": peak_source,
+        "configs": {},
+        "scaling": {},
     }
     for name in args.configs:
-        reference = run(reference_command(name, args.devices, out / name / "reference", common), out / name / "reference", extra_env)
-        ours = run(shardtrain_command(name, args.devices, out / name / "shardtrain", common), out / name / "shardtrain", extra_env)
+        reference = run(
+            reference_command(name, args.devices, out / name / "reference", common), out / name / "reference", extra_env
+        )
+        ours = run(
+            shardtrain_command(name, args.devices, out / name / "shardtrain", common),
+            out / name / "shardtrain",
+            extra_env,
+        )
         for side in (reference, ours):
             add_efficiency(side, flops_per_token, peak)
         report["configs"][name] = {
@@ -182,17 +251,25 @@ def print_report(report: dict) -> None:
         f"\n{report['model']}, {report['devices']} processes, {report['precision']}, {report['steps']} steps ({report['warmup']} warm-up), "
         f"malloc {report['malloc']}; peak {report['peak_flops_per_device'] / 1e9:,.0f} GFLOP/s per device ({report['peak_source']})"
     )
-    print(f"{'config':9}{'side':12}{'tokens/s':>10}{'GFLOP/s':>9}{'MFU':>7}{'step (s)':>10}{'spread':>8}{'peak MiB/rank':>15}")
+    print(
+        f"{'config':9}{'side':12}{'tokens/s':>10}{'GFLOP/s':>9}{'MFU':>7}{'step (s)':>10}{'spread':>8}{'peak MiB/rank':>15}"
+    )
     for name, entry in report["configs"].items():
         for side in ("reference", "shardtrain"):
             r = entry[side]
-            print(f"{name:9}{side:12}{r['tokens_per_sec']:10.0f}{r['model_flops_per_sec'] / 1e9:9.1f}{r['mfu']:7.1%}"
-                  f"{r['step_time_median']:10.3f}{r['step_time_spread']:8.3f}{r['peak_memory_per_rank_bytes'] / 2**20:15.0f}")
+            print(
+                f"{name:9}{side:12}{r['tokens_per_sec']:10.0f}{r['model_flops_per_sec'] / 1e9:9.1f}{r['mfu']:7.1%}"
+                f"{r['step_time_median']:10.3f}{r['step_time_spread']:8.3f}{r['peak_memory_per_rank_bytes'] / 2**20:15.0f}"
+            )
         print(f"{name:9}{'ratio':12}{entry['ratio_tokens_per_sec']:10.3f}{'':34}{entry['ratio_peak_memory']:15.3f}")
     for name, runs in report["scaling"].items():
-        print(f"\nscaling, shardtrain {name}:  " + "   ".join(
-            f"{devices} proc: {r['peak_memory_per_rank_bytes'] / 2**20:.0f} MiB/rank, step {r['step_time_median']:.3f} s, {r['tokens_per_sec']:.0f} tokens/s"
-            for devices, r in runs.items()))
+        print(
+            f"\nscaling, shardtrain {name}:  "
+            + "   ".join(
+                f"{devices} proc: {r['peak_memory_per_rank_bytes'] / 2**20:.0f} MiB/rank, step {r['step_time_median']:.3f} s, {r['tokens_per_sec']:.0f} tokens/s"
+                for devices, r in runs.items()
+            )
+        )
 
 
 if __name__ == "__main__":

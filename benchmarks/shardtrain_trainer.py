@@ -68,9 +68,18 @@ trainer.fit(ConstantLR(config), DataLoader(dataset(config), batch_size=args.batc
 extra = {}
 if args.monitor and trainer.is_global_zero:
     extra = {
-        "monitor": {k.removeprefix("throughput/"): v for k, v in trainer.callback_metrics.items() if k.startswith("throughput/")},
+        "monitor": {
+            k.removeprefix("throughput/"): v for k, v in trainer.callback_metrics.items() if k.startswith("throughput/")
+        },
         "monitor_flops_per_batch": monitor.flops_per_batch,
         "monitor_peak_flops": monitor.peak_flops,
         "monitor_peak_source": monitor.peak_source,
     }
-write_result(Path(args.out), trainer.global_rank, timing.timer.times, args.warmup, args.batch_size * trainer.world_size * config.seq_len, extra)
+write_result(
+    Path(args.out),
+    trainer.global_rank,
+    timing.timer.times,
+    args.warmup,
+    args.batch_size * trainer.world_size * config.seq_len,
+    extra,
+)

@@ -68,7 +68,9 @@ class CorpusData(DataModule):
         limit_samples: use only the first this many training windows (for small tests).
     """
 
-    def __init__(self, seq_len: int = 256, batch_size: int = 8, shuffle: bool = True, limit_samples: int | None = None) -> None:
+    def __init__(
+        self, seq_len: int = 256, batch_size: int = 8, shuffle: bool = True, limit_samples: int | None = None
+    ) -> None:
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.shuffle = shuffle

@@ -122,6 +122,7 @@ class GPT(nn.Module):
         This is the order shardtrain materialises a model built on the meta device in, so a
         model built on the meta device and one built here from the same seed state agree.
         """
+
         def visit(module: nn.Module) -> None:
             for child in module.children():
                 visit(child)
@@ -141,7 +142,13 @@ class GPT(nn.Module):
 class GPTModule(shardtrain.TrainModule):
     """Next-byte prediction with AdamW and a warm-up then cosine learning-rate schedule."""
 
-    def __init__(self, config: GPTConfig | None = None, learning_rate: float = 1e-3, weight_decay: float = 0.1, warmup_steps: int = 20) -> None:
+    def __init__(
+        self,
+        config: GPTConfig | None = None,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.1,
+        warmup_steps: int = 20,
+    ) -> None:
         super().__init__()
         self.config = config or GPTConfig()
         self.learning_rate = learning_rate

@@ -64,7 +64,9 @@ def main() -> None:
     module = GPTModule(config, learning_rate=args.learning_rate)
     trainer.fit(module, train_loader, val_loader)
     metrics = trainer.callback_metrics
-    trainer.engine.print(f"done: step {trainer.global_step}, train_loss {metrics['train_loss']:.3f}, val_loss {metrics.get('val_loss', float('nan')):.3f}; metrics in {trainer.default_root_dir / 'metrics.csv'}")
+    trainer.engine.print(
+        f"done: step {trainer.global_step}, train_loss {metrics['train_loss']:.3f}, val_loss {metrics.get('val_loss', float('nan')):.3f}; metrics in {trainer.default_root_dir / 'metrics.csv'}"
+    )
 
 
 if __name__ == "__main__":

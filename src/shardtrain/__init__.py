@@ -22,7 +22,15 @@ from shardtrain.module import TrainModule
 from shardtrain.precision import Precision
 from shardtrain.preemption import EXIT_CODE_PREEMPTED, Preempted, Preemption
 from shardtrain.seed import seed_everything
-from shardtrain.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy, Strategy, available_strategies, register_strategy
+from shardtrain.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    SingleDeviceStrategy,
+    Strategy,
+    available_strategies,
+    register_strategy,
+)
 from shardtrain.trainer import Trainer
 
 __version__ = "0.1.0"

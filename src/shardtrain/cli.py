@@ -86,15 +86,23 @@ def _run(command: str, argv: list[str]) -> int:
 
 
 def _node_parser(command: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"shardtrain {command}", add_help=False, allow_abbrev=False, exit_on_error=False)
+    parser = argparse.ArgumentParser(
+        prog=f"shardtrain {command}", add_help=False, allow_abbrev=False, exit_on_error=False
+    )
     group = parser.add_argument_group(
         "several machines",
         "Run the same command on every node, with its own --node-rank; not needed under torchrun or srun, which set the layout.",
     )
-    group.add_argument("--num-nodes", type=int, metavar="N", help="machines in the run: the same as --trainer.num_nodes")
+    group.add_argument(
+        "--num-nodes", type=int, metavar="N", help="machines in the run: the same as --trainer.num_nodes"
+    )
     group.add_argument("--node-rank", type=int, metavar="RANK", help="this machine's number, 0 to N-1 (sets NODE_RANK)")
-    group.add_argument("--main-address", metavar="HOST", help="node 0's address, reachable from every node (sets MASTER_ADDR)")
-    group.add_argument("--main-port", type=int, metavar="PORT", help="a free port of node 0, the same on every node (sets MASTER_PORT)")
+    group.add_argument(
+        "--main-address", metavar="HOST", help="node 0's address, reachable from every node (sets MASTER_ADDR)"
+    )
+    group.add_argument(
+        "--main-port", type=int, metavar="PORT", help="a free port of node 0, the same on every node (sets MASTER_PORT)"
+    )
     return parser
 
 
@@ -145,7 +153,11 @@ def _estimate(argv: list[str]) -> int:
     trainer, strategy = parsed.trainer, dict(parsed.strategy)
     devices = options.devices or trainer.devices
     num_nodes = options.num_nodes or trainer.num_nodes
-    data_args = (parsed.data or {}).get("init_args", {}) if isinstance(parsed.data, dict) else vars(getattr(parsed.data, "init_args", None) or {})
+    data_args = (
+        (parsed.data or {}).get("init_args", {})
+        if isinstance(parsed.data, dict)
+        else vars(getattr(parsed.data, "init_args", None) or {})
+    )
     estimate = estimate_memory(
         model,
         devices=devices,
@@ -203,12 +215,24 @@ def _parse_size(text: str) -> int:
 
 
 def _consolidate(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="shardtrain consolidate", description="export a sharded checkpoint's model weights to safetensors")
+    parser = argparse.ArgumentParser(
+        prog="shardtrain consolidate", description="export a sharded checkpoint's model weights to safetensors"
+    )
     parser.add_argument("checkpoint", help="a checkpoint directory (e.g. runs/checkpoints/step=1000)")
     parser.add_argument("output", help="model.safetensors, or a directory for several files with an index")
     parser.add_argument("--key", default=None, help="which module of the checkpoint (default: its first)")
-    parser.add_argument("--max-shard-size", default="5GiB", type=_parse_size, help="split into files of at most this size (default 5GiB)")
-    parser.add_argument("--optimizer", default=None, metavar="FILE", help="also write the optimizer state tensors to this .safetensors file")
+    parser.add_argument(
+        "--max-shard-size",
+        default="5GiB",
+        type=_parse_size,
+        help="split into files of at most this size (default 5GiB)",
+    )
+    parser.add_argument(
+        "--optimizer",
+        default=None,
+        metavar="FILE",
+        help="also write the optimizer state tensors to this .safetensors file",
+    )
     args = parser.parse_args(argv)
     files = consolidate(args.checkpoint, args.output, key=args.key, max_shard_bytes=args.max_shard_size)
     if args.optimizer:

@@ -45,13 +45,29 @@ _TRAINER_SKIP = {"strategy", "logger"}
 
 def build_parser(command: str) -> ArgumentParser:
     """The parser of ``shardtrain <command>``: Trainer options, strategy, model, data, ckpt_path."""
-    parser = ArgumentParser(prog=f"shardtrain {command}", exit_on_error=False, description=f"shardtrain {command}: run from a config file and/or options")
-    parser.add_argument("--config", action=ActionConfigFile, help="a run config YAML file (options given after it override it)")
+    parser = ArgumentParser(
+        prog=f"shardtrain {command}",
+        exit_on_error=False,
+        description=f"shardtrain {command}: run from a config file and/or options",
+    )
+    parser.add_argument(
+        "--config", action=ActionConfigFile, help="a run config YAML file (options given after it override it)"
+    )
     parser.add_class_arguments(Trainer, "trainer", skip=_TRAINER_SKIP, instantiate=False)
-    parser.add_argument("--strategy", type=dict, default={"name": "auto"}, help="{name: <registered strategy>, <option>: <value>, ...}; --strategy.<option> VALUE sets one")
+    parser.add_argument(
+        "--strategy",
+        type=dict,
+        default={"name": "auto"},
+        help="{name: <registered strategy>, <option>: <value>, ...}; --strategy.<option> VALUE sets one",
+    )
     parser.add_subclass_arguments(TrainModule, "model", required=True)
     parser.add_subclass_arguments(DataModule, "data", required=False)
-    parser.add_argument("--ckpt_path", type=str | None, default=None, help="resume from this checkpoint ('last', a directory, or consolidated weights)")
+    parser.add_argument(
+        "--ckpt_path",
+        type=str | None,
+        default=None,
+        help="resume from this checkpoint ('last', a directory, or consolidated weights)",
+    )
     return parser
 
 
@@ -73,10 +89,14 @@ def parse(command: str, argv: list[str]) -> Namespace:
 def check_strategy(strategy: dict[str, Any]) -> None:
     name = strategy.get("name", "auto")
     if name != "auto" and name not in available_strategies():
-        raise StrategyError(f"unknown strategy {name!r} in the config's strategy.name; choose one of: auto, {', '.join(available_strategies())}")
+        raise StrategyError(
+            f"unknown strategy {name!r} in the config's strategy.name; choose one of: auto, {', '.join(available_strategies())}"
+        )
     options = {key: value for key, value in strategy.items() if key != "name"}
     if name == "auto" and options:
-        raise StrategyError(f"strategy options {sorted(options)} need a named strategy; set strategy.name (one of {', '.join(available_strategies())})")
+        raise StrategyError(
+            f"strategy options {sorted(options)} need a named strategy; set strategy.name (one of {', '.join(available_strategies())})"
+        )
     if name == "auto" or not options:
         return
     factory = strategy_factory(name)
@@ -85,7 +105,9 @@ def check_strategy(strategy: dict[str, Any]) -> None:
     takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters)
     passthrough = getattr(factory, "passthrough_options_of", None)  # where **kwargs go, e.g. DistributedDataParallel
     if takes_any and passthrough is not None:
-        names |= {p.name for p in inspect.signature(passthrough).parameters.values() if p.name not in ("self", "module")}
+        names |= {
+            p.name for p in inspect.signature(passthrough).parameters.values() if p.name not in ("self", "module")
+        }
         takes_any = False
     for key in options:
         if key not in names and not takes_any:
@@ -97,14 +119,18 @@ def check_strategy(strategy: dict[str, Any]) -> None:
             )
 
 
-def instantiate(config: Namespace, parser: ArgumentParser | None = None) -> tuple[Trainer, TrainModule, DataModule | None]:
+def instantiate(
+    config: Namespace, parser: ArgumentParser | None = None
+) -> tuple[Trainer, TrainModule, DataModule | None]:
     """Build the Trainer (checks everything before any process starts), the model and the data."""
     parser = parser or build_parser("fit")
     objects = parser.instantiate(config)
     strategy = dict(config.strategy)
     name = strategy.pop("name", "auto")
     trainer_kwargs = dict(vars(objects.trainer)) if isinstance(objects.trainer, Namespace) else dict(objects.trainer)
-    trainer = Trainer(**trainer_kwargs, strategy=name if name == "auto" and not strategy else create_strategy(name, **strategy))
+    trainer = Trainer(
+        **trainer_kwargs, strategy=name if name == "auto" and not strategy else create_strategy(name, **strategy)
+    )
     trainer.config = {**trainer.config, "run": to_plain(config)}
     return trainer, objects.model, objects.data
 

@@ -1,6 +1,6 @@
 """Generate docs/configuration.md from the parser itself, so the reference cannot drift from the code.
 
-    python -m shardtrain.config_reference > docs/configuration.md
+python -m shardtrain.config_reference > docs/configuration.md
 """
 
 from __future__ import annotations
@@ -43,11 +43,23 @@ def generate() -> str:
             kind_text = _type_name(kind)
             help_text = (action.help or "").replace("\n", " ").replace("|", "\\|")
             lines.append(f"| `{action.dest}` | `{kind_text}` | `{action.default!r}` | {help_text} |")
-    lines += ["", "## `strategy`", "", "`name`: one of `auto`, " + ", ".join(f"`{n}`" for n in available_strategies()) + ". Then that strategy's options:", ""]
+    lines += [
+        "",
+        "## `strategy`",
+        "",
+        "`name`: one of `auto`, "
+        + ", ".join(f"`{n}`" for n in available_strategies())
+        + ". Then that strategy's options:",
+        "",
+    ]
     for name in available_strategies():
         factory = strategy_factory(name)
         presets = strategy_defaults(name)
-        options = [f"`{p.name}` = {_default(presets.get(p.name, p.default))}" for p in inspect.signature(factory).parameters.values() if p.kind is p.KEYWORD_ONLY]
+        options = [
+            f"`{p.name}` = {_default(presets.get(p.name, p.default))}"
+            for p in inspect.signature(factory).parameters.values()
+            if p.kind is p.KEYWORD_ONLY
+        ]
         lines.append(f"- **{name}** ({strategy_description(name)}): {', '.join(options) or 'no options'}")
     lines += [
         "",

@@ -19,7 +19,10 @@ def with_distributed_sampler(loader: DataLoader, world_size: int, rank: int, see
     """
     if world_size == 1 or isinstance(loader.dataset, IterableDataset) or isinstance(loader.sampler, DistributedSampler):
         return loader
-    if not isinstance(loader.sampler, (RandomSampler, SequentialSampler)) or type(loader.batch_sampler) is not BatchSampler:
+    if (
+        not isinstance(loader.sampler, (RandomSampler, SequentialSampler))
+        or type(loader.batch_sampler) is not BatchSampler
+    ):
         warnings.warn(
             "the train/val DataLoader has a custom sampler; shardtrain did not insert a DistributedSampler, "
             "so make sure each rank reads different data",

@@ -142,7 +142,9 @@ class Engine:
             env = self._environment
             device = torch.device("cuda", env.local_rank) if self.accelerator == "cuda" else torch.device("cpu")
             if self.accelerator == "cpu" and env.local_world_size > 1:
-                torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", max(1, (os.cpu_count() or 1) // env.local_world_size))))
+                torch.set_num_threads(
+                    int(os.environ.get("OMP_NUM_THREADS", max(1, (os.cpu_count() or 1) // env.local_world_size)))
+                )
             self.strategy.connect(env, device, self.precision, self.timeout)
             self.precision = self.strategy.precision  # a strategy may implement the precision its own way
             self.strategy.setup_environment()
@@ -152,7 +154,9 @@ class Engine:
     def use_strategy(self, strategy: str | Strategy) -> None:
         """Switch to another strategy before any model is set up (how ``strategy="auto"`` decides late)."""
         if self._modules:
-            raise RuntimeError("use_strategy() must come before setup(): a model is already placed by the current strategy")
+            raise RuntimeError(
+                "use_strategy() must come before setup(): a model is already placed by the current strategy"
+            )
         chosen = create_strategy(strategy)
         chosen.validate(self.world_size, self.accelerator)
         if self._launched:
@@ -248,7 +252,9 @@ class Engine:
         wrapped, wrapped_optimizers = self.setup_module_and_optimizers(module, given)
         return (wrapped, *wrapped_optimizers)
 
-    def setup_module_and_optimizers(self, module: nn.Module, make_optimizers: Callable[[], Sequence[Optimizer]]) -> tuple[EngineModule, list[EngineOptimizer]]:
+    def setup_module_and_optimizers(
+        self, module: nn.Module, make_optimizers: Callable[[], Sequence[Optimizer]]
+    ) -> tuple[EngineModule, list[EngineOptimizer]]:
         """Set up ``module`` and the optimizers ``make_optimizers()`` builds, in the order the strategy
         needs: on the sharded parameters after FSDP wraps the model, or before DeepSpeed takes both.
         ``make_optimizers`` is called once, with the module's parameters real (not meta)."""
@@ -260,7 +266,9 @@ class Engine:
         forward_module, optimizers = self.strategy.setup_module_and_optimizers(ForwardRouter(module), make_optimizers)
         self._modules.append(module)
         self._module_of_optimizer.update({id(optimizer): module for optimizer in optimizers})
-        return EngineModule(forward_module, module, self.strategy), [EngineOptimizer(optimizer, self) for optimizer in optimizers]
+        return EngineModule(forward_module, module, self.strategy), [
+            EngineOptimizer(optimizer, self) for optimizer in optimizers
+        ]
 
     def setup_module(self, module: nn.Module) -> EngineModule:
         from shardtrain.wrapper import ForwardRouter
@@ -289,7 +297,12 @@ class Engine:
         """Give each rank its share of the data and move batches to the device."""
         self._require_launched("setup_dataloaders")
         out = [
-            DeviceDataLoader(with_distributed_sampler(loader, self.world_size, self.global_rank, seed) if use_distributed_sampler else loader, self.device)
+            DeviceDataLoader(
+                with_distributed_sampler(loader, self.world_size, self.global_rank, seed)
+                if use_distributed_sampler
+                else loader,
+                self.device,
+            )
             for loader in loaders
         ]
         return out[0] if len(out) == 1 else out
@@ -361,7 +374,14 @@ class Engine:
         return RankFailedError(root.rank, root.traceback)
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self, path: str | os.PathLike, state: dict[str, Any], *, asynchronous: bool = False, on_commit: Callable[[Path], None] | None = None) -> Path:
+    def save(
+        self,
+        path: str | os.PathLike,
+        state: dict[str, Any],
+        *,
+        asynchronous: bool = False,
+        on_commit: Callable[[Path], None] | None = None,
+    ) -> Path:
         """Save ``state`` as a sharded checkpoint directory (see ``shardtrain.checkpoint.sharded``).
 
         Modules and optimizers: each rank writes its own shards (no gather), keyed by parameter
@@ -383,7 +403,9 @@ class Engine:
         modules = [key for key, value in state.items() if isinstance(value, nn.Module)]
         meta = {"world_size": self.world_size, "strategy": self.strategy.name, "modules": modules, "state": plain}
         if asynchronous:
-            self._pending_save = save_sharded_async(path, tensors, meta, rank=self.global_rank, barrier=self.barrier, on_commit=on_commit)
+            self._pending_save = save_sharded_async(
+                path, tensors, meta, rank=self.global_rank, barrier=self.barrier, on_commit=on_commit
+            )
             return Path(path)
         return save_sharded(path, tensors, meta, rank=self.global_rank, barrier=self.barrier, on_commit=on_commit)
 
@@ -406,7 +428,9 @@ class Engine:
             in_tensors = any(k == key or k.startswith(key + ".") for k in on_disk)
             if not in_tensors and key not in saved_plain:
                 if strict:
-                    raise CheckpointError(f"checkpoint {path} has no entry {key!r}; it holds {sorted(saved_plain) + sorted({k.split('.')[0] for k in on_disk})}")
+                    raise CheckpointError(
+                        f"checkpoint {path} has no entry {key!r}; it holds {sorted(saved_plain) + sorted({k.split('.')[0] for k in on_disk})}"
+                    )
                 continue
             self._split(key, value, tensors, plain_targets)
         same_layout = meta["world_size"] == self.world_size
@@ -426,7 +450,9 @@ class Engine:
     def _split(self, key: str, value: Any, tensors: dict[str, Any], plain: dict[str, Any]) -> None:
         """Put ``value``'s state under ``key`` in ``tensors`` (sharded) or ``plain`` (JSON)."""
         if isinstance(value, nn.Module):
-            tensors[key] = self.strategy.module_state_dict(value.module if isinstance(value, EngineModule) else value, full=False)
+            tensors[key] = self.strategy.module_state_dict(
+                value.module if isinstance(value, EngineModule) else value, full=False
+            )
         elif isinstance(value, Optimizer):
             raw = value.optimizer if isinstance(value, EngineOptimizer) else value
             tensors[key] = self.strategy.optimizer_state_dict(self._module_of(raw), raw, full=False)
@@ -446,7 +472,9 @@ class Engine:
 
     def _apply_tensors(self, target: Any, loaded: Any, strict: bool) -> None:
         if isinstance(target, nn.Module):
-            self.strategy.load_module_state_dict(target.module if isinstance(target, EngineModule) else target, loaded, strict=strict, full=False)
+            self.strategy.load_module_state_dict(
+                target.module if isinstance(target, EngineModule) else target, loaded, strict=strict, full=False
+            )
         elif isinstance(target, Optimizer):
             raw = target.optimizer if isinstance(target, EngineOptimizer) else target
             self.strategy.load_optimizer_state_dict(self._module_of(raw), raw, loaded, full=False)
@@ -457,9 +485,13 @@ class Engine:
 
     @staticmethod
     def _apply_plain(target: Any, saved: Any, where: str) -> Any:
-        if isinstance(target, (list, tuple)) and any(callable(getattr(item, "load_state_dict", None)) for item in target):
+        if isinstance(target, (list, tuple)) and any(
+            callable(getattr(item, "load_state_dict", None)) for item in target
+        ):
             if len(target) != len(saved):
-                raise CheckpointError(f"{where} holds {len(saved)} states but {len(target)} objects were given to load them into")
+                raise CheckpointError(
+                    f"{where} holds {len(saved)} states but {len(target)} objects were given to load them into"
+                )
             for item, item_state in zip(target, saved):
                 item.load_state_dict(item_state)
             return target
@@ -476,7 +508,9 @@ class Engine:
         for module in self._modules:
             if any(id(p) in params for p in module.parameters()):
                 return module
-        raise CheckpointError("the optimizer's parameters belong to no module set up with this engine; call engine.setup(model, optimizer) first")
+        raise CheckpointError(
+            "the optimizer's parameters belong to no module set up with this engine; call engine.setup(model, optimizer) first"
+        )
 
     def _require_launched(self, what: str) -> None:
         if not self._launched:

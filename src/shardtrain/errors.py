@@ -40,7 +40,9 @@ class MissingDependencyError(ShardtrainError, ImportError):
 
     def __init__(self, package: str, feature: str, extra: str | None = None, install: str | None = None) -> None:
         install = install or (f"pip install 'shardtrain[{extra}]'" if extra else f"pip install {package}")
-        super().__init__(f"{feature} needs the optional package '{package}', which is not installed. Install it with: {install}")
+        super().__init__(
+            f"{feature} needs the optional package '{package}', which is not installed. Install it with: {install}"
+        )
         self.package = package
 
 

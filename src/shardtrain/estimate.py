@@ -22,7 +22,17 @@ from torch import nn
 from shardtrain.errors import ConfigError
 
 GIB = 2**30
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_memory_size(text: str | int) -> int:
@@ -75,7 +85,9 @@ class MemoryEstimate:
     def get(self, strategy: str) -> StrategyMemory:
         return next(s for s in self.strategies if s.strategy == strategy)
 
-    def recommend(self, device_memory: int, host_memory_per_device: int | None = None, headroom: float = 0.9) -> tuple[str, str]:
+    def recommend(
+        self, device_memory: int, host_memory_per_device: int | None = None, headroom: float = 0.9
+    ) -> tuple[str, str]:
         """The strategy ``strategy="auto"`` picks, and why: DDP while it fits (fastest), else FSDP, else FSDP with CPU offload."""
         world = self.devices * self.num_nodes
         order = ["ddp", "fsdp", "fsdp_cpu_offload"] if world > 1 else ["single", "fsdp", "fsdp_cpu_offload"]
@@ -86,11 +98,19 @@ class MemoryEstimate:
                     f"{name}: needs {figures.device_total / GIB:.2f} GiB per device of {device_memory / GIB:.2f} GiB"
                     f" ({self.parameters / 1e6:.1f}M parameters, {world} device(s))"
                 )
-        return "fsdp_cpu_offload", f"nothing fits in {device_memory / GIB:.2f} GiB per device; fsdp_cpu_offload needs the least device memory"
+        return (
+            "fsdp_cpu_offload",
+            f"nothing fits in {device_memory / GIB:.2f} GiB per device; fsdp_cpu_offload needs the least device memory",
+        )
 
     def table(self) -> str:
-        rows = [f"{self.model}: {self.parameters / 1e6:,.1f}M parameters ({self.trainable_parameters / 1e6:,.1f}M trainable), {self.devices} device(s) x {self.num_nodes} node(s)", ""]
-        rows.append(f"{'strategy':22}{'params':>10}{'grads':>10}{'optim':>10}{'activ':>10}{'working':>10}{'device':>11}{'host/dev':>11}   (GiB per device)")
+        rows = [
+            f"{self.model}: {self.parameters / 1e6:,.1f}M parameters ({self.trainable_parameters / 1e6:,.1f}M trainable), {self.devices} device(s) x {self.num_nodes} node(s)",
+            "",
+        ]
+        rows.append(
+            f"{'strategy':22}{'params':>10}{'grads':>10}{'optim':>10}{'activ':>10}{'working':>10}{'device':>11}{'host/dev':>11}   (GiB per device)"
+        )
         for s in self.strategies:
             rows.append(
                 f"{s.strategy + ('' if s.available else ' *'):22}{s.parameters / GIB:10.2f}{s.gradients / GIB:10.2f}{s.optimizer / GIB:10.2f}"
@@ -127,7 +147,9 @@ def estimate_memory(
     from shardtrain.strategies.policy import repeated_blocks
 
     if not isinstance(devices, int) or devices < 1 or not isinstance(num_nodes, int) or num_nodes < 1:
-        raise ConfigError(f"devices and num_nodes must be whole numbers >= 1, got devices={devices!r}, num_nodes={num_nodes!r}")
+        raise ConfigError(
+            f"devices and num_nodes must be whole numbers >= 1, got devices={devices!r}, num_nodes={num_nodes!r}"
+        )
     parameter_dtype = Precision(precision).parameter_dtype
     model = _build_on_meta(module, parameter_dtype)
     parameters = list(model.parameters())
@@ -136,7 +158,9 @@ def estimate_memory(
     parameter_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in parameters}.values())
     optimizer_bytes = _optimizer_state_bytes(model)
     blocks = repeated_blocks(model)
-    largest_unit = max((sum(p.numel() * p.element_size() for p in block.parameters()) for block in blocks), default=parameter_bytes)
+    largest_unit = max(
+        (sum(p.numel() * p.element_size() for p in block.parameters()) for block in blocks), default=parameter_bytes
+    )
     if activation_checkpointing and blocks:
         apply_activation_checkpointing(model, lambda m: any(m is b for b in blocks))
     activations = _activation_bytes(model, batch, batch_size)
@@ -159,21 +183,92 @@ def estimate_memory(
 
 def _per_strategy(e: MemoryEstimate, trainable_fraction: float) -> list[StrategyMemory]:
     world, local = e.devices * e.num_nodes, e.devices
-    P, O, A, U = e.parameter_bytes, e.optimizer_bytes, e.activation_bytes, e.largest_unit_bytes
+    P, Opt, A, U = e.parameter_bytes, e.optimizer_bytes, e.activation_bytes, e.largest_unit_bytes
     G = int(P * trainable_fraction)
     gathered = 2 * U  # the unit running plus the next one being gathered (prefetch)
     single_name = "single" if world == 1 else "ddp"
     rows = [
-        StrategyMemory(strategy=single_name, parameters=P, gradients=G, optimizer=O, activations=A, working=0),
-        StrategyMemory(strategy="fsdp", parameters=P // world, gradients=G // world, optimizer=O // world, activations=A, working=gathered if world > 1 else 0),
-        StrategyMemory(strategy="fsdp_shard_grad_op", parameters=P // world, gradients=G // world, optimizer=O // world, activations=A, working=P - P // world),
-        StrategyMemory(strategy="fsdp_hybrid", parameters=P // local, gradients=G // local, optimizer=O // local, activations=A, working=gathered if local > 1 else 0),
-        StrategyMemory(strategy="fsdp_cpu_offload", parameters=0, gradients=0, optimizer=0, activations=A, working=gathered, host_per_device=(P + G + O) // world),
-        StrategyMemory(strategy="zero1", parameters=P, gradients=G, optimizer=O // world, activations=A, working=0, available=False),
-        StrategyMemory(strategy="zero2", parameters=P, gradients=G // world, optimizer=O // world, activations=A, working=0, available=False),
-        StrategyMemory(strategy="zero3", parameters=P // world, gradients=G // world, optimizer=O // world, activations=A, working=gathered, available=False),
-        StrategyMemory(strategy="zero3_cpu_offload", parameters=0, gradients=0, optimizer=0, activations=A, working=gathered, host_per_device=(P + G + O) // world, available=False),
-        StrategyMemory(strategy="zero3_nvme_offload", parameters=0, gradients=0, optimizer=0, activations=A, working=gathered, host_per_device=2 * gathered, available=False),
+        StrategyMemory(strategy=single_name, parameters=P, gradients=G, optimizer=Opt, activations=A, working=0),
+        StrategyMemory(
+            strategy="fsdp",
+            parameters=P // world,
+            gradients=G // world,
+            optimizer=Opt // world,
+            activations=A,
+            working=gathered if world > 1 else 0,
+        ),
+        StrategyMemory(
+            strategy="fsdp_shard_grad_op",
+            parameters=P // world,
+            gradients=G // world,
+            optimizer=Opt // world,
+            activations=A,
+            working=P - P // world,
+        ),
+        StrategyMemory(
+            strategy="fsdp_hybrid",
+            parameters=P // local,
+            gradients=G // local,
+            optimizer=Opt // local,
+            activations=A,
+            working=gathered if local > 1 else 0,
+        ),
+        StrategyMemory(
+            strategy="fsdp_cpu_offload",
+            parameters=0,
+            gradients=0,
+            optimizer=0,
+            activations=A,
+            working=gathered,
+            host_per_device=(P + G + Opt) // world,
+        ),
+        StrategyMemory(
+            strategy="zero1",
+            parameters=P,
+            gradients=G,
+            optimizer=Opt // world,
+            activations=A,
+            working=0,
+            available=False,
+        ),
+        StrategyMemory(
+            strategy="zero2",
+            parameters=P,
+            gradients=G // world,
+            optimizer=Opt // world,
+            activations=A,
+            working=0,
+            available=False,
+        ),
+        StrategyMemory(
+            strategy="zero3",
+            parameters=P // world,
+            gradients=G // world,
+            optimizer=Opt // world,
+            activations=A,
+            working=gathered,
+            available=False,
+        ),
+        StrategyMemory(
+            strategy="zero3_cpu_offload",
+            parameters=0,
+            gradients=0,
+            optimizer=0,
+            activations=A,
+            working=gathered,
+            host_per_device=(P + G + Opt) // world,
+            available=False,
+        ),
+        StrategyMemory(
+            strategy="zero3_nvme_offload",
+            parameters=0,
+            gradients=0,
+            optimizer=0,
+            activations=A,
+            working=gathered,
+            host_per_device=2 * gathered,
+            available=False,
+        ),
     ]
     return rows
 
@@ -188,13 +283,21 @@ def _build_on_meta(module: nn.Module | Callable[[], nn.Module], dtype: torch.dty
             if callable(configure):
                 configure()
     except Exception as error:
-        where = getattr(model, "__class__", type(module)).__name__ if "model" in locals() else getattr(module, "__name__", "the model factory")
-        raise ConfigError(f"building {where} on the meta device failed: {type(error).__name__}: {error}. Every layer must be creatable without data (no .item(), no loading weights in configure_model)") from error
+        where = (
+            getattr(model, "__class__", type(module)).__name__
+            if "model" in locals()
+            else getattr(module, "__name__", "the model factory")
+        )
+        raise ConfigError(
+            f"building {where} on the meta device failed: {type(error).__name__}: {error}. Every layer must be creatable without data (no .item(), no loading weights in configure_model)"
+        ) from error
     finally:
         torch.set_default_dtype(previous)
     real = [name for name, p in model.named_parameters() if not p.is_meta]
     if real:
-        raise ConfigError(f"{type(model).__name__} created parameters outside the meta device (e.g. {real[:3]}); build layers in configure_model() or the factory")
+        raise ConfigError(
+            f"{type(model).__name__} created parameters outside the meta device (e.g. {real[:3]}); build layers in configure_model() or the factory"
+        )
     return model
 
 
@@ -212,7 +315,12 @@ def _optimizer_state_bytes(model: nn.Module) -> int:
     total = 0
     for optimizer in optimizers:
         optimizer.step()
-        total += sum(v.numel() * v.element_size() for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
+        total += sum(
+            v.numel() * v.element_size()
+            for state in optimizer.state.values()
+            for v in state.values()
+            if torch.is_tensor(v) and v.dim() > 0
+        )
     for parameter in model.parameters():
         parameter.grad = None
     return total
@@ -262,9 +370,13 @@ def device_memory_bytes(device_type: str, local_world_size: int) -> tuple[int, i
     return host_per_device, None  # on CPU, device memory is host memory
 
 
-def choose_strategy(module: nn.Module, *, devices: int, num_nodes: int, precision: str, device_type: str, batch_size: int = 1) -> tuple[str, str]:
+def choose_strategy(
+    module: nn.Module, *, devices: int, num_nodes: int, precision: str, device_type: str, batch_size: int = 1
+) -> tuple[str, str]:
     """``strategy="auto"``: the strategy this run should use, from the estimate and the real memory."""
-    estimate = estimate_memory(_fresh_copy(module), devices=devices, num_nodes=num_nodes, precision=precision, batch_size=batch_size)
+    estimate = estimate_memory(
+        _fresh_copy(module), devices=devices, num_nodes=num_nodes, precision=precision, batch_size=batch_size
+    )
     device_memory, host_memory = device_memory_bytes(device_type, devices)
     return estimate.recommend(device_memory, host_memory)
 
@@ -275,7 +387,12 @@ def _fresh_copy(module: nn.Module) -> Callable[[], nn.Module]:
 
     def factory() -> nn.Module:
         clone = copy.copy(module)
-        clone.__dict__ = {**module.__dict__, "_modules": dict(module._modules), "_parameters": dict(module._parameters), "_buffers": dict(module._buffers)}
+        clone.__dict__ = {
+            **module.__dict__,
+            "_modules": dict(module._modules),
+            "_parameters": dict(module._parameters),
+            "_buffers": dict(module._buffers),
+        }
         return clone
 
     factory.__name__ = type(module).__name__

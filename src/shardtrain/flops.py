@@ -57,7 +57,9 @@ def table_peak_flops(device_name: str, dtype: str) -> float | None:
     return None
 
 
-def measure_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32, size: int | None = None, seconds: float = 0.3) -> float:
+def measure_matmul_flops(
+    device: torch.device, dtype: torch.dtype = torch.float32, size: int | None = None, seconds: float = 0.3
+) -> float:
     """The best FLOP/s of repeated square matmuls on ``device``, this process's threads included.
 
     On CPU this is the practical peak MFU is measured against (run it in every process at once,

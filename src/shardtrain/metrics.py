@@ -35,7 +35,9 @@ class MetricCollector:
     def __bool__(self) -> bool:
         return bool(self._sums)
 
-    def compute(self, all_reduce_mean: Callable[[torch.Tensor], torch.Tensor], device: torch.device) -> dict[str, float]:
+    def compute(
+        self, all_reduce_mean: Callable[[torch.Tensor], torch.Tensor], device: torch.device
+    ) -> dict[str, float]:
         """Reduce every metric over ranks in one collective and return plain floats.
 
         Every rank must call this at the same point with the same metric names.

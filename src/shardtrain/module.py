@@ -38,7 +38,9 @@ class TrainModule(nn.Module):
         """Create the layers. Called once per run, under the strategy's init context."""
 
     def training_step(self, batch: Any, batch_idx: int) -> StepOutput:
-        raise NotImplementedError(f"{type(self).__name__} must define training_step(batch, batch_idx) returning the loss")
+        raise NotImplementedError(
+            f"{type(self).__name__} must define training_step(batch, batch_idx) returning the loss"
+        )
 
     def validation_step(self, batch: Any, batch_idx: int) -> StepOutput | None:
         return None
@@ -78,7 +80,9 @@ class TrainModule(nn.Module):
         if isinstance(value, torch.Tensor):
             value = value.detach()
             if value.numel() != 1:
-                raise ValueError(f"self.log({name!r}, ...) needs a single number, got a tensor of shape {tuple(value.shape)}")
+                raise ValueError(
+                    f"self.log({name!r}, ...) needs a single number, got a tensor of shape {tuple(value.shape)}"
+                )
             value = value.reshape(())
         else:
             value = torch.tensor(float(value))

@@ -45,9 +45,13 @@ class NonFiniteCheck:
         if self.mode != "skip":
             return
         if loss_scaling:
-            raise ConfigError("on_nonfinite='skip' with precision='16-mixed': its GradScaler already skips steps with inf/NaN gradients; use 'stop' or 'ignore'")
+            raise ConfigError(
+                "on_nonfinite='skip' with precision='16-mixed': its GradScaler already skips steps with inf/NaN gradients; use 'stop' or 'ignore'"
+            )
         if not can_skip_optimizer_step:
-            raise ConfigError("on_nonfinite='skip' is not possible under DeepSpeed, whose engine owns the optimizer step; use 'stop' (checks the loss) or 'ignore'")
+            raise ConfigError(
+                "on_nonfinite='skip' is not possible under DeepSpeed, whose engine owns the optimizer step; use 'stop' (checks the loss) or 'ignore'"
+            )
 
     def step_is_finite(self, engine: "Engine", step: int, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
         """True when every rank's loss and the gradient norm are finite; otherwise stop (raise) or report a skip."""

@@ -54,7 +54,11 @@ def parse_optimizers(returned: Any) -> tuple[list[Optimizer], list[SchedulerConf
 def _from_dict(returned: dict) -> tuple[list[Optimizer], list[SchedulerConfig]]:
     if "optimizer" not in returned:
         raise ConfigError(f"configure_optimizers() returned a dict without 'optimizer' (keys: {sorted(returned)})")
-    schedulers = [_scheduler(returned["lr_scheduler"], returned.get("monitor"))] if returned.get("lr_scheduler") is not None else []
+    schedulers = (
+        [_scheduler(returned["lr_scheduler"], returned.get("monitor"))]
+        if returned.get("lr_scheduler") is not None
+        else []
+    )
     return _check([returned["optimizer"]]), schedulers
 
 
@@ -62,7 +66,9 @@ def _scheduler(item: Any, monitor: str | None = None) -> SchedulerConfig:
     if isinstance(item, dict):
         unknown = set(item) - {"scheduler", "interval", "frequency", "monitor", "name", "strict"}
         if "scheduler" not in item or unknown:
-            raise ConfigError(f"an lr_scheduler dict needs 'scheduler' and may have interval/frequency/monitor; got {sorted(item)}")
+            raise ConfigError(
+                f"an lr_scheduler dict needs 'scheduler' and may have interval/frequency/monitor; got {sorted(item)}"
+            )
         if item.get("interval", "epoch") not in ("step", "epoch"):
             raise ConfigError(f"lr_scheduler interval must be 'step' or 'epoch', got {item['interval']!r}")
         return SchedulerConfig(
@@ -83,14 +89,18 @@ def _check(optimizers: Sequence[Any]) -> list[Optimizer]:
     return list(optimizers)
 
 
-def step_schedulers(schedulers: Sequence[SchedulerConfig], interval: str, count: int, metrics: dict[str, float]) -> None:
+def step_schedulers(
+    schedulers: Sequence[SchedulerConfig], interval: str, count: int, metrics: dict[str, float]
+) -> None:
     """Step the schedulers of ``interval`` whose frequency divides ``count`` (steps or epochs done)."""
     for config in schedulers:
         if config.interval != interval or count % config.frequency:
             continue
         if config.monitor is not None:
             if config.monitor not in metrics:
-                raise ConfigError(f"LR scheduler monitors {config.monitor!r}, which was not logged; logged: {sorted(metrics)}")
+                raise ConfigError(
+                    f"LR scheduler monitors {config.monitor!r}, which was not logged; logged: {sorted(metrics)}"
+                )
             config.scheduler.step(metrics[config.monitor])
         else:
             config.scheduler.step()

@@ -54,12 +54,20 @@ class Preemption:
 
     def __post_init__(self) -> None:
         if isinstance(self.signals, str):
-            raise ConfigError(f"Preemption(signals=...) takes a list of names, got the string {self.signals!r}; write [{self.signals!r}]")
+            raise ConfigError(
+                f"Preemption(signals=...) takes a list of names, got the string {self.signals!r}; write [{self.signals!r}]"
+            )
         numbers = [_signal_number(name) for name in self.signals]
         if signal.SIGKILL in numbers or signal.SIGSTOP in numbers:
-            raise ConfigError("SIGKILL and SIGSTOP cannot be caught; list the signal your scheduler sends before them (SIGTERM, SIGUSR1)")
-        if self.check_every_n_steps is not None and (not isinstance(self.check_every_n_steps, int) or self.check_every_n_steps < 1):
-            raise ConfigError(f"check_every_n_steps must be None (at logging steps) or a whole number >= 1, got {self.check_every_n_steps!r}")
+            raise ConfigError(
+                "SIGKILL and SIGSTOP cannot be caught; list the signal your scheduler sends before them (SIGTERM, SIGUSR1)"
+            )
+        if self.check_every_n_steps is not None and (
+            not isinstance(self.check_every_n_steps, int) or self.check_every_n_steps < 1
+        ):
+            raise ConfigError(
+                f"check_every_n_steps must be None (at logging steps) or a whole number >= 1, got {self.check_every_n_steps!r}"
+            )
         object.__setattr__(self, "signals", tuple(number.name for number in numbers))
 
     @property
@@ -74,7 +82,9 @@ def _signal_number(name: str | int) -> signal.Signals:
         upper = name.upper()
         return signal.Signals[upper if upper.startswith("SIG") else f"SIG{upper}"]
     except (KeyError, ValueError):
-        raise ConfigError(f"unknown signal {name!r} in Preemption(signals=...); use names such as 'SIGTERM', 'SIGUSR1', 'SIGUSR2'") from None
+        raise ConfigError(
+            f"unknown signal {name!r} in Preemption(signals=...); use names such as 'SIGTERM', 'SIGUSR1', 'SIGUSR2'"
+        ) from None
 
 
 class Preempted(SystemExit):
@@ -103,7 +113,9 @@ class SignalCatcher:
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             if self.signals:
-                log.warning("preemption signals are not caught: Python handles signals only in the main thread, and fit() runs in another")
+                log.warning(
+                    "preemption signals are not caught: Python handles signals only in the main thread, and fit() runs in another"
+                )
             return
         for number in self.signals:
             self._previous[number] = signal.signal(number, self._record)
@@ -141,6 +153,8 @@ def requeue_slurm_job(env: Mapping[str, str] | None = None) -> bool:
         return False
     result = subprocess.run([scontrol, "requeue", job], capture_output=True, text=True, timeout=60)
     if result.returncode != 0:
-        log.warning("auto_requeue: `scontrol requeue %s` failed (exit %d): %s", job, result.returncode, result.stderr.strip())
+        log.warning(
+            "auto_requeue: `scontrol requeue %s` failed (exit %d): %s", job, result.returncode, result.stderr.strip()
+        )
         return False
     return True

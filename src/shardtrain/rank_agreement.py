@@ -36,7 +36,9 @@ def check_same_on_every_rank(what: str, value: Any, fix: str) -> None:
     if differing:
         rank = differing[0]
         ranks = ", ".join(str(r) for r in differing)
-        raise ConfigError(f"{what} differs between ranks: rank {ranks} against rank 0. {_difference(gathered[0], gathered[rank], rank)}. {fix}")
+        raise ConfigError(
+            f"{what} differs between ranks: rank {ranks} against rank 0. {_difference(gathered[0], gathered[rank], rank)}. {fix}"
+        )
 
 
 def _difference(first: Any, other: Any, rank: int, limit: int = 5) -> str:

@@ -115,16 +115,41 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
             raise ConfigError(f"preemption must be True, False or a shardtrain.Preemption, got {preemption!r}")
 
         self.config: dict[str, Any] = {  # the resolved arguments, written into every checkpoint
-            "accelerator": accelerator, "devices": devices, "num_nodes": num_nodes, "strategy": strategy if isinstance(strategy, str) else repr(strategy),
-            "precision": str(precision), "max_steps": max_steps, "max_epochs": max_epochs, "accumulate_grad_batches": accumulate_grad_batches,
-            "gradient_clip_val": gradient_clip_val, "gradient_clip_algorithm": gradient_clip_algorithm, "val_check_interval": val_check_interval,
-            "check_val_every_n_epoch": check_val_every_n_epoch, "limit_train_batches": limit_train_batches, "limit_val_batches": limit_val_batches,
-            "log_every_n_steps": log_every_n_steps, "default_root_dir": str(default_root_dir), "seed": seed, "timeout_seconds": timeout_seconds,
-            "preemption": repr(preemption), "on_nonfinite": on_nonfinite,
+            "accelerator": accelerator,
+            "devices": devices,
+            "num_nodes": num_nodes,
+            "strategy": strategy if isinstance(strategy, str) else repr(strategy),
+            "precision": str(precision),
+            "max_steps": max_steps,
+            "max_epochs": max_epochs,
+            "accumulate_grad_batches": accumulate_grad_batches,
+            "gradient_clip_val": gradient_clip_val,
+            "gradient_clip_algorithm": gradient_clip_algorithm,
+            "val_check_interval": val_check_interval,
+            "check_val_every_n_epoch": check_val_every_n_epoch,
+            "limit_train_batches": limit_train_batches,
+            "limit_val_batches": limit_val_batches,
+            "log_every_n_steps": log_every_n_steps,
+            "default_root_dir": str(default_root_dir),
+            "seed": seed,
+            "timeout_seconds": timeout_seconds,
+            "preemption": repr(preemption),
+            "on_nonfinite": on_nonfinite,
         }
         self.auto_strategy = isinstance(strategy, str) and strategy == "auto"
-        self.engine = Engine(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision, timeout_seconds=timeout_seconds)
-        self.engine.configure_training(accumulate_grad_batches=accumulate_grad_batches, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
+        self.engine = Engine(
+            accelerator=accelerator,
+            devices=devices,
+            num_nodes=num_nodes,
+            strategy=strategy,
+            precision=precision,
+            timeout_seconds=timeout_seconds,
+        )
+        self.engine.configure_training(
+            accumulate_grad_batches=accumulate_grad_batches,
+            gradient_clip_val=gradient_clip_val,
+            gradient_clip_algorithm=gradient_clip_algorithm,
+        )
         self.max_steps = max_steps
         self.max_epochs = max_epochs if max_epochs is not None else (1000 if max_steps == -1 else None)
         self.accumulate_grad_batches = accumulate_grad_batches
@@ -207,8 +232,10 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
             val_loader = self._loader(val_dataloaders, module, "val_dataloader", required=False)
             self._estimate_steps(train_loader)
             self.engine.configure_training(
-                accumulate_grad_batches=self.accumulate_grad_batches, gradient_clip_val=self.gradient_clip_val,
-                gradient_clip_algorithm=self.gradient_clip_algorithm, micro_batch_size=getattr(train_loader, "batch_size", None),
+                accumulate_grad_batches=self.accumulate_grad_batches,
+                gradient_clip_val=self.gradient_clip_val,
+                gradient_clip_algorithm=self.gradient_clip_algorithm,
+                micro_batch_size=getattr(train_loader, "batch_size", None),
             )
             self._setup(module, "fit")
             self.nonfinite.refuse_what_cannot_be_done(self.strategy.can_skip_optimizer_step, self._loss_scaling())
@@ -257,6 +284,7 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
             module.configure_model()
         self.module = module
         if stage == "fit":
+
             def configure_optimizers() -> list[torch.optim.Optimizer]:
                 optimizers, self.lr_schedulers = parse_optimizers(module.configure_optimizers())
                 return optimizers
@@ -272,7 +300,13 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
         from shardtrain.estimate import choose_strategy
 
         env = self.engine.environment
-        name, reason = choose_strategy(module, devices=env.local_world_size, num_nodes=max(1, env.world_size // env.local_world_size), precision=self.engine.precision.name, device_type=self.engine.device.type)
+        name, reason = choose_strategy(
+            module,
+            devices=env.local_world_size,
+            num_nodes=max(1, env.world_size // env.local_world_size),
+            precision=self.engine.precision.name,
+            device_type=self.engine.device.type,
+        )
         self.engine.use_strategy(name)
         self.auto_strategy = False
         self.strategy_reason = reason
@@ -281,10 +315,14 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
             print(f"[shardtrain] strategy='auto' chose {reason}", flush=True)
 
     def _loader(self, given: DataLoader | None, module: TrainModule, hook: str, required: bool) -> Any:
-        loader = given if given is not None else (getattr(module, hook)() if callable(getattr(module, hook, None)) else None)
+        loader = (
+            given if given is not None else (getattr(module, hook)() if callable(getattr(module, hook, None)) else None)
+        )
         if loader is None:
             if required:
-                raise ConfigError(f"no {hook.replace('_', ' ')}: pass it to the Trainer or define {type(module).__name__}.{hook}()")
+                raise ConfigError(
+                    f"no {hook.replace('_', ' ')}: pass it to the Trainer or define {type(module).__name__}.{hook}()"
+                )
             return None
         return self.engine.setup_dataloaders(loader, seed=self.seed or 0)
 
@@ -301,7 +339,9 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
     # ------------------------------------------------------------------ training
     def _train(self, train_loader: Any, val_loader: Any) -> None:
         assert self.model is not None
-        self.should_stop = self._reached_max_steps() or (self.max_epochs is not None and self.current_epoch >= self.max_epochs)
+        self.should_stop = self._reached_max_steps() or (
+            self.max_epochs is not None and self.current_epoch >= self.max_epochs
+        )
         self._call("on_train_start")
         while not self.should_stop:
             self.model.train()
@@ -362,7 +402,9 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
             outputs = self.model.training_step(batch, batch_idx)
             loss = _extract_loss(outputs, type(self.module).__name__)
             self._call("on_before_backward", loss)
-            self.engine.backward(loss / self.accumulate_grad_batches if self.accumulate_grad_batches > 1 else loss, self.model)
+            self.engine.backward(
+                loss / self.accumulate_grad_batches if self.accumulate_grad_batches > 1 else loss, self.model
+            )
         self._call("on_after_backward")
         return loss.detach(), outputs
 
@@ -379,8 +421,12 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
             # The norm is not checked under loss scaling (an inf there is the GradScaler's business) or DeepSpeed (not known yet).
             check_norm = self.strategy.can_skip_optimizer_step and not self._loss_scaling()
             if check_norm and norm is None:
-                norm = self.engine.clip_gradients(self.model, self.optimizers, max_norm=math.inf)  # only the norm: scales by 1
-            step_now = self.nonfinite.step_is_finite(self.engine, self.global_step + 1, step_loss, norm if check_norm else None)
+                norm = self.engine.clip_gradients(
+                    self.model, self.optimizers, max_norm=math.inf
+                )  # only the norm: scales by 1
+            step_now = self.nonfinite.step_is_finite(
+                self.engine, self.global_step + 1, step_loss, norm if check_norm else None
+            )
         if self.gradient_clip_val is not None and self.gradient_clip_algorithm == "value":
             self.engine.clip_gradients(self.model, self.optimizers, clip_val=self.gradient_clip_val)
         if step_now:
@@ -396,7 +442,11 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
             collector.update({_STOP_REQUESTED: (self._stop_flag(), False)})  # agreement rides on the logging all-reduce
             self._log(collector, {"epoch": float(self.current_epoch)})
             collector.reset()
-        elif self.preemption is not None and self.preemption.check_every_n_steps and self.global_step % self.preemption.check_every_n_steps == 0:
+        elif (
+            self.preemption is not None
+            and self.preemption.check_every_n_steps
+            and self.global_step % self.preemption.check_every_n_steps == 0
+        ):
             self._stop_agreed = bool(self.engine.all_reduce(self._stop_flag(), "max").item())
 
     # ------------------------------------------------------------------ preemption
@@ -406,7 +456,11 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
     def _stop_for_preemption(self) -> None:
         """Every rank agreed to stop after this step: save (unless just saved), requeue, exit with code 75."""
         assert self.preemption is not None
-        reason = f"{self._signals.received} on rank {self.global_rank}" if self._signals.requested else "a stop signal received by another rank"
+        reason = (
+            f"{self._signals.received} on rank {self.global_rank}"
+            if self._signals.requested
+            else "a stop signal received by another rank"
+        )
         self.engine.wait_for_checkpoint()
         last = self._last_checkpoint
         path = last[1] if last is not None and last[0] == self.global_step else self.save_checkpoint()
@@ -460,7 +514,11 @@ def _extract_loss(outputs: Any, module_name: str) -> torch.Tensor:
             f"{module_name}.training_step returned {type(outputs).__name__}; return the loss tensor or a dict with a 'loss' tensor"
         )
     if loss.numel() != 1:
-        raise TrainingStepError(f"{module_name}.training_step returned a loss of shape {tuple(loss.shape)}; reduce it to one number (e.g. .mean())")
+        raise TrainingStepError(
+            f"{module_name}.training_step returned a loss of shape {tuple(loss.shape)}; reduce it to one number (e.g. .mean())"
+        )
     if not loss.requires_grad:
-        raise TrainingStepError(f"{module_name}.training_step returned a loss that does not require grad; was it computed under torch.no_grad() or detached?")
+        raise TrainingStepError(
+            f"{module_name}.training_step returned a loss that does not require grad; was it computed under torch.no_grad() or detached?"
+        )
     return loss

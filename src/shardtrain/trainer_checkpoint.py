@@ -43,7 +43,12 @@ class TrainerCheckpointing:
         state = self._checkpoint_state()
         self._call("on_save_checkpoint", state)
         checkpoint_dir = self.checkpoint_dir
-        self.engine.save(target, state, asynchronous=asynchronous, on_commit=lambda committed: _point_last_at(checkpoint_dir, committed))
+        self.engine.save(
+            target,
+            state,
+            asynchronous=asynchronous,
+            on_commit=lambda committed: _point_last_at(checkpoint_dir, committed),
+        )
         self._last_checkpoint = (self.global_step, target)
         return target
 
@@ -52,7 +57,11 @@ class TrainerCheckpointing:
             "module": self.model,
             "optimizers": list(self.optimizers),
             "lr_schedulers": [config.scheduler for config in self.lr_schedulers],
-            "loop": {"global_step": self.global_step, "current_epoch": self.current_epoch, "batches_seen_in_epoch": self.batches_seen_in_epoch},
+            "loop": {
+                "global_step": self.global_step,
+                "current_epoch": self.current_epoch,
+                "batches_seen_in_epoch": self.batches_seen_in_epoch,
+            },
             "callbacks": {callback.state_key: callback.state_dict() for callback in self.callbacks},
             "trainer_config": {**self.config, "strategy": repr(self.strategy), "world_size": self.world_size},
         }
@@ -73,7 +82,10 @@ class TrainerCheckpointing:
             # The same command starts a job and its restarts (torchrun --max-restarts, a requeued
             # SLURM job): the first attempt has nothing to resume from. Lightning does the same.
             if self.is_global_zero:
-                print(f"[shardtrain] ckpt_path='last' but no checkpoint was saved in {self.checkpoint_dir} yet; training starts from the beginning", flush=True)
+                print(
+                    f"[shardtrain] ckpt_path='last' but no checkpoint was saved in {self.checkpoint_dir} yet; training starts from the beginning",
+                    flush=True,
+                )
             return None
         return self.checkpoint_dir / pointer.read_text().strip()
 
@@ -106,4 +118,3 @@ def _point_last_at(directory: Path, target: Path) -> None:
     temporary = directory / f".{LAST}.tmp"
     temporary.write_text(name)
     os.replace(temporary, directory / LAST)
-

@@ -24,7 +24,9 @@ class TrainerValidation:
             return 0
         if isinstance(self.val_check_interval, float):
             if math.isinf(num_batches):
-                raise ConfigError("a fractional val_check_interval needs a training loader with a length; give an int number of batches")
+                raise ConfigError(
+                    "a fractional val_check_interval needs a training loader with a length; give an int number of batches"
+                )
             return max(1, int(num_batches * self.val_check_interval))
         return int(self.val_check_interval)
 

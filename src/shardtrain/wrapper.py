@@ -9,7 +9,7 @@ call of the wrapped ``forward``.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 
@@ -43,7 +43,9 @@ class EngineModule(nn.Module):
         self._forward_module = forward_module
         self._original_module = original_module
         self._strategy = strategy
-        self._forward_methods: set[str] = {name for name in STEP_METHODS if callable(getattr(original_module, name, None))}
+        self._forward_methods: set[str] = {
+            name for name in STEP_METHODS if callable(getattr(original_module, name, None))
+        }
 
     @property
     def module(self) -> nn.Module:
@@ -72,7 +74,10 @@ class EngineModule(nn.Module):
         except AttributeError:
             pass
         if name in self.__dict__.get("_forward_methods", ()):
-            routed: Callable[..., Any] = lambda *args, **kwargs: self._call(name, *args, **kwargs)
+
+            def routed(*args: Any, **kwargs: Any) -> Any:
+                return self._call(name, *args, **kwargs)
+
             return routed
         return getattr(self._original_module, name)
 

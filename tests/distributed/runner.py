@@ -19,7 +19,16 @@ from shardtrain.launch.environment import find_free_port
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 #: What a launcher sets; removed from a test's environment so that no outer layout leaks in.
-LAYOUT_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK")
+LAYOUT_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "NODE_RANK",
+)
 
 
 @dataclass
@@ -35,15 +44,34 @@ class Run:
 
 
 def run_script(
-    script: str, out_dir: Path, *args: str, timeout: float = 180, torchrun: int | None = None, torchrun_args: Sequence[str] = (), env: dict | None = None
+    script: str,
+    out_dir: Path,
+    *args: str,
+    timeout: float = 180,
+    torchrun: int | None = None,
+    torchrun_args: Sequence[str] = (),
+    env: dict | None = None,
 ) -> Run:
     """Run ``scripts/<script>`` with ``--out out_dir``; with ``torchrun=N`` under ``torchrun --nproc-per-node N [torchrun_args]``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, str(SCRIPTS / script), "--out", str(out_dir), *args]
     if torchrun:
         port = find_free_port()
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={torchrun}", f"--master-port={port}", *torchrun_args, *command[1:]]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **(env or {})}
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc-per-node={torchrun}",
+            f"--master-port={port}",
+            *torchrun_args,
+            *command[1:],
+        ]
+    full_env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        **(env or {}),
+    }
     for key in LAYOUT_VARIABLES:
         full_env.pop(key, None)
     completed = subprocess.run(command, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)

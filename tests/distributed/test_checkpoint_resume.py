@@ -9,38 +9,72 @@ pytestmark = pytest.mark.distributed
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    return assert_ok(run_script("train_gpt.py", tmp_path_factory.mktemp("full"), "--devices", "1", "--batch-size", "16")).result()
+    return assert_ok(
+        run_script("train_gpt.py", tmp_path_factory.mktemp("full"), "--devices", "1", "--batch-size", "16")
+    ).result()
 
 
 @pytest.mark.parametrize(
     "save_with, resume_with",
     [
-        (["--devices", "2", "--strategy", "fsdp", "--batch-size", "8"], ["--devices", "2", "--strategy", "fsdp", "--batch-size", "8"]),
-        (["--devices", "2", "--strategy", "ddp", "--batch-size", "8"], ["--devices", "2", "--strategy", "fsdp", "--batch-size", "8"]),
+        (
+            ["--devices", "2", "--strategy", "fsdp", "--batch-size", "8"],
+            ["--devices", "2", "--strategy", "fsdp", "--batch-size", "8"],
+        ),
+        (
+            ["--devices", "2", "--strategy", "ddp", "--batch-size", "8"],
+            ["--devices", "2", "--strategy", "fsdp", "--batch-size", "8"],
+        ),
         (["--devices", "2", "--strategy", "fsdp", "--batch-size", "8"], ["--devices", "1", "--batch-size", "16"]),
         (["--devices", "1", "--batch-size", "16"], ["--devices", "2", "--strategy", "fsdp", "--batch-size", "8"]),
-        (["--devices", "2", "--strategy", "fsdp", "--batch-size", "8"], ["--devices", "4", "--strategy", "fsdp", "--batch-size", "4"]),
-        (["--devices", "2", "--strategy", "fsdp", "--batch-size", "8"], ["--devices", "2", "--strategy", "ddp", "--batch-size", "8"]),
+        (
+            ["--devices", "2", "--strategy", "fsdp", "--batch-size", "8"],
+            ["--devices", "4", "--strategy", "fsdp", "--batch-size", "4"],
+        ),
+        (
+            ["--devices", "2", "--strategy", "fsdp", "--batch-size", "8"],
+            ["--devices", "2", "--strategy", "ddp", "--batch-size", "8"],
+        ),
     ],
     ids=["fsdp->fsdp", "ddp->fsdp", "fsdp(2)->single(1)", "single(1)->fsdp(2)", "fsdp(2)->fsdp(4)", "fsdp->ddp"],
 )
 def test_resume_continues_the_loss_curve(uninterrupted, tmp_path, save_with, resume_with):
     assert_ok(run_script("train_gpt.py", tmp_path, *save_with, "--stop-at", "5", "--save-at-end"))
     assert (tmp_path / "checkpoints" / "last").read_text() == "step=5"
-    resumed = assert_ok(run_script("train_gpt.py", tmp_path, *resume_with, "--max-steps", "10", "--ckpt-path", "last")).result()
+    resumed = assert_ok(
+        run_script("train_gpt.py", tmp_path, *resume_with, "--max-steps", "10", "--ckpt-path", "last")
+    ).result()
     assert resumed["steps"] == list(range(6, 11))
     assert resumed["losses"] == pytest.approx(uninterrupted["losses"][5:], abs=1e-5)
     assert resumed["weight_checksum"] == pytest.approx(uninterrupted["weight_checksum"], rel=1e-5)
 
 
 def test_kill_9_in_the_middle_of_a_save_keeps_the_last_checkpoint(uninterrupted, tmp_path):
-    run = run_script("train_gpt.py", tmp_path, "--devices", "2", "--strategy", "fsdp", "--batch-size", "8", "--checkpoint-every", "3", "--kill-in-save", "6", timeout=120)
+    run = run_script(
+        "train_gpt.py",
+        tmp_path,
+        "--devices",
+        "2",
+        "--strategy",
+        "fsdp",
+        "--batch-size",
+        "8",
+        "--checkpoint-every",
+        "3",
+        "--kill-in-save",
+        "6",
+        timeout=120,
+    )
     assert run.returncode != 0 and "rank 1 failed (signal 9)" in run.output
     checkpoints = tmp_path / "checkpoints"
     assert (checkpoints / "last").read_text() == "step=3"
     partial = checkpoints / ".step=6.partial"
     assert partial.is_dir() and not (partial / "meta.json").exists() and not (checkpoints / "step=6").exists()
-    resumed = assert_ok(run_script("train_gpt.py", tmp_path, "--devices", "2", "--strategy", "fsdp", "--batch-size", "8", "--ckpt-path", "last")).result()
+    resumed = assert_ok(
+        run_script(
+            "train_gpt.py", tmp_path, "--devices", "2", "--strategy", "fsdp", "--batch-size", "8", "--ckpt-path", "last"
+        )
+    ).result()
     assert resumed["steps"] == list(range(4, 11))
     assert resumed["losses"] == pytest.approx(uninterrupted["losses"][3:], abs=1e-5)
 

@@ -15,13 +15,24 @@ CONFIG = ROOT / "tests" / "distributed" / "configs" / "tiny.yaml"
 
 def _cli(*args, timeout=180):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    completed = subprocess.run([sys.executable, "-m", "shardtrain", *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    completed = subprocess.run(
+        [sys.executable, "-m", "shardtrain", *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert completed.returncode == 0, completed.stdout + completed.stderr
     return completed
 
 
 def _losses(directory):
-    return {int(r["step"]): float(r["train_loss"]) for r in csv.DictReader(open(directory / "metrics.csv")) if r.get("train_loss")}
+    return {
+        int(r["step"]): float(r["train_loss"])
+        for r in csv.DictReader(open(directory / "metrics.csv"))
+        if r.get("train_loss")
+    }
 
 
 def test_yaml_run_equals_python_run_and_resumes_without_a_config(tmp_path):
@@ -41,7 +52,13 @@ def test_yaml_run_equals_python_run_and_resumes_without_a_config(tmp_path):
 def test_bad_config_exits_with_the_message(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("trainer: {max_step: 3}\nmodel: {class_path: examples.gpt.model.GPTModule}\n")
-    completed = subprocess.run([sys.executable, "-m", "shardtrain", "fit", "--config", str(bad)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    completed = subprocess.run(
+        [sys.executable, "-m", "shardtrain", "fit", "--config", str(bad)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert completed.returncode == 2
     assert "did you mean 'max_steps'" in completed.stderr and "Traceback" not in completed.stderr
 
@@ -52,7 +69,19 @@ def test_help_lists_options_with_types_and_defaults():
 
 
 def test_validate_command_prints_the_metrics():
-    out = _cli("validate", "--config", CONFIG, "--trainer.devices", "1", "--strategy.name", "single", "--trainer.limit_val_batches", "2", "--trainer.callbacks", "[]").stdout
+    out = _cli(
+        "validate",
+        "--config",
+        CONFIG,
+        "--trainer.devices",
+        "1",
+        "--strategy.name",
+        "single",
+        "--trainer.limit_val_batches",
+        "2",
+        "--trainer.callbacks",
+        "[]",
+    ).stdout
     value = float(out.split("val_loss:")[1].split()[0])
     assert 5.0 < value < 6.0  # an untrained byte-level model: about ln(256) = 5.55
 
@@ -60,11 +89,19 @@ def test_validate_command_prints_the_metrics():
 def test_estimate_command(tmp_path):
     import json
 
-    payload = json.loads(_cli("estimate", "--config", CONFIG, "--devices", "8", "--device-memory", "80GiB", "--json").stdout)
+    payload = json.loads(
+        _cli("estimate", "--config", CONFIG, "--devices", "8", "--device-memory", "80GiB", "--json").stdout
+    )
     assert payload["devices"] == 8 and payload["recommended"] == "ddp" and payload["fits"]["fsdp"]
     tight = json.loads(_cli("estimate", "--config", CONFIG, "--device-memory", "1KiB", "--json").stdout)
     assert tight["recommended"] == "fsdp_cpu_offload" and not any(tight["fits"].values())
     table = _cli("estimate", "--config", CONFIG, "--device-memory", "80GiB").stdout
     assert "recommended: ddp" in table and "fsdp_cpu_offload" in table
-    completed = subprocess.run([sys.executable, "-m", "shardtrain", "estimate", "--config", str(CONFIG), "--device-memory", "eighty"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    completed = subprocess.run(
+        [sys.executable, "-m", "shardtrain", "estimate", "--config", str(CONFIG), "--device-memory", "eighty"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert completed.returncode == 2 and "write it like 80GiB" in completed.stderr

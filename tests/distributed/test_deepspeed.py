@@ -20,11 +20,25 @@ TWO_RANKS = ("--devices", "2", "--batch-size", "8")
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-    return assert_ok(run_script("train_gpt.py", tmp_path_factory.mktemp("single"), "--devices", "1", "--batch-size", "16")).result()
+    return assert_ok(
+        run_script("train_gpt.py", tmp_path_factory.mktemp("single"), "--devices", "1", "--batch-size", "16")
+    ).result()
 
 
 def _deepspeed(tmp_path, options: dict, *extra: str, timeout: float = 300):
-    return assert_ok(run_script("train_gpt.py", tmp_path, *TWO_RANKS, "--strategy", "deepspeed", "--strategy-options", json.dumps(options), *extra, timeout=timeout)).result()
+    return assert_ok(
+        run_script(
+            "train_gpt.py",
+            tmp_path,
+            *TWO_RANKS,
+            "--strategy",
+            "deepspeed",
+            "--strategy-options",
+            json.dumps(options),
+            *extra,
+            timeout=timeout,
+        )
+    ).result()
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -38,9 +52,20 @@ def test_each_zero_stage_matches_one_process(single, tmp_path, stage):
 def test_stage_3_in_one_process_started_without_a_launcher(single, tmp_path):
     # devices=1 starts no launcher, so no LOCAL_RANK; DeepSpeed's zero.Init reads it (found by the
     # benchmark's scaling run).
-    result = assert_ok(run_script(
-        "train_gpt.py", tmp_path, "--devices", "1", "--batch-size", "16", "--strategy", "deepspeed", "--strategy-options", json.dumps({"stage": 3}),
-    )).result()
+    result = assert_ok(
+        run_script(
+            "train_gpt.py",
+            tmp_path,
+            "--devices",
+            "1",
+            "--batch-size",
+            "16",
+            "--strategy",
+            "deepspeed",
+            "--strategy-options",
+            json.dumps({"stage": 3}),
+        )
+    ).result()
     assert (result["world_size"], result["zero_stage"]) == (1, 3)
     assert result["losses"] == pytest.approx(single["losses"], abs=1e-5)
 
@@ -56,9 +81,18 @@ def test_stage_3_with_parameters_and_optimizer_on_disk(tmp_path):
     # DeepSpeed's async_io op needs libaio (Debian: libaio-dev) and is built on first use: ~2.5 min once.
     # DeepSpeed keeps tensors under 1 MiB in memory, so this model is wider than the others (1.6M parameters).
     wide = ("--d-model", "256", "--max-steps", "5")
-    reference = assert_ok(run_script("train_gpt.py", tmp_path / "single", "--devices", "1", "--batch-size", "16", *wide)).result()
+    reference = assert_ok(
+        run_script("train_gpt.py", tmp_path / "single", "--devices", "1", "--batch-size", "16", *wide)
+    ).result()
     nvme = tmp_path / "nvme"
-    options = {"stage": 3, "offload_optimizer": True, "offload_parameters": True, "offload_optimizer_device": "nvme", "offload_params_device": "nvme", "nvme_path": str(nvme)}
+    options = {
+        "stage": 3,
+        "offload_optimizer": True,
+        "offload_parameters": True,
+        "offload_optimizer_device": "nvme",
+        "offload_params_device": "nvme",
+        "nvme_path": str(nvme),
+    }
     result = _deepspeed(tmp_path / "run", options, *wide, "--watch-dir", str(nvme), timeout=900)
     assert result["losses"] == pytest.approx(reference["losses"], abs=1e-4)  # CPU Adam, as above
     # fp32 master weights and both Adam moments were in swap files: measured 19.76 MB of the
@@ -73,14 +107,35 @@ def test_activation_checkpointing_from_a_policy(single, tmp_path):
 
 def test_a_deepspeed_json_file_drives_the_run(single, tmp_path):
     config = tmp_path / "ds_config.json"
-    config.write_text(json.dumps({"zero_optimization": {"stage": 3, "overlap_comm": False}, "train_micro_batch_size_per_gpu": "auto", "gradient_clipping": "auto"}))
+    config.write_text(
+        json.dumps(
+            {
+                "zero_optimization": {"stage": 3, "overlap_comm": False},
+                "train_micro_batch_size_per_gpu": "auto",
+                "gradient_clipping": "auto",
+            }
+        )
+    )
     result = _deepspeed(tmp_path / "run", {"config": str(config)})
     assert result["zero_stage"] == 3
     assert result["losses"] == pytest.approx(single["losses"], abs=1e-5)
 
 
 def test_clipping_by_norm_inside_the_deepspeed_step(tmp_path):
-    reference = assert_ok(run_script("train_gpt.py", tmp_path / "single", "--devices", "1", "--batch-size", "16", "--clip", "0.5", "--max-steps", "5")).result()
+    reference = assert_ok(
+        run_script(
+            "train_gpt.py",
+            tmp_path / "single",
+            "--devices",
+            "1",
+            "--batch-size",
+            "16",
+            "--clip",
+            "0.5",
+            "--max-steps",
+            "5",
+        )
+    ).result()
     result = _deepspeed(tmp_path / "ds", {"stage": 2}, "--clip", "0.5", "--max-steps", "5")
     assert result["losses"] == pytest.approx(reference["losses"], abs=1e-5)
     assert result["grad_norm_logged"] == pytest.approx(reference["grad_norm_logged"], rel=1e-4)
@@ -97,9 +152,13 @@ def test_save_and_resume_continues_the_loss_curve(single, tmp_path):
 def test_checkpoints_cross_between_deepspeed_fsdp_and_one_process(single, tmp_path):
     # ZeRO-3 on 2 ranks -> one process, and FSDP on 2 ranks -> ZeRO-2: the same loss curve.
     _deepspeed(tmp_path / "a", {"stage": 3}, "--stop-at", "5", "--save-at-end")
-    one = assert_ok(run_script("train_gpt.py", tmp_path / "a", "--devices", "1", "--batch-size", "16", "--ckpt-path", "last")).result()
+    one = assert_ok(
+        run_script("train_gpt.py", tmp_path / "a", "--devices", "1", "--batch-size", "16", "--ckpt-path", "last")
+    ).result()
     assert one["losses"] == pytest.approx(single["losses"][5:], abs=1e-5)
-    assert_ok(run_script("train_gpt.py", tmp_path / "b", *TWO_RANKS, "--strategy", "fsdp", "--stop-at", "5", "--save-at-end"))
+    assert_ok(
+        run_script("train_gpt.py", tmp_path / "b", *TWO_RANKS, "--strategy", "fsdp", "--stop-at", "5", "--save-at-end")
+    )
     zero2 = _deepspeed(tmp_path / "b", {"stage": 2}, "--ckpt-path", "last")
     assert zero2["losses"] == pytest.approx(single["losses"][5:], abs=1e-5)
 
@@ -108,8 +167,18 @@ def test_zero_3_checkpoint_consolidates_to_the_trained_weights(tmp_path):
     _deepspeed(tmp_path, {"stage": 3}, "--max-steps", "3", "--save-at-end", "--dump-weights", "end")
     trained = load_file(str(tmp_path / "weights_end.safetensors"))
     completed = subprocess.run(
-        [sys.executable, "-m", "shardtrain", "consolidate", str(tmp_path / "checkpoints" / "step=3"), str(tmp_path / "model.safetensors")],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "shardtrain",
+            "consolidate",
+            str(tmp_path / "checkpoints" / "step=3"),
+            str(tmp_path / "model.safetensors"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert completed.returncode == 0, completed.stderr
     exported = load_file(str(tmp_path / "model.safetensors"))

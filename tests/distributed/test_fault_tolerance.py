@@ -42,7 +42,21 @@ def test_sigterm_to_rank_0_saves_at_the_next_logging_step_and_resumes_exactly(un
     # SIGTERM reaches only rank 0 (our launcher's parent process) after step 5; logging every 4
     # steps, the ranks agree inside step 8's logging all-reduce and stop there.
     started = time.monotonic()
-    run = run_script("train_gpt.py", tmp_path, "--devices", "2", *FSDP, "--log-every", "4", "--signal-at-step", "5", "--send-signal", "SIGTERM", "--signal-rank", "0")
+    run = run_script(
+        "train_gpt.py",
+        tmp_path,
+        "--devices",
+        "2",
+        *FSDP,
+        "--log-every",
+        "4",
+        "--signal-at-step",
+        "5",
+        "--send-signal",
+        "SIGTERM",
+        "--signal-rank",
+        "0",
+    )
     exited = time.time()
     assert run.returncode == EXIT_CODE_PREEMPTED, run.output[-4000:]
     assert "preempted (SIGTERM on rank 0) after step 8" in run.output
@@ -60,7 +74,23 @@ def test_sigterm_to_rank_0_saves_at_the_next_logging_step_and_resumes_exactly(un
 def test_a_signal_to_rank_1_only_stops_every_rank_at_the_same_step(uninterrupted, tmp_path):
     # check_every_n_steps=1: a small all-reduce every step, so the stop comes right after the signal.
     options = json.dumps({"signals": ["SIGUSR1"], "check_every_n_steps": 1})
-    run = run_script("train_gpt.py", tmp_path, "--devices", "2", *FSDP, "--log-every", "50", "--preemption", options, "--signal-at-step", "5", "--send-signal", "SIGUSR1", "--signal-rank", "1")
+    run = run_script(
+        "train_gpt.py",
+        tmp_path,
+        "--devices",
+        "2",
+        *FSDP,
+        "--log-every",
+        "50",
+        "--preemption",
+        options,
+        "--signal-at-step",
+        "5",
+        "--send-signal",
+        "SIGUSR1",
+        "--signal-rank",
+        "1",
+    )
     assert run.returncode == EXIT_CODE_PREEMPTED, run.output[-4000:]
     assert "preempted (a stop signal received by another rank) after step 6" in run.output
     assert (tmp_path / "checkpoints" / "last").read_text() == "step=6"
@@ -70,7 +100,21 @@ def test_a_signal_to_rank_1_only_stops_every_rank_at_the_same_step(uninterrupted
 
 
 def test_without_preemption_handling_sigterm_ends_the_run_without_a_checkpoint(tmp_path):
-    run = run_script("train_gpt.py", tmp_path, "--devices", "2", *FSDP, "--preemption", "off", "--signal-at-step", "3", "--send-signal", "SIGTERM", "--signal-rank", "0")
+    run = run_script(
+        "train_gpt.py",
+        tmp_path,
+        "--devices",
+        "2",
+        *FSDP,
+        "--preemption",
+        "off",
+        "--signal-at-step",
+        "3",
+        "--send-signal",
+        "SIGTERM",
+        "--signal-rank",
+        "0",
+    )
     assert run.returncode not in (0, EXIT_CODE_PREEMPTED)
     assert not (tmp_path / "checkpoints" / "last").exists()
 
@@ -89,11 +133,43 @@ def test_slurm_preemption_requeues_the_job(tmp_path):
     port = str(find_free_port())
     base = {k: v for k, v in os.environ.items() if k not in LAYOUT_VARIABLES}
     base.update(
-        OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="4242", SLURM_JOB_NAME="gpt",
-        SLURM_NTASKS="2", SLURM_NNODES="1", SLURM_NODEID="0", SLURM_JOB_NODELIST="127.0.0.1", MASTER_PORT=port,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(ROOT),
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NAME="gpt",
+        SLURM_NTASKS="2",
+        SLURM_NNODES="1",
+        SLURM_NODEID="0",
+        SLURM_JOB_NODELIST="127.0.0.1",
+        MASTER_PORT=port,
     )
-    command = [sys.executable, str(SCRIPTS / "train_gpt.py"), "--out", str(out), *FSDP, "--preemption", json.dumps({"check_every_n_steps": 1}), "--signal-at-step", "4", "--send-signal", "SIGUSR1", "--signal-rank", "1"]
-    tasks = [subprocess.Popen(command, cwd=ROOT, env={**base, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    command = [
+        sys.executable,
+        str(SCRIPTS / "train_gpt.py"),
+        "--out",
+        str(out),
+        *FSDP,
+        "--preemption",
+        json.dumps({"check_every_n_steps": 1}),
+        "--signal-at-step",
+        "4",
+        "--send-signal",
+        "SIGUSR1",
+        "--signal-rank",
+        "1",
+    ]
+    tasks = [
+        subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env={**base, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     outputs = [task.communicate(timeout=120)[0] for task in tasks]
     assert [task.returncode for task in tasks] == [EXIT_CODE_PREEMPTED] * 2, outputs[0][-3000:] + outputs[1][-3000:]
     assert "the SLURM job was requeued" in outputs[0]
@@ -107,8 +183,22 @@ def test_a_rank_killed_under_torchrun_max_restarts_resumes_from_the_last_commit(
     Static rendezvous (``--master-port``): its store outlives a restart (see process_group)."""
     run = assert_ok(
         run_script(
-            "train_gpt.py", tmp_path, *FSDP, "--checkpoint-every", "3", "--ckpt-path", "last", "--signal-at-step", "7", "--send-signal", "SIGKILL", "--signal-rank", "1",
-            torchrun=2, torchrun_args=("--max-restarts=1",), timeout=150,
+            "train_gpt.py",
+            tmp_path,
+            *FSDP,
+            "--checkpoint-every",
+            "3",
+            "--ckpt-path",
+            "last",
+            "--signal-at-step",
+            "7",
+            "--send-signal",
+            "SIGKILL",
+            "--signal-rank",
+            "1",
+            torchrun=2,
+            torchrun_args=("--max-restarts=1",),
+            timeout=150,
         )
     )
     killed = json.loads((tmp_path / "signal_sent.json").read_text())
@@ -132,7 +222,19 @@ def test_torchrun_reports_the_failing_rank_and_its_traceback(tmp_path):
 @pytest.mark.parametrize("mode", ["stop", "skip", "ignore"])
 def test_a_nan_loss_on_one_rank(tmp_path, mode):
     """Rank 1's loss is NaN at step 4 (0-based batch 3) of 8."""
-    run = run_script("fail_rank.py", tmp_path, "--how", "nan", "--fail-rank", "1", "--max-steps", "8", "--on-nonfinite", mode, timeout=120)
+    run = run_script(
+        "fail_rank.py",
+        tmp_path,
+        "--how",
+        "nan",
+        "--fail-rank",
+        "1",
+        "--max-steps",
+        "8",
+        "--on-nonfinite",
+        mode,
+        timeout=120,
+    )
     if mode == "stop":
         assert run.returncode != 0
         assert "NonFiniteError: step 4: the loss is nan on rank 1 and the gradient norm is nan." in run.output
@@ -143,7 +245,10 @@ def test_a_nan_loss_on_one_rank(tmp_path, mode):
     assert [r["global_step"] for r in ranks] == [8, 8]
     assert ranks[0]["weights"] == ranks[1]["weights"]
     if mode == "skip":
-        assert "step 4: the loss is nan on rank 1 and the gradient norm is nan; the optimizer step was skipped (1 so far)" in run.output
+        assert (
+            "step 4: the loss is nan on rank 1 and the gradient norm is nan; the optimizer step was skipped (1 so far)"
+            in run.output
+        )
         assert [r["skipped_steps"] for r in ranks] == [1, 1] and ranks[0]["finite"]
     else:  # what the option prevents: one NaN step ruins the weights on every rank
         assert not ranks[0]["finite"]

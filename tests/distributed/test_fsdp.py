@@ -9,7 +9,9 @@ pytestmark = pytest.mark.distributed
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-    return assert_ok(run_script("train_gpt.py", tmp_path_factory.mktemp("single"), "--devices", "1", "--batch-size", "16")).result()
+    return assert_ok(
+        run_script("train_gpt.py", tmp_path_factory.mktemp("single"), "--devices", "1", "--batch-size", "16")
+    ).result()
 
 
 @pytest.mark.parametrize(
@@ -25,7 +27,20 @@ def single(tmp_path_factory):
     ],
 )
 def test_fsdp_matches_single_process(single, tmp_path, options):
-    run = assert_ok(run_script("train_gpt.py", tmp_path, "--devices", "2", "--strategy", "fsdp", "--strategy-options", options, "--batch-size", "8"))
+    run = assert_ok(
+        run_script(
+            "train_gpt.py",
+            tmp_path,
+            "--devices",
+            "2",
+            "--strategy",
+            "fsdp",
+            "--strategy-options",
+            options,
+            "--batch-size",
+            "8",
+        )
+    )
     result = run.result()
     assert result["world_size"] == 2
     assert result["losses"] == pytest.approx(single["losses"], abs=1e-5)
@@ -34,26 +49,71 @@ def test_fsdp_matches_single_process(single, tmp_path, options):
 
 def test_hybrid_shard_on_a_2x2_mesh(single, tmp_path):
     options = '{"sharding_strategy": "HYBRID_SHARD", "device_mesh": [2, 2]}'
-    result = assert_ok(run_script("train_gpt.py", tmp_path, "--devices", "4", "--strategy", "fsdp", "--strategy-options", options, "--batch-size", "4")).result()
+    result = assert_ok(
+        run_script(
+            "train_gpt.py",
+            tmp_path,
+            "--devices",
+            "4",
+            "--strategy",
+            "fsdp",
+            "--strategy-options",
+            options,
+            "--batch-size",
+            "4",
+        )
+    ).result()
     assert result["mesh"] == [2, 2]
     assert result["losses"] == pytest.approx(single["losses"], abs=1e-5)
 
 
 def test_accumulation_without_sync_matches(single, tmp_path):
-    result = assert_ok(run_script("train_gpt.py", tmp_path, "--devices", "2", "--strategy", "fsdp", "--batch-size", "4", "--accumulate", "2")).result()
+    result = assert_ok(
+        run_script(
+            "train_gpt.py", tmp_path, "--devices", "2", "--strategy", "fsdp", "--batch-size", "4", "--accumulate", "2"
+        )
+    ).result()
     assert result["losses"] == pytest.approx(single["losses"], abs=1e-5)
 
 
 def test_clipping_uses_the_norm_of_the_full_gradient(tmp_path):
-    one = assert_ok(run_script("train_gpt.py", tmp_path / "one", "--devices", "1", "--batch-size", "16", "--clip", "0.5")).result()
-    two = assert_ok(run_script("train_gpt.py", tmp_path / "two", "--devices", "2", "--strategy", "fsdp", "--batch-size", "8", "--clip", "0.5")).result()
+    one = assert_ok(
+        run_script("train_gpt.py", tmp_path / "one", "--devices", "1", "--batch-size", "16", "--clip", "0.5")
+    ).result()
+    two = assert_ok(
+        run_script(
+            "train_gpt.py",
+            tmp_path / "two",
+            "--devices",
+            "2",
+            "--strategy",
+            "fsdp",
+            "--batch-size",
+            "8",
+            "--clip",
+            "0.5",
+        )
+    ).result()
     assert min(one["grad_norm_logged"]) > 0.5
     assert two["grad_norm_logged"] == pytest.approx(one["grad_norm_logged"], rel=1e-5)
     assert two["losses"] == pytest.approx(one["losses"], abs=1e-5)
 
 
 def test_bf16_mixed_tracks_fp32(single, tmp_path):
-    result = assert_ok(run_script("train_gpt.py", tmp_path, "--devices", "2", "--strategy", "fsdp", "--batch-size", "8", "--precision", "bf16-mixed")).result()
+    result = assert_ok(
+        run_script(
+            "train_gpt.py",
+            tmp_path,
+            "--devices",
+            "2",
+            "--strategy",
+            "fsdp",
+            "--batch-size",
+            "8",
+            "--precision",
+            "bf16-mixed",
+        )
+    ).result()
     assert result["losses"] == pytest.approx(single["losses"], abs=2e-2)
     assert result["losses"] != pytest.approx(single["losses"], abs=1e-5), "bf16 compute should not be bit-exact"
 
@@ -84,19 +144,65 @@ def test_model_states_fall_with_more_ranks(tmp_path):
 
 def test_activation_checkpointing_saves_memory_and_changes_nothing_else(tmp_path):
     plain = _ranks(assert_ok(run_script("fsdp_memory.py", tmp_path / "plain", "--what", "activations")), 2)[0]
-    checkpointed = _ranks(assert_ok(run_script("fsdp_memory.py", tmp_path / "ac", "--what", "activations", "--checkpointing")), 2)[0]
-    assert checkpointed["saved_bytes"] < 0.35 * plain["saved_bytes"], (checkpointed["saved_bytes"], plain["saved_bytes"])
+    checkpointed = _ranks(
+        assert_ok(run_script("fsdp_memory.py", tmp_path / "ac", "--what", "activations", "--checkpointing")), 2
+    )[0]
+    assert checkpointed["saved_bytes"] < 0.35 * plain["saved_bytes"], (
+        checkpointed["saved_bytes"],
+        plain["saved_bytes"],
+    )
     assert checkpointed["loss"] == pytest.approx(plain["loss"], abs=1e-6)
     assert checkpointed["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-5)
 
 
 def test_clipping_by_value_matches(tmp_path):
-    one = assert_ok(run_script("train_gpt.py", tmp_path / "one", "--devices", "1", "--batch-size", "16", "--clip", "0.01", "--clip-algorithm", "value")).result()
-    two = assert_ok(run_script("train_gpt.py", tmp_path / "two", "--devices", "2", "--strategy", "fsdp", "--batch-size", "8", "--clip", "0.01", "--clip-algorithm", "value")).result()
+    one = assert_ok(
+        run_script(
+            "train_gpt.py",
+            tmp_path / "one",
+            "--devices",
+            "1",
+            "--batch-size",
+            "16",
+            "--clip",
+            "0.01",
+            "--clip-algorithm",
+            "value",
+        )
+    ).result()
+    two = assert_ok(
+        run_script(
+            "train_gpt.py",
+            tmp_path / "two",
+            "--devices",
+            "2",
+            "--strategy",
+            "fsdp",
+            "--batch-size",
+            "8",
+            "--clip",
+            "0.01",
+            "--clip-algorithm",
+            "value",
+        )
+    ).result()
     assert two["losses"] == pytest.approx(one["losses"], abs=1e-5)
 
 
 def test_bf16_true_trains_in_bf16(single, tmp_path):
-    result = assert_ok(run_script("train_gpt.py", tmp_path, "--devices", "2", "--strategy", "fsdp", "--batch-size", "8", "--precision", "bf16-true")).result()
+    result = assert_ok(
+        run_script(
+            "train_gpt.py",
+            tmp_path,
+            "--devices",
+            "2",
+            "--strategy",
+            "fsdp",
+            "--batch-size",
+            "8",
+            "--precision",
+            "bf16-true",
+        )
+    ).result()
     assert result["losses"] == pytest.approx(single["losses"], abs=5e-2)
     assert result["losses"][-1] < result["losses"][0] - 1.0

@@ -74,7 +74,9 @@ def test_exits_are_clean_every_time(tmp_path):
 
 def test_optimizer_built_before_setup_trains_the_sharded_model(tmp_path):
     fsdp = assert_ok(run_script("engine_fsdp_optimizer_first.py", tmp_path / "fsdp")).result()["losses"]
-    ddp = assert_ok(run_script("engine_fsdp_optimizer_first.py", tmp_path / "ddp", "--strategy", "ddp")).result()["losses"]
+    ddp = assert_ok(run_script("engine_fsdp_optimizer_first.py", tmp_path / "ddp", "--strategy", "ddp")).result()[
+        "losses"
+    ]
     assert fsdp == pytest.approx(ddp, abs=1e-5)
     assert fsdp[-1] < fsdp[0]
 
@@ -82,8 +84,22 @@ def test_optimizer_built_before_setup_trains_the_sharded_model(tmp_path):
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_ranks_that_build_different_models_fail_at_setup_with_the_difference(tmp_path, strategy):
     started = time.monotonic()
-    run = run_script("train_gpt.py", tmp_path, "--devices", "2", "--strategy", strategy, "--d-model", "64", "--d-model-on-rank-1", "96", timeout=120)
+    run = run_script(
+        "train_gpt.py",
+        tmp_path,
+        "--devices",
+        "2",
+        "--strategy",
+        strategy,
+        "--d-model",
+        "64",
+        "--d-model-on-rank-1",
+        "96",
+        timeout=120,
+    )
     assert run.returncode != 0
     assert "differs between ranks: rank 1 against rank 0" in run.output
-    assert "blocks.0.attn.qkv.weight: rank 0 [192, 64] float32, rank 1 [288, 96] float32" in run.output, run.output[-3000:]
+    assert "blocks.0.attn.qkv.weight: rank 0 [192, 64] float32, rank 1 [288, 96] float32" in run.output, run.output[
+        -3000:
+    ]
     assert time.monotonic() - started < 60  # one collective at set-up, not a hang until the timeout

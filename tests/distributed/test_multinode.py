@@ -27,7 +27,18 @@ STEPS = 6
 
 def _fit(root: Path, *args: object) -> list[str]:
     """The `shardtrain fit` command of the tiny config, cut to STEPS steps, writing into ``root``."""
-    return ["-m", "shardtrain", "fit", "--config", str(CONFIG), "--trainer.max_steps", str(STEPS), "--trainer.default_root_dir", str(root), *map(str, args)]
+    return [
+        "-m",
+        "shardtrain",
+        "fit",
+        "--config",
+        str(CONFIG),
+        "--trainer.max_steps",
+        str(STEPS),
+        "--trainer.default_root_dir",
+        str(root),
+        *map(str, args),
+    ]
 
 
 def _clean_env() -> dict[str, str]:
@@ -45,7 +56,19 @@ def _run_together(commands: list[list[str]], logs: Path, timeout: float = 120) -
         log = logs / f"node{index}.log"
         with open(log, "w") as handle:
             # Own session: on a timeout the whole node (launcher and its ranks) is killed at once.
-            processes.append((subprocess.Popen([sys.executable, *command], cwd=ROOT, env=_clean_env(), stdout=handle, stderr=subprocess.STDOUT, start_new_session=True), log))
+            processes.append(
+                (
+                    subprocess.Popen(
+                        [sys.executable, *command],
+                        cwd=ROOT,
+                        env=_clean_env(),
+                        stdout=handle,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    ),
+                    log,
+                )
+            )
     deadline = time.monotonic() + timeout
     try:
         for process, _ in processes:
@@ -55,7 +78,10 @@ def _run_together(commands: list[list[str]], logs: Path, timeout: float = 120) -
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
-        pytest.fail(f"the nodes did not finish within {timeout} s:\n" + "\n".join(f"--- {log.name}\n{log.read_text()[-3000:]}" for _, log in processes))
+        pytest.fail(
+            f"the nodes did not finish within {timeout} s:\n"
+            + "\n".join(f"--- {log.name}\n{log.read_text()[-3000:]}" for _, log in processes)
+        )
     outputs = [log.read_text() for _, log in processes]
     for (process, log), output in zip(processes, outputs):
         assert process.returncode == 0, f"{log.name} exited with {process.returncode}:\n{output[-6000:]}"
@@ -69,7 +95,11 @@ def _losses(directory: Path) -> list[float]:
 
 
 def _layout_lines(output: str) -> list[str]:
-    return [line.removeprefix("[shardtrain] ").rsplit(", main", 1)[0] for line in output.splitlines() if line.startswith("[shardtrain] node ")]
+    return [
+        line.removeprefix("[shardtrain] ").rsplit(", main", 1)[0]
+        for line in output.splitlines()
+        if line.startswith("[shardtrain] node ")
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +121,19 @@ def one_node_losses(tmp_path_factory):
 def test_two_nodes_from_the_cli_train_like_one_node(tmp_path, one_node_losses, devices):
     port = find_free_port()
     nodes = [
-        _fit(tmp_path / "run", "--trainer.devices", devices, "--num-nodes", 2, "--node-rank", rank, "--main-address", "127.0.0.1", "--main-port", port)
+        _fit(
+            tmp_path / "run",
+            "--trainer.devices",
+            devices,
+            "--num-nodes",
+            2,
+            "--node-rank",
+            rank,
+            "--main-address",
+            "127.0.0.1",
+            "--main-port",
+            port,
+        )
         for rank in (0, 1)
     ]
     outputs = _run_together(nodes, tmp_path / "logs")
@@ -104,11 +146,27 @@ def test_two_nodes_from_the_cli_train_like_one_node(tmp_path, one_node_losses, d
 
 def test_two_torchrun_nodes_with_c10d_rendezvous(tmp_path, one_node_losses):
     port = find_free_port()
-    torchrun = ["-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "multinode-test"]
+    torchrun = [
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "1",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+        "--rdzv-id",
+        "multinode-test",
+    ]
     command = [*torchrun, *_fit(tmp_path / "run", "--trainer.devices", 1, "--num-nodes", 2)]
     outputs = _run_together([command, command], tmp_path / "logs")
     # c10d numbers the nodes in the order they join, so either invocation may be node 0.
-    assert sorted(line for output in outputs for line in _layout_lines(output)) == ["node 0 of 2 (torchrun): ranks 0-0 of 2", "node 1 of 2 (torchrun): ranks 1-1 of 2"]
+    assert sorted(line for output in outputs for line in _layout_lines(output)) == [
+        "node 0 of 2 (torchrun): ranks 0-0 of 2",
+        "node 1 of 2 (torchrun): ranks 1-1 of 2",
+    ]
     assert _losses(tmp_path / "run") == pytest.approx(one_node_losses(2), abs=1e-5)
 
 
@@ -116,11 +174,21 @@ def test_two_torchrun_nodes_with_c10d_rendezvous(tmp_path, one_node_losses):
     "flags, message",
     [
         (["--num-nodes", "2", "--node-rank", "0", "--main-address", "127.0.0.1"], "pass --main-port PORT"),
-        (["--num-nodes", "2", "--node-rank", "2", "--main-address", "127.0.0.1", "--main-port", "29500"], "number the nodes 0 to 1"),
+        (
+            ["--num-nodes", "2", "--node-rank", "2", "--main-address", "127.0.0.1", "--main-port", "29500"],
+            "number the nodes 0 to 1",
+        ),
         (["--num-nodes", "2", "--node-rank", "1", "--main-port", "29500"], "pass --main-address HOST"),
     ],
 )
 def test_bad_node_flags_stop_before_any_process_starts(tmp_path, flags, message):
-    completed = subprocess.run([sys.executable, *_fit(tmp_path, *flags)], cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=60)
+    completed = subprocess.run(
+        [sys.executable, *_fit(tmp_path, *flags)],
+        cwd=ROOT,
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert completed.returncode == 2 and message in completed.stderr, completed.stderr
     assert "Traceback" not in completed.stderr and not (tmp_path / "metrics.csv").exists()

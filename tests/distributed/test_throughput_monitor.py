@@ -27,15 +27,24 @@ def expected_flops_per_batch() -> int:
 
 
 def train(tmp_path, name, *args):
-    return assert_ok(run_script("train_gpt.py", tmp_path / name, "--devices", "2", "--batch-size", str(BATCH), "--max-steps", "6", *args)).result()
+    return assert_ok(
+        run_script(
+            "train_gpt.py", tmp_path / name, "--devices", "2", "--batch-size", str(BATCH), "--max-steps", "6", *args
+        )
+    ).result()
 
 
 def test_monitor_under_fsdp_counts_the_model_and_changes_nothing(tmp_path):
     plain = train(tmp_path, "plain", "--strategy", "fsdp")
     monitored = train(tmp_path, "monitored", "--strategy", "fsdp", "--throughput-monitor")
     checkpointed = train(
-        tmp_path, "checkpointed", "--strategy", "fsdp", "--throughput-monitor",
-        "--strategy-options", json.dumps({"activation_checkpointing_policy": ["Block"]}),
+        tmp_path,
+        "checkpointed",
+        "--strategy",
+        "fsdp",
+        "--throughput-monitor",
+        "--strategy-options",
+        json.dumps({"activation_checkpointing_policy": ["Block"]}),
     )
     assert monitored["losses"] == plain["losses"]  # counting FLOPs in step 1 does not change the numbers
     assert monitored["weight_checksum"] == plain["weight_checksum"]
@@ -48,11 +57,17 @@ def test_monitor_under_fsdp_counts_the_model_and_changes_nothing(tmp_path):
     rows = [row for row in monitored["throughput"] if row]
     assert len(rows) == 5  # logged every step; the first step (counting, warm-up) is not timed
     for row in rows:
-        assert row["throughput/tokens_per_sec"] == pytest.approx(row["throughput/samples_per_sec"] * monitored["seq_len"])
+        assert row["throughput/tokens_per_sec"] == pytest.approx(
+            row["throughput/samples_per_sec"] * monitored["seq_len"]
+        )
         assert row["throughput/flops_per_sec"] == pytest.approx(2 * row["throughput/flops_per_sec_per_device"])
-        assert row["throughput/mfu"] == pytest.approx(row["throughput/flops_per_sec_per_device"] / monitored["peak_flops"])
+        assert row["throughput/mfu"] == pytest.approx(
+            row["throughput/flops_per_sec_per_device"] / monitored["peak_flops"]
+        )
         # one batch per step on each rank: per-device FLOP/s is the batch's FLOPs over the step time
-        assert row["throughput/flops_per_sec_per_device"] == pytest.approx(monitored["flops_per_batch"] / row["throughput/step_time"], rel=1e-6)
+        assert row["throughput/flops_per_sec_per_device"] == pytest.approx(
+            monitored["flops_per_batch"] / row["throughput/step_time"], rel=1e-6
+        )
         assert 0 < row["throughput/mfu"] < 1
         assert row["throughput/peak_memory_gib"] > 0
 

@@ -21,7 +21,14 @@ def _write(tmp_path, text):
 def test_every_registered_strategy_is_reachable(tmp_path, name):
     devices = 1 if name == "single" else 2
     extra = f", nvme_path: {tmp_path}" if name.endswith("nvme") else ""  # disk offload needs a place for its files
-    config = parse("fit", ["--config", _write(tmp_path, f"trainer: {{accelerator: cpu, devices: {devices}}}\nstrategy: {{name: {name}{extra}}}\n"), *MODEL])
+    config = parse(
+        "fit",
+        [
+            "--config",
+            _write(tmp_path, f"trainer: {{accelerator: cpu, devices: {devices}}}\nstrategy: {{name: {name}{extra}}}\n"),
+            *MODEL,
+        ],
+    )
     trainer, model, data = instantiate(config)
     from shardtrain.strategies.registry import strategy_factory
 
@@ -30,15 +37,39 @@ def test_every_registered_strategy_is_reachable(tmp_path, name):
 
 
 def test_strategy_options_and_command_line_overrides(tmp_path):
-    path = _write(tmp_path, "trainer: {accelerator: cpu, devices: 2, max_steps: 100}\nstrategy: {name: fsdp, sharding_strategy: FULL_SHARD}\n")
-    config = parse("fit", ["--config", path, *MODEL, "--trainer.max_steps", "7", "--strategy.sharding_strategy", "SHARD_GRAD_OP", "--strategy.cpu_offload=true"])
+    path = _write(
+        tmp_path,
+        "trainer: {accelerator: cpu, devices: 2, max_steps: 100}\nstrategy: {name: fsdp, sharding_strategy: FULL_SHARD}\n",
+    )
+    config = parse(
+        "fit",
+        [
+            "--config",
+            path,
+            *MODEL,
+            "--trainer.max_steps",
+            "7",
+            "--strategy.sharding_strategy",
+            "SHARD_GRAD_OP",
+            "--strategy.cpu_offload=true",
+        ],
+    )
     trainer, _, _ = instantiate(config)
     assert trainer.max_steps == 7
     assert (trainer.strategy.sharding_strategy, trainer.strategy.cpu_offload) == ("SHARD_GRAD_OP", True)
 
 
 def test_print_config_round_trips(tmp_path):
-    config = parse("fit", ["--config", _write(tmp_path, "trainer: {accelerator: cpu, max_steps: 3}\nstrategy: {name: single}\n"), *MODEL, "--model.init_args.learning_rate", "0.01"])
+    config = parse(
+        "fit",
+        [
+            "--config",
+            _write(tmp_path, "trainer: {accelerator: cpu, max_steps: 3}\nstrategy: {name: single}\n"),
+            *MODEL,
+            "--model.init_args.learning_rate",
+            "0.01",
+        ],
+    )
     first = dump(config)
     again = tmp_path / "again.yaml"
     again.write_text(first)
@@ -92,4 +123,6 @@ def test_configuration_reference_is_current():
     from shardtrain.config_reference import generate
 
     committed = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
-    assert committed == generate(), "docs/configuration.md is stale: run `python -m shardtrain.config_reference > docs/configuration.md`"
+    assert committed == generate(), (
+        "docs/configuration.md is stale: run `python -m shardtrain.config_reference > docs/configuration.md`"
+    )

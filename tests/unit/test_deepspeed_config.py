@@ -18,9 +18,20 @@ def _build(options=None, config=None, **trainer):
 
 
 def test_the_trainer_settings_are_written_for_the_user():
-    config = _build({"stage": 3}, precision="bf16-mixed", micro_batch_size=4, accumulate_grad_batches=2, gradient_clip_val=1.5, world_size=8)
+    config = _build(
+        {"stage": 3},
+        precision="bf16-mixed",
+        micro_batch_size=4,
+        accumulate_grad_batches=2,
+        gradient_clip_val=1.5,
+        world_size=8,
+    )
     assert config["zero_optimization"]["stage"] == 3
-    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"], config["train_batch_size"]) == (4, 2, 64)
+    assert (
+        config["train_micro_batch_size_per_gpu"],
+        config["gradient_accumulation_steps"],
+        config["train_batch_size"],
+    ) == (4, 2, 64)
     assert config["gradient_clipping"] == 1.5 and config["bf16"] == {"enabled": True} and "fp16" not in config
 
 
@@ -31,7 +42,14 @@ def test_no_clipping_is_written_explicitly_because_deepspeed_defaults_to_1():
 def test_auto_values_resolve_silently_and_concrete_ones_are_replaced_with_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        config = _build(config={"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "bf16": {"enabled": "auto"}}, micro_batch_size=2)
+        config = _build(
+            config={
+                "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": "auto",
+                "bf16": {"enabled": "auto"},
+            },
+            micro_batch_size=2,
+        )
     assert config["train_micro_batch_size_per_gpu"] == 2 and config["bf16"]["enabled"] is False
     with pytest.warns(UserWarning, match=r"gradient_accumulation_steps: 8 -> 1"):
         _build(config={"gradient_accumulation_steps": 8})
@@ -44,7 +62,15 @@ def test_named_options_win_over_the_file_and_say_which_keys():
 
 
 def test_offload_options_become_deepspeed_sections(tmp_path):
-    config = _build({"stage": 3, "offload_optimizer": True, "offload_parameters": True, "offload_params_device": "nvme", "nvme_path": str(tmp_path)})
+    config = _build(
+        {
+            "stage": 3,
+            "offload_optimizer": True,
+            "offload_parameters": True,
+            "offload_params_device": "nvme",
+            "nvme_path": str(tmp_path),
+        }
+    )
     zero = config["zero_optimization"]
     assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": False}
     assert zero["offload_param"] == {"device": "nvme", "nvme_path": str(tmp_path), "pin_memory": False}
@@ -56,7 +82,10 @@ def test_offload_options_become_deepspeed_sections(tmp_path):
         ({"stage": 4}, "there is no stage 4"),
         ({"stage": 3, "offload_parameters": True, "offload_params_device": "nvme"}, "no nvme_path is set"),
         ({"stage": 2, "offload_parameters": True}, "offloading parameters needs ZeRO stage 3"),
-        ({"stage": 2, "offload_optimizer": True, "offload_optimizer_device": "nvme", "nvme_path": "/tmp"}, "would silently offload"),
+        (
+            {"stage": 2, "offload_optimizer": True, "offload_optimizer_device": "nvme", "nvme_path": "/tmp"},
+            "would silently offload",
+        ),
         ({"offload_optimizer_device": "disk"}, "must be 'cpu' or 'nvme'"),
     ],
 )
@@ -83,7 +112,9 @@ def test_errors_come_from_the_trainer_before_any_process_group():
     with pytest.raises(ConfigError, match="nvme_path"):
         Trainer(accelerator="cpu", devices=2, strategy="deepspeed_stage_3_offload_nvme")
     with pytest.raises(ConfigError, match="clips gradients by norm only"):
-        Trainer(accelerator="cpu", devices=2, strategy="deepspeed", gradient_clip_val=1.0, gradient_clip_algorithm="value")
+        Trainer(
+            accelerator="cpu", devices=2, strategy="deepspeed", gradient_clip_val=1.0, gradient_clip_algorithm="value"
+        )
     assert not dist.is_initialized()
 
 

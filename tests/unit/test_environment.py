@@ -17,9 +17,23 @@ def test_local_run_needs_processes_started_only_when_more_than_one():
 
 
 def test_torchrun_layout():
-    env = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "GROUP_RANK": "1", "MASTER_ADDR": "node0", "MASTER_PORT": "29500"}
+    env = {
+        "RANK": "5",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "LOCAL_WORLD_SIZE": "4",
+        "GROUP_RANK": "1",
+        "MASTER_ADDR": "node0",
+        "MASTER_PORT": "29500",
+    }
     layout = detect_environment(4, 2, env=env)
-    assert (layout.source, layout.global_rank, layout.local_rank, layout.node_rank, layout.world_size) == ("torchrun", 5, 1, 1, 8)
+    assert (layout.source, layout.global_rank, layout.local_rank, layout.node_rank, layout.world_size) == (
+        "torchrun",
+        5,
+        1,
+        1,
+        8,
+    )
     assert (layout.main_address, layout.main_port, layout.processes_started) == ("node0", 29500, True)
 
 
@@ -36,7 +50,12 @@ def test_slurm_layout():
     }
     layout = detect_environment(2, 2, env=env)
     assert (layout.source, layout.global_rank, layout.local_rank, layout.node_rank) == ("slurm", 3, 1, 1)
-    assert (layout.world_size, layout.local_world_size, layout.main_address, layout.main_port) == (4, 2, "gpu007", 16234)
+    assert (layout.world_size, layout.local_world_size, layout.main_address, layout.main_port) == (
+        4,
+        2,
+        "gpu007",
+        16234,
+    )
 
 
 def test_interactive_slurm_shell_is_a_local_run():
@@ -66,14 +85,37 @@ def test_local_node_rank_places_the_node_in_the_global_ranks():
 
 def test_ranks_started_by_the_launcher_on_node_1():
     # What SubprocessLauncher sets for local rank 1 of node 1 (2 devices x 2 nodes); Engine.launch re-reads it.
-    env = {**NODE_1, "RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1", "SHARDTRAIN_LAUNCHER": "local"}
+    env = {
+        **NODE_1,
+        "RANK": "3",
+        "LOCAL_RANK": "1",
+        "WORLD_SIZE": "4",
+        "LOCAL_WORLD_SIZE": "2",
+        "GROUP_RANK": "1",
+        "SHARDTRAIN_LAUNCHER": "local",
+    }
     layout = detect_environment(2, 1, env=env)
-    assert (layout.source, layout.global_rank, layout.local_rank, layout.node_rank, layout.world_size, layout.num_nodes) == ("local", 3, 1, 1, 4, 2)
+    assert (
+        layout.source,
+        layout.global_rank,
+        layout.local_rank,
+        layout.node_rank,
+        layout.world_size,
+        layout.num_nodes,
+    ) == ("local", 3, 1, 1, 4, 2)
     assert outside_launcher(env) is None
 
 
 def test_torchrun_multinode_node_rank_from_group_rank_or_rank():
-    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "GROUP_RANK": "1", "MASTER_ADDR": "node0", "MASTER_PORT": "29500"}
+    env = {
+        "RANK": "1",
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": "0",
+        "LOCAL_WORLD_SIZE": "1",
+        "GROUP_RANK": "1",
+        "MASTER_ADDR": "node0",
+        "MASTER_PORT": "29500",
+    }
     layout = detect_environment(1, 2, env=env)
     assert (layout.source, layout.global_rank, layout.node_rank, layout.num_nodes) == ("torchrun", 1, 1, 2)
     assert layout.describe() == "node 1 of 2 (torchrun): ranks 1-1 of 2, main node0:29500"
@@ -93,9 +135,19 @@ def test_one_node_needs_no_main_port():
         (1, 2, {"NODE_RANK": "2", "MASTER_ADDR": "node0", "MASTER_PORT": "29500"}, "number the nodes 0 to 1"),
         (1, 2, {"NODE_RANK": "-1", "MASTER_ADDR": "node0", "MASTER_PORT": "29500"}, "number the nodes 0 to 1"),
         (2, 1, {"NODE_RANK": "1"}, "or raise num_nodes (--num-nodes)"),
-        (1, 2, {"NODE_RANK": "one", "MASTER_ADDR": "node0", "MASTER_PORT": "29500"}, "set NODE_RANK (or --node-rank) to one"),
+        (
+            1,
+            2,
+            {"NODE_RANK": "one", "MASTER_ADDR": "node0", "MASTER_PORT": "29500"},
+            "set NODE_RANK (or --node-rank) to one",
+        ),
         (2, 2, {"NODE_RANK": "0", "MASTER_ADDR": "node0"}, "pass --main-port PORT (or set MASTER_PORT)"),
-        (2, 2, {"NODE_RANK": "0", "MASTER_ADDR": "node0", "MASTER_PORT": "0"}, "pass --main-port PORT (or set MASTER_PORT)"),
+        (
+            2,
+            2,
+            {"NODE_RANK": "0", "MASTER_ADDR": "node0", "MASTER_PORT": "0"},
+            "pass --main-port PORT (or set MASTER_PORT)",
+        ),
         (2, 2, {"NODE_RANK": "0", "MASTER_ADDR": "node0", "MASTER_PORT": "70000"}, "choose one from 1024 to 65535"),
         (2, 2, {"NODE_RANK": "1", "MASTER_PORT": "29500"}, "pass --main-address HOST (or set MASTER_ADDR)"),
     ],
@@ -115,7 +167,19 @@ def test_slurm_is_an_outside_launcher():
 
 def test_node_flags_set_the_environment_and_trainer_num_nodes():
     environ: dict[str, str] = {}
-    argv = ["--config", "run.yaml", "--num-nodes", "2", "--node-rank=1", "--trainer.devices", "2", "--main-address", "node0", "--main-port", "29500"]
+    argv = [
+        "--config",
+        "run.yaml",
+        "--num-nodes",
+        "2",
+        "--node-rank=1",
+        "--trainer.devices",
+        "2",
+        "--main-address",
+        "node0",
+        "--main-port",
+        "29500",
+    ]
     rest = apply_node_flags(argv, environ)
     assert rest == ["--config", "run.yaml", "--trainer.devices", "2", "--trainer.num_nodes", "2"]
     assert environ == NODE_1

@@ -44,14 +44,19 @@ def test_activation_checkpointing_lowers_the_activation_estimate():
 
 
 def test_recommendation():
-    estimate = estimate_memory(GPTModule(GPTConfig(n_layer=2, d_model=64, n_head=2, seq_len=32)), devices=2, batch_size=4)
+    estimate = estimate_memory(
+        GPTModule(GPTConfig(n_layer=2, d_model=64, n_head=2, seq_len=32)), devices=2, batch_size=4
+    )
     assert estimate.recommend(80 * 2**30)[0] == "ddp"
     between = (estimate.get("ddp").device_total + estimate.get("fsdp").device_total) // 2
     assert estimate.recommend(int(between / 0.9))[0] == "fsdp"
     assert estimate.recommend(1)[0] == "fsdp_cpu_offload"
 
 
-@pytest.mark.parametrize("text, expected", [("80GiB", 80 * 2**30), ("1TiB", 2**40), ("512 MB", 512 * 10**6), ("1024", 1024), ("1.5gib", int(1.5 * 2**30))])
+@pytest.mark.parametrize(
+    "text, expected",
+    [("80GiB", 80 * 2**30), ("1TiB", 2**40), ("512 MB", 512 * 10**6), ("1024", 1024), ("1.5gib", int(1.5 * 2**30))],
+)
 def test_memory_sizes(text, expected):
     assert parse_memory_size(text) == expected
 

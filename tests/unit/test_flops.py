@@ -6,7 +6,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from examples.gpt.model import GPT, GPTConfig
-from shardtrain.flops import TrainingFlops, count_training_flops, dtype_name, measure_matmul_flops, peak_flops, table_peak_flops
+from shardtrain.flops import (
+    TrainingFlops,
+    count_training_flops,
+    dtype_name,
+    measure_matmul_flops,
+    peak_flops,
+    table_peak_flops,
+)
 from shardtrain.strategies.activation_checkpoint import apply_activation_checkpointing
 
 
@@ -26,7 +33,11 @@ def _gpt_flops(device: str, checkpointed: bool) -> TrainingFlops:
     config = GPTConfig(n_layer=2, n_head=2, d_model=64, seq_len=32)
     with torch.device(device):
         model = GPT(config)
-        tokens = torch.randint(0, config.vocab_size, (4, config.seq_len)) if device == "cpu" else torch.zeros(4, config.seq_len, dtype=torch.long)
+        tokens = (
+            torch.randint(0, config.vocab_size, (4, config.seq_len))
+            if device == "cpu"
+            else torch.zeros(4, config.seq_len, dtype=torch.long)
+        )
     if checkpointed:
         apply_activation_checkpointing(model, {"Block"})
     return count_training_flops(lambda: F.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten()))
@@ -92,8 +103,13 @@ def test_monitor_in_one_process_with_accumulation(tmp_path):
 
     monitor = ThroughputMonitor(peak_flops=1e12)
     trainer = Trainer(
-        accelerator="cpu", default_root_dir=tmp_path, log_every_n_steps=1, max_steps=4, accumulate_grad_batches=2,
-        enable_progress_bar=False, callbacks=[monitor],
+        accelerator="cpu",
+        default_root_dir=tmp_path,
+        log_every_n_steps=1,
+        max_steps=4,
+        accumulate_grad_batches=2,
+        enable_progress_bar=False,
+        callbacks=[monitor],
     )
     trainer.fit(Regression(), DataLoader(_data(), batch_size=8))
     # 8 x (4 -> 16 -> 1): forward 2*8*(64+16), backward the weight gradients of both layers and

@@ -22,8 +22,12 @@ def test_unknown_sharding_strategy():
 
 
 def test_hybrid_mesh_must_cover_the_world():
-    with pytest.raises(StrategyError, match=r"device_mesh \(2, 3\) has 6 ranks but the run has 4.*replicate \* shard = 4"):
-        Trainer(accelerator="cpu", devices=4, strategy=FSDPStrategy(sharding_strategy="HYBRID_SHARD", device_mesh=(2, 3)))
+    with pytest.raises(
+        StrategyError, match=r"device_mesh \(2, 3\) has 6 ranks but the run has 4.*replicate \* shard = 4"
+    ):
+        Trainer(
+            accelerator="cpu", devices=4, strategy=FSDPStrategy(sharding_strategy="HYBRID_SHARD", device_mesh=(2, 3))
+        )
 
 
 def test_mesh_only_with_hybrid():
@@ -46,7 +50,9 @@ class Net(nn.Module):
 
 
 def test_policy_that_matches_nothing_lists_the_classes():
-    with pytest.raises(ConfigError, match="matches no module of Net; its module classes are: Block, Linear, ModuleList, Net"):
+    with pytest.raises(
+        ConfigError, match="matches no module of Net; its module classes are: Block, Linear, ModuleList, Net"
+    ):
         select_modules(Net(), {"TransformerBlock"}, "auto_wrap_policy")
 
 

@@ -19,7 +19,9 @@ def test_forms():
     assert opts == [a] and scheds[0].scheduler is sched and scheds[0].interval == "epoch"
     opts, scheds = parse_optimizers(([a, b], [sched]))
     assert opts == [a, b] and len(scheds) == 1
-    opts, scheds = parse_optimizers({"optimizer": a, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 2}})
+    opts, scheds = parse_optimizers(
+        {"optimizer": a, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 2}}
+    )
     assert opts == [a] and (scheds[0].interval, scheds[0].frequency) == ("step", 2)
     assert parse_optimizers([a, b]) == ([a, b], [])
 
@@ -33,13 +35,17 @@ def test_bad_forms(bad):
 def test_bad_interval():
     a = _opt()
     with pytest.raises(ConfigError, match="interval"):
-        parse_optimizers({"optimizer": a, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.StepLR(a, 1), "interval": "batch"}})
+        parse_optimizers(
+            {"optimizer": a, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.StepLR(a, 1), "interval": "batch"}}
+        )
 
 
 def test_step_frequency_and_interval():
     a = _opt()
     sched = torch.optim.lr_scheduler.StepLR(a, step_size=1, gamma=0.5)
-    _, configs = parse_optimizers({"optimizer": a, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 2}})
+    _, configs = parse_optimizers(
+        {"optimizer": a, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 2}}
+    )
     for count in range(1, 5):
         a.step()
         step_schedulers(configs, "epoch", count, {})  # wrong interval: never steps

@@ -12,7 +12,15 @@ from tests.unit.test_trainer_loop import Regression, _data
 
 def _run(tmp_path, precision):
     module = Regression()
-    trainer = Trainer(accelerator="cpu", precision=precision, max_steps=6, log_every_n_steps=1, default_root_dir=tmp_path, seed=3, enable_progress_bar=False)
+    trainer = Trainer(
+        accelerator="cpu",
+        precision=precision,
+        max_steps=6,
+        log_every_n_steps=1,
+        default_root_dir=tmp_path,
+        seed=3,
+        enable_progress_bar=False,
+    )
     trainer.fit(module, DataLoader(_data(), batch_size=16))
     losses = [float(r["train_loss"]) for r in csv.DictReader(open(tmp_path / "metrics.csv"))]
     return module, losses

@@ -45,7 +45,9 @@ def test_entry_point_plugin(tmp_path):
     dist_info = tmp_path / "my_plugin-0.1.dist-info"
     dist_info.mkdir()
     (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: my-plugin\nVersion: 0.1\n")
-    (dist_info / "entry_points.txt").write_text("[shardtrain.strategies]\nmy_pipeline = my_plugin:PipelineStrategy\nddp = my_plugin:PipelineStrategy\n")
+    (dist_info / "entry_points.txt").write_text(
+        "[shardtrain.strategies]\nmy_pipeline = my_plugin:PipelineStrategy\nddp = my_plugin:PipelineStrategy\n"
+    )
     code = textwrap.dedent(
         """
         from shardtrain import Trainer, available_strategies
@@ -55,7 +57,13 @@ def test_entry_point_plugin(tmp_path):
         print(type(Trainer(accelerator="cpu", strategy="ddp").strategy).__name__)
         """
     )
-    result = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": str(tmp_path), "PATH": ""}, capture_output=True, text=True, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env={"PYTHONPATH": str(tmp_path), "PATH": ""},
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     first, second = result.stdout.split("\n")[:2]
     assert first == "PipelineStrategy True"

@@ -45,9 +45,13 @@ def _data(n=64, seed=0):
 def _fit(tmp_path, batch_size=16, module=None, **kwargs):
     module = module or Regression()
     kwargs.setdefault("max_steps", 4)
-    trainer = Trainer(accelerator="cpu", default_root_dir=tmp_path, log_every_n_steps=1, seed=7, enable_progress_bar=False, **kwargs)
+    trainer = Trainer(
+        accelerator="cpu", default_root_dir=tmp_path, log_every_n_steps=1, seed=7, enable_progress_bar=False, **kwargs
+    )
     val = kwargs.get("val_check_interval") is not None or "check_val_every_n_epoch" in kwargs
-    trainer.fit(module, DataLoader(_data(), batch_size=batch_size), DataLoader(_data(16, seed=1), batch_size=4) if val else None)
+    trainer.fit(
+        module, DataLoader(_data(), batch_size=batch_size), DataLoader(_data(16, seed=1), batch_size=4) if val else None
+    )
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     return trainer, module, rows
 
@@ -70,7 +74,9 @@ def test_same_seed_same_run_and_other_seed_differs(tmp_path):
     _, a, _ = _fit(tmp_path / "a")
     _, b, _ = _fit(tmp_path / "b")
     assert torch.equal(_weights(a), _weights(b))
-    trainer = Trainer(accelerator="cpu", max_steps=4, default_root_dir=tmp_path / "c", seed=8, enable_progress_bar=False)
+    trainer = Trainer(
+        accelerator="cpu", max_steps=4, default_root_dir=tmp_path / "c", seed=8, enable_progress_bar=False
+    )
     c = Regression()
     trainer.fit(c, DataLoader(_data(), batch_size=16))
     assert not torch.equal(_weights(a), _weights(c))
@@ -123,7 +129,10 @@ def test_validation_every_n_batches_and_limit(tmp_path):
     # logged value = mean over the 3 batches
     x, y = _data(16, seed=1).tensors
     with torch.no_grad():
-        expected = sum(torch.nn.functional.mse_loss(module.net(x[i * 4 : i * 4 + 4]), y[i * 4 : i * 4 + 4]) for i in range(3)) / 3
+        expected = (
+            sum(torch.nn.functional.mse_loss(module.net(x[i * 4 : i * 4 + 4]), y[i * 4 : i * 4 + 4]) for i in range(3))
+            / 3
+        )
     assert float(val_rows[-1]["val_loss"]) == pytest.approx(expected.item(), rel=1e-5)
 
 
@@ -145,11 +154,20 @@ def test_resume_continues_the_loss_curve(tmp_path):
     trainer, _, _ = _fit(tmp_path / "part", max_steps=3, batch_size=8)
     saved = trainer.save_checkpoint()
     assert (tmp_path / "part" / "checkpoints" / "last").read_text() == saved.name
-    resumed = Trainer(accelerator="cpu", max_steps=6, default_root_dir=tmp_path / "part", log_every_n_steps=1, seed=7, enable_progress_bar=False)
+    resumed = Trainer(
+        accelerator="cpu",
+        max_steps=6,
+        default_root_dir=tmp_path / "part",
+        log_every_n_steps=1,
+        seed=7,
+        enable_progress_bar=False,
+    )
     module = Regression()
     resumed.fit(module, DataLoader(_data(), batch_size=8), ckpt_path="last")
     rows = list(csv.DictReader(open(tmp_path / "part" / "metrics.csv")))
-    assert [float(r["train_loss"]) for r in rows] == pytest.approx([float(r["train_loss"]) for r in full_rows[3:]], abs=1e-7)
+    assert [float(r["train_loss"]) for r in rows] == pytest.approx(
+        [float(r["train_loss"]) for r in full_rows[3:]], abs=1e-7
+    )
     assert torch.allclose(_weights(module), _weights(full), atol=1e-7)
 
 
@@ -167,7 +185,9 @@ def test_max_steps_mid_epoch_does_not_end_the_epoch(tmp_path):
 def test_model_checkpoint_rotation_keeps_the_newest_k(tmp_path):
     from shardtrain import ModelCheckpoint
 
-    trainer, _, _ = _fit(tmp_path, max_steps=6, batch_size=8, callbacks=[ModelCheckpoint(every_n_train_steps=2, save_top_k=2)])
+    trainer, _, _ = _fit(
+        tmp_path, max_steps=6, batch_size=8, callbacks=[ModelCheckpoint(every_n_train_steps=2, save_top_k=2)]
+    )
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir())
     assert names == ["step=4", "step=6"]
     assert (tmp_path / "checkpoints" / "last").read_text() == "step=6"
@@ -189,7 +209,14 @@ def test_model_checkpoint_keeps_the_best_by_metric(tmp_path):
 def test_resume_under_another_precision(tmp_path):
     trainer, _, _ = _fit(tmp_path, max_steps=2, batch_size=8)
     trainer.save_checkpoint()
-    resumed = Trainer(accelerator="cpu", precision="16-mixed", max_steps=4, default_root_dir=tmp_path, seed=7, enable_progress_bar=False)
+    resumed = Trainer(
+        accelerator="cpu",
+        precision="16-mixed",
+        max_steps=4,
+        default_root_dir=tmp_path,
+        seed=7,
+        enable_progress_bar=False,
+    )
     resumed.fit(Regression(), DataLoader(_data(), batch_size=8), ckpt_path="last")
     assert resumed.global_step == 4
 
@@ -224,7 +251,9 @@ def test_on_nonfinite_skip_leaves_out_exactly_that_step(tmp_path, capsys):
 def test_on_nonfinite_stop_names_the_step(tmp_path):
     from shardtrain import NonFiniteError
 
-    with pytest.raises(NonFiniteError, match=r"step 2: the loss is nan on rank 0 and the gradient norm is nan\. .*on_nonfinite='skip'"):
+    with pytest.raises(
+        NonFiniteError, match=r"step 2: the loss is nan on rank 0 and the gradient norm is nan\. .*on_nonfinite='skip'"
+    ):
         _fit(tmp_path, module=NaNAtStep2(), on_nonfinite="stop")
 
 

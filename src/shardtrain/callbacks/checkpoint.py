@@ -53,7 +53,9 @@ class ModelCheckpoint(Callback):
         self.saved: list[dict[str, Any]] = []  # {"path", "step", "score"}, oldest first
         self._last_saved_step = -1
 
-    def on_train_batch_end(self, trainer: "Trainer", module: "TrainModule", outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: "Trainer", module: "TrainModule", outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if self.every_n_train_steps and step % self.every_n_train_steps == 0 and step != self._last_saved_step:
             self._save(trainer, score=None)
@@ -62,7 +64,9 @@ class ModelCheckpoint(Callback):
         if self.monitor is None or trainer.global_step == self._last_saved_step:
             return
         if self.monitor not in trainer.callback_metrics:
-            raise ConfigError(f"ModelCheckpoint monitors {self.monitor!r}, which was not logged; logged: {sorted(trainer.callback_metrics)}")
+            raise ConfigError(
+                f"ModelCheckpoint monitors {self.monitor!r}, which was not logged; logged: {sorted(trainer.callback_metrics)}"
+            )
         self._save(trainer, score=trainer.callback_metrics[self.monitor])
 
     def on_train_end(self, trainer: "Trainer", module: "TrainModule") -> None:
@@ -94,7 +98,12 @@ class ModelCheckpoint(Callback):
             keep = self.saved[-self.save_top_k :]
         else:
             sign = 1 if self.mode == "min" else -1
-            ranked = sorted(self.saved, key=lambda e: sign * (e["score"] if e["score"] is not None and not math.isnan(e["score"]) else math.inf))
+            ranked = sorted(
+                self.saved,
+                key=lambda e: (
+                    sign * (e["score"] if e["score"] is not None and not math.isnan(e["score"]) else math.inf)
+                ),
+            )
             keep = ranked[: self.save_top_k]
         keep_paths = {entry["path"] for entry in keep} | {str(newest)}  # never the one 'last' names
         return [entry for entry in self.saved if entry["path"] not in keep_paths]

@@ -92,7 +92,14 @@ class ProgressBar(Callback):
         if not trainer.is_global_zero:
             return
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         console = Console(stderr=True)
         self._meter = ThroughputMeter()
@@ -110,7 +117,9 @@ class ProgressBar(Callback):
             self._progress.start()
             self._task = self._progress.add_task("train", total=trainer.estimated_stepping_batches, metrics="")
 
-    def on_train_batch_end(self, trainer: "Trainer", module: "TrainModule", outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: "Trainer", module: "TrainModule", outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if not trainer.is_global_zero:
             return
         samples, tokens = batch_size_and_tokens(batch)

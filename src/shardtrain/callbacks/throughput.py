@@ -55,7 +55,13 @@ class ThroughputMonitor(Callback):
         prog_bar: show MFU (or tokens/s when there is none) in the progress bar.
     """
 
-    def __init__(self, peak_flops: float | None = None, flops_per_batch: int | None = None, count_flops: bool = True, prog_bar: bool = True) -> None:
+    def __init__(
+        self,
+        peak_flops: float | None = None,
+        flops_per_batch: int | None = None,
+        count_flops: bool = True,
+        prog_bar: bool = True,
+    ) -> None:
         self.peak_flops = peak_flops
         self.peak_source = "given" if peak_flops is not None else ""
         self.flops_per_batch = flops_per_batch
@@ -97,7 +103,9 @@ class ThroughputMonitor(Callback):
         if self._counter is not None and self._counter.result is None:
             self._counter.finish()
 
-    def on_train_batch_end(self, trainer: "Trainer", module: "TrainModule", outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: "Trainer", module: "TrainModule", outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self._started or not trainer.is_global_zero or trainer.global_step == 0:
             return
         # The first optimizer step (FLOP counting, warm-up) is not timed; one wait for the device, once.
@@ -147,4 +155,3 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-

@@ -24,7 +24,13 @@ from shardtrain.errors import CheckpointError
 INDEX_FILE = "model.safetensors.index.json"
 
 
-def consolidate(checkpoint: str | os.PathLike, output: str | os.PathLike, *, key: str | None = None, max_shard_bytes: int = 5 * 2**30) -> list[Path]:
+def consolidate(
+    checkpoint: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    key: str | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> list[Path]:
     """Write the weights under ``key`` (default: the checkpoint's first module) to safetensors.
 
     ``output`` is a ``.safetensors`` file, or a directory when the weights exceed
@@ -33,7 +39,11 @@ def consolidate(checkpoint: str | os.PathLike, output: str | os.PathLike, *, key
     source = Path(checkpoint)
     meta = read_meta(source)
     key = key or (meta.get("modules") or ["module"])[0]
-    tensors = {name[len(key) + 1 :]: info for name, info in _metadata(source).items() if name.startswith(key + ".") and isinstance(info, TensorStorageMetadata)}
+    tensors = {
+        name[len(key) + 1 :]: info
+        for name, info in _metadata(source).items()
+        if name.startswith(key + ".") and isinstance(info, TensorStorageMetadata)
+    }
     if not tensors:
         raise CheckpointError(f"{source} holds no tensors under {key!r}; its modules are {meta.get('modules')}")
     groups = _group_by_size(tensors, max_shard_bytes)
@@ -52,7 +62,9 @@ def consolidate(checkpoint: str | os.PathLike, output: str | os.PathLike, *, key
         del chunk
     if len(files) > 1 or target.is_dir():
         total = sum(_bytes(info) for info in tensors.values())
-        (target / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+        (target / INDEX_FILE).write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+        )
     return files
 
 
@@ -65,13 +77,23 @@ def consolidate_optimizer(checkpoint: str | os.PathLike, output: str | os.PathLi
     source = Path(checkpoint)
     read_meta(source)
     metadata = _metadata(source)
-    prefix = key or next((name.split(".state.")[0] for name in metadata if ".state." in name and name.startswith("optimizer")), None)
+    prefix = key or next(
+        (name.split(".state.")[0] for name in metadata if ".state." in name and name.startswith("optimizer")), None
+    )
     if prefix is None:
         raise CheckpointError(f"{source} holds no optimizer state")
-    tensors = {name[len(prefix) + 1 :]: info for name, info in metadata.items() if name.startswith(prefix + ".state.") and isinstance(info, TensorStorageMetadata)}
+    tensors = {
+        name[len(prefix) + 1 :]: info
+        for name, info in metadata.items()
+        if name.startswith(prefix + ".state.") and isinstance(info, TensorStorageMetadata)
+    }
     target = Path(output)
     target.parent.mkdir(parents=True, exist_ok=True)
-    save_file({name: _read_tensor(source, f"{prefix}.{name}", info) for name, info in tensors.items()}, str(target), metadata={"format": "pt", "source": str(source)})
+    save_file(
+        {name: _read_tensor(source, f"{prefix}.{name}", info) for name, info in tensors.items()},
+        str(target),
+        metadata={"format": "pt", "source": str(source)},
+    )
     return target
 
 
@@ -80,7 +102,11 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     source = Path(path)
     if source.is_dir():
         index = source / INDEX_FILE
-        files = sorted(source.glob("*.safetensors")) if not index.exists() else sorted({source / f for f in json.loads(index.read_text())["weight_map"].values()})
+        files = (
+            sorted(source.glob("*.safetensors"))
+            if not index.exists()
+            else sorted({source / f for f in json.loads(index.read_text())["weight_map"].values()})
+        )
     elif source.name.endswith(".index.json"):
         files = sorted({source.parent / f for f in json.loads(source.read_text())["weight_map"].values()})
     else:
@@ -95,7 +121,11 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def is_weights_file(path: str | os.PathLike) -> bool:
     source = Path(path)
-    return source.suffix == ".safetensors" or source.name.endswith(".index.json") or (source.is_dir() and (source / INDEX_FILE).exists())
+    return (
+        source.suffix == ".safetensors"
+        or source.name.endswith(".index.json")
+        or (source.is_dir() and (source / INDEX_FILE).exists())
+    )
 
 
 def _metadata(source: Path) -> dict[str, Any]:

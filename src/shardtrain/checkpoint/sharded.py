@@ -55,7 +55,9 @@ def save_sharded(
     """
     target, staging = _prepare(path, rank, barrier)
     with _quiet_single_process():
-        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(staging, sync_files=True), no_dist=not dist.is_initialized())
+        dcp.save(
+            tensors, storage_writer=dcp.FileSystemWriter(staging, sync_files=True), no_dist=not dist.is_initialized()
+        )
     if rank == 0:
         _commit(staging, target, meta, on_commit)
     barrier()
@@ -73,7 +75,9 @@ class PendingSave:
     def wait(self) -> Path:
         self._thread.join()
         if self._errors:
-            raise CheckpointError(f"the asynchronous save of {self.target} failed: {self._errors[0]}") from self._errors[0]
+            raise CheckpointError(
+                f"the asynchronous save of {self.target} failed: {self._errors[0]}"
+            ) from self._errors[0]
         return self.target
 
 
@@ -112,7 +116,12 @@ def save_sharded_async(
     def finish() -> None:
         try:
             with _quiet_single_process():
-                dcp.save(staged, storage_writer=dcp.FileSystemWriter(staging, sync_files=True), process_group=group, no_dist=group is None)
+                dcp.save(
+                    staged,
+                    storage_writer=dcp.FileSystemWriter(staging, sync_files=True),
+                    process_group=group,
+                    no_dist=group is None,
+                )
             if group is not None:
                 dist.barrier(group=group)
             if rank == 0:
@@ -165,14 +174,20 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     if not directory.exists():
         raise CheckpointError(f"no checkpoint at {directory}; check the path")
     if directory.is_file():
-        raise CheckpointError(f"{directory} is a file, not a sharded checkpoint directory; a consolidated file loads as model weights")
+        raise CheckpointError(
+            f"{directory} is a file, not a sharded checkpoint directory; a consolidated file loads as model weights"
+        )
     meta_path = directory / META_FILE
     if not meta_path.is_file():
-        raise CheckpointError(f"{directory} has no {META_FILE}: it is half-written (a save did not finish) or not a shardtrain checkpoint")
+        raise CheckpointError(
+            f"{directory} has no {META_FILE}: it is half-written (a save did not finish) or not a shardtrain checkpoint"
+        )
     meta = json.loads(meta_path.read_text())
     version = meta.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointError(f"{directory} has format version {version}; this shardtrain reads up to {FORMAT_VERSION}: upgrade shardtrain")
+        raise CheckpointError(
+            f"{directory} has format version {version}; this shardtrain reads up to {FORMAT_VERSION}: upgrade shardtrain"
+        )
     return meta
 
 
@@ -186,12 +201,23 @@ def load_sharded(path: str | os.PathLike, tensors: dict[str, Any], *, strict_pre
     saved = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata
     requested = _flatten(tensors)
     for prefix in strict_prefixes:
-        wanted = {k: tuple(v.shape) for k, v in requested.items() if k.startswith(prefix + ".") and isinstance(v, torch.Tensor)}
-        if dist.is_initialized() and dist.get_world_size() > 1:  # a rank may ask for only its share (DeepSpeed): check the union
+        wanted = {
+            k: tuple(v.shape)
+            for k, v in requested.items()
+            if k.startswith(prefix + ".") and isinstance(v, torch.Tensor)
+        }
+        if (
+            dist.is_initialized() and dist.get_world_size() > 1
+        ):  # a rank may ask for only its share (DeepSpeed): check the union
             everyone: list[dict[str, tuple[int, ...]]] = [{} for _ in range(dist.get_world_size())]
             dist.all_gather_object(everyone, wanted)
             wanted = {k: v for part in everyone for k, v in part.items()}
-        _check_match(directory, prefix, wanted, {k: v for k, v in saved.items() if k.startswith(prefix + ".") and hasattr(v, "size")})
+        _check_match(
+            directory,
+            prefix,
+            wanted,
+            {k: v for k, v in saved.items() if k.startswith(prefix + ".") and hasattr(v, "size")},
+        )
     missing = sorted(key for key, value in requested.items() if isinstance(value, torch.Tensor) and key not in saved)
     if missing:
         raise CheckpointError(f"{directory} lacks {len(missing)} entries that this run needs, e.g. {missing[:5]}")
@@ -219,14 +245,18 @@ def _check_match(directory: Path, prefix: str, requested: dict[str, tuple[int, .
         want = requested[key]
         have = tuple(getattr(saved[key], "size", ()) or ())
         if hasattr(saved[key], "size") and want != have:
-            shapes.append(f"{key[len(prefix) + 1:]}: checkpoint {have}, model {want}")
+            shapes.append(f"{key[len(prefix) + 1 :]}: checkpoint {have}, model {want}")
     if missing or unexpected or shapes:
         strip = len(prefix) + 1
         parts = []
         if missing:
-            parts.append(f"missing from the checkpoint: {[k[strip:] for k in missing[:10]]}{' ...' if len(missing) > 10 else ''}")
+            parts.append(
+                f"missing from the checkpoint: {[k[strip:] for k in missing[:10]]}{' ...' if len(missing) > 10 else ''}"
+            )
         if unexpected:
-            parts.append(f"not in the model: {[k[strip:] for k in unexpected[:10]]}{' ...' if len(unexpected) > 10 else ''}")
+            parts.append(
+                f"not in the model: {[k[strip:] for k in unexpected[:10]]}{' ...' if len(unexpected) > 10 else ''}"
+            )
         if shapes:
             parts.append(f"shape mismatches: {shapes[:10]}")
         raise CheckpointError(f"checkpoint {directory} is from a different {prefix}; " + "; ".join(parts))
@@ -250,7 +280,9 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
     try:
         text = json.dumps(payload, indent=1)
     except TypeError as error:
-        raise CheckpointError(f"a value to be saved is not JSON-serialisable ({error}); state_dict() of callbacks and schedulers must hold plain values") from error
+        raise CheckpointError(
+            f"a value to be saved is not JSON-serialisable ({error}); state_dict() of callbacks and schedulers must hold plain values"
+        ) from error
     with open(path, "w") as handle:
         handle.write(text)
         handle.flush()
@@ -276,4 +308,3 @@ def _replace_directory(staging: Path, target: Path) -> None:
     _fsync_directory(target.parent)
     if aside.exists():
         shutil.rmtree(aside)
-

@@ -71,7 +71,9 @@ def _local(devices: int, num_nodes: int, env: Mapping[str, str]) -> ClusterEnvir
             f"(--node-rank, or the NODE_RANK variable), or raise num_nodes (--num-nodes)"
         )
     if not 0 <= port <= 65535:
-        raise ConfigError(f"MASTER_PORT={port} is not a TCP port; choose one from 1024 to 65535 (--main-port, or the MASTER_PORT variable)")
+        raise ConfigError(
+            f"MASTER_PORT={port} is not a TCP port; choose one from 1024 to 65535 (--main-port, or the MASTER_PORT variable)"
+        )
     if num_nodes > 1 and port == 0:
         raise ConfigError(
             f"num_nodes={num_nodes} needs the main port, the same on every node: pass --main-port PORT (or set MASTER_PORT) "
@@ -136,7 +138,11 @@ def _from_torchrun(env: Mapping[str, str]) -> ClusterEnvironment:
 
 def _is_slurm(env: Mapping[str, str]) -> bool:
     # An interactive `salloc` shell has SLURM_* set but one task: that is a local run.
-    return "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1 and env.get("SLURM_JOB_NAME") not in ("bash", "interactive")
+    return (
+        "SLURM_PROCID" in env
+        and int(env.get("SLURM_NTASKS", "1")) > 1
+        and env.get("SLURM_JOB_NAME") not in ("bash", "interactive")
+    )
 
 
 def _from_slurm(env: Mapping[str, str]) -> ClusterEnvironment:

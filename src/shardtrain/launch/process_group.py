@@ -22,7 +22,9 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def init_process_group(environment: ClusterEnvironment, device: torch.device, timeout: timedelta, *, always: bool = False) -> None:
+def init_process_group(
+    environment: ClusterEnvironment, device: torch.device, timeout: timedelta, *, always: bool = False
+) -> None:
     """Join the default process group of ``environment``.
 
     A no-op when already joined, and for one process unless ``always`` (strategies built on
@@ -80,7 +82,11 @@ def _note_uncaught_exceptions() -> None:
         previous(exc_type, exception, tb)  # type: ignore[arg-type]
         root = first_failure()
         if root is not None and root.rank != dist.get_rank() and not isinstance(exception, RankFailedError):
-            print(f"[shardtrain] rank {root.rank} failed first; its traceback:\n{root.traceback}", file=sys.stderr, flush=True)
+            print(
+                f"[shardtrain] rank {root.rank} failed first; its traceback:\n{root.traceback}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     sys.excepthook = hook
 

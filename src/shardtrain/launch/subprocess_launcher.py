@@ -103,7 +103,12 @@ class SubprocessLauncher:
         sys.excepthook = excepthook
         for local_rank, child in self._children.items():
             # A blocking wait per child: no polling, no GIL taken while training runs.
-            threading.Thread(target=self._watch_child, args=(local_rank, child), name=f"shardtrain-watch-rank{local_rank}", daemon=True).start()
+            threading.Thread(
+                target=self._watch_child,
+                args=(local_rank, child),
+                name=f"shardtrain-watch-rank{local_rank}",
+                daemon=True,
+            ).start()
         atexit.register(self._wait_for_children)
 
     def _watch_child(self, local_rank: int, child: subprocess.Popen) -> None:
@@ -114,7 +119,11 @@ class SubprocessLauncher:
     def _report_failure(self, local_rank: int, code: int) -> None:
         rank = int(os.environ.get("GROUP_RANK", 0)) * self.environment.local_world_size + local_rank
         how = f"signal {-code}" if code < 0 else f"exit code {code}"
-        print(f"[shardtrain] rank {rank} failed ({how}); stopping all ranks. Its traceback, if any, is above.", file=sys.stderr, flush=True)
+        print(
+            f"[shardtrain] rank {rank} failed ({how}); stopping all ranks. Its traceback, if any, is above.",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def _stop_after_child_failure(self, local_rank: int, code: int) -> None:
         self._reported = True

@@ -69,7 +69,9 @@ class Strategy:
     def configure_training(self, settings: TrainingSettings) -> None:
         """Accept (or reject, with a ``ConfigError``) the loop's settings; before any process starts."""
 
-    def connect(self, environment: ClusterEnvironment, device: torch.device, precision: Precision, timeout: timedelta) -> None:
+    def connect(
+        self, environment: ClusterEnvironment, device: torch.device, precision: Precision, timeout: timedelta
+    ) -> None:
         """Bind the strategy to this process's place in the run (called once per process)."""
         self.environment = environment
         self.device = device
@@ -111,7 +113,9 @@ class Strategy:
     def setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
         return optimizer
 
-    def setup_module_and_optimizers(self, module: nn.Module, make_optimizers: Callable[[], Sequence[Optimizer]]) -> tuple[nn.Module, list[Optimizer]]:
+    def setup_module_and_optimizers(
+        self, module: nn.Module, make_optimizers: Callable[[], Sequence[Optimizer]]
+    ) -> tuple[nn.Module, list[Optimizer]]:
         """Set up ``module``, then the optimizers ``make_optimizers()`` builds on its (sharded) parameters.
 
         Strategies that need the optimizer first (``sets_up_optimizers_with_module``) override this.
@@ -135,7 +139,9 @@ class Strategy:
     def optimizer_step(self, optimizer: Optimizer) -> None:
         self.precision.optimizer_step(optimizer)
 
-    def clip_gradients_norm(self, parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+    def clip_gradients_norm(
+        self, parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0
+    ) -> torch.Tensor:
         """Clip by the norm of the *whole* gradient; returns that norm (a tensor, no host sync)."""
         return torch.nn.utils.clip_grad_norm_(list(parameters), max_norm, norm_type=norm_type, foreach=True)
 
@@ -148,13 +154,19 @@ class Strategy:
     def module_state_dict(self, module: nn.Module, full: bool = True) -> dict[str, Any]:
         return get_model_state_dict(module, options=StateDictOptions(full_state_dict=full, cpu_offload=full))
 
-    def load_module_state_dict(self, module: nn.Module, state: dict[str, Any], strict: bool = True, full: bool = True) -> None:
+    def load_module_state_dict(
+        self, module: nn.Module, state: dict[str, Any], strict: bool = True, full: bool = True
+    ) -> None:
         set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=full, strict=strict))
 
     def optimizer_state_dict(self, module: nn.Module, optimizer: Optimizer, full: bool = True) -> dict[str, Any]:
-        return get_optimizer_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=full, cpu_offload=full))
+        return get_optimizer_state_dict(
+            module, optimizer, options=StateDictOptions(full_state_dict=full, cpu_offload=full)
+        )
 
-    def load_optimizer_state_dict(self, module: nn.Module, optimizer: Optimizer, state: dict[str, Any], full: bool = True) -> None:
+    def load_optimizer_state_dict(
+        self, module: nn.Module, optimizer: Optimizer, state: dict[str, Any], full: bool = True
+    ) -> None:
         set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=full))
 
     # ---------------------------------------------------------------- collectives
@@ -165,7 +177,12 @@ class Strategy:
         """Reduce ``tensor`` over all ranks in place (``"mean"``, ``"sum"``, ``"max"``, ``"min"``)."""
         if not self._is_distributed():
             return tensor
-        reduce_op = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op]
+        reduce_op = {
+            "sum": dist.ReduceOp.SUM,
+            "mean": dist.ReduceOp.SUM,
+            "max": dist.ReduceOp.MAX,
+            "min": dist.ReduceOp.MIN,
+        }[op]
         dist.all_reduce(tensor, op=reduce_op)
         if op == "mean":
             tensor /= self.world_size

@@ -30,7 +30,13 @@ from shardtrain.precision import Precision, _map_floating
 from shardtrain.strategies import deepspeed_state as state_io
 from shardtrain.strategies.activation_checkpoint import apply_activation_checkpointing
 from shardtrain.strategies.base import Strategy, TrainingSettings, repoint_optimizer
-from shardtrain.strategies.deepspeed_config import DeepSpeedOptions, TrainerSettings, build_config, offload_nvme_paths, offloads_optimizer
+from shardtrain.strategies.deepspeed_config import (
+    DeepSpeedOptions,
+    TrainerSettings,
+    build_config,
+    offload_nvme_paths,
+    offloads_optimizer,
+)
 from shardtrain.strategies.materialize import has_meta_tensors, materialize, materialize_in_units
 from shardtrain.strategies.policy import ModulePolicy, repeated_blocks
 
@@ -207,7 +213,9 @@ class DeepSpeedStrategy(Strategy):
             "or engine.setup_module_and_optimizers(model, make_optimizers), not setup_optimizers() after setup_module()"
         )
 
-    def setup_module_and_optimizers(self, module: nn.Module, make_optimizers: Callable[[], Sequence[Optimizer]]) -> tuple[nn.Module, list[Optimizer]]:
+    def setup_module_and_optimizers(
+        self, module: nn.Module, make_optimizers: Callable[[], Sequence[Optimizer]]
+    ) -> tuple[nn.Module, list[Optimizer]]:
         import deepspeed
 
         self.config = self._build_config()
@@ -229,12 +237,21 @@ class DeepSpeedStrategy(Strategy):
             )
         user_optimizer = optimizers[0] if optimizers else None
         if user_optimizer is not None and "optimizer" in self.config:
-            raise ConfigError("the DeepSpeed config has an 'optimizer' section and configure_optimizers() returned an optimizer too; keep one")
+            raise ConfigError(
+                "the DeepSpeed config has an 'optimizer' section and configure_optimizers() returned an optimizer too; keep one"
+            )
         self._user_optimizer = user_optimizer
         names = {id(p): name for name, p in module.named_parameters()}
-        self._group_names = [[names[id(p)].removeprefix("module.") for p in group["params"]] for group in user_optimizer.param_groups] if user_optimizer else []
+        self._group_names = (
+            [[names[id(p)].removeprefix("module.") for p in group["params"]] for group in user_optimizer.param_groups]
+            if user_optimizer
+            else []
+        )
         engine, zero_optimizer, _, _ = deepspeed.initialize(
-            model=module, optimizer=self._optimizer_for_deepspeed(user_optimizer), config=self.config, dist_init_required=False
+            model=module,
+            optimizer=self._optimizer_for_deepspeed(user_optimizer),
+            config=self.config,
+            dist_init_required=False,
         )
         self._engine = engine
         if user_optimizer is None and engine.optimizer is not None:  # DeepSpeed's own, from the config
@@ -258,7 +275,9 @@ class DeepSpeedStrategy(Strategy):
 
         def partition(unit: nn.Module) -> None:
             nonlocal swapper
-            swapper = deepspeed.zero.Init(module=unit, config_dict_or_path=self.config, param_swapper=swapper).param_swapper
+            swapper = deepspeed.zero.Init(
+                module=unit, config_dict_or_path=self.config, param_swapper=swapper
+            ).param_swapper
 
         materialize_in_units(module, self.device, blocks, partition)
 
@@ -268,14 +287,21 @@ class DeepSpeedStrategy(Strategy):
         It shares the user optimizer's parameter groups, so LR schedulers built on the user's
         optimizer still drive it.
         """
-        if optimizer is None or not offloads_optimizer(self.config) or type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
+        if (
+            optimizer is None
+            or not offloads_optimizer(self.config)
+            or type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW)
+        ):
             return optimizer
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         defaults = optimizer.defaults
         cpu_adam = DeepSpeedCPUAdam(
             [p for group in optimizer.param_groups for p in group["params"]],
-            lr=defaults["lr"], betas=defaults["betas"], eps=defaults["eps"], weight_decay=defaults["weight_decay"],
+            lr=defaults["lr"],
+            betas=defaults["betas"],
+            eps=defaults["eps"],
+            weight_decay=defaults["weight_decay"],
             adamw_mode=type(optimizer) is torch.optim.AdamW,
         )
         for group in optimizer.param_groups:
@@ -287,7 +313,11 @@ class DeepSpeedStrategy(Strategy):
 
     def _describe_offload(self) -> str:
         zero = self.config["zero_optimization"]
-        parts = [f"{key} to {zero[key]['device']}" for key in ("offload_optimizer", "offload_param") if zero.get(key, {}).get("device", "none") != "none"]
+        parts = [
+            f"{key} to {zero[key]['device']}"
+            for key in ("offload_optimizer", "offload_param")
+            if zero.get(key, {}).get("device", "none") != "none"
+        ]
         return ", ".join(parts) or "no offload"
 
     def forward_context(self) -> contextlib.AbstractContextManager:
@@ -313,7 +343,9 @@ class DeepSpeedStrategy(Strategy):
     def optimizer_zero_grad(self, optimizer: Optimizer, set_to_none: bool = True) -> None:
         """DeepSpeed's step clears the gradients; ZeRO owns the gradient buffers, so nothing else may."""
 
-    def clip_gradients_norm(self, parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+    def clip_gradients_norm(
+        self, parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0
+    ) -> torch.Tensor:
         """DeepSpeed clips inside its optimizer step; the returned tensor holds the norm once that step ran."""
         self._require_engine("clip_gradients")
         if norm_type != 2.0:
@@ -331,19 +363,28 @@ class DeepSpeedStrategy(Strategy):
     def module_state_dict(self, module: nn.Module, full: bool = True) -> dict[str, Any]:
         return state_io.model_state(module, owned_only=not full)
 
-    def load_module_state_dict(self, module: nn.Module, state: dict[str, Any], strict: bool = True, full: bool = True) -> None:
+    def load_module_state_dict(
+        self, module: nn.Module, state: dict[str, Any], strict: bool = True, full: bool = True
+    ) -> None:
         if full:  # every rank was given everything: keep what this rank owns (and broadcasts)
             state = state_io.keep_owned([name for name, _ in state_io.named_state_tensors(module)], state)
         state_io.load_model_state(module, state, self.device, self._zero_optimizer())
 
     def optimizer_state_dict(self, module: nn.Module, optimizer: Optimizer, full: bool = True) -> dict[str, Any]:
         self._require_engine("optimizer_state_dict")
-        return state_io.optimizer_state(module, self._engine.optimizer, optimizer, self._group_names, owned_only=not full)
+        return state_io.optimizer_state(
+            module, self._engine.optimizer, optimizer, self._group_names, owned_only=not full
+        )
 
-    def load_optimizer_state_dict(self, module: nn.Module, optimizer: Optimizer, state: dict[str, Any], full: bool = True) -> None:
+    def load_optimizer_state_dict(
+        self, module: nn.Module, optimizer: Optimizer, state: dict[str, Any], full: bool = True
+    ) -> None:
         self._require_engine("load_optimizer_state_dict")
         if full:
-            state = {**state, "state": state_io.keep_owned([name for name, _ in state_io._trainable(module)], state.get("state", {}))}
+            state = {
+                **state,
+                "state": state_io.keep_owned([name for name, _ in state_io._trainable(module)], state.get("state", {})),
+            }
         state_io.load_optimizer_state(module, self._engine.optimizer, optimizer, state, self.device)
         state_io.refresh_low_precision_params(self._engine.optimizer)
 
@@ -352,7 +393,9 @@ class DeepSpeedStrategy(Strategy):
 
     def _require_engine(self, what: str) -> None:
         if self._engine is None:
-            raise RuntimeError(f"{what}() under DeepSpeed needs the model set up first (engine.setup(model, optimizer))")
+            raise RuntimeError(
+                f"{what}() under DeepSpeed needs the model set up first (engine.setup(model, optimizer))"
+            )
 
     def teardown(self) -> None:
         if self._engine is not None and hasattr(self._engine, "destroy"):
@@ -383,5 +426,7 @@ def _require_async_io(device_type: str) -> None:
 
     if not AsyncIOBuilder().is_compatible(verbose=False):
         raise MissingDependencyError(
-            "libaio", "DeepSpeed offload to NVMe (its async_io op)", install="apt-get install libaio-dev (Debian/Ubuntu), then run again"
+            "libaio",
+            "DeepSpeed offload to NVMe (its async_io op)",
+            install="apt-get install libaio-dev (Debian/Ubuntu), then run again",
         ) from None

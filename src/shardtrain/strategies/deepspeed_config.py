@@ -89,7 +89,9 @@ def user_config(config: dict[str, Any] | str | os.PathLike | None) -> dict[str, 
 
 def check_options(options: DeepSpeedOptions) -> None:
     """Reject named options that cannot work, with the fix in the message."""
-    if options.stage is not None and (not isinstance(options.stage, int) or isinstance(options.stage, bool) or not 0 <= options.stage <= 3):
+    if options.stage is not None and (
+        not isinstance(options.stage, int) or isinstance(options.stage, bool) or not 0 <= options.stage <= 3
+    ):
         raise ConfigError(f"DeepSpeed ZeRO stage must be 0, 1, 2 or 3, got {options.stage!r} (there is no stage 4)")
     for name in ("offload_optimizer_device", "offload_params_device"):
         value = getattr(options, name)
@@ -129,11 +131,14 @@ def build_config(
     put(zero, "reduce_bucket_size", _int(options.reduce_bucket_size), "zero_optimization.")
     put(zero, "overlap_comm", options.overlap_comm, "zero_optimization.")
     pin_memory = options.pin_memory if options.pin_memory is not None else (device_type == "cuda")
-    _offload(zero, "offload_optimizer", options.offload_optimizer, options.offload_optimizer_device, options, pin_memory, put)
+    _offload(
+        zero, "offload_optimizer", options.offload_optimizer, options.offload_optimizer_device, options, pin_memory, put
+    )
     _offload(zero, "offload_param", options.offload_parameters, options.offload_params_device, options, pin_memory, put)
     if overridden:
         warnings.warn(
-            "DeepSpeedStrategy options override these keys of the config file: " + "; ".join(overridden)
+            "DeepSpeedStrategy options override these keys of the config file: "
+            + "; ".join(overridden)
             + ". Named options win; leave an option out to keep the file's value.",
             stacklevel=3,
         )
@@ -146,7 +151,15 @@ def _int(value: int | float | None) -> int | None:
     return None if value is None else int(value)
 
 
-def _offload(zero: dict[str, Any], key: str, enabled: bool | None, device: str | None, options: DeepSpeedOptions, pin_memory: bool, put: Any) -> None:
+def _offload(
+    zero: dict[str, Any],
+    key: str,
+    enabled: bool | None,
+    device: str | None,
+    options: DeepSpeedOptions,
+    pin_memory: bool,
+    put: Any,
+) -> None:
     """Write ``offload_optimizer`` / ``offload_param`` from the named options that were given."""
     if enabled is False:
         if key in zero:
@@ -173,7 +186,15 @@ def _write_trainer_settings(config: dict[str, Any], trainer: TrainerSettings) ->
             replaced.append(f"{where}{key}: {section[key]!r} -> {value!r}")
         section[key] = value
 
-    micro = trainer.micro_batch_size or (config.get("train_micro_batch_size_per_gpu") if config.get("train_micro_batch_size_per_gpu") != "auto" else None) or 1
+    micro = (
+        trainer.micro_batch_size
+        or (
+            config.get("train_micro_batch_size_per_gpu")
+            if config.get("train_micro_batch_size_per_gpu") != "auto"
+            else None
+        )
+        or 1
+    )
     own(config, "train_micro_batch_size_per_gpu", micro)
     own(config, "gradient_accumulation_steps", trainer.accumulate_grad_batches)
     config["train_batch_size"] = micro * trainer.accumulate_grad_batches * trainer.world_size
@@ -225,8 +246,14 @@ def check_config(config: dict[str, Any]) -> None:
                 "(a directory on a local SSD where DeepSpeed writes its swap files)"
             )
     for key in ("bf16", "fp16"):
-        if isinstance(config.get(key), dict) and config[key].get("enabled") is True and config.get("bf16" if key == "fp16" else "fp16", {}).get("enabled") is True:
-            raise ConfigError("the DeepSpeed config enables both bf16 and fp16; choose one through the Trainer's precision")
+        if (
+            isinstance(config.get(key), dict)
+            and config[key].get("enabled") is True
+            and config.get("bf16" if key == "fp16" else "fp16", {}).get("enabled") is True
+        ):
+            raise ConfigError(
+                "the DeepSpeed config enables both bf16 and fp16; choose one through the Trainer's precision"
+            )
 
 
 def _device(section: Any) -> str | None:
@@ -243,7 +270,9 @@ def _device(section: Any) -> str | None:
 def offload_nvme_paths(config: dict[str, Any]) -> list[str]:
     """The directories DeepSpeed will write swap files to."""
     zero = config.get("zero_optimization", {})
-    return [zero[key]["nvme_path"] for key in ("offload_optimizer", "offload_param") if _device(zero.get(key)) == "nvme"]
+    return [
+        zero[key]["nvme_path"] for key in ("offload_optimizer", "offload_param") if _device(zero.get(key)) == "nvme"
+    ]
 
 
 def offloads_optimizer(config: dict[str, Any]) -> bool:

@@ -26,7 +26,9 @@ from torch import nn
 
 def named_state_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """Every (name, parameter or persistent buffer) of ``module.state_dict()``, tied names included."""
-    return [(name, tensor) for name, tensor in module.state_dict(keep_vars=True).items() if isinstance(tensor, torch.Tensor)]
+    return [
+        (name, tensor) for name, tensor in module.state_dict(keep_vars=True).items() if isinstance(tensor, torch.Tensor)
+    ]
 
 
 def full_shape(tensor: torch.Tensor) -> torch.Size:
@@ -72,7 +74,9 @@ def model_state(module: nn.Module, owned_only: bool) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_model_state(module: nn.Module, loaded: dict[str, torch.Tensor], device: torch.device, zero_optimizer: Any) -> None:
+def load_model_state(
+    module: nn.Module, loaded: dict[str, torch.Tensor], device: torch.device, zero_optimizer: Any
+) -> None:
     """Put whole tensors (each rank holding the ones it owns) into the ZeRO partitions and the module."""
     from deepspeed.utils import safe_set_full_fp32_param
 
@@ -120,7 +124,11 @@ def optimizer_tensor_keys(zero_optimizer: Any) -> list[str]:
     optimizer = base_optimizer(zero_optimizer)
     for state in optimizer.state.values():
         if state:
-            return [key for key, value in state.items() if key != "step" and isinstance(value, torch.Tensor) and value.dim() > 0]
+            return [
+                key
+                for key, value in state.items()
+                if key != "step" and isinstance(value, torch.Tensor) and value.dim() > 0
+            ]
     return []
 
 
@@ -133,7 +141,13 @@ def optimizer_step_count(zero_optimizer: Any) -> float:
     return 0.0
 
 
-def optimizer_state(module: nn.Module, zero_optimizer: Any, user_optimizer: torch.optim.Optimizer, group_names: list[list[str]], owned_only: bool) -> dict[str, Any]:
+def optimizer_state(
+    module: nn.Module,
+    zero_optimizer: Any,
+    user_optimizer: torch.optim.Optimizer,
+    group_names: list[list[str]],
+    owned_only: bool,
+) -> dict[str, Any]:
     """The optimizer state in torch's ``get_optimizer_state_dict`` layout, whole tensors by parameter name."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
@@ -144,14 +158,27 @@ def optimizer_state(module: nn.Module, zero_optimizer: Any, user_optimizer: torc
     for index, (name, param) in enumerate(_trainable(module)):
         values = {key: safe_get_full_optimizer_state(param, key) for key in keys}
         if not owned_only or index % world == rank:
-            entry = {key: value.reshape(full_shape(param)).to("cpu", torch.float32, copy=True) for key, value in values.items() if value is not None}
+            entry = {
+                key: value.reshape(full_shape(param)).to("cpu", torch.float32, copy=True)
+                for key, value in values.items()
+                if value is not None
+            }
             if entry:
                 state[name] = {"step": torch.tensor(step, dtype=torch.float32), **entry}
-    groups = [{**{k: v for k, v in group.items() if k != "params"}, "params": list(names)} for group, names in zip(user_optimizer.param_groups, group_names)]
+    groups = [
+        {**{k: v for k, v in group.items() if k != "params"}, "params": list(names)}
+        for group, names in zip(user_optimizer.param_groups, group_names)
+    ]
     return {"state": state, "param_groups": groups}
 
 
-def load_optimizer_state(module: nn.Module, zero_optimizer: Any, user_optimizer: torch.optim.Optimizer, loaded: dict[str, Any], device: torch.device) -> None:
+def load_optimizer_state(
+    module: nn.Module,
+    zero_optimizer: Any,
+    user_optimizer: torch.optim.Optimizer,
+    loaded: dict[str, Any],
+    device: torch.device,
+) -> None:
     from deepspeed.utils import safe_set_full_optimizer_state
 
     keys = optimizer_tensor_keys(zero_optimizer)
@@ -195,7 +222,9 @@ def initialise_optimizer_state(zero_optimizer: Any) -> None:
         return  # already there (ZeRO-3 may hold empty entries before the first step), or swapped to disk
     flats = getattr(zero_optimizer, "fp32_partitioned_groups_flat", None)
     if flats is not None:  # ZeRO-3 puts each sub-group into its parameter group only while it steps
-        work = [(optimizer.param_groups[zero_optimizer.sub_group_to_group_id[i]], [flat]) for i, flat in enumerate(flats)]
+        work = [
+            (optimizer.param_groups[zero_optimizer.sub_group_to_group_id[i]], [flat]) for i, flat in enumerate(flats)
+        ]
     else:
         work = [(group, list(group["params"])) for group in optimizer.param_groups]
     for group, params in work:
@@ -209,7 +238,9 @@ def initialise_optimizer_state(zero_optimizer: Any) -> None:
             param.grad = None
         group["params"], group["lr"] = saved_params, saved_lr
     _set_step(optimizer, 0)
-    if hasattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO 1/2 link state to parameters at their first step
+    if hasattr(
+        zero_optimizer, "_lazy_init_hp_params_optimizer_state"
+    ):  # ZeRO 1/2 link state to parameters at their first step
         zero_optimizer._lazy_init_hp_params_optimizer_state()
 
 
@@ -224,12 +255,17 @@ def _trainable(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 
 def _broadcast_owned(
-    named: list[tuple[str, torch.Tensor]], owned: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype | None = None
+    named: list[tuple[str, torch.Tensor]],
+    owned: dict[str, torch.Tensor],
+    device: torch.device,
+    dtype: torch.dtype | None = None,
 ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
     """Yield (name, tensor, whole value) for each entry, sent by the rank that read it."""
     rank, world = _rank_and_world()
     distributed = world > 1
-    present = torch.tensor([float(index % world == rank and name in owned) for index, (name, _) in enumerate(named)], device=device)
+    present = torch.tensor(
+        [float(index % world == rank and name in owned) for index, (name, _) in enumerate(named)], device=device
+    )
     if distributed and len(named):
         dist.all_reduce(present, op=dist.ReduceOp.MAX)  # one collective says which entries the checkpoint has
     flags = present.tolist()
@@ -238,7 +274,11 @@ def _broadcast_owned(
             continue  # not in the checkpoint (e.g. a parameter without optimizer state)
         owner = index % world
         value_dtype = dtype or (torch.float32 if tensor.is_floating_point() else tensor.dtype)
-        value = owned[name].to(device, value_dtype) if owner == rank else torch.empty(full_shape(tensor), dtype=value_dtype, device=device)
+        value = (
+            owned[name].to(device, value_dtype)
+            if owner == rank
+            else torch.empty(full_shape(tensor), dtype=value_dtype, device=device)
+        )
         if distributed:
             dist.broadcast(value, src=owner)
         yield name, tensor, value

@@ -78,7 +78,9 @@ class FSDPStrategy(Strategy):
         name = getattr(sharding_strategy, "name", sharding_strategy)  # torch's ShardingStrategy enum too
         name = _HYBRID_ALIASES.get(str(name).upper(), str(name).upper())
         if name not in SHARDING_STRATEGIES:
-            raise StrategyError(f"unknown sharding_strategy {sharding_strategy!r}; choose one of {', '.join(SHARDING_STRATEGIES)}")
+            raise StrategyError(
+                f"unknown sharding_strategy {sharding_strategy!r}; choose one of {', '.join(SHARDING_STRATEGIES)}"
+            )
         if device_mesh is not None and name != "HYBRID_SHARD":
             raise StrategyError(f"device_mesh is for sharding_strategy='HYBRID_SHARD'; with {name!r} leave it out")
         self.sharding_strategy: str = name
@@ -155,7 +157,9 @@ class FSDPStrategy(Strategy):
             reshard_after_forward=self.sharding_strategy not in ("SHARD_GRAD_OP",),
             mp_policy=self.mixed_precision_policy(),
             # Pinned host memory speeds up copies to a GPU; without one there is nothing to pin for.
-            offload_policy=CPUOffloadPolicy(pin_memory=self.device.type == "cuda") if self.cpu_offload else OffloadPolicy(),
+            offload_policy=CPUOffloadPolicy(pin_memory=self.device.type == "cuda")
+            if self.cpu_offload
+            else OffloadPolicy(),
         )
         meta = has_meta_tensors(module)
         if not meta and not self.cpu_offload:
@@ -170,7 +174,13 @@ class FSDPStrategy(Strategy):
         if meta:
             materialize(module, torch.device("cpu") if self.cpu_offload else self.device)
         self.wrapped_units = units
-        log.info("FSDP %s over mesh %s: %d units (%s) and the root", self.sharding_strategy, tuple(self.mesh().shape), len(units), describe(units))
+        log.info(
+            "FSDP %s over mesh %s: %d units (%s) and the root",
+            self.sharding_strategy,
+            tuple(self.mesh().shape),
+            len(units),
+            describe(units),
+        )
         return module
 
     def _units(self, user_module: nn.Module) -> list[nn.Module]:
@@ -181,7 +191,9 @@ class FSDPStrategy(Strategy):
     def no_backward_sync(self, module: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
         return _gradient_sync(module, enabled) if isinstance(module, FSDPModule) else contextlib.nullcontext()
 
-    def clip_gradients_norm(self, parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+    def clip_gradients_norm(
+        self, parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0
+    ) -> torch.Tensor:
         """The norm of the whole gradient over all shards (DTensor arithmetic reduces it), then clipped."""
         norm = torch.nn.utils.clip_grad_norm_(list(parameters), max_norm, norm_type=norm_type, foreach=True)
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm

@@ -108,7 +108,9 @@ class _full_parameters:
                 owner._parameters[name] = sharded
 
 
-def materialize_in_units(module: nn.Module, device: torch.device, units: list[nn.Module], partition: Callable[[nn.Module], None]) -> None:
+def materialize_in_units(
+    module: nn.Module, device: torch.device, units: list[nn.Module], partition: Callable[[nn.Module], None]
+) -> None:
     """Like ``materialize``, for strategies that partition a module after it is initialised (ZeRO-3).
 
     Modules are visited children first, exactly as ``materialize`` does (so a seeded model gets
@@ -124,7 +126,9 @@ def materialize_in_units(module: nn.Module, device: torch.device, units: list[nn
         for name, param in owner._parameters.items():
             if param is not None and param.is_meta:
                 if id(param) not in real:
-                    real[id(param)] = nn.Parameter(torch.empty_like(param, device=device), requires_grad=param.requires_grad)
+                    real[id(param)] = nn.Parameter(
+                        torch.empty_like(param, device=device), requires_grad=param.requires_grad
+                    )
                 owner._parameters[name] = real[id(param)]  # type: ignore[assignment]
         for name, buffer in owner._buffers.items():
             if buffer is not None and buffer.is_meta:

@@ -22,10 +22,14 @@ def policy_matcher(policy: ModulePolicy, what: str) -> Callable[[nn.Module], boo
         bad = [item for item in policy if not isinstance(item, (type, str))]
         if bad:
             raise ConfigError(f"{what} takes module classes or class names; got {bad}")
-        return lambda module: isinstance(module, classes) or type(module).__name__ in names or type(module).__qualname__ in names
+        return lambda module: (
+            isinstance(module, classes) or type(module).__name__ in names or type(module).__qualname__ in names
+        )
     if callable(policy):
         return policy
-    raise ConfigError(f"{what} must be a set of module classes, class names, or a callable (module) -> bool; got {type(policy).__name__}")
+    raise ConfigError(
+        f"{what} must be a set of module classes, class names, or a callable (module) -> bool; got {type(policy).__name__}"
+    )
 
 
 def select_modules(root: nn.Module, policy: ModulePolicy, what: str) -> list[nn.Module]:
@@ -38,7 +42,9 @@ def select_modules(root: nn.Module, policy: ModulePolicy, what: str) -> list[nn.
     selected = [module for module in root.modules() if module is not root and matches(module)]
     if not selected:
         classes = sorted({type(m).__name__ for m in root.modules()})
-        raise ConfigError(f"{what} {policy!r} matches no module of {type(root).__name__}; its module classes are: {', '.join(classes)}")
+        raise ConfigError(
+            f"{what} {policy!r} matches no module of {type(root).__name__}; its module classes are: {', '.join(classes)}"
+        )
     return selected
 
 

@@ -62,7 +62,9 @@ def create_strategy(strategy: str | Strategy, **options: Any) -> Strategy:
     """Build the strategy named ``strategy`` with ``options`` overriding its alias's defaults."""
     if isinstance(strategy, Strategy):
         if options:
-            raise StrategyError(f"options {sorted(options)} given with a strategy object; pass them to its constructor instead")
+            raise StrategyError(
+                f"options {sorted(options)} given with a strategy object; pass them to its constructor instead"
+            )
         return strategy
     if not isinstance(strategy, str):
         raise StrategyError(f"strategy must be a name or a Strategy object, got {type(strategy).__name__}")
@@ -93,6 +95,8 @@ def _load_entry_points() -> None:
         except Exception as error:  # a broken plug-in must not break every run
             import warnings
 
-            warnings.warn(f"could not load strategy {entry_point.name!r} from {entry_point.value}: {error}", stacklevel=2)
+            warnings.warn(
+                f"could not load strategy {entry_point.name!r} from {entry_point.value}: {error}", stacklevel=2
+            )
             continue
         register_strategy(entry_point.name, factory, description=f"from {entry_point.value}")

@@ -13,4 +13,6 @@ class SingleDeviceStrategy(Strategy):
 
     def validate(self, world_size: int, device_type: str) -> None:
         if world_size != 1:
-            raise StrategyError(f"strategy 'single' runs one process, but {world_size} were asked for; use strategy='ddp' or devices=1")
+            raise StrategyError(
+                f"strategy 'single' runs one process, but {world_size} were asked for; use strategy='ddp' or devices=1"
+            )

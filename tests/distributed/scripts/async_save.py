@@ -51,7 +51,14 @@ start = time.perf_counter()
 engine.wait_for_checkpoint()
 waited = time.perf_counter() - start
 if engine.is_global_zero:
-    (out / "result.json").write_text(json.dumps({
-        "sync_blocked": sync_blocked, "async_blocked": async_blocked, "waited_after_training": waited,
-        "committed_before_return": committed_while_blocked, "losses": losses,
-    }))
+    (out / "result.json").write_text(
+        json.dumps(
+            {
+                "sync_blocked": sync_blocked,
+                "async_blocked": async_blocked,
+                "waited_after_training": waited,
+                "committed_before_return": committed_while_blocked,
+                "losses": losses,
+            }
+        )
+    )

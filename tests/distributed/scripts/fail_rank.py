@@ -29,7 +29,9 @@ class Failing(TrainModule):
 
     def training_step(self, batch, batch_idx):
         if self.global_rank == args.fail_rank and self.global_step == args.fail_step:
-            Path(args.out, "fault_injected.json").write_text(json.dumps({"time": time.time(), "step": self.global_step + 1}))
+            Path(args.out, "fault_injected.json").write_text(
+                json.dumps({"time": time.time(), "step": self.global_step + 1})
+            )
             if args.how in ("raise", "hang-others"):
                 raise RuntimeError(f"planted failure on rank {args.fail_rank}")
             if args.how == "kill":
@@ -45,10 +47,25 @@ class Failing(TrainModule):
 
 
 data = DataLoader(TensorDataset(torch.randn(256, 4)), batch_size=4)
-trainer = Trainer(accelerator="cpu", devices=2, max_steps=args.max_steps, default_root_dir=args.out, enable_progress_bar=False, timeout_seconds=60, on_nonfinite=args.on_nonfinite)
+trainer = Trainer(
+    accelerator="cpu",
+    devices=2,
+    max_steps=args.max_steps,
+    default_root_dir=args.out,
+    enable_progress_bar=False,
+    timeout_seconds=60,
+    on_nonfinite=args.on_nonfinite,
+)
 module = Failing()
 trainer.fit(module, data)
 weights = [p.detach().flatten().tolist() for p in module.parameters()]
 Path(args.out, f"rank{trainer.global_rank}.json").write_text(
-    json.dumps({"global_step": trainer.global_step, "skipped_steps": trainer.nonfinite.skipped_steps, "finite": all(math.isfinite(v) for w in weights for v in w), "weights": weights})
+    json.dumps(
+        {
+            "global_step": trainer.global_step,
+            "skipped_steps": trainer.nonfinite.skipped_steps,
+            "finite": all(math.isfinite(v) for w in weights for v in w),
+            "weights": weights,
+        }
+    )
 )

@@ -53,7 +53,13 @@ if args.what == "init":
     growth = rss_bytes() - before
     full = sum(p.numel() * p.element_size() for p in module.parameters())  # DTensor sizes are global
     unit = max(sum(p.numel() * p.element_size() for p in block.parameters()) for block in module.model.blocks)
-    result = {"rank": engine.global_rank, "rss_growth": growth, "full_model_bytes": full, "largest_unit_bytes": unit, "local_param_bytes": local_bytes(module.parameters())}
+    result = {
+        "rank": engine.global_rank,
+        "rss_growth": growth,
+        "full_model_bytes": full,
+        "largest_unit_bytes": unit,
+        "local_param_bytes": local_bytes(module.parameters()),
+    }
 elif args.what == "states":
     config = GPTConfig(n_layer=4, n_head=4, d_model=256, seq_len=64)
 
@@ -63,7 +69,12 @@ elif args.what == "states":
             self.result = {
                 "params": local_bytes(module.parameters()),
                 "grads": 0,
-                "optimizer": local_bytes(t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t) and t.dim() > 0),
+                "optimizer": local_bytes(
+                    t
+                    for state in optimizer.state.values()
+                    for t in state.values()
+                    if torch.is_tensor(t) and t.dim() > 0
+                ),
             }
 
         def on_before_zero_grad(self, trainer, module, optimizer):
@@ -71,13 +82,23 @@ elif args.what == "states":
 
     measure = Measure()
     tokens = torch.randint(0, 256, (64, config.seq_len + 1))
-    trainer = Trainer(accelerator="cpu", devices=args.devices, strategy=args.strategy, max_steps=1, callbacks=[measure], enable_progress_bar=False, logger=False)
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        strategy=args.strategy,
+        max_steps=1,
+        callbacks=[measure],
+        enable_progress_bar=False,
+        logger=False,
+    )
     trainer.fit(GPTModule(config), DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=2))
     result = {**measure.result, "grads": measure.grads, "rank": trainer.global_rank}
 else:
     config = GPTConfig(n_layer=8, n_head=4, d_model=128, seq_len=256)
     policy = {"Block"} if args.checkpointing else None
-    engine = Engine(accelerator="cpu", devices=args.devices, strategy=FSDPStrategy(activation_checkpointing_policy=policy))
+    engine = Engine(
+        accelerator="cpu", devices=args.devices, strategy=FSDPStrategy(activation_checkpointing_policy=policy)
+    )
     engine.launch()
     engine.seed_everything(0)
     module = GPTModule(config)

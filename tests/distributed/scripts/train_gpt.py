@@ -61,11 +61,20 @@ class SendSignal(Callback):
 
     def on_train_start(self, trainer, module):
         if trainer.is_global_zero:
-            (Path(self.out) / f"train_start_attempt{self.attempt}.json").write_text(json.dumps({"time": time.time(), "step": trainer.global_step}))
+            (Path(self.out) / f"train_start_attempt{self.attempt}.json").write_text(
+                json.dumps({"time": time.time(), "step": trainer.global_step})
+            )
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if self.step is not None and trainer.global_step == self.step and trainer.global_rank == self.rank and self.attempt == 0:
-            (Path(self.out) / "signal_sent.json").write_text(json.dumps({"time": time.time(), "step": self.step, "rank": self.rank}))
+        if (
+            self.step is not None
+            and trainer.global_step == self.step
+            and trainer.global_rank == self.rank
+            and self.attempt == 0
+        ):
+            (Path(self.out) / "signal_sent.json").write_text(
+                json.dumps({"time": time.time(), "step": self.step, "rank": self.rank})
+            )
             os.kill(os.getpid(), getattr(signal, self.name))
 
 
@@ -81,7 +90,10 @@ class DumpWeights(Callback):
         if trainer.strategy.sets_up_optimizers_with_module:  # DeepSpeed: whole weights through the strategy
             full = {name: t.contiguous() for name, t in trainer.strategy.module_state_dict(module, full=True).items()}
         else:
-            full = {name: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone().contiguous() for name, t in module.state_dict().items()}
+            full = {
+                name: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone().contiguous()
+                for name, t in module.state_dict().items()
+            }
         if trainer.is_global_zero:
             save_file(full, str(Path(self.out) / f"weights_{self.when}.safetensors"))
 
@@ -131,18 +143,31 @@ parser.add_argument("--ckpt-path", default=None)
 parser.add_argument("--save-at-end", action="store_true")
 parser.add_argument("--stop-at", type=int, default=None, help="stop (as if preempted) after this many steps")
 parser.add_argument("--checkpoint-every", type=int, default=None)
-parser.add_argument("--dump-weights", choices=["start", "end"], default=None, help="write the full weights to weights_<when>.safetensors")
-parser.add_argument("--kill-in-save", type=int, default=None, help="rank 1 SIGKILLs itself in the middle of the save at this step")
+parser.add_argument(
+    "--dump-weights",
+    choices=["start", "end"],
+    default=None,
+    help="write the full weights to weights_<when>.safetensors",
+)
+parser.add_argument(
+    "--kill-in-save", type=int, default=None, help="rank 1 SIGKILLs itself in the middle of the save at this step"
+)
 parser.add_argument("--strategy-options", default="{}", help="JSON dict of strategy options")
 parser.add_argument("--d-model", type=int, default=64)
 parser.add_argument("--watch-dir", default=None, help="record the most bytes held in files under this directory")
-parser.add_argument("--d-model-on-rank-1", type=int, default=None, help="rank 1 builds a model of this width (a config mismatch)")
-parser.add_argument("--signal-at-step", type=int, default=None, help="send --signal to rank --signal-rank at the end of this step")
+parser.add_argument(
+    "--d-model-on-rank-1", type=int, default=None, help="rank 1 builds a model of this width (a config mismatch)"
+)
+parser.add_argument(
+    "--signal-at-step", type=int, default=None, help="send --signal to rank --signal-rank at the end of this step"
+)
 parser.add_argument("--send-signal", default="SIGTERM")
 parser.add_argument("--signal-rank", type=int, default=0)
 parser.add_argument("--log-every", type=int, default=1)
 parser.add_argument("--preemption", default="{}", help="JSON options of shardtrain.Preemption, or 'off'")
-parser.add_argument("--throughput-monitor", action="store_true", help="train with a ThroughputMonitor (its figures go to metrics.csv)")
+parser.add_argument(
+    "--throughput-monitor", action="store_true", help="train with a ThroughputMonitor (its figures go to metrics.csv)"
+)
 args = parser.parse_args()
 
 mismatched = args.d_model_on_rank_1 is not None and os.environ.get("RANK") == "1"
@@ -167,7 +192,14 @@ trainer = Trainer(
     default_root_dir=args.out,
     seed=args.seed,
     preemption=False if args.preemption == "off" else Preemption(**json.loads(args.preemption)),
-    callbacks=[recorder, watcher, StopAt(args.stop_at), KillInSave(args.kill_in_save), DumpWeights(args.dump_weights, args.out), SendSignal(args.signal_at_step, args.send_signal, args.signal_rank, args.out)]
+    callbacks=[
+        recorder,
+        watcher,
+        StopAt(args.stop_at),
+        KillInSave(args.kill_in_save),
+        DumpWeights(args.dump_weights, args.out),
+        SendSignal(args.signal_at_step, args.send_signal, args.signal_rank, args.out),
+    ]
     + ([ModelCheckpoint(every_n_train_steps=args.checkpoint_every, save_top_k=-1)] if args.checkpoint_every else [])
     + ([monitor] if monitor else []),
     enable_progress_bar=False,
@@ -185,7 +217,10 @@ if trainer.strategy.sets_up_optimizers_with_module:  # DeepSpeed: whole weights 
     weights = trainer.strategy.module_state_dict(module, full=True)
     checksum = sum(weights[name].double().sum().item() for name, _ in module.named_parameters())
 else:
-    checksum = sum((p.full_tensor() if hasattr(p, "full_tensor") else p).detach().double().sum().item() for p in module.parameters())
+    checksum = sum(
+        (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().double().sum().item()
+        for p in module.parameters()
+    )
 if trainer.is_global_zero:
     rows = list(csv.DictReader(open(Path(args.out) / "metrics.csv")))
     losses = {int(r["step"]): float(r["train_loss"]) for r in rows if r.get("train_loss")}
