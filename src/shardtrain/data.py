@@ -7,6 +7,7 @@ from typing import Any, Iterator
 
 import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils._pytree import tree_map_only
 from torch.utils.data.dataset import IterableDataset
 
 
@@ -54,15 +55,8 @@ def with_distributed_sampler(loader: DataLoader, world_size: int, rank: int, see
 
 
 def move_to_device(batch: Any, device: torch.device) -> Any:
-    """``batch`` with every tensor in it (nested in lists, tuples, dicts) on ``device``."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {key: move_to_device(value, device) for key, value in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        moved = [move_to_device(value, device) for value in batch]
-        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
-    return batch
+    """``batch`` with every tensor in it (nested in lists, tuples, namedtuples, dicts) on ``device``."""
+    return tree_map_only(torch.Tensor, lambda tensor: tensor.to(device, non_blocking=True), batch)
 
 
 class DeviceDataLoader:

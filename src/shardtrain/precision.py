@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, Literal, get_args
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map_only
 
 from shardtrain.errors import ConfigError
 
@@ -106,10 +107,5 @@ class Precision:
 
 
 def _map_floating(data: Any, function: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    if isinstance(data, torch.Tensor):
-        return function(data) if data.is_floating_point() else data
-    if isinstance(data, dict):
-        return {key: _map_floating(value, function) for key, value in data.items()}
-    if isinstance(data, (list, tuple)) and not hasattr(data, "_fields"):
-        return type(data)(_map_floating(value, function) for value in data)
-    return data
+    """``function`` applied to every floating-point tensor in a nested batch (dicts, lists, tuples, namedtuples)."""
+    return tree_map_only(torch.Tensor, lambda t: function(t) if t.is_floating_point() else t, data)

@@ -12,6 +12,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 from shardtrain.callbacks.base import Callback
 
@@ -22,22 +23,12 @@ if TYPE_CHECKING:
 
 def batch_size_and_tokens(batch: Any) -> tuple[int, int]:
     """(samples, tokens) of one batch on one rank, read from tensor shapes."""
-    tensors = _tensors(batch)
+    tensors = [leaf for leaf in tree_leaves(batch) if isinstance(leaf, torch.Tensor)]
     if not tensors:
         return 0, 0
     ids = next((t for t in tensors if not t.is_floating_point() and t.dim() >= 2), None)
     samples = tensors[0].shape[0] if tensors[0].dim() else 1
     return samples, (ids.numel() if ids is not None else 0)
-
-
-def _tensors(batch: Any) -> list[torch.Tensor]:
-    if isinstance(batch, torch.Tensor):
-        return [batch]
-    if isinstance(batch, dict):
-        batch = list(batch.values())
-    if isinstance(batch, (list, tuple)):
-        return [t for item in batch for t in _tensors(item)]
-    return []
 
 
 class ThroughputMeter:
