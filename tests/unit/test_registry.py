@@ -8,6 +8,17 @@ import pytest
 
 from shardtrain import DDPStrategy, SingleDeviceStrategy, StrategyError, available_strategies
 from shardtrain.strategies import create_strategy, register_strategy
+from shardtrain.strategies import registry
+from shardtrain.strategies.registry import strategy_defaults, strategy_description, strategy_factory
+
+
+@pytest.fixture
+def restore_registry():
+    """Names a test registers are removed after it, so no test sees another's registrations."""
+    saved = dict(registry._REGISTRY)
+    yield
+    registry._REGISTRY.clear()
+    registry._REGISTRY.update(saved)
 
 
 def test_builtin_names():
@@ -25,9 +36,38 @@ def test_options_and_objects():
         create_strategy(same, static_graph=True)
 
 
-def test_alias_defaults():
+def test_alias_defaults(restore_registry):
     register_strategy("ddp_find_unused", DDPStrategy, "test alias", find_unused_parameters=True)
     assert create_strategy("ddp_find_unused").ddp_kwargs["find_unused_parameters"] is True
+
+
+def test_a_mixed_case_name_is_selectable_in_any_case(restore_registry):
+    register_strategy("MyPipeline", DDPStrategy, "test plug-in", find_unused_parameters=True)
+    assert "mypipeline" in available_strategies()
+    for spelling in ("MyPipeline", "mypipeline", "MYPIPELINE"):
+        assert create_strategy(spelling).ddp_kwargs["find_unused_parameters"] is True
+        assert strategy_factory(spelling) is DDPStrategy
+        assert strategy_defaults(spelling) == {"find_unused_parameters": True}
+        assert strategy_description(spelling) == "test plug-in"
+
+
+def test_a_taken_name_is_refused_unless_overridden(restore_registry):
+    with pytest.raises(StrategyError, match=r"'ddp' is already registered \(DDPStrategy\).*override=True"):
+        register_strategy("DDP", SingleDeviceStrategy)
+    assert isinstance(create_strategy("ddp"), DDPStrategy), "a refused registration must change nothing"
+    register_strategy("mine", DDPStrategy)
+    with pytest.raises(StrategyError, match="already registered"):
+        register_strategy("Mine", SingleDeviceStrategy)
+    register_strategy("ddp", SingleDeviceStrategy, "deliberate", override=True)
+    assert isinstance(create_strategy("ddp"), SingleDeviceStrategy)
+    assert strategy_description("DDP") == "deliberate"
+
+
+def test_unknown_names_list_the_choices():
+    with pytest.raises(StrategyError, match="unknown strategy 'dpp'; choose one of: .*ddp"):
+        strategy_factory("dpp")
+    with pytest.raises(StrategyError, match="non-empty string"):
+        register_strategy("  ", DDPStrategy)
 
 
 def test_entry_point_plugin(tmp_path):
@@ -46,13 +86,15 @@ def test_entry_point_plugin(tmp_path):
     dist_info.mkdir()
     (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: my-plugin\nVersion: 0.1\n")
     (dist_info / "entry_points.txt").write_text(
-        "[shardtrain.strategies]\nmy_pipeline = my_plugin:PipelineStrategy\nddp = my_plugin:PipelineStrategy\n"
+        "[shardtrain.strategies]\nMy_Pipeline = my_plugin:PipelineStrategy\nDDP = my_plugin:PipelineStrategy\n"
     )
     code = textwrap.dedent(
         """
+        import warnings
+        warnings.simplefilter("always")
         from shardtrain import Trainer, available_strategies
         from shardtrain.strategies.ddp import DDPStrategy
-        trainer = Trainer(accelerator="cpu", strategy="my_pipeline")
+        trainer = Trainer(accelerator="cpu", strategy="My_Pipeline")
         print(type(trainer.strategy).__name__, "my_pipeline" in available_strategies())
         print(type(Trainer(accelerator="cpu", strategy="ddp").strategy).__name__)
         """
@@ -68,3 +110,4 @@ def test_entry_point_plugin(tmp_path):
     first, second = result.stdout.split("\n")[:2]
     assert first == "PipelineStrategy True"
     assert second == "DDPStrategy", "a plug-in must not take over a built-in name"
+    assert "strategy plug-in 'DDP' from my_plugin:PipelineStrategy is ignored" in result.stderr

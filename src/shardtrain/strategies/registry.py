@@ -6,10 +6,18 @@ that returns a strategy) and is selectable by the entry point's name::
 
     [project.entry-points."shardtrain.strategies"]
     my_pipeline = "my_package.strategies:PipelineStrategy"
+
+Names are case-insensitive: every function here lower-cases the name it is given, so
+``register_strategy("MyPipeline", ...)`` is selected by ``strategy="mypipeline"`` or
+``strategy="MyPipeline"`` alike. A name is registered once: registering a taken name raises
+unless ``override=True`` says the replacement is deliberate (as Lightning's registry does). A
+plug-in never takes over a name that is already registered (the built-ins register on import,
+before plug-ins are looked up); it is skipped with a warning.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Callable
@@ -30,32 +38,47 @@ class _Registration:
 _REGISTRY: dict[str, _Registration] = {}
 
 
-def register_strategy(name: str, factory: Callable[..., Strategy], description: str = "", **defaults: Any) -> None:
-    """Make ``strategy=name`` build ``factory(**defaults)``; ``defaults`` let one class serve several aliases."""
-    _REGISTRY[name] = _Registration(factory, defaults, description)
+def _key(name: str) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise StrategyError(f"a strategy name must be a non-empty string, got {name!r}")
+    return name.strip().lower()
+
+
+def register_strategy(
+    name: str, factory: Callable[..., Strategy], description: str = "", *, override: bool = False, **defaults: Any
+) -> None:
+    """Make ``strategy=name`` (any case) build ``factory(**defaults)``; ``defaults`` let one class serve several aliases.
+
+    Raises ``StrategyError`` if ``name`` is taken, unless ``override=True`` replaces it on purpose.
+    """
+    key = _key(name)
+    if key in _REGISTRY and not override:
+        taken = _REGISTRY[key]
+        raise StrategyError(
+            f"strategy name {key!r} is already registered ({_describe(taken)}); choose another name, "
+            "or pass override=True to register_strategy() to replace it"
+        )
+    _REGISTRY[key] = _Registration(factory, defaults, description)
 
 
 def available_strategies() -> list[str]:
-    """Every name ``strategy=`` accepts, built-in and from installed packages."""
+    """Every name ``strategy=`` accepts (lower-case), built-in and from installed packages."""
     _load_entry_points()
     return sorted(_REGISTRY)
 
 
 def strategy_description(name: str) -> str:
-    _load_entry_points()
-    return _REGISTRY[name].description
+    return _lookup(name).description
 
 
 def strategy_defaults(name: str) -> dict[str, Any]:
     """The options an alias presets (e.g. ``fsdp_cpu_offload`` → ``cpu_offload=True``)."""
-    _load_entry_points()
-    return dict(_REGISTRY[name.lower()].defaults)
+    return dict(_lookup(name).defaults)
 
 
 def strategy_factory(name: str) -> Callable[..., Strategy]:
     """The class (or callable) that ``strategy=name`` builds."""
-    _load_entry_points()
-    return _REGISTRY[name.lower()].factory
+    return _lookup(name).factory
 
 
 def create_strategy(strategy: str | Strategy, **options: Any) -> Strategy:
@@ -68,15 +91,24 @@ def create_strategy(strategy: str | Strategy, **options: Any) -> Strategy:
         return strategy
     if not isinstance(strategy, str):
         raise StrategyError(f"strategy must be a name or a Strategy object, got {type(strategy).__name__}")
-    name = strategy.lower()
-    _load_entry_points()
-    if name not in _REGISTRY:
-        raise StrategyError(f"unknown strategy {strategy!r}; choose one of: {', '.join(sorted(_REGISTRY))}")
-    registration = _REGISTRY[name]
+    registration = _lookup(strategy)
     try:
         return registration.factory(**{**registration.defaults, **options})
     except TypeError as error:
-        raise StrategyError(f"strategy {name!r} does not take these options: {error}") from error
+        raise StrategyError(f"strategy {_key(strategy)!r} does not take these options: {error}") from error
+
+
+def _lookup(name: str) -> _Registration:
+    key = _key(name)
+    _load_entry_points()
+    if key not in _REGISTRY:
+        raise StrategyError(f"unknown strategy {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[key]
+
+
+def _describe(registration: _Registration) -> str:
+    factory = registration.factory
+    return getattr(factory, "__qualname__", None) or repr(factory)
 
 
 _entry_points_loaded = False
@@ -88,15 +120,19 @@ def _load_entry_points() -> None:
         return
     _entry_points_loaded = True
     for entry_point in entry_points(group=ENTRY_POINT_GROUP):
-        if entry_point.name in _REGISTRY:
-            continue  # built-in names cannot be taken over by a plug-in
+        key = entry_point.name.strip().lower()
+        if key in _REGISTRY:  # a built-in (or an earlier plug-in) keeps its name
+            warnings.warn(
+                f"strategy plug-in {entry_point.name!r} from {entry_point.value} is ignored: the name {key!r} "
+                f"is already registered ({_describe(_REGISTRY[key])}); rename the entry point",
+                stacklevel=3,
+            )
+            continue
         try:
             factory = entry_point.load()
         except Exception as error:  # a broken plug-in must not break every run
-            import warnings
-
             warnings.warn(
-                f"could not load strategy {entry_point.name!r} from {entry_point.value}: {error}", stacklevel=2
+                f"could not load strategy {entry_point.name!r} from {entry_point.value}: {error}", stacklevel=3
             )
             continue
-        register_strategy(entry_point.name, factory, description=f"from {entry_point.value}")
+        _REGISTRY[key] = _Registration(factory, {}, f"from {entry_point.value}")
