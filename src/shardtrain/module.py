@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+import inspect
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -20,7 +21,10 @@ class TrainModule(nn.Module):
         ``configure_model()``: build layers here rather than in ``__init__``, so that sharding
             strategies can build them on the meta device and materialise only each rank's shard.
         ``training_step(batch, batch_idx)``: return the loss, or a dict with a ``"loss"`` entry.
-        ``validation_step(batch, batch_idx)``: optional; log what you want to see.
+            ``training_step(batch)`` works too: as in Lightning, the Trainer reads the step's
+            signature (once) and passes ``batch_idx`` only to a step that takes it.
+        ``validation_step(batch, batch_idx)``: optional; log what you want to see. ``validation_step(batch)``
+            works too.
         ``configure_optimizers()``: an optimizer; or ``(optimizer, lr_scheduler)``; or
             ``([optimizers], [schedulers])``; or Lightning's dict
             ``{"optimizer": ..., "lr_scheduler": {"scheduler": ..., "interval": "step"}}``.
@@ -49,6 +53,16 @@ class TrainModule(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} must define configure_optimizers() returning an optimizer")
 
     # -------------------------------------------------------------- services for hooks
+    def _step_arguments(self, step: str, batch: Any, batch_idx: int) -> tuple[Any, ...]:
+        """``(batch, batch_idx)``, or ``(batch,)`` for a ``step`` written without ``batch_idx``.
+
+        The signature is read on the first call and remembered, not inspected on every step.
+        """
+        takes = self.__dict__.setdefault("_step_takes_batch_idx", {})
+        if step not in takes:
+            takes[step] = takes_batch_idx(getattr(self, step))
+        return (batch, batch_idx) if takes[step] else (batch,)
+
     @property
     def trainer(self) -> "Trainer":
         if self._trainer is None:
@@ -100,3 +114,16 @@ class TrainModule(nn.Module):
         """The metrics logged since the last call (used by the Trainer)."""
         logged, self._logged = self._logged, {}
         return logged
+
+
+def takes_batch_idx(step: Callable[..., Any]) -> bool:
+    """Whether a bound step method accepts ``batch_idx`` after ``batch`` (Lightning's ``is_param_in_hook_signature``).
+
+    It does when it takes ``*args`` or at least two positional parameters, whatever the second is
+    called (``batch_idx``, ``idx``).
+    """
+    parameters = inspect.signature(step).parameters.values()
+    if any(p.kind is p.VAR_POSITIONAL for p in parameters):
+        return True
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2  # batch_idx is passed by position: a keyword-only one is left at its default

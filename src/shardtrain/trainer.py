@@ -399,7 +399,7 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
 
     def _training_micro_step(self, batch: Any, batch_idx: int, sync: bool) -> tuple[torch.Tensor, Any]:
         with self.engine.no_backward_sync(self.model, enabled=not sync):
-            outputs = self.model.training_step(batch, batch_idx)
+            outputs = self.model.training_step(*self.module._step_arguments("training_step", batch, batch_idx))
             loss = _extract_loss(outputs, type(self.module).__name__)
             self._call("on_before_backward", loss)
             self.engine.backward(

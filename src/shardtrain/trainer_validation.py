@@ -49,7 +49,7 @@ class TrainerValidation:
             if batch_idx >= num_batches:
                 break
             self._call("on_validation_batch_start", batch, batch_idx)
-            outputs = self.model.validation_step(batch, batch_idx)
+            outputs = self.model.validation_step(*self.module._step_arguments("validation_step", batch, batch_idx))
             collector.update(self.module.pop_logged())
             self._call("on_validation_batch_end", outputs, batch, batch_idx)
         metrics = self._log(collector, {})
