@@ -1,5 +1,6 @@
 """Starting processes: devices=N from a plain script, torchrun, failures that stop the run, clean exits."""
 
+import re
 import time
 
 import pytest
@@ -48,6 +49,25 @@ def test_child_rank_failure_stops_the_run(tmp_path, how):
         assert "RankFailedError: rank 1 failed first" in run.output
         assert run.output.count("planted failure on rank 1") >= 2, "rank 1's own traceback and rank 0's error"
     assert elapsed < 60, f"took {elapsed:.0f}s to stop"
+
+
+def test_every_rank_failing_is_reported_as_every_rank_failing(tmp_path):
+    # Every rank raises at the same step, as every rank did at set-up when numpy was missing: the
+    # launcher must not blame one rank for output that may be another's, but say that all failed
+    # and in which order it saw them fail.
+    start = time.monotonic()
+    run = run_script("fail_rank.py", tmp_path, "--fail-rank", "-1", timeout=120)
+    assert run.returncode != 0
+    assert "planted failure on rank 0" in run.output and "planted failure on rank 1" in run.output
+    summary = re.findall(r"\[shardtrain\] all 2 ranks failed\. In the order this launcher saw them: (.*)", run.output)
+    assert len(summary) == 1, run.output[-4000:]
+    order = re.fullmatch(
+        r"rank (\d) failed \((?:exit code 1|an uncaught exception)\), then rank (\d) failed \((?:exit code 1|an "
+        r"uncaught exception)\)\. Each rank's output, if any, is above\.",
+        summary[0],
+    )
+    assert order and {order[1], order[2]} == {"0", "1"}, summary[0]
+    assert time.monotonic() - start < 60
 
 
 def test_rank_zero_failure_stops_the_children(tmp_path):

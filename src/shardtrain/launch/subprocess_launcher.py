@@ -11,6 +11,12 @@ whole run when a rank dies, so a failure never turns into a hang:
   SIGTERM, which the Trainer catches as a preemption request;
 * rank 0 that ends normally waits for its children and exits non-zero if any of them failed.
 
+What the launcher prints names ranks only as it saw them fail, in that order: when several
+ranks fail (every rank hits the same error, or one failure brings down the others) it says how
+many failed and whose failure it saw first, rather than blaming one rank for output that may be
+another's. Which rank *caused* a failure is for the ranks themselves to say
+(:class:`~shardtrain.errors.RankFailedError`).
+
 A child that exits with the preemption code (75, see ``shardtrain.preemption``) has not failed:
 every rank saved and stopped at the same step, and rank 0 exits with the same code.
 """
@@ -63,7 +69,10 @@ class SubprocessLauncher:
         self.failure_grace_seconds = failure_grace_seconds
         self._children: dict[int, subprocess.Popen] = {}
         self._exiting_with_error = False
-        self._reported = False
+        self._reported = False  # the first failure has been announced
+        self._lock = threading.Lock()
+        self._failures: list[tuple[int, str]] = []  # (local rank, how it failed), in the order seen
+        self._killed: set[int] = set()  # local ranks this launcher ended: stopped, not failed
 
     def launch(self) -> dict[str, str]:
         """Start the children; returns the rank-layout variables now set in this process's environment."""
@@ -98,6 +107,7 @@ class SubprocessLauncher:
 
         def excepthook(*args: object) -> None:
             self._exiting_with_error = True
+            self._note_failure(0, "an uncaught exception")
             previous_hook(*args)  # type: ignore[arg-type]
 
         sys.excepthook = excepthook
@@ -113,21 +123,32 @@ class SubprocessLauncher:
 
     def _watch_child(self, local_rank: int, child: subprocess.Popen) -> None:
         code = child.wait()
-        if code not in (0, EXIT_CODE_PREEMPTED) and not self._reported and not self._exiting_with_error:
-            self._stop_after_child_failure(local_rank, code)
+        if not self._child_failed(local_rank, code) or self._exiting_with_error:
+            return
+        with self._lock:
+            if self._reported:
+                return
+            self._reported = True
+        self._stop_after_child_failure(local_rank, code)
 
-    def _report_failure(self, local_rank: int, code: int) -> None:
-        rank = int(os.environ.get("GROUP_RANK", 0)) * self.environment.local_world_size + local_rank
-        how = f"signal {-code}" if code < 0 else f"exit code {code}"
-        print(
-            f"[shardtrain] rank {rank} failed ({how}); stopping all ranks. Its traceback, if any, is above.",
-            file=sys.stderr,
-            flush=True,
-        )
+    def _child_failed(self, local_rank: int, code: int) -> bool:
+        """Whether a child's exit is a failure (noted, in order); not one this launcher caused."""
+        if code in (0, EXIT_CODE_PREEMPTED) or local_rank in self._killed:
+            return False
+        self._note_failure(local_rank, f"signal {-code}" if code < 0 else f"exit code {code}")
+        return True
+
+    def _note_failure(self, local_rank: int, how: str) -> None:
+        with self._lock:
+            if all(rank != local_rank for rank, _ in self._failures):
+                self._failures.append((local_rank, how))
+
+    def _global_rank(self, local_rank: int) -> int:
+        return int(os.environ.get("GROUP_RANK", 0)) * self.environment.local_world_size + local_rank
 
     def _stop_after_child_failure(self, local_rank: int, code: int) -> None:
-        self._reported = True
-        self._report_failure(local_rank, code)
+        how = f"signal {-code}" if code < 0 else f"exit code {code}"
+        _say(f"rank {self._global_rank(local_rank)} failed ({how}); stopping all ranks. Its output, if any, is above.")
         self._terminate_children()
         # Give rank 0 the chance to fail by itself (a broken collective raises with a traceback);
         # if it is stuck, e.g. in a collective that never returns, end it.
@@ -135,35 +156,70 @@ class SubprocessLauncher:
         sys.stderr.flush()
         os._exit(1)
 
+    def _report_failures(self) -> None:
+        """Say which ranks failed, in the order seen; once the first failure was announced, only
+        when more ranks failed after it."""
+        with self._lock:
+            failures = list(self._failures)
+            announced, self._reported = self._reported, True
+        if not failures or (announced and len(failures) == 1):
+            return
+        env = self.environment
+        ranks = [(self._global_rank(local_rank), how) for local_rank, how in failures]
+        _say(describe_failures(ranks, env.local_world_size, several_nodes=env.world_size > env.local_world_size))
+
     def _terminate_children(self, timeout: float = 5.0) -> None:
         # SIGKILL: the run is over, and SIGTERM would only ask a preemption checkpoint of a
         # rank whose peers are gone.
-        for child in self._children.values():
+        for local_rank, child in self._children.items():
             if child.poll() is None:
+                self._killed.add(local_rank)
                 child.kill()
         for child in self._children.values():
             child.wait(timeout)
 
     def _wait_for_children(self) -> None:
         if self._exiting_with_error:
-            if not self._reported:
-                # A peer's failure is often what made this rank fail: let it finish exiting, then name it.
-                deadline = time.monotonic() + 5.0
-                for local_rank, child in self._children.items():
-                    try:
-                        child.wait(max(0.0, deadline - time.monotonic()))
-                    except subprocess.TimeoutExpired:
-                        continue
-                    if child.returncode != 0:
-                        self._report_failure(local_rank, child.returncode)
+            # A peer's failure is often what made this rank fail: let the others finish exiting
+            # (their own errors name the cause), then say who failed.
+            deadline = time.monotonic() + 5.0
+            for local_rank, child in self._children.items():
+                try:
+                    self._child_failed(local_rank, child.wait(max(0.0, deadline - time.monotonic())))
+                except subprocess.TimeoutExpired:
+                    continue
+            self._report_failures()
             self._terminate_children()
             return
-        codes = [child.wait() for child in self._children.values()]
-        failed = [code for code in codes if code not in (0, EXIT_CODE_PREEMPTED)]
+        codes = {local_rank: child.wait() for local_rank, child in self._children.items()}
+        failed = [local_rank for local_rank, code in codes.items() if self._child_failed(local_rank, code)]
         if failed:
+            self._report_failures()
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(1)
+
+
+def describe_failures(failures: Sequence[tuple[int, str]], local_ranks: int, several_nodes: bool = False) -> str:
+    """One line naming the failed ranks, ``(global rank, how)``, in the order this launcher saw them fail.
+
+    e.g. ``all 2 ranks failed. In the order this launcher saw them: rank 1 failed (exit code 1),
+    then rank 0 failed (an uncaught exception). ...``: no rank is blamed for another's output.
+    """
+    (first, first_how), *rest = failures
+    if not rest:
+        return f"rank {first} failed ({first_how}); its output, if any, is above."
+    where = " on this node" if several_nodes else ""
+    count = f"all {local_ranks}" if len(failures) == local_ranks else f"{len(failures)} of {local_ranks}"
+    then = "".join(f", then rank {rank} failed ({how})" for rank, how in rest)
+    return (
+        f"{count} ranks{where} failed. In the order this launcher saw them: rank {first} failed ({first_how}){then}. "
+        "Each rank's output, if any, is above."
+    )
+
+
+def _say(message: str) -> None:
+    print(f"[shardtrain] {message}", file=sys.stderr, flush=True)
 
 
 def launch_local_processes(environment: ClusterEnvironment) -> Sequence[str]:

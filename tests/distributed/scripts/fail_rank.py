@@ -15,7 +15,7 @@ from shardtrain import TrainModule, Trainer
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)
-parser.add_argument("--fail-rank", type=int, default=1)
+parser.add_argument("--fail-rank", type=int, default=1, help="-1: every rank")
 parser.add_argument("--fail-step", type=int, default=3)
 parser.add_argument("--how", choices=["raise", "kill", "hang-others", "nan"], default="raise")
 parser.add_argument("--on-nonfinite", default="ignore")
@@ -28,12 +28,12 @@ class Failing(TrainModule):
         self.layer = torch.nn.Linear(4, 1)
 
     def training_step(self, batch, batch_idx):
-        if self.global_rank == args.fail_rank and self.global_step == args.fail_step:
+        if args.fail_rank in (self.global_rank, -1) and self.global_step == args.fail_step:
             Path(args.out, "fault_injected.json").write_text(
                 json.dumps({"time": time.time(), "step": self.global_step + 1})
             )
             if args.how in ("raise", "hang-others"):
-                raise RuntimeError(f"planted failure on rank {args.fail_rank}")
+                raise RuntimeError(f"planted failure on rank {self.global_rank}")
             if args.how == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             if args.how == "nan":
