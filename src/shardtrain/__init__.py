@@ -17,6 +17,7 @@ from shardtrain.errors import (
     StrategyError,
     TrainingStepError,
 )
+from shardtrain.estimate import MemoryEstimate, estimate_memory
 from shardtrain.loggers import CSVLogger, Logger, TensorBoardLogger
 from shardtrain.module import TrainModule
 from shardtrain.precision import Precision
@@ -40,6 +41,8 @@ __all__ = [
     "TrainModule",
     "DataModule",
     "Engine",
+    "estimate_memory",
+    "MemoryEstimate",
     "Strategy",
     "SingleDeviceStrategy",
     "DDPStrategy",

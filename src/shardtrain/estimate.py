@@ -5,7 +5,11 @@ optimizer it configures takes one step on meta gradients, so its state is *read*
 optimizer class (AdamW: two fp32 moments; SGD with momentum: one; ...); one training step runs
 on meta tensors under a saved-tensors hook, so activation memory is measured from the real
 model, with or without activation checkpointing. Per-strategy figures then follow from where
-each strategy keeps those bytes (docs/memory.md).
+each strategy keeps those bytes (docs/memory.md); the DeepSpeed rows follow what DeepSpeed 0.19
+allocates (module weights in the run's 16-bit dtype, an fp32 master partition and fp32 optimizer
+state, its reduce bucket), checked against a real 2-rank run's tensors.
+
+``str(estimate)`` is the table a person reads; ``strategy="auto"`` uses ``recommend``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from shardtrain.errors import ConfigError
 
@@ -33,6 +38,13 @@ _UNITS = {
     "gib": 2**30,
     "tib": 2**40,
 }
+#: DeepSpeed's defaults (shardtrain passes them through unless the options or config set others):
+#: the gradient reduce bucket (``reduce_bucket_size``, elements), allocated whole on the device, and
+#: the pinned buffers of parameter swapping to NVMe (``offload_param.buffer_count × buffer_size``).
+DEEPSPEED_REDUCE_BUCKET = 500_000_000
+DEEPSPEED_NVME_SWAP_BUFFERS = 5 * 100_000_000
+#: Precisions under which DeepSpeed keeps the module's weights in 16 bits (fp32 master copy aside).
+_DEEPSPEED_16_BIT = ("bf16-mixed", "bf16-true", "16-mixed")
 
 
 def parse_memory_size(text: str | int) -> int:
@@ -56,7 +68,7 @@ class StrategyMemory:
     activations: int
     working: int  # gathered units and buffers that exist only while a unit runs
     host_per_device: int = 0  # CPU memory per rank, for offloading strategies
-    available: bool = True  # False: shown for comparison, not yet a shardtrain strategy
+    available: bool = True  # False: shown for comparison only, not a strategy name shardtrain accepts
 
     @property
     def device_total(self) -> int:
@@ -80,15 +92,27 @@ class MemoryEstimate:
     largest_unit_bytes: int
     devices: int
     num_nodes: int
+    precision: str = "32-true"
     strategies: list[StrategyMemory] = field(default_factory=list)
+    #: The memory to plan against, when known: the table then says which strategies fit.
+    device_memory: int | None = None
+    host_memory_per_device: int | None = None
+    headroom: float = 0.9
 
     def get(self, strategy: str) -> StrategyMemory:
-        return next(s for s in self.strategies if s.strategy == strategy)
+        found = next((s for s in self.strategies if s.strategy == strategy), None)
+        if found is None:
+            raise KeyError(f"no estimate for {strategy!r}; estimated: {', '.join(s.strategy for s in self.strategies)}")
+        return found
 
     def recommend(
         self, device_memory: int, host_memory_per_device: int | None = None, headroom: float = 0.9
     ) -> tuple[str, str]:
-        """The strategy ``strategy="auto"`` picks, and why: DDP while it fits (fastest), else FSDP, else FSDP with CPU offload."""
+        """The strategy ``strategy="auto"`` picks, and why: DDP while it fits (fastest), else FSDP, else FSDP with CPU offload.
+
+        The DeepSpeed rows are never picked: FSDP covers the same memory range without an optional
+        dependency, and DeepSpeed's whole reduce bucket makes its rows larger for small models. Name
+        a ``deepspeed_stage_*`` strategy to use one."""
         world = self.devices * self.num_nodes
         order = ["ddp", "fsdp", "fsdp_cpu_offload"] if world > 1 else ["single", "fsdp", "fsdp_cpu_offload"]
         for name in order:
@@ -104,20 +128,40 @@ class MemoryEstimate:
         )
 
     def table(self) -> str:
-        rows = [
-            f"{self.model}: {self.parameters / 1e6:,.1f}M parameters ({self.trainable_parameters / 1e6:,.1f}M trainable), {self.devices} device(s) x {self.num_nodes} node(s)",
-            "",
-        ]
-        rows.append(
-            f"{'strategy':22}{'params':>10}{'grads':>10}{'optim':>10}{'activ':>10}{'working':>10}{'device':>11}{'host/dev':>11}   (GiB per device)"
+        """Per-device memory under each strategy (in MiB while a whole replica is under 1 GiB); and which fit, when known."""
+        known = self.device_memory is not None
+        whole_model = self.strategies[0].device_total if self.strategies else 0  # single / ddp
+        unit, scale = ("GiB", GIB) if whole_model >= GIB else ("MiB", 2**20)
+        header = (
+            f"{self.model}: {self.parameters / 1e6:,.1f}M parameters ({self.trainable_parameters / 1e6:,.1f}M trainable),"
+            f" {self.precision}, {self.devices} device(s) x {self.num_nodes} node(s)"
         )
+        columns = ("params", "grads", "optim", "activ", "working", "device", "host/dev")
+        rows = [header, "", f"{'strategy':32}" + "".join(f"{c:>9}" for c in columns) + ("  fits" if known else "")]
         for s in self.strategies:
-            rows.append(
-                f"{s.strategy + ('' if s.available else ' *'):22}{s.parameters / GIB:10.2f}{s.gradients / GIB:10.2f}{s.optimizer / GIB:10.2f}"
-                f"{s.activations / GIB:10.2f}{s.working / GIB:10.2f}{s.device_total / GIB:11.2f}{s.host_per_device / GIB:11.2f}"
+            figures = (s.parameters, s.gradients, s.optimizer, s.activations, s.working, s.device_total)
+            line = f"{s.strategy + ('' if s.available else ' *'):32}" + "".join(f"{b / scale:9.2f}" for b in figures)
+            line += f"{s.host_per_device / scale:9.2f}"
+            if known:
+                line += "  yes" if s.fits(self.device_memory, self.host_memory_per_device, self.headroom) else "  no"
+            rows.append(line)
+        rows.append("")
+        rows.append(
+            f"{unit} per device; device = params + grads + optim + activ + working; optim includes fp32 master copies"
+        )
+        if known:
+            host = (
+                f", {self.host_memory_per_device / GIB:.2f} GiB host memory per device"
+                if self.host_memory_per_device is not None
+                else ""
             )
-        rows.append("* for comparison: DeepSpeed ZeRO is not yet a shardtrain strategy")
+            rows.append(f"fits: within {self.headroom:.0%} of {self.device_memory / GIB:.2f} GiB per device{host}")
+        if not all(s.available for s in self.strategies):
+            rows.append("* for comparison only: not a strategy name shardtrain accepts")
         return "\n".join(rows)
+
+    def __str__(self) -> str:
+        return self.table()
 
     def to_json(self) -> str:
         payload = asdict(self)
@@ -134,13 +178,16 @@ def estimate_memory(
     batch_size: int = 1,
     batch: Any = None,
     activation_checkpointing: bool = False,
+    device_memory: int | str | None = None,
+    host_memory_per_device: int | str | None = None,
 ) -> MemoryEstimate:
     """Estimate per-device memory of ``module`` under every strategy, allocating nothing.
 
     ``module`` is a ``TrainModule`` (its ``configure_model()`` and ``configure_optimizers()`` are
     used), a plain module, or a factory. Activations are measured by one ``training_step`` on
-    meta tensors: pass ``batch`` (meta or real-shaped tensors), or give the module an
-    ``example_batch(batch_size)`` method.
+    meta tensors: pass ``batch`` (meta or real-shaped tensors, nested in any lists, tuples,
+    namedtuples or dicts), or give the module an ``example_batch(batch_size)`` method. With
+    ``device_memory`` (bytes or ``"80GiB"``) the printed table says which strategies fit.
     """
     from shardtrain.precision import Precision
     from shardtrain.strategies.activation_checkpoint import apply_activation_checkpointing
@@ -176,43 +223,36 @@ def estimate_memory(
         largest_unit_bytes=largest_unit,
         devices=devices,
         num_nodes=num_nodes,
+        precision=precision,
+        device_memory=None if device_memory is None else parse_memory_size(device_memory),
+        host_memory_per_device=None if host_memory_per_device is None else parse_memory_size(host_memory_per_device),
     )
-    estimate.strategies = _per_strategy(estimate, trainable_fraction=trainable / max(count, 1))
+    estimate.strategies = _fsdp_rows(estimate) + _deepspeed_rows(estimate)
     return estimate
 
 
-def _per_strategy(e: MemoryEstimate, trainable_fraction: float) -> list[StrategyMemory]:
+def _fsdp_rows(e: MemoryEstimate) -> list[StrategyMemory]:
     world, local = e.devices * e.num_nodes, e.devices
     P, Opt, A, U = e.parameter_bytes, e.optimizer_bytes, e.activation_bytes, e.largest_unit_bytes
-    G = int(P * trainable_fraction)
+    G = P * e.trainable_parameters // max(e.parameters, 1)
     gathered = 2 * U  # the unit running plus the next one being gathered (prefetch)
     single_name = "single" if world == 1 else "ddp"
-    rows = [
+
+    def sharded(name: str, ranks: int, working: int) -> StrategyMemory:
+        return StrategyMemory(
+            strategy=name,
+            parameters=P // ranks,
+            gradients=G // ranks,
+            optimizer=Opt // ranks,
+            activations=A,
+            working=working,
+        )
+
+    return [
         StrategyMemory(strategy=single_name, parameters=P, gradients=G, optimizer=Opt, activations=A, working=0),
-        StrategyMemory(
-            strategy="fsdp",
-            parameters=P // world,
-            gradients=G // world,
-            optimizer=Opt // world,
-            activations=A,
-            working=gathered if world > 1 else 0,
-        ),
-        StrategyMemory(
-            strategy="fsdp_shard_grad_op",
-            parameters=P // world,
-            gradients=G // world,
-            optimizer=Opt // world,
-            activations=A,
-            working=P - P // world,
-        ),
-        StrategyMemory(
-            strategy="fsdp_hybrid",
-            parameters=P // local,
-            gradients=G // local,
-            optimizer=Opt // local,
-            activations=A,
-            working=gathered if local > 1 else 0,
-        ),
+        sharded("fsdp", world, gathered if world > 1 else 0),
+        sharded("fsdp_shard_grad_op", world, P - P // world),
+        sharded("fsdp_hybrid", local, gathered if local > 1 else 0),
         StrategyMemory(
             strategy="fsdp_cpu_offload",
             parameters=0,
@@ -222,55 +262,83 @@ def _per_strategy(e: MemoryEstimate, trainable_fraction: float) -> list[Strategy
             working=gathered,
             host_per_device=(P + G + Opt) // world,
         ),
+    ]
+
+
+def _deepspeed_rows(e: MemoryEstimate) -> list[StrategyMemory]:
+    """Where DeepSpeed ZeRO keeps the bytes, rows named as ``strategy=`` takes them.
+
+    The module's weights are 16-bit under bf16/fp16 precision (else as estimated); the optimizer
+    updates an fp32 master copy of this rank's partition (counted under optimizer) and keeps its
+    state in fp32; gradients are reduced through one whole reduce bucket on the device.
+    """
+    world = e.devices * e.num_nodes
+    bytes_per_parameter = e.parameter_bytes / max(e.parameters, 1)
+    element = 2 if e.precision in _DEEPSPEED_16_BIT else bytes_per_parameter
+    P = int(e.parameters * element)  # the module's weights as DeepSpeed holds them
+    G = int(e.trainable_parameters * element)
+    master = 4 * e.trainable_parameters  # fp32 copy of the weights the optimizer updates
+    state = int(e.optimizer_bytes * 4 / bytes_per_parameter)  # optimizer state in fp32
+    A = e.activation_bytes
+    gathered = int(2 * e.largest_unit_bytes * element / bytes_per_parameter)  # ZeRO-3: running + prefetched
+    bucket = int(DEEPSPEED_REDUCE_BUCKET * element)
+    fp32_bucket = 4 * DEEPSPEED_REDUCE_BUCKET  # ZeRO-1 stages fp32 gradient accumulation in it
+    optimizer = (master + state) // world
+    host_offload = (master + state + master) // world  # master, state and the fp32 gradient partition
+    return [
+        # ZeRO-1: full gradients exist until the end of backward, then only this rank's partition.
         StrategyMemory(
-            strategy="zero1",
+            strategy="deepspeed_stage_1",
             parameters=P,
             gradients=G,
-            optimizer=Opt // world,
+            optimizer=optimizer,
             activations=A,
-            working=0,
-            available=False,
+            working=fp32_bucket,
         ),
         StrategyMemory(
-            strategy="zero2",
+            strategy="deepspeed_stage_2",
             parameters=P,
             gradients=G // world,
-            optimizer=Opt // world,
+            optimizer=optimizer,
             activations=A,
-            working=0,
-            available=False,
+            working=bucket,
         ),
         StrategyMemory(
-            strategy="zero3",
+            strategy="deepspeed_stage_2_offload",
+            parameters=P,
+            gradients=0,
+            optimizer=0,
+            activations=A,
+            working=bucket,
+            host_per_device=host_offload + P // world,  # and a 16-bit staging copy of the partition
+        ),
+        StrategyMemory(
+            strategy="deepspeed_stage_3",
             parameters=P // world,
             gradients=G // world,
-            optimizer=Opt // world,
+            optimizer=optimizer,
             activations=A,
-            working=gathered,
-            available=False,
+            working=gathered + bucket,
         ),
         StrategyMemory(
-            strategy="zero3_cpu_offload",
+            strategy="deepspeed_stage_3_offload",
             parameters=0,
             gradients=0,
             optimizer=0,
             activations=A,
-            working=gathered,
-            host_per_device=(P + G + Opt) // world,
-            available=False,
+            working=gathered + bucket,
+            host_per_device=host_offload + P // world,
         ),
         StrategyMemory(
-            strategy="zero3_nvme_offload",
+            strategy="deepspeed_stage_3_offload_nvme",
             parameters=0,
             gradients=0,
             optimizer=0,
             activations=A,
-            working=gathered,
-            host_per_device=2 * gathered,
-            available=False,
+            working=gathered + bucket,
+            host_per_device=int(DEEPSPEED_NVME_SWAP_BUFFERS * element),  # pinned swap buffers; the rest on disk
         ),
     ]
-    return rows
 
 
 def _build_on_meta(module: nn.Module | Callable[[], nn.Module], dtype: torch.dtype) -> nn.Module:
@@ -349,13 +417,12 @@ def _activation_bytes(model: nn.Module, batch: Any, batch_size: int) -> int:
 
 
 def _to_meta(batch: Any) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch if batch.is_meta else torch.empty_like(batch, device="meta")
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_meta(item) for item in batch)
-    if isinstance(batch, dict):
-        return {key: _to_meta(value) for key, value in batch.items()}
-    return batch
+    def meta(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and not value.is_meta:
+            return torch.empty_like(value, device="meta")
+        return value
+
+    return tree_map(meta, batch)
 
 
 def device_memory_bytes(device_type: str, local_world_size: int) -> tuple[int, int | None]:

@@ -80,3 +80,92 @@ def test_model_that_fails_on_meta_names_itself():
 def test_zero_devices():
     with pytest.raises(ConfigError, match="devices and num_nodes must be whole numbers >= 1"):
         estimate_memory(GPTModule(), devices=0)
+
+
+def test_the_estimator_is_public():
+    import shardtrain
+    import shardtrain.estimate
+
+    assert shardtrain.estimate_memory is shardtrain.estimate.estimate_memory
+    assert shardtrain.MemoryEstimate is shardtrain.estimate.MemoryEstimate
+    assert {"estimate_memory", "MemoryEstimate"} <= set(shardtrain.__all__)
+
+
+def test_zero_rows_are_the_registered_deepspeed_strategies():
+    from shardtrain import available_strategies
+
+    estimate = estimate_memory(GPTModule(GPTConfig(n_layer=2, d_model=64, n_head=2, seq_len=32)), devices=2)
+    deepspeed_names = {name for name in available_strategies() if name.startswith("deepspeed_stage_")}
+    rows = {s.strategy: s for s in estimate.strategies}
+    assert len(deepspeed_names) == 6 and deepspeed_names <= set(rows)
+    assert all(rows[name].available for name in deepspeed_names)
+    assert not [s.strategy for s in estimate.strategies if s.strategy.startswith("zero")]
+
+
+def test_zero_rows_follow_where_deepspeed_keeps_the_bytes():
+    from shardtrain.estimate import DEEPSPEED_REDUCE_BUCKET
+
+    config = GPTConfig(n_layer=2, d_model=64, n_head=2, seq_len=32)
+    n = config.num_parameters
+    fp32 = estimate_memory(GPTModule(config), devices=4)
+    bucket = 4 * DEEPSPEED_REDUCE_BUCKET
+    # fp32: weights 4 bytes, the optimizer's fp32 master partition (4) and AdamW moments (8) over 4 ranks
+    assert (fp32.get("deepspeed_stage_1").parameters, fp32.get("deepspeed_stage_1").gradients) == (4 * n, 4 * n)
+    assert fp32.get("deepspeed_stage_1").optimizer == 12 * n // 4
+    assert (fp32.get("deepspeed_stage_2").gradients, fp32.get("deepspeed_stage_2").working) == (4 * n // 4, bucket)
+    zero3 = fp32.get("deepspeed_stage_3")
+    assert (zero3.parameters, zero3.gradients, zero3.optimizer) == (4 * n // 4, 4 * n // 4, 12 * n // 4)
+    assert zero3.working == 2 * fp32.largest_unit_bytes + bucket
+    offload = fp32.get("deepspeed_stage_3_offload")
+    assert offload.parameters + offload.gradients + offload.optimizer == 0
+    assert offload.host_per_device == (4 * n + 8 * n + 4 * n + 4 * n) // 4  # master, moments, fp32 grads, weights
+    assert fp32.get("deepspeed_stage_2_offload").parameters == 4 * n
+    # bf16: DeepSpeed holds 16-bit weights and gradients; master and moments stay fp32
+    bf16 = estimate_memory(GPTModule(config), devices=4, precision="bf16-mixed")
+    zero2 = bf16.get("deepspeed_stage_2")
+    assert (zero2.parameters, zero2.gradients, zero2.optimizer) == (2 * n, 2 * n // 4, 12 * n // 4)
+    assert zero2.working == 2 * DEEPSPEED_REDUCE_BUCKET
+
+
+def test_auto_never_picks_a_deepspeed_row():
+    estimate = estimate_memory(
+        GPTModule(GPTConfig(n_layer=2, d_model=64, n_head=2, seq_len=32)), devices=2, batch_size=4
+    )
+    for memory in (80 * 2**30, estimate.get("fsdp").device_total, 1):
+        assert not estimate.recommend(memory)[0].startswith("deepspeed")
+
+
+def test_str_of_an_estimate_is_the_table():
+    config = GPTConfig(n_layer=2, d_model=64, n_head=2, seq_len=32)
+    unknown = str(estimate_memory(GPTModule(config), devices=2, batch_size=4))
+    assert not unknown.startswith("MemoryEstimate(") and " fits" not in unknown.splitlines()[2]
+    estimate = estimate_memory(GPTModule(config), devices=2, batch_size=4, device_memory="1GiB")
+    text = str(estimate)
+    assert text == estimate.table() and "not yet" not in text
+    header, rows = text.splitlines()[2], {line.split()[0]: line.split() for line in text.splitlines()[3:] if line}
+    assert header.split() == ["strategy", "params", "grads", "optim", "activ", "working", "device", "host/dev", "fits"]
+    ddp = estimate.get("ddp")
+    assert float(rows["ddp"][6]) == pytest.approx(ddp.device_total / 2**20, abs=0.01)  # MiB for a small model
+    assert rows["ddp"][-1] == "yes"
+    assert rows["deepspeed_stage_2"][-1] == "no"  # its 1.86 GiB fp32 reduce bucket alone is over 0.9 GiB
+    assert "MiB per device" in text and "fits: within 90% of 1.00 GiB per device" in text
+
+
+def test_a_namedtuple_batch_is_walked():
+    from collections import namedtuple
+
+    Batch = namedtuple("Batch", ["inputs", "targets"])
+
+    class Regression(TrainModule):
+        def configure_model(self):
+            self.layer = nn.Linear(16, 1)
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.mse_loss(self.layer(batch.inputs["x"]), batch.targets[0])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    batch = Batch(inputs={"x": torch.zeros(8, 16)}, targets=[torch.zeros(8, 1)])
+    estimate = estimate_memory(Regression(), batch=batch)
+    assert estimate.activation_bytes == 8 * 16 * 4 + 2 * 8 * 4  # the input (for the weight), prediction and target
