@@ -178,9 +178,8 @@ def _estimate(argv: list[str]) -> int:
         payload["recommended"], payload["reason"] = pick, reason
         print(json.dumps(payload, indent=1))
         return 0
-    print(estimate.table())
-    fitting = [s.strategy for s in estimate.strategies if s.fits(device_memory, host_memory, 0.9)]
-    print(f"\nfits in {device_memory / 2**30:.1f} GiB per device (90% headroom): {', '.join(fitting) or 'nothing'}")
+    estimate.device_memory, estimate.host_memory_per_device = device_memory, host_memory
+    print(estimate)  # the table, with a fits column
     print(f"recommended: {reason}")
     return 0
 

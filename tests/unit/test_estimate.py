@@ -169,3 +169,22 @@ def test_a_namedtuple_batch_is_walked():
     batch = Batch(inputs={"x": torch.zeros(8, 16)}, targets=[torch.zeros(8, 1)])
     estimate = estimate_memory(Regression(), batch=batch)
     assert estimate.activation_bytes == 8 * 16 * 4 + 2 * 8 * 4  # the input (for the weight), prediction and target
+
+
+def test_the_cli_prints_the_same_table(capsys):
+    from shardtrain.cli import main
+    from tests.distributed.runner import ROOT
+
+    config = ROOT / "tests" / "distributed" / "configs" / "tiny.yaml"
+    assert main(["estimate", "--config", str(config), "--device-memory", "1GiB", "--host-memory", "8GiB"]) == 0
+    printed = capsys.readouterr().out
+    estimate = estimate_memory(
+        GPTModule(GPTConfig(n_layer=2, n_head=2, d_model=64, seq_len=32)),
+        devices=2,
+        batch_size=4,
+        device_memory="1GiB",
+        host_memory_per_device=4 * 2**30,
+    )
+    estimate.model = printed.split(":")[0]
+    assert printed == f"{estimate}\nrecommended: {estimate.recommend(2**30, 4 * 2**30)[1]}\n"
+    assert "fits: within 90% of 1.00 GiB per device, 4.00 GiB host memory per device" in printed
