@@ -116,6 +116,8 @@ def scenarios() -> dict[str, callable]:
             "train_gpt.py",
             out,
             [
+                "--devices",
+                "2",
                 *GPT,
                 "--checkpoint-every",
                 "3",

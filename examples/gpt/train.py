@@ -2,7 +2,7 @@
 
     python examples/gpt/train.py                      # 2 processes, FSDP (sharded), CPU or GPU
     python examples/gpt/train.py --devices 1 --max-steps 50
-    torchrun --nproc-per-node 8 examples/gpt/train.py --precision bf16-mixed
+    torchrun --nproc-per-node 8 examples/gpt/train.py --devices 8 --precision bf16-mixed
 
 Every option is a Trainer argument or a model size; the strategy is one word.
 """

@@ -152,6 +152,11 @@ def _estimate(argv: list[str]) -> int:
     model = run_config.build_parser("estimate").instantiate(parsed).model
     trainer, strategy = parsed.trainer, dict(parsed.strategy)
     devices = options.devices or trainer.devices
+    if devices == "auto":  # as the Engine resolves it without a launcher
+        import torch
+
+        cuda = trainer.accelerator in ("cuda", "gpu") or (trainer.accelerator == "auto" and torch.cuda.is_available())
+        devices = torch.cuda.device_count() if cuda else 1
     num_nodes = options.num_nodes or trainer.num_nodes
     data_args = (
         (parsed.data or {}).get("init_args", {})

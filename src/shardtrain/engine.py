@@ -91,8 +91,10 @@ class Engine:
 
     Args:
         accelerator: ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when available).
-        devices: processes per node (one per GPU on CUDA).
-        num_nodes: machines in the run.
+        devices: processes per node (one per GPU on CUDA); ``"auto"``: what torchrun or SLURM started,
+            else every visible GPU on CUDA and one process on the CPU. Under torchrun or SLURM a
+            number that differs from the launcher's layout is an error.
+        num_nodes: machines in the run (under torchrun or SLURM, it must match theirs).
         strategy: a registered name (``"single"``, ``"ddp"``, ...; see ``available_strategies()``),
             ``"auto"``, or a ``Strategy`` object.
         precision: ``"32-true"``, ``"bf16-mixed"``, ``"bf16-true"`` or ``"16-mixed"`` (see ``shardtrain.precision``).
@@ -102,20 +104,23 @@ class Engine:
     def __init__(
         self,
         accelerator: Accelerator | str = "auto",
-        devices: int = 1,
+        devices: int | Literal["auto"] = "auto",
         num_nodes: int = 1,
         strategy: str | Strategy = "auto",
         precision: str | int = "32-true",
         timeout_seconds: float = 1800.0,
     ) -> None:
-        if not isinstance(devices, int) or devices < 1:
-            raise ConfigError(f"devices must be a whole number >= 1, got {devices!r}")
+        if devices != "auto" and (not isinstance(devices, int) or devices < 1):
+            raise ConfigError(f"devices must be a whole number >= 1 or 'auto', got {devices!r}")
         if not isinstance(num_nodes, int) or num_nodes < 1:
             raise ConfigError(f"num_nodes must be a whole number >= 1, got {num_nodes!r}")
         self.accelerator = resolve_accelerator(accelerator)
-        if self.accelerator == "cuda" and devices > torch.cuda.device_count():
-            raise ConfigError(f"devices={devices} but this machine has {torch.cuda.device_count()} CUDA devices")
-        self._environment = detect_environment(devices, num_nodes)
+        visible = torch.cuda.device_count() if self.accelerator == "cuda" else 1
+        self._environment = detect_environment(None if devices == "auto" else devices, num_nodes, auto_devices=visible)
+        if self.accelerator == "cuda" and self._environment.local_world_size > visible:
+            raise ConfigError(
+                f"devices={self._environment.local_world_size} but this machine has {visible} CUDA devices"
+            )
         world_size = self._environment.world_size
         if strategy == "auto":
             strategy = "ddp" if world_size > 1 else "single"

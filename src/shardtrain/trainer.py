@@ -11,7 +11,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from torch.utils.data import DataLoader
@@ -40,8 +40,10 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
 
     Args:
         accelerator: ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when available).
-        devices: processes per node (one per GPU on CUDA).
-        num_nodes: machines in the run.
+        devices: processes per node (one per GPU on CUDA); ``"auto"``: what torchrun or SLURM started,
+            else every visible GPU on CUDA and one process on the CPU. Under torchrun or SLURM a
+            number that differs from the launcher's layout is an error.
+        num_nodes: machines in the run (under torchrun or SLURM, it must match theirs).
         strategy: a registered name (see ``available_strategies()``), ``"auto"``, or a ``Strategy`` object.
         precision: ``"32-true"``, ``"bf16-mixed"``, ``"bf16-true"`` or ``"16-mixed"`` (see docs/precision.md).
         max_steps: optimizer steps to train for (``-1``: no limit, use ``max_epochs``).
@@ -74,7 +76,7 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
         self,
         *,
         accelerator: str = "auto",
-        devices: int = 1,
+        devices: int | Literal["auto"] = "auto",
         num_nodes: int = 1,
         strategy: str | Strategy = "auto",
         precision: str | int = "32-true",

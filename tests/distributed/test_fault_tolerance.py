@@ -185,6 +185,8 @@ def test_a_rank_killed_under_torchrun_max_restarts_resumes_from_the_last_commit(
         run_script(
             "train_gpt.py",
             tmp_path,
+            "--devices",
+            "2",  # what torchrun starts: a different number is refused
             *FSDP,
             "--checkpoint-every",
             "3",

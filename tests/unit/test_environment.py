@@ -3,6 +3,7 @@
 import re
 
 import pytest
+import torch
 
 from shardtrain.cli import apply_node_flags
 from shardtrain.errors import ConfigError
@@ -199,3 +200,63 @@ def test_node_flags_are_refused_under_torchrun_but_not_in_ranks_shardtrain_start
 def test_node_flag_that_is_not_a_number():
     with pytest.raises(ConfigError, match="--main-port: invalid int value: 'http'"):
         apply_node_flags(["--main-port", "http"], {})
+
+
+TORCHRUN_2X2 = {
+    "RANK": "3",
+    "WORLD_SIZE": "4",
+    "LOCAL_RANK": "1",
+    "LOCAL_WORLD_SIZE": "2",
+    "GROUP_RANK": "1",
+    "MASTER_ADDR": "node0",
+    "MASTER_PORT": "29500",
+}
+SLURM_2X2 = {
+    "SLURM_PROCID": "3",
+    "SLURM_LOCALID": "1",
+    "SLURM_NODEID": "1",
+    "SLURM_NTASKS": "4",
+    "SLURM_NNODES": "2",
+    "SLURM_JOB_NODELIST": "gpu[007-008]",
+    "SLURM_JOB_NAME": "train",
+}
+
+
+@pytest.mark.parametrize(
+    "env, devices, num_nodes, message",
+    [
+        (TORCHRUN_2X2, 4, 2, "devices=4 but torchrun started 2 processes per node: set devices=2 (or devices='auto'"),
+        (TORCHRUN_2X2, 4, 2, "or start torchrun with --nproc-per-node 4"),
+        (TORCHRUN_2X2, 2, 1, "num_nodes=1 but torchrun started 2 nodes (4 processes, 2 per node): set num_nodes=2"),
+        (TORCHRUN_2X2, None, 1, "or start torchrun with --nnodes 1"),
+        (SLURM_2X2, 1, 2, "devices=1 but slurm started 2 processes per node"),
+        (SLURM_2X2, 1, 2, "--ntasks-per-node 1"),
+        (SLURM_2X2, 2, 4, "num_nodes=4 but slurm started 2 nodes"),
+    ],
+)
+def test_devices_and_num_nodes_that_disagree_with_the_launcher_are_refused(env, devices, num_nodes, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        detect_environment(devices, num_nodes, env=env)
+
+
+@pytest.mark.parametrize("env", [TORCHRUN_2X2, SLURM_2X2])
+def test_auto_devices_take_the_launchers_layout(env):
+    assert detect_environment(None, 2, env=env).local_world_size == 2
+    assert detect_environment(2, 2, env=env).world_size == 4
+
+
+def test_auto_devices_without_a_launcher_start_one_process_per_visible_device():
+    assert detect_environment(None, 1, env={}, auto_devices=1).world_size == 1
+    assert detect_environment(None, 2, env={"MASTER_ADDR": "n0", "MASTER_PORT": "2"}, auto_devices=4).world_size == 8
+
+
+def test_the_engine_refuses_a_mismatch_before_any_process_group(monkeypatch):
+    from shardtrain import Engine
+
+    for key, value in TORCHRUN_2X2.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError, match="devices=1 but torchrun started 2 processes per node"):
+        Engine(accelerator="cpu", devices=1, num_nodes=2, strategy="ddp")
+    engine = Engine(accelerator="cpu", num_nodes=2, strategy="ddp")  # devices="auto"
+    assert (engine.world_size, engine.global_rank) == (4, 3)
+    assert not torch.distributed.is_initialized()

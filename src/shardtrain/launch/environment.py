@@ -51,14 +51,53 @@ class ClusterEnvironment:
         )
 
 
-def detect_environment(devices: int, num_nodes: int, env: Mapping[str, str] | None = None) -> ClusterEnvironment:
-    """Read the rank layout for a run of ``devices`` processes per node on ``num_nodes`` nodes."""
+def detect_environment(
+    devices: int | None, num_nodes: int, env: Mapping[str, str] | None = None, *, auto_devices: int = 1
+) -> ClusterEnvironment:
+    """Read the rank layout for a run of ``devices`` processes per node on ``num_nodes`` nodes.
+
+    ``devices=None`` (``"auto"``) takes the launcher's processes per node, or ``auto_devices`` when
+    shardtrain starts the processes itself. Under torchrun or SLURM an explicit ``devices`` or
+    ``num_nodes`` that differs from the launcher's layout is a ``ConfigError`` (as in Lightning):
+    the launcher's layout would silently win, and a run sized for 8 GPUs would run on 2.
+    """
     env = os.environ if env is None else env
     if _is_torchrun(env):
-        return _from_torchrun(env)
+        return _matching(_from_torchrun(env), devices, num_nodes, _TORCHRUN_FIX)
     if _is_slurm(env):
-        return _from_slurm(env)
-    return _local(devices, num_nodes, env)
+        return _matching(
+            _from_slurm(env, int(env.get("SLURM_NNODES", env.get("SLURM_JOB_NUM_NODES", "1")))),
+            devices,
+            num_nodes,
+            _SLURM_FIX,
+        )
+    return _local(auto_devices if devices is None else devices, num_nodes, env)
+
+
+_TORCHRUN_FIX = {"devices": "--nproc-per-node", "num_nodes": "--nnodes"}
+_SLURM_FIX = {"devices": "--ntasks-per-node", "num_nodes": "--nodes"}
+
+
+def _matching(
+    layout: ClusterEnvironment, devices: int | None, num_nodes: int, flags: dict[str, str]
+) -> ClusterEnvironment:
+    """``layout``, after checking that the run's own ``devices``/``num_nodes`` agree with it."""
+    if layout.source == "local":
+        return layout  # a rank shardtrain started from these very settings
+    launcher = layout.source
+    if devices is not None and devices != layout.local_world_size:
+        raise ConfigError(
+            f"devices={devices} but {launcher} started {layout.local_world_size} processes per node: set "
+            f"devices={layout.local_world_size} (or devices='auto' to take {launcher}'s layout), or start "
+            f"{launcher} with {flags['devices']} {devices}"
+        )
+    if num_nodes != layout.num_nodes:
+        raise ConfigError(
+            f"num_nodes={num_nodes} but {launcher} started {layout.num_nodes} nodes ({layout.world_size} processes, "
+            f"{layout.local_world_size} per node): set num_nodes={layout.num_nodes} (--num-nodes), or start "
+            f"{launcher} with {flags['num_nodes']} {num_nodes}"
+        )
+    return layout
 
 
 def _local(devices: int, num_nodes: int, env: Mapping[str, str]) -> ClusterEnvironment:
@@ -145,9 +184,8 @@ def _is_slurm(env: Mapping[str, str]) -> bool:
     )
 
 
-def _from_slurm(env: Mapping[str, str]) -> ClusterEnvironment:
+def _from_slurm(env: Mapping[str, str], nodes: int) -> ClusterEnvironment:
     world_size = int(env["SLURM_NTASKS"])
-    nodes = int(env.get("SLURM_NNODES", env.get("SLURM_JOB_NUM_NODES", "1")))
     nodelist = env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))
     job_id = int(env.get("SLURM_JOB_ID", "0"))
     return ClusterEnvironment(
