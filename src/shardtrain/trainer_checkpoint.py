@@ -108,6 +108,9 @@ class TrainerCheckpointing:
         self.global_step = loop["global_step"]
         self.current_epoch = loop["current_epoch"]
         self.batches_seen_in_epoch = loop["batches_seen_in_epoch"]
+        for logger in self._rank_zero_loggers():
+            if callable(getattr(logger, "log_resume", None)):  # CSVLogger: continue metrics.csv after a marker row
+                logger.log_resume(self.global_step)
         self._call("on_load_checkpoint", state)
 
 

@@ -45,8 +45,8 @@ def test_yaml_run_equals_python_run_and_resumes_without_a_config(tmp_path):
 
     # No config file: the run config comes from the checkpoint; an override extends the run.
     _cli("fit", "--ckpt_path", tmp_path / "cli" / "checkpoints" / "last", "--trainer.max_steps", "8")
-    resumed = _losses(tmp_path / "cli")
-    assert sorted(resumed) == [6, 7, 8]
+    resumed = _losses(tmp_path / "cli")  # appended to the same metrics.csv
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6, 7, 8] and {step: resumed[step] for step in cli} == cli
 
 
 def test_bad_config_exits_with_the_message(tmp_path):
