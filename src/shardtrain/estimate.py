@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -190,6 +190,7 @@ def estimate_memory(
     ``device_memory`` (bytes or ``"80GiB"``) the printed table says which strategies fit.
     """
     from shardtrain.precision import Precision
+    from shardtrain.strategies import available_strategies
     from shardtrain.strategies.activation_checkpoint import apply_activation_checkpointing
     from shardtrain.strategies.policy import repeated_blocks
 
@@ -227,7 +228,10 @@ def estimate_memory(
         device_memory=None if device_memory is None else parse_memory_size(device_memory),
         host_memory_per_device=None if host_memory_per_device is None else parse_memory_size(host_memory_per_device),
     )
-    estimate.strategies = _fsdp_rows(estimate) + _deepspeed_rows(estimate)
+    accepted = set(available_strategies())
+    estimate.strategies = [
+        replace(row, available=row.strategy in accepted) for row in _fsdp_rows(estimate) + _deepspeed_rows(estimate)
+    ]
     return estimate
 
 
@@ -282,7 +286,6 @@ def _deepspeed_rows(e: MemoryEstimate) -> list[StrategyMemory]:
     A = e.activation_bytes
     gathered = int(2 * e.largest_unit_bytes * element / bytes_per_parameter)  # ZeRO-3: running + prefetched
     bucket = int(DEEPSPEED_REDUCE_BUCKET * element)
-    fp32_bucket = 4 * DEEPSPEED_REDUCE_BUCKET  # ZeRO-1 stages fp32 gradient accumulation in it
     optimizer = (master + state) // world
     host_offload = (master + state + master) // world  # master, state and the fp32 gradient partition
     return [
@@ -293,7 +296,7 @@ def _deepspeed_rows(e: MemoryEstimate) -> list[StrategyMemory]:
             gradients=G,
             optimizer=optimizer,
             activations=A,
-            working=fp32_bucket,
+            working=bucket,
         ),
         StrategyMemory(
             strategy="deepspeed_stage_2",

@@ -100,6 +100,7 @@ def test_zero_rows_are_the_registered_deepspeed_strategies():
     assert len(deepspeed_names) == 6 and deepspeed_names <= set(rows)
     assert all(rows[name].available for name in deepspeed_names)
     assert not [s.strategy for s in estimate.strategies if s.strategy.startswith("zero")]
+    assert {s.strategy for s in estimate.strategies if s.available} == set(rows) & set(available_strategies())
 
 
 def test_zero_rows_follow_where_deepspeed_keeps_the_bytes():
@@ -124,7 +125,7 @@ def test_zero_rows_follow_where_deepspeed_keeps_the_bytes():
     bf16 = estimate_memory(GPTModule(config), devices=4, precision="bf16-mixed")
     zero2 = bf16.get("deepspeed_stage_2")
     assert (zero2.parameters, zero2.gradients, zero2.optimizer) == (2 * n, 2 * n // 4, 12 * n // 4)
-    assert zero2.working == 2 * DEEPSPEED_REDUCE_BUCKET
+    assert zero2.working == bf16.get("deepspeed_stage_1").working == 2 * DEEPSPEED_REDUCE_BUCKET  # a bf16 bucket
 
 
 def test_auto_never_picks_a_deepspeed_row():
