@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The plain install runs on two processes: a fresh virtual environment with only
+# `pip install torch==2.13.0 -e .` (no extras) trains the README's GPT example for 3 steps on
+# 2 processes under ddp and under fsdp. It catches a runtime dependency that only an extra
+# brought in (numpy once did: torch's *_object collectives need it).
+#
+#   bash scripts/check_plain_install.sh
+#
+# SHARDTRAIN_TORCH: the torch requirement to install (default torch==2.13.0, the CPU wheel of
+# development machines); set it empty to keep the torch that pip picks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=1
+unset PYTHONPATH VIRTUAL_ENV
+torch_requirement=${SHARDTRAIN_TORCH-torch==2.13.0}
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+"${PYTHON:-python3}" -m venv "$work/venv"
+echo "[plain install] pip install ${torch_requirement:+$torch_requirement }-e . (into $work/venv)"
+"$work/venv/bin/python" -m pip install -q ${torch_requirement:+"$torch_requirement"} -e .
+
+for strategy in ddp fsdp; do
+  echo "[plain install] shardtrain fit, GPT example, 2 processes, $strategy, 3 steps"
+  start=$SECONDS
+  "$work/venv/bin/shardtrain" fit --config examples/gpt/gpt.yaml \
+    --trainer.max_steps 3 --trainer.limit_val_batches 0 --trainer.log_every_n_steps 1 \
+    --trainer.enable_progress_bar false --trainer.default_root_dir "$work/runs/$strategy" \
+    --strategy.name "$strategy"
+  # The run must have trained, not only exited 0: the third step's loss is in the metrics.
+  metrics="$work/runs/$strategy/metrics.csv"
+  if ! "$work/venv/bin/python" - "$metrics" <<'PY'
+import csv, math, sys
+rows = [row for row in csv.DictReader(open(sys.argv[1])) if row.get("train_loss")]
+steps = [int(row["step"]) for row in rows]
+assert steps and max(steps) == 3 and all(math.isfinite(float(row["train_loss"])) for row in rows), rows
+PY
+  then
+    echo "[plain install] FAILED: $strategy did not log a finite loss at step 3 in $metrics" >&2
+    exit 1
+  fi
+  echo "[plain install] $strategy: 3 steps in $((SECONDS - start)) s"
+done
+echo "[plain install] passed"
