@@ -3,7 +3,7 @@
 The public API is what this module exports; everything else may change between releases.
 """
 
-from shardtrain.callbacks import Callback, ModelCheckpoint, ProgressBar, ThroughputMonitor
+from shardtrain.callbacks import Callback, ModelCheckpoint, ProgressBar, RunSummary, ThroughputMonitor
 from shardtrain.datamodule import DataModule
 from shardtrain.engine import Engine
 from shardtrain.errors import (
@@ -58,6 +58,7 @@ __all__ = [
     "ProgressBar",
     "ModelCheckpoint",
     "ThroughputMonitor",
+    "RunSummary",
     "Logger",
     "CSVLogger",
     "TensorBoardLogger",

@@ -133,6 +133,7 @@ class Engine:
         self._modules: list[nn.Module] = []
         self._module_of_optimizer: dict[int, nn.Module] = {}  # where parameters cannot tell (ZeRO flattens them)
         self._pending_save: PendingSave | None = None
+        self._modules_torn_down = 0  # how many of self._modules the strategy's teardown has seen
 
     # ------------------------------------------------------------------ processes
     def launch(self, function: Callable[..., T] | None = None, *args: Any, **kwargs: Any) -> T | None:
@@ -366,6 +367,20 @@ class Engine:
 
     def barrier(self) -> None:
         self.strategy.barrier()
+
+    def teardown(self) -> None:
+        """Release what the strategy holds for running the set-up modules (DeepSpeed: destroys its engine).
+
+        The Trainer calls it when ``fit``/``validate`` ends, after an exception too; a custom loop
+        calls it when done. Idempotent: a second call does nothing until another ``setup``. The
+        weights and optimizer state stay readable (``save``, ``module_state_dict``); see
+        ``Strategy.teardown`` for what each strategy releases.
+        """
+        if self._modules_torn_down == len(self._modules):
+            return
+        self._modules_torn_down = len(self._modules)
+        self.wait_for_checkpoint()  # an asynchronous save may still be reading the state
+        self.strategy.teardown()
 
     def explain_failure(self, exception: BaseException) -> RankFailedError | None:
         """Record that this rank fails with ``exception``; if another rank failed first, the

@@ -257,17 +257,33 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
             self.engine.wait_for_checkpoint()
             for logger in self._rank_zero_loggers():
                 logger.finalize()
+            self._teardown(module, "fit")
 
     def validate(self, module: TrainModule, dataloaders: DataLoader | None = None) -> list[dict[str, float]]:
         """Run the validation loop once; returns the metrics averaged over batches and ranks."""
         self.engine.launch()
         self._attach(module, "validate")
-        self._setup(module, "validate")
-        loader = self._loader(dataloaders, module, "val_dataloader", required=True)
-        metrics = self._validate(loader)
-        for logger in self._rank_zero_loggers():
-            logger.finalize()
+        try:
+            self._setup(module, "validate")
+            loader = self._loader(dataloaders, module, "val_dataloader", required=True)
+            metrics = self._validate(loader)
+            for logger in self._rank_zero_loggers():
+                logger.finalize()
+        finally:
+            self._teardown(module, "validate")
         return [metrics]
+
+    def _teardown(self, module: TrainModule, stage: str) -> None:
+        """Every callback's ``teardown(trainer, module, stage)``, then the engine's, as Lightning does.
+
+        The set-up model stays readable (``save_checkpoint()`` after ``fit`` works); under DeepSpeed
+        it can no longer run (see ``DeepSpeedStrategy.teardown``).
+        """
+        try:
+            for callback in self.callbacks:
+                callback.teardown(self, module, stage)
+        finally:
+            self.engine.teardown()
 
     # ------------------------------------------------------------------ set-up
     def _attach(self, module: TrainModule, stage: str) -> None:

@@ -208,7 +208,11 @@ class Strategy:
             dist.barrier()
 
     def teardown(self) -> None:
-        """Release what the strategy holds; the process group stays for the next fit/validate."""
+        """Release what the strategy holds for running its set-up model; called by ``Engine.teardown()``
+        when ``fit``/``validate`` ends (after an exception too). The process group stays for the next
+        fit/validate, and the set-up model's weights and optimizer state stay readable, so
+        ``save_checkpoint()`` and ``module_state_dict()`` work after ``fit``. May be called twice.
+        """
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -144,6 +144,7 @@ class DeepSpeedStrategy(Strategy):
         self._user_optimizer: Optimizer | None = None
         self._group_names: list[list[str]] = []
         self._pending_norm: torch.Tensor | None = None
+        self._destroyed = False  # teardown() destroyed self._engine; its state is still readable
 
     # ------------------------------------------------------------------ config
     def _build_config(self) -> dict[str, Any]:
@@ -247,13 +248,14 @@ class DeepSpeedStrategy(Strategy):
             if user_optimizer
             else []
         )
+        self.teardown()  # set up again: the previous engine's hooks must not stay on the model
         engine, zero_optimizer, _, _ = deepspeed.initialize(
             model=module,
             optimizer=self._optimizer_for_deepspeed(user_optimizer),
             config=self.config,
             dist_init_required=False,
         )
-        self._engine = engine
+        self._engine, self._destroyed = engine, False
         if user_optimizer is None and engine.optimizer is not None:  # DeepSpeed's own, from the config
             self._user_optimizer = state_io.base_optimizer(engine.optimizer)
             self._group_names = [list(names.values())]
@@ -321,6 +323,11 @@ class DeepSpeedStrategy(Strategy):
         return ", ".join(parts) or "no offload"
 
     def forward_context(self) -> contextlib.AbstractContextManager:
+        if self._destroyed:
+            raise StrategyError(
+                "the DeepSpeed engine was destroyed when fit()/validate() ended (teardown), so its model can be "
+                "saved and read but not run; to train or validate again, use a new Trainer (resume with ckpt_path)"
+            )
         return contextlib.nullcontext()
 
     # ------------------------------------------------------------------ the step
@@ -398,8 +405,24 @@ class DeepSpeedStrategy(Strategy):
             )
 
     def teardown(self) -> None:
-        if self._engine is not None and hasattr(self._engine, "destroy"):
-            self._engine.destroy()
+        """Destroy the DeepSpeed engine: its ZeRO hooks (gradient, and ZeRO-3's gather-on-forward),
+        pinned offload buffers and process-wide registrations are released. Idempotent.
+
+        The trained state stays readable, so ``save_checkpoint()`` and ``module_state_dict()`` work
+        after ``fit()``: ZeRO-1/2's ``destroy()`` unlinks each parameter from its fp32 partition
+        (read after it, weights came back wrong by up to 0.49), so the links are made again. The
+        model cannot run any more (``forward_context`` says so); a new set-up makes a new engine.
+        """
+        if self._engine is None or self._destroyed:
+            return
+        self._engine.destroy()
+        self._destroyed = True
+        zero_optimizer = self._engine.optimizer
+        if self.stage in (1, 2) and hasattr(zero_optimizer, "_link_all_hp_params"):  # private, as of deepspeed 0.19
+            zero_optimizer._link_all_hp_params()
+            if hasattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state"):  # and the optimizer state's links
+                zero_optimizer._hp_optimizer_states_linked = False
+                zero_optimizer._lazy_init_hp_params_optimizer_state()
 
     def __repr__(self) -> str:
         given = {k: getattr(self.options, k) for k in self.options.__slots__ if getattr(self.options, k) is not None}
