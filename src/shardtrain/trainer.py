@@ -16,7 +16,7 @@ from typing import Any, Literal, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from shardtrain.callbacks import Callback, ProgressBar
+from shardtrain.callbacks import Callback, ProgressBar, RunSummary
 from shardtrain.engine import Engine
 from shardtrain.errors import ConfigError, TrainingStepError
 from shardtrain.loggers import Logger
@@ -63,6 +63,8 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
         logger: ``True`` (a CSV logger in ``default_root_dir``), ``False``, or logger objects.
         seed: seed every rank with this before building the model (same initial weights everywhere).
         enable_progress_bar: rank-0 progress bar with loss and tokens/s.
+        enable_model_summary: before the first step, print on rank 0 the parameter count, strategy,
+            layout, precision and where logs and checkpoints go (:class:`~shardtrain.callbacks.RunSummary`).
         timeout_seconds: how long a collective waits for the other ranks before the run fails.
         preemption: what to do when the cluster sends a stop signal (default: on SIGTERM or
             SIGUSR1, save a checkpoint at the next agreed step, requeue under SLURM, exit with
@@ -95,6 +97,7 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
         logger: bool | Logger | Sequence[Logger] = True,
         seed: int | None = None,
         enable_progress_bar: bool = True,
+        enable_model_summary: bool = True,
         timeout_seconds: float = 1800.0,
         preemption: Preemption | bool = True,
         on_nonfinite: str = "ignore",
@@ -172,6 +175,8 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
         self.callbacks: list[Callback] = [callbacks] if isinstance(callbacks, Callback) else list(callbacks or [])
         if enable_progress_bar and not any(isinstance(cb, ProgressBar) for cb in self.callbacks):
             self.callbacks.append(ProgressBar())
+        if enable_model_summary and not any(isinstance(cb, RunSummary) for cb in self.callbacks):
+            self.callbacks.insert(0, RunSummary())
         self.loggers: list[Logger] = make_loggers(logger, self.default_root_dir)
 
         self.global_step = 0
