@@ -174,6 +174,34 @@ class GPTModule(shardtrain.TrainModule):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens)
 
+    @torch.no_grad()
+    def generate(self, prompt: bytes, max_new_bytes: int, temperature: float = 0.8, seed: int = 0) -> bytes:
+        """Continue ``prompt`` byte by byte, sampling from a seeded generator; returns the new bytes.
+
+        nanoGPT's simple loop: no KV cache, the context cropped to ``seq_len``, one full forward
+        per byte. In a fit, each forward goes through the strategy's wrapper (``trainer.model``):
+        under FSDP every rank holds only shards and the wrapper's forward gathers them, so every
+        rank must call this with the same arguments; the seeded generator makes them draw the
+        same bytes. ``temperature=0`` picks the most likely byte.
+        """
+        was_training = self.training
+        self.eval()
+        trainer = self._trainer
+        wrapped = trainer.model if trainer is not None and trainer.model is not None else self
+        device = trainer.engine.device if trainer is not None else self.device
+        tokens = torch.tensor([list(prompt)], dtype=torch.long, device=device)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        for _ in range(max_new_bytes):
+            logits = wrapped(tokens[:, -self.config.seq_len :])[:, -1, :].float()
+            if temperature == 0:
+                next_byte = logits.argmax(dim=-1, keepdim=True)
+            else:
+                probs = F.softmax(logits / temperature, dim=-1)
+                next_byte = torch.multinomial(probs, 1, generator=generator)
+            tokens = torch.cat([tokens, next_byte], dim=1)
+        self.train(was_training)
+        return bytes(tokens[0, len(prompt) :].tolist())
+
     def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         inputs, targets = batch
         logits = self(inputs)
