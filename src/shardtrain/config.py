@@ -11,6 +11,13 @@ A run config::
     trainer:            # any Trainer argument
       devices: 2
       max_steps: 200
+      callbacks:        # Callback classes: shardtrain's by name, your own by import path
+        - class_path: ThroughputMonitor
+        - class_path: ModelCheckpoint
+          init_args: {every_n_train_steps: 100}
+      logger:           # true (CSV in default_root_dir), false, or Logger classes
+        - class_path: CSVLogger
+        - class_path: TensorBoardLogger
     strategy:           # a registered name, then that strategy's options
       name: fsdp
       sharding_strategy: SHARD_GRAD_OP
@@ -20,6 +27,11 @@ A run config::
     data:               # a DataModule subclass (or the model's own *_dataloader hooks)
       class_path: examples.gpt.data.CorpusData
     ckpt_path: null
+
+``trainer.callbacks`` and ``trainer.logger`` are lists of ``class_path``/``init_args`` entries, as
+in Lightning's CLI; on the command line ``--trainer.callbacks+ ThroughputMonitor`` appends one and
+``--trainer.callbacks.prog_bar false`` sets an option of the last one. A logger whose ``root_dir``
+is not given writes into ``trainer.default_root_dir``, like ``logger: true``.
 """
 
 from __future__ import annotations
@@ -27,20 +39,23 @@ from __future__ import annotations
 import difflib
 import inspect
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
+from shardtrain.callbacks import Callback
 from shardtrain.datamodule import DataModule
 from shardtrain.errors import ConfigError, StrategyError
+from shardtrain.loggers import Logger
 from shardtrain.module import TrainModule
 from shardtrain.strategies import available_strategies, create_strategy
 from shardtrain.strategies.registry import strategy_factory
 from shardtrain.trainer import Trainer
 
-_TRAINER_SKIP = {"strategy", "logger"}
+_TRAINER_SKIP = {"strategy"}
 
 
 def build_parser(command: str) -> ArgumentParser:
@@ -77,8 +92,10 @@ def parse(command: str, argv: list[str]) -> Namespace:
     parser = build_parser(command)
     try:
         config = parser.parse_args(argv)
+        given = parser.parse_args(argv, defaults=False)  # what the user wrote, to tell it from defaults
     except Exception as error:  # jsonargparse's ArgumentError
         raise ConfigError(_explain(str(error), parser, argv)) from None
+    _loggers_default_to_root_dir(config, given)
     strategy = dict(config.strategy or {})
     strategy.update(strategy_overrides)
     config.strategy = strategy
@@ -154,6 +171,24 @@ def write_resolved_config(config: Namespace, directory: str | os.PathLike) -> Pa
     return path
 
 
+def _as_list(value: Any) -> list[Any]:
+    if isinstance(value, Namespace):
+        return [value]
+    return list(value) if isinstance(value, (list, tuple)) else []
+
+
+def _loggers_default_to_root_dir(config: Namespace, given: Namespace) -> None:
+    """A configured logger without its own ``root_dir`` writes where ``logger: true`` would."""
+    given_loggers = _as_list(given.get("trainer.logger"))
+    for index, entry in enumerate(_as_list(config.trainer.logger)):
+        init_args = entry.get("init_args")
+        if init_args is None or "root_dir" not in init_args:
+            continue
+        written = given_loggers[index].get("init_args") if index < len(given_loggers) else None
+        if written is None or "root_dir" not in written:
+            init_args.root_dir = str(config.trainer.default_root_dir)
+
+
 def _split_strategy_overrides(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
     """``--strategy.<option> VALUE`` pairs, taken out of argv (values read as YAML scalars)."""
     rest: list[str] = []
@@ -179,6 +214,9 @@ def _explain(message: str, parser: ArgumentParser, argv: list[str]) -> str:
     """jsonargparse's message, with the config file named and a 'did you mean' where a key is unknown."""
     source = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), None)
     where = f" (in {source})" if source else ""
+    for key, base in (("trainer.callbacks", Callback), ("trainer.logger", Logger)):
+        if message.startswith(f'Parser key "{key}"'):
+            return _explain_class(message, key, base) + where
     for marker in ("does not accept option '", "Key '", "unrecognized arguments: "):
         if marker in message:
             unknown = message.split(marker, 1)[1].split("'")[0].split()[0].lstrip("-").split(".")[-1]
@@ -187,3 +225,45 @@ def _explain(message: str, parser: ArgumentParser, argv: list[str]) -> str:
             if hint:
                 return f"{message.strip()}{where}; did you mean {hint[0]!r}?"
     return f"{message.strip()}{where}"
+
+
+def _explain_class(message: str, key: str, base: type) -> str:
+    """A wrong class name or option in ``trainer.callbacks``/``trainer.logger``, with the fix."""
+    ours = sorted({cls.__name__ for cls in _subclasses(base) if cls.__module__.startswith("shardtrain.")})
+    choices = f"shardtrain's by name ({', '.join(ours)}) or your own {base.__name__} subclass by import path (my_package.My{base.__name__})"
+    unknown = re.search(r"Expected a dot import path string: (\S+)", message) or re.search(
+        r"Problem with given class_path '([^']+)':\s+(?:No module named|module '[^']+' has no attribute)", message
+    )
+    if unknown:
+        name = unknown.group(1)
+        hint = difflib.get_close_matches(name.split(".")[-1], ours, n=1)
+        missing = re.search(r"No module named '[^']+'", message)
+        return (
+            f"{key}: no {base.__name__} class {name!r}"
+            + (f" ({missing.group(0)})" if missing else "")
+            + (f"; did you mean {hint[0]!r}? Use " if hint else "; use ")
+            + choices
+        )
+    if "does not correspond to a subclass of" in message:
+        given = re.search(r"Import path (\S+) does not|Given value: (\S+)\s*$", message.strip())
+        name = next((group for group in given.groups() if group), "it") if given else "it"
+        return f"{key}: {name} is not a shardtrain {base.__name__}; use {choices}"
+    option = re.search(r"Problem with given class_path '([^']+)':\s+Option '([^']+)' is not accepted", message)
+    if option:
+        class_path, name = option.groups()
+        cls = next((c for c in _subclasses(base) if c.__name__ == class_path.rsplit(".", 1)[-1]), None)
+        names = [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")] if cls else []
+        hint = difflib.get_close_matches(name, names, n=1)
+        return (
+            f"{key}: {class_path} has no option {name!r}"
+            + (f"; did you mean {hint[0]!r}?" if hint else "")
+            + (f" Its options are: {', '.join(names)}" if names else "")
+        )
+    return f"{key}: {message.strip()}"
+
+
+def _subclasses(base: type) -> list[type]:
+    found = []
+    for cls in base.__subclasses__():
+        found += [cls, *_subclasses(cls)]
+    return found

@@ -5,9 +5,12 @@ python -m shardtrain.config_reference > docs/configuration.md
 
 from __future__ import annotations
 
+import collections.abc
 import inspect
 
+from shardtrain.callbacks import Callback
 from shardtrain.config import build_parser
+from shardtrain.loggers import Logger
 from shardtrain.strategies import available_strategies
 from shardtrain.strategies.registry import strategy_defaults, strategy_description, strategy_factory
 
@@ -25,6 +28,8 @@ Every option can be set in the YAML file or on the command line (`--trainer.max_
 
 def _type_name(kind: object) -> str:
     args = getattr(kind, "__args__", None)
+    if args and getattr(kind, "__origin__", None) in (list, collections.abc.Sequence):
+        return f"list[{_type_name(args[0])}]"
     if args:
         return " | ".join(_type_name(arg) for arg in args)
     return "None" if kind is type(None) else getattr(kind, "__name__", str(kind).replace("typing.", ""))
@@ -32,6 +37,18 @@ def _type_name(kind: object) -> str:
 
 def _default(value: object) -> str:
     return "" if value is inspect.Parameter.empty else f"`{value!r}`"
+
+
+def _public_names(base: type) -> list[str]:
+    import shardtrain
+
+    return sorted(
+        name
+        for name in shardtrain.__all__
+        if isinstance(getattr(shardtrain, name), type)
+        and issubclass(getattr(shardtrain, name), base)
+        and getattr(shardtrain, name) is not base
+    )
 
 
 def generate() -> str:
@@ -62,6 +79,35 @@ def generate() -> str:
         ]
         lines.append(f"- **{name}** ({strategy_description(name)}): {', '.join(options) or 'no options'}")
     lines += [
+        "",
+        "## `trainer.callbacks` and `trainer.logger`",
+        "",
+        "Lists of `class_path`/`init_args` entries, as in Lightning's CLI. shardtrain's own classes resolve by their"
+        " short name (`ThroughputMonitor`, `shardtrain.ThroughputMonitor`); your own by import path"
+        " (`my_package.callbacks.MyCallback`). A wrong name or option stops the run before any process starts,"
+        " with a suggestion.",
+        "",
+        "```yaml",
+        "trainer:",
+        "  callbacks:",
+        "    - class_path: ThroughputMonitor          # tokens/s, MFU",
+        "    - class_path: ModelCheckpoint",
+        "      init_args: {every_n_train_steps: 100}",
+        "  logger:                                   # true: CSV in default_root_dir; false: none",
+        "    - class_path: CSVLogger",
+        "    - class_path: TensorBoardLogger         # needs `pip install tensorboard`",
+        "```",
+        "",
+        "- A logger without its own `root_dir` writes into `trainer.default_root_dir` (print-config shows where).",
+        "- On the command line: `--trainer.callbacks+ ModelCheckpoint --trainer.callbacks.every_n_train_steps 50`"
+        " appends a callback and sets an option of the last one; `--trainer.callbacks '[]'` drops them all;"
+        " `--trainer.logger false`, `--trainer.logger+ TensorBoardLogger`.",
+        "- Callbacks: "
+        + ", ".join(f"`{name}`" for name in _public_names(Callback))
+        + ". Loggers: "
+        + ", ".join(f"`{name}`" for name in _public_names(Logger))
+        + ". `RunSummary` (the summary printed before the first step) and `ProgressBar` are added by"
+        " `enable_model_summary` and `enable_progress_bar`.",
         "",
         "## `model`, `data`, `ckpt_path`",
         "",

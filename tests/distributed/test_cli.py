@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from examples.gpt.model import GPTConfig
 from tests.distributed.runner import ROOT, assert_ok, run_script
 
 pytestmark = pytest.mark.distributed
@@ -36,7 +37,36 @@ def _losses(directory):
 
 
 def test_yaml_run_equals_python_run_and_resumes_without_a_config(tmp_path):
-    _cli("fit", "--config", CONFIG, "--trainer.default_root_dir", tmp_path / "cli")
+    out = _cli(
+        "fit",
+        "--config",
+        CONFIG,
+        "--trainer.default_root_dir",
+        tmp_path / "cli",
+        "--trainer.callbacks+",
+        "examples.gpt.sample.SampleText",  # appended to the config's ModelCheckpoint; runs after training
+        "--trainer.callbacks.length",
+        "20",
+    ).stdout
+    # The summary before the first step: the global parameter count (each FSDP rank holds half), then the layout.
+    assert (
+        f"[shardtrain] GPTModule: {GPTConfig(n_layer=2, n_head=2, d_model=64, seq_len=32).num_parameters / 1e3:.2f}K parameters\n"
+        in out
+    )
+    assert (
+        "[shardtrain] FSDPStrategy(sharding_strategy='FULL_SHARD', cpu_offload=False) over 2 processes (cpu), precision 32-true"
+        in out
+    )
+    assert (
+        f"[shardtrain] logs: {tmp_path / 'cli' / 'metrics.csv'} (CSVLogger); checkpoints: {tmp_path / 'cli' / 'checkpoints'}/ (at the end)"
+        in out
+    )
+    assert out.index("[shardtrain] GPTModule") < out.index(
+        "sample after 5 steps:"
+    )  # printed once, by rank 0, at the end
+    sample = out.split("sample after 5 steps:\n", 1)[1]
+    assert out.count("sample after") == 1 and sample.startswith("  | It is a truth universally acknowledged")
+    assert len(sample.replace("  | ", "").rstrip("\n").encode()) >= len("It is a truth universally acknowledged") + 10
     assert_ok(run_script("python_equivalent.py", tmp_path / "python"))
     cli, python = _losses(tmp_path / "cli"), _losses(tmp_path / "python")
     assert sorted(cli) == [1, 2, 3, 4, 5]
@@ -61,6 +91,28 @@ def test_bad_config_exits_with_the_message(tmp_path):
     )
     assert completed.returncode == 2
     assert "did you mean 'max_steps'" in completed.stderr and "Traceback" not in completed.stderr
+    # A misspelt callback: named, with the fix, before any process starts (no run directory appears).
+    typo = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shardtrain",
+            "fit",
+            "--config",
+            str(CONFIG),
+            "--trainer.default_root_dir",
+            str(tmp_path / "run"),
+            "--trainer.callbacks+",
+            "ThroughputMonitr",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert typo.returncode == 2 and "Traceback" not in typo.stderr
+    assert "no Callback class 'ThroughputMonitr'; did you mean 'ThroughputMonitor'?" in typo.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_help_lists_options_with_types_and_defaults():

@@ -126,3 +126,133 @@ def test_configuration_reference_is_current():
     assert committed == generate(), (
         "docs/configuration.md is stale: run `python -m shardtrain.config_reference > docs/configuration.md`"
     )
+
+
+def test_callbacks_by_short_name_with_options_and_overrides(tmp_path):
+    path = _write(
+        tmp_path,
+        """\
+        trainer:
+          accelerator: cpu
+          callbacks:
+            - class_path: ThroughputMonitor
+              init_args: {prog_bar: false}
+            - class_path: shardtrain.ModelCheckpoint
+              init_args: {every_n_train_steps: 100}
+        """,
+    )
+    config = parse(
+        "fit",
+        [
+            "--config",
+            path,
+            *MODEL,
+            "--trainer.callbacks+",
+            "examples.gpt.sample.SampleText",
+            "--trainer.callbacks.length",
+            "7",
+        ],
+    )
+    trainer, _, _ = instantiate(config)
+    from examples.gpt.sample import SampleText
+    from shardtrain import ModelCheckpoint, RunSummary, ThroughputMonitor
+
+    kinds = {type(cb): cb for cb in trainer.callbacks}
+    assert kinds[ThroughputMonitor].prog_bar is False
+    assert kinds[ModelCheckpoint].every_n_train_steps == 100
+    assert kinds[SampleText].length == 7
+    assert RunSummary in kinds  # enable_model_summary defaults to True
+    shown = yaml.safe_load(dump(config))["trainer"]["callbacks"]
+    assert [entry["class_path"].rsplit(".", 1)[-1] for entry in shown] == [
+        "ThroughputMonitor",
+        "ModelCheckpoint",
+        "SampleText",
+    ]
+    assert shown[1]["init_args"]["every_n_train_steps"] == 100
+
+
+def test_logger_true_false_or_classes_defaulting_to_the_root_dir(tmp_path):
+    from shardtrain import CSVLogger
+
+    def loggers(*argv):
+        config = parse("fit", ["--trainer.accelerator", "cpu", *MODEL, *argv])
+        return instantiate(config)[0].loggers, yaml.safe_load(dump(config))["trainer"]["logger"]
+
+    built, shown = loggers("--trainer.logger", "false")
+    assert built == [] and shown is False
+    built, shown = loggers("--trainer.default_root_dir", str(tmp_path / "a"))
+    assert [type(x) for x in built] == [CSVLogger] and built[0].root_dir == tmp_path / "a" and shown is True
+    built, shown = loggers(
+        "--trainer.default_root_dir",
+        str(tmp_path / "b"),
+        "--trainer.logger",
+        f"[{{class_path: CSVLogger}}, {{class_path: CSVLogger, init_args: {{root_dir: {tmp_path / 'own'}}}}}]",
+    )
+    assert [x.root_dir for x in built] == [tmp_path / "b", tmp_path / "own"]  # left out: the Trainer's root dir
+    assert [entry["init_args"]["root_dir"] for entry in shown] == [str(tmp_path / "b"), str(tmp_path / "own")]
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        (
+            "{class_path: ThroughputMonitr}",
+            r"no Callback class 'ThroughputMonitr'; did you mean 'ThroughputMonitor'\?.*run.yaml",
+        ),
+        (
+            "{class_path: torch.nn.Linear}",
+            r"torch.nn.Linear is not a shardtrain Callback; use shardtrain's by name \(.*ModelCheckpoint",
+        ),
+        (
+            "{class_path: ModelCheckpoint, init_args: {every_n_train_step: 5}}",
+            r"has no option 'every_n_train_step'; did you mean 'every_n_train_steps'\?",
+        ),
+    ],
+)
+def test_wrong_callback_names_the_fix(tmp_path, entry, message):
+    with pytest.raises(ConfigError, match=message):
+        parse("fit", ["--config", _write(tmp_path, f"trainer: {{callbacks: [{entry}]}}\n"), *MODEL])
+
+
+def test_wrong_logger_names_the_fix(tmp_path):
+    with pytest.raises(ConfigError, match=r"no Logger class 'TensorBoard'; did you mean 'TensorBoardLogger'\?"):
+        parse("fit", ["--trainer.logger", "[{class_path: TensorBoard}]", *MODEL])
+
+
+def test_the_gpt_example_config_shows_throughput_checkpoints_and_a_sample():
+    from pathlib import Path
+
+    from examples.gpt.sample import SampleText
+    from shardtrain import ModelCheckpoint, ThroughputMonitor
+
+    gpt = Path(__file__).resolve().parents[2] / "examples" / "gpt" / "gpt.yaml"
+    trainer, _, _ = instantiate(parse("fit", ["--config", str(gpt), "--trainer.accelerator", "cpu"]))
+    kinds = {type(cb): cb for cb in trainer.callbacks}
+    assert ThroughputMonitor in kinds and kinds[ModelCheckpoint].every_n_train_steps == 100
+    assert kinds[SampleText].length == 200
+
+
+def test_run_summary_counts_every_parameter_once():
+    import torch
+
+    from shardtrain.callbacks.summary import count_parameters
+
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False))
+    model[1].weight = model[0].weight  # tied: counted once
+    model.add_module("frozen", torch.nn.Linear(2, 2))
+    model.frozen.requires_grad_(False)
+    assert count_parameters(model) == (40 + 6, 40)
+    partitioned = torch.nn.Module()
+    partitioned.weight = torch.nn.Parameter(torch.empty(0))  # DeepSpeed ZeRO-3's placeholder
+    partitioned.weight.ds_numel = 1000
+    assert count_parameters(partitioned) == (1000, 1000)
+
+
+def test_enable_model_summary_false_adds_no_summary():
+    from shardtrain import RunSummary, Trainer
+
+    assert any(isinstance(cb, RunSummary) for cb in Trainer(accelerator="cpu", logger=False).callbacks)
+    assert not any(
+        isinstance(cb, RunSummary)
+        for cb in Trainer(accelerator="cpu", logger=False, enable_model_summary=False).callbacks
+    )
