@@ -36,7 +36,8 @@ class SampleText(Callback):
     def on_fit_end(self, trainer: Trainer, module: TrainModule) -> None:
         text = module.generate(self.prompt.encode(), self.length, temperature=self.temperature, seed=self.seed)
         if trainer.is_global_zero:
-            sample = self.prompt + text.decode("utf-8", errors="replace")
+            decoded = text.decode("utf-8", errors="replace")  # an untrained model writes any byte: show controls as "?"
+            sample = self.prompt + "".join(c if c.isprintable() or c == "\n" else "?" for c in decoded)
             print(
                 f"sample after {trainer.global_step} steps:\n{textwrap.indent(sample, '  | ', lambda line: True)}",
                 flush=True,

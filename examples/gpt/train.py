@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `examples` impor
 
 from examples.gpt.data import corpus_loaders  # noqa: E402
 from examples.gpt.model import GPTConfig, GPTModule  # noqa: E402
-from shardtrain import ThroughputMonitor, Trainer  # noqa: E402
+from examples.gpt.sample import SampleText  # noqa: E402
+from shardtrain import ModelCheckpoint, ThroughputMonitor, Trainer  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -55,7 +56,7 @@ def main() -> None:
         gradient_clip_val=1.0,
         default_root_dir=args.root_dir,
         seed=args.seed,
-        callbacks=[ThroughputMonitor()],
+        callbacks=[ThroughputMonitor(), ModelCheckpoint(every_n_train_steps=100), SampleText()],
     )
     trainer.engine.print(
         f"GPT with {config.num_parameters / 1e6:.1f}M parameters, {args.devices} process(es), strategy={args.strategy}, "
