@@ -236,6 +236,7 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
             raise
         try:
             train_loader = self._loader(train_dataloaders, module, "train_dataloader", required=True)
+            self._train_loader = train_loader  # a StatefulDataLoader's position goes into checkpoints
             val_loader = self._loader(val_dataloaders, module, "val_dataloader", required=False)
             self._estimate_steps(train_loader)
             self.engine.configure_training(
@@ -389,12 +390,11 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
         interval = self._val_interval(num_batches)
         collector = MetricCollector(mean_over_batches=False)
         step_loss = torch.zeros((), device=self.engine.device)
-        skip = self.batches_seen_in_epoch  # resuming mid-epoch: these batches were already trained on
-        for batch_idx, batch in enumerate(train_loader):
+        start = self.batches_seen_in_epoch  # resuming mid-epoch: these batches were already trained on
+        train_loader.start_at(start)  # skipped by index, not loaded (see DeviceDataLoader)
+        for batch_idx, batch in enumerate(train_loader, start=start):
             if batch_idx >= num_batches:
                 break
-            if batch_idx < skip:
-                continue
             self._call("on_train_batch_start", batch, batch_idx)
             is_last = batch_idx + 1 == num_batches
             step_now = (batch_idx + 1) % self.accumulate_grad_batches == 0 or is_last
