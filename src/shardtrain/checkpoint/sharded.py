@@ -10,7 +10,9 @@ Layout of a committed checkpoint ``<dir>/``:
 
 Atomic commit: everything is written into the sibling ``.<name>.partial``, DCP fsyncs its files,
 rank 0 writes ``meta.json`` last, fsyncs it, and renames the directory into place. A crash at any
-moment leaves either the previous checkpoint or a ``.partial`` directory that nothing loads.
+moment leaves either the previous checkpoint or a ``.partial`` directory that nothing loads; the
+next save into the same directory removes such leftovers (rank 0, with a printed note), except
+the ones that this process's asynchronous saves are still writing.
 Loading never unpickles: tensors come from DCP, everything else from JSON.
 """
 
@@ -23,7 +25,7 @@ import shutil
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Collection, Iterator
 
 import torch
 import torch.distributed as dist
@@ -55,12 +57,17 @@ def save_sharded(
     in place. Returns the committed directory.
     """
     target, staging = _prepare(path, rank, barrier)
-    with _quiet_single_process():
-        dcp.save(
-            tensors, storage_writer=dcp.FileSystemWriter(staging, sync_files=True), no_dist=not dist.is_initialized()
-        )
-    if rank == 0:
-        _commit(staging, target, meta, on_commit)
+    try:
+        with _quiet_single_process():
+            dcp.save(
+                tensors,
+                storage_writer=dcp.FileSystemWriter(staging, sync_files=True),
+                no_dist=not dist.is_initialized(),
+            )
+        if rank == 0:
+            _commit(staging, target, meta, on_commit)
+    finally:
+        _being_written.discard(staging.resolve())
     barrier()
     return target
 
@@ -129,6 +136,8 @@ def save_sharded_async(
                 _commit(staging, target, meta, on_commit)
         except BaseException as error:  # reported by wait()
             errors.append(error)
+        finally:
+            _being_written.discard(staging.resolve())
 
     thread = threading.Thread(target=finish, name=f"shardtrain-save-{target.name}", daemon=False)
     thread.start()
@@ -144,15 +153,44 @@ def _copy_to_host(tree: Any) -> Any:
     return tree_map_only(torch.Tensor, lambda tensor: tensor.detach().to("cpu", copy=True), tree)
 
 
+_being_written: set[Path] = set()  # staging directories of this process's saves that have not finished
+
+
 def _prepare(path: str | os.PathLike, rank: int, barrier: Callable[[], None]) -> tuple[Path, Path]:
     target = Path(path)
     staging = partial_path(target)
     if rank == 0:
+        remove_stale_partials(target.parent, keep=_being_written)
         if staging.exists():
-            shutil.rmtree(staging)  # left by a crash during an earlier save
+            shutil.rmtree(staging)  # left by a crash during an earlier save of the same name
         staging.mkdir(parents=True)
+    _being_written.add(staging.resolve())
     barrier()
     return target, staging
+
+
+def remove_stale_partials(directory: Path, keep: Collection[Path] = ()) -> list[Path]:
+    """Delete the ``.<name>.partial`` directories in ``directory`` (saves that a crash interrupted),
+    except those in ``keep``; print a note naming them. Returns what was removed."""
+    if not directory.is_dir():
+        return []
+    stale = sorted(
+        entry
+        for entry in directory.iterdir()
+        if entry.name.startswith(".")
+        and entry.name.endswith(".partial")
+        and entry.is_dir()
+        and entry.resolve() not in keep
+    )
+    for entry in stale:
+        shutil.rmtree(entry, ignore_errors=True)
+    if stale:
+        names = ", ".join(entry.name for entry in stale)
+        print(
+            f"[shardtrain] removed {len(stale)} unfinished checkpoint save(s) left by an earlier crash in {directory}: {names}",
+            flush=True,
+        )
+    return stale
 
 
 def _commit(staging: Path, target: Path, meta: dict[str, Any], on_commit: Callable[[Path], None] | None) -> None:
