@@ -93,7 +93,8 @@ def _rebuild(loader: DataLoader, **sampling: Any) -> DataLoader:
         if "batch_sampler" in sampling
         else {"sampler": sampling["sampler"], "batch_size": loader.batch_size, "drop_last": loader.drop_last}
     )
-    return type(loader)(  # type: ignore[call-arg]
+    kind = type(loader) if is_stateful(loader) else DataLoader  # a subclass's own __init__ may take other arguments
+    return kind(  # type: ignore[call-arg]
         loader.dataset,
         **batching,
         num_workers=loader.num_workers,

@@ -145,3 +145,31 @@ def test_iterable_resume_with_a_stateful_dataloader_continues_from_its_saved_pos
     assert not [w for w in caught if "reads and discards" in str(w.message)]
     assert resumed.made == full.made[STOP * BATCH :]  # nothing before the position was made again
     assert resumed.made[0] == STOP * BATCH
+
+
+class EveryOtherFirst:
+    """A custom batch sampler (not a BatchSampler): even indices first, in batches of 3."""
+
+    def __iter__(self):
+        order = list(range(0, SAMPLES, 2)) + list(range(1, SAMPLES, 2))
+        return (order[i : i + 3] for i in range(0, SAMPLES, 3))
+
+    def __len__(self):
+        return -(-SAMPLES // 3)
+
+
+def test_a_custom_batch_sampler_is_skipped_by_batch_without_loading(tmp_path):
+    full_data, resumed_data = CountingDataset(), CountingDataset()
+    full = list(shardtrain_data.DeviceDataLoader(DataLoader(full_data, batch_sampler=EveryOtherFirst()), "cpu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one process: no warning about sharding a custom sampler
+        loader = shardtrain_data.with_distributed_sampler(
+            DataLoader(resumed_data, batch_sampler=EveryOtherFirst()), 1, 0, 0
+        )
+    device_loader = shardtrain_data.DeviceDataLoader(loader, "cpu")
+    assert len(device_loader) == len(full) and device_loader.batch_size is None
+    device_loader.start_at(40)
+    resumed = list(device_loader)
+    assert resumed_data.loaded == full_data.loaded[40 * 3 :]
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(resumed, full[40:], strict=True))
+    assert len(list(device_loader)) == len(full)  # the next epoch starts from the beginning
