@@ -104,7 +104,7 @@ def parse(command: str, argv: list[str]) -> Namespace:
 
 
 def check_strategy(strategy: dict[str, Any]) -> None:
-    name = strategy.get("name", "auto")
+    name = str(strategy.get("name", "auto")).lower()  # names are case-insensitive, as in Trainer(strategy=...)
     if name != "auto" and name not in available_strategies():
         raise StrategyError(
             f"unknown strategy {name!r} in the config's strategy.name; choose one of: auto, {', '.join(available_strategies())}"

@@ -256,3 +256,10 @@ def test_enable_model_summary_false_adds_no_summary():
         isinstance(cb, RunSummary)
         for cb in Trainer(accelerator="cpu", logger=False, enable_model_summary=False).callbacks
     )
+
+
+def test_strategy_names_in_a_config_are_case_insensitive_like_the_trainers():
+    from shardtrain.config import check_strategy
+
+    check_strategy({"name": "DDP"})
+    check_strategy({"name": "FSDP", "cpu_offload": True})
