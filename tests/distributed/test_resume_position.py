@@ -46,3 +46,21 @@ def test_shuffled_resume_loads_only_what_is_left_and_continues_the_curve(uninter
     for rank, (loaded,) in _loaded(tmp_path).items():
         # each rank loads exactly what the uninterrupted run loaded after step STOP, and nothing before
         assert loaded == full_loaded[rank][STOP * per_rank :]
+
+
+def test_a_stateful_dataloader_over_a_stream_resumes_on_two_processes_without_rereading(tmp_path):
+    pytest.importorskip("torchdata.stateful_dataloader")
+    stream = ("--devices", "2", "--batch-size", str(GLOBAL_BATCH // 2), "--stream")
+    full = assert_ok(run_script("resume_counting.py", tmp_path / "full", *stream, "--max-steps", str(END))).result()
+    full_loaded = {rank: runs[0] for rank, runs in _loaded(tmp_path / "full").items()}
+    assert_ok(run_script("resume_counting.py", tmp_path, *stream, "--max-steps", str(STOP), "--save-at-end"))
+    for path in tmp_path.glob("loaded_rank*.json"):
+        path.unlink()
+    resumed = assert_ok(
+        run_script("resume_counting.py", tmp_path, *stream, "--max-steps", str(END), "--ckpt-path", "last")
+    ).result()
+    assert resumed["steps"] == list(range(STOP + 1, END + 1))
+    assert resumed["losses"] == pytest.approx(full["losses"][STOP:], abs=1e-6)
+    for rank, (loaded,) in _loaded(tmp_path).items():
+        assert loaded[0] == STOP * GLOBAL_BATCH + rank  # each rank's stream continued where it was
+        assert loaded == full_loaded[rank][STOP * GLOBAL_BATCH // 2 :]

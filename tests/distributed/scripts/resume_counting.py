@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from shardtrain import TrainModule, Trainer
 
@@ -25,6 +25,31 @@ class CountingDataset(Dataset):
         g = torch.Generator().manual_seed(index)
         x = torch.randn(8, generator=g)
         return x, x.sum(dim=0, keepdim=True).sin()
+
+
+class CountingStream(IterableDataset):
+    """Rank r's share of the samples (i % world == r) as a stream; its position is a state_dict."""
+
+    def __init__(self, size):
+        self.size, self.loaded, self.next_index = size, [], None
+
+    def __iter__(self):
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        if self.next_index is None:
+            self.next_index = rank
+        while self.next_index < self.size:
+            index, self.next_index = self.next_index, self.next_index + world
+            self.loaded.append(index)
+            g = torch.Generator().manual_seed(index)
+            x = torch.randn(8, generator=g)
+            yield x, x.sum(dim=0, keepdim=True).sin()
+        self.next_index = None
+
+    def state_dict(self):
+        return {"next_index": self.next_index}
+
+    def load_state_dict(self, state):
+        self.next_index = state["next_index"]
 
 
 class Regression(TrainModule):
@@ -47,9 +72,17 @@ parser.add_argument("--samples", type=int, default=512)
 parser.add_argument("--max-steps", type=int, default=80)
 parser.add_argument("--ckpt-path", default=None)
 parser.add_argument("--save-at-end", action="store_true")
+parser.add_argument("--stream", action="store_true", help="an IterableDataset through torchdata's StatefulDataLoader")
 args = parser.parse_args()
 
-dataset = CountingDataset(args.samples)
+if args.stream:
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    dataset = CountingStream(args.samples)
+    loader = StatefulDataLoader(dataset, batch_size=args.batch_size)
+else:
+    dataset = CountingDataset(args.samples)
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True)
 trainer = Trainer(
     accelerator="cpu",
     devices=args.devices,
@@ -60,7 +93,7 @@ trainer = Trainer(
     seed=11,
     enable_progress_bar=False,
 )
-trainer.fit(Regression(), DataLoader(dataset, batch_size=args.batch_size, shuffle=True), ckpt_path=args.ckpt_path)
+trainer.fit(Regression(), loader, ckpt_path=args.ckpt_path)
 if args.save_at_end:
     trainer.save_checkpoint()
 out = Path(args.out)
