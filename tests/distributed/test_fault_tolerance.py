@@ -149,6 +149,8 @@ def test_slurm_preemption_requeues_the_job(tmp_path):
         str(SCRIPTS / "train_gpt.py"),
         "--out",
         str(out),
+        "--devices",
+        "2",  # SLURM's tasks per node: a different number is refused
         *FSDP,
         "--preemption",
         json.dumps({"check_every_n_steps": 1}),
