@@ -298,8 +298,13 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
         module._trainer = self
 
     def _setup(self, module: TrainModule, stage: str) -> None:
-        if self.module is module and self.model is not None:
-            return
+        """Set the model up once (a later stage on the same module reuses it); callbacks' ``setup`` runs every stage."""
+        if not (self.module is module and self.model is not None):
+            self._set_up_model(module, stage)
+        for callback in self.callbacks:
+            callback.setup(self, module, stage)
+
+    def _set_up_model(self, module: TrainModule, stage: str) -> None:
         if self.auto_strategy:
             self._choose_strategy(module)
         if self.seed is not None:
@@ -316,8 +321,6 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
             self.model, self.optimizers = self.engine.setup_module_and_optimizers(module, configure_optimizers)
         else:
             self.model = self.engine.setup_module(module)
-        for callback in self.callbacks:
-            callback.setup(self, module, stage)
 
     def _choose_strategy(self, module: TrainModule) -> None:
         """``strategy="auto"``: pick from the memory estimate (see ``shardtrain.estimate``)."""

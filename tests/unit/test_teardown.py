@@ -79,7 +79,7 @@ def test_teardown_once_per_fit_and_validate_and_the_model_stays_readable(tmp_pat
     assert (saved / ".metadata").is_file()
     (metrics,) = trainer.validate(module, _loader())
     assert metrics["val_loss"] > 0
-    assert recorder.calls[-1] == ("teardown", "validate", 1)
+    assert recorder.calls[-2:] == [("setup", "validate"), ("teardown", "validate", 1)]  # every stage is set up
     assert [call for call in recorder.calls if call[0] == "teardown"] == [
         ("teardown", "fit", 0),
         ("teardown", "validate", 1),
