@@ -6,25 +6,10 @@ import csv
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from shardtrain import TrainModule, Trainer
+from shardtrain import Trainer
+from tests.unit.linear_module import LinearRegression
 
 BATCH = 4
-
-
-class WithValidation(TrainModule):
-    def configure_model(self):
-        self.net = torch.nn.Linear(4, 1)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return torch.nn.functional.mse_loss(self.net(x), y)
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val_loss", torch.nn.functional.mse_loss(self.net(x), y))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
 def _data():
@@ -52,7 +37,7 @@ def test_resume_in_the_same_root_dir_appends_to_metrics_csv_after_a_marker(tmp_p
             limit_val_batches=2,
         )
         trainer.fit(
-            WithValidation(),
+            LinearRegression(lr=0.05),
             DataLoader(_data(), batch_size=BATCH),
             DataLoader(_data(), batch_size=BATCH),
             ckpt_path=ckpt_path,

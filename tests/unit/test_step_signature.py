@@ -6,27 +6,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from shardtrain import TrainModule, Trainer
+from shardtrain import Trainer
 from shardtrain.module import takes_batch_idx
+from tests.unit.linear_module import LinearRegression
 
 
-class WithIndex(TrainModule):
-    def configure_model(self):
-        self.net = torch.nn.Linear(4, 1)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return torch.nn.functional.mse_loss(self.net(x), y)
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val_loss", torch.nn.functional.mse_loss(self.net(x), y))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
-class WithoutIndex(WithIndex):
+class WithoutIndex(LinearRegression):
     def training_step(self, batch):
         x, y = batch
         return torch.nn.functional.mse_loss(self.net(x), y)
@@ -59,7 +44,7 @@ def _fit_and_validate(tmp_path, module):
 
 def test_steps_without_batch_idx_match_steps_with_it(tmp_path):
     losses, val_loss = _fit_and_validate(tmp_path / "without", WithoutIndex())
-    expected_losses, expected_val_loss = _fit_and_validate(tmp_path / "with", WithIndex())
+    expected_losses, expected_val_loss = _fit_and_validate(tmp_path / "with", LinearRegression())
     assert len(losses) == 4
     assert losses == pytest.approx(expected_losses, abs=1e-7)
     assert val_loss == pytest.approx(expected_val_loss, abs=1e-7)

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from shardtrain import Callback, SingleDeviceStrategy, TrainModule, Trainer
+from shardtrain import Callback, SingleDeviceStrategy, Trainer
+from tests.unit.linear_module import LinearRegression
 
 
 class Recorder(Callback):
@@ -27,26 +28,15 @@ class CountingStrategy(SingleDeviceStrategy):
         self.teardowns += 1
 
 
-class Regression(TrainModule):
+class Regression(LinearRegression):
     def __init__(self, fail_at=None):
         super().__init__()
         self.fail_at = fail_at
 
-    def configure_model(self):
-        self.net = torch.nn.Linear(4, 1)
-
     def training_step(self, batch, batch_idx):
         if batch_idx == self.fail_at:
             raise ValueError("bad batch")
-        x, y = batch
-        return torch.nn.functional.mse_loss(self.net(x), y)
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val_loss", torch.nn.functional.mse_loss(self.net(x), y))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+        return super().training_step(batch, batch_idx)
 
 
 def _loader():
