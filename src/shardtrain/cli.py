@@ -32,6 +32,7 @@ from typing import MutableMapping
 from shardtrain.checkpoint.consolidate import consolidate, consolidate_optimizer
 from shardtrain.errors import ConfigError, ShardtrainError
 from shardtrain.launch.environment import outside_launcher
+from shardtrain.memory import parse_memory_size
 
 RUN_COMMANDS = ("fit", "validate", "print-config", "estimate")
 
@@ -139,7 +140,7 @@ def apply_node_flags(argv: list[str], environ: MutableMapping[str, str] = os.env
 def _estimate(argv: list[str]) -> int:
     """Per-device memory of the config's model under every strategy, what fits, and the pick."""
     from shardtrain import config as run_config
-    from shardtrain.estimate import device_memory_bytes, estimate_memory, parse_memory_size
+    from shardtrain.estimate import device_memory_bytes, estimate_memory
 
     layout = argparse.ArgumentParser(prog="shardtrain estimate", add_help=False)
     layout.add_argument("--devices", type=int, default=None)
@@ -195,9 +196,9 @@ def _config_from_checkpoint(argv: list[str]) -> list[str]:
         return argv
     from shardtrain.checkpoint import read_meta
 
-    path = Path(argv[argv.index("--ckpt_path") + 1])
-    if path.name == "last" and path.is_file():
-        path = path.parent / path.read_text().strip()
+    from shardtrain.checkpoint.pointer import resolve_checkpoint
+
+    path = resolve_checkpoint(argv[argv.index("--ckpt_path") + 1])
     stored = read_meta(path)["state"].get("trainer_config", {}).get("run")
     if stored is None:
         raise ShardtrainError(f"{path} holds no run config (it was not saved by `shardtrain fit`); pass --config")
@@ -207,15 +208,6 @@ def _config_from_checkpoint(argv: list[str]) -> list[str]:
     yaml.safe_dump(stored, handle)
     handle.close()
     return ["--config", handle.name, *argv]
-
-
-def _parse_size(text: str) -> int:
-    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
-    lowered = text.strip().lower()
-    for unit, factor in units.items():
-        if lowered.endswith(unit):
-            return int(float(lowered[: -len(unit)]) * factor)
-    return int(lowered)
 
 
 def _consolidate(argv: list[str]) -> int:
@@ -228,7 +220,7 @@ def _consolidate(argv: list[str]) -> int:
     parser.add_argument(
         "--max-shard-size",
         default="5GiB",
-        type=_parse_size,
+        type=parse_memory_size,
         help="split into files of at most this size (default 5GiB)",
     )
     parser.add_argument(

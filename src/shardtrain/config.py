@@ -54,6 +54,7 @@ from shardtrain.module import TrainModule
 from shardtrain.strategies import available_strategies, create_strategy
 from shardtrain.strategies.registry import strategy_factory
 from shardtrain.trainer import Trainer
+from shardtrain.trainer_arguments import TrainerArguments
 
 _TRAINER_SKIP = {"strategy"}
 
@@ -68,7 +69,7 @@ def build_parser(command: str) -> ArgumentParser:
     parser.add_argument(
         "--config", action=ActionConfigFile, help="a run config YAML file (options given after it override it)"
     )
-    parser.add_class_arguments(Trainer, "trainer", skip=_TRAINER_SKIP, instantiate=False)
+    parser.add_class_arguments(TrainerArguments, "trainer", skip=_TRAINER_SKIP, instantiate=False)
     parser.add_argument(
         "--strategy",
         type=dict,
@@ -148,7 +149,7 @@ def instantiate(
     trainer = Trainer(
         **trainer_kwargs, strategy=name if name == "auto" and not strategy else create_strategy(name, **strategy)
     )
-    trainer.config = {**trainer.config, "run": to_plain(config)}
+    trainer.run_config = to_plain(config)
     return trainer, objects.model, objects.data
 
 

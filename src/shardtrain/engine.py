@@ -17,9 +17,10 @@ Engine runs unchanged on one CPU, under DDP on 8 GPUs, or sharded with FSDP::
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-from pathlib import Path
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable, Literal, Sequence, TypeVar, overload
 
 import torch
@@ -27,63 +28,24 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-from shardtrain.checkpoint import PendingSave, load_sharded, read_meta, save_sharded, save_sharded_async, saved_keys
+from shardtrain.checkpoint.state import TrainingStateIO
 from shardtrain.data import DeviceDataLoader, move_to_device, with_distributed_sampler
-from shardtrain.errors import CheckpointError, ConfigError, RankFailedError
-from shardtrain.launch.environment import ClusterEnvironment, detect_environment
-from shardtrain.launch.failures import first_failure, publish_failure
-from shardtrain.launch.subprocess_launcher import launch_local_processes
+from shardtrain.errors import ConfigError, RankFailedError
+from shardtrain.strategy_choice import choose_for_module, is_auto, provisional_strategy
+from shardtrain.launch.environment import ClusterEnvironment
+from shardtrain.launch.failures import explain_failure
+from shardtrain.launch.processes import RunProcesses
+from shardtrain.parallel_dims import ParallelDims
 from shardtrain.precision import Precision
-from shardtrain.rank_agreement import check_same_on_every_rank, module_fingerprint
-from shardtrain.seed import restore_rng, rng_tensors, seed_everything
+from shardtrain.rank_agreement import check_ranks_built_the_same
+from shardtrain.seed import seed_everything
 from shardtrain.strategies import Strategy, create_strategy
 from shardtrain.strategies.base import TrainingSettings, optimizer_parameters, repoint_optimizer
-from shardtrain.wrapper import EngineModule
+from shardtrain.strategies.capabilities import BackwardSyncControl
+from shardtrain.wrapper import EngineModule, EngineOptimizer, ForwardRouter
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
-Accelerator = Literal["auto", "cpu", "cuda"]
-
-
-def resolve_accelerator(accelerator: str) -> str:
-    if accelerator not in ("auto", "cpu", "cuda", "gpu"):
-        raise ConfigError(f"unknown accelerator {accelerator!r}; choose 'auto', 'cpu' or 'cuda'")
-    if accelerator == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if accelerator in ("cuda", "gpu") and not torch.cuda.is_available():
-        raise ConfigError("accelerator='cuda' but no CUDA device is available; use accelerator='cpu' or 'auto'")
-    return "cuda" if accelerator == "gpu" else accelerator
-
-
-class EngineOptimizer:
-    """The user's optimizer with ``step()`` routed through the strategy (loss scaling, DeepSpeed).
-
-    It is an instance of the user's optimizer class, sharing its parameter groups and state, so
-    LR schedulers can be built on it.
-    """
-
-    def __init__(self, optimizer: Optimizer, engine: "Engine") -> None:
-        self.__dict__ = {k: v for k, v in optimizer.__dict__.items() if k not in ("step", "__del__")}
-        self.__class__ = type("Engine" + type(optimizer).__name__, (EngineOptimizer, type(optimizer)), {})
-        self._optimizer = optimizer
-        self._engine = engine
-
-    @property
-    def optimizer(self) -> Optimizer:
-        return self._optimizer
-
-    def step(self, closure: Callable[[], Any] | None = None) -> None:  # type: ignore[override]
-        if closure is not None:
-            closure()
-        self._engine.step(self._optimizer)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:  # type: ignore[override]
-        self._engine.strategy.optimizer_zero_grad(self._optimizer, set_to_none)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self._optimizer.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._optimizer.load_state_dict(state_dict)
 
 
 class Engine:
@@ -92,85 +54,89 @@ class Engine:
     Args:
         accelerator: ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when available).
         devices: processes per node (one per GPU on CUDA); ``"auto"``: what torchrun or SLURM started,
-            else every visible GPU on CUDA and one process on the CPU. Under torchrun or SLURM a
-            number that differs from the launcher's layout is an error.
+            else every visible GPU on CUDA and one process on the CPU (a number must match a launcher's).
         num_nodes: machines in the run (under torchrun or SLURM, it must match theirs).
         strategy: a registered name (``"single"``, ``"ddp"``, ...; see ``available_strategies()``),
-            ``"auto"``, or a ``Strategy`` object.
+            ``"auto"`` (chosen from a memory estimate when the model is set up), or a ``Strategy`` object.
         precision: ``"32-true"``, ``"bf16-mixed"``, ``"bf16-true"`` or ``"16-mixed"`` (see ``shardtrain.precision``).
         timeout_seconds: how long a collective may wait for the other ranks before the run fails.
     """
 
     def __init__(
         self,
-        accelerator: Accelerator | str = "auto",
+        accelerator: Literal["auto", "cpu", "cuda"] | str = "auto",
         devices: int | Literal["auto"] = "auto",
         num_nodes: int = 1,
         strategy: str | Strategy = "auto",
         precision: str | int = "32-true",
         timeout_seconds: float = 1800.0,
     ) -> None:
-        if devices != "auto" and (not isinstance(devices, int) or devices < 1):
-            raise ConfigError(f"devices must be a whole number >= 1 or 'auto', got {devices!r}")
-        if not isinstance(num_nodes, int) or num_nodes < 1:
-            raise ConfigError(f"num_nodes must be a whole number >= 1, got {num_nodes!r}")
-        self.accelerator = resolve_accelerator(accelerator)
-        visible = torch.cuda.device_count() if self.accelerator == "cuda" else 1
-        self._environment = detect_environment(None if devices == "auto" else devices, num_nodes, auto_devices=visible)
-        if self.accelerator == "cuda" and self._environment.local_world_size > visible:
-            raise ConfigError(
-                f"devices={self._environment.local_world_size} but this machine has {visible} CUDA devices"
-            )
-        world_size = self._environment.world_size
-        if strategy == "auto":
-            strategy = "ddp" if world_size > 1 else "single"
-        self.strategy: Strategy = create_strategy(strategy)
-        self.strategy.validate(world_size, self.accelerator)
-        self.precision = Precision(precision)
+        self._processes = RunProcesses(accelerator, devices, num_nodes)
+        self.accelerator = self._processes.accelerator
+        self._precision_name = Precision(precision).name
         self.timeout = timedelta(seconds=timeout_seconds)
         self._training = TrainingSettings()
+        #: ``strategy="auto"``: a provisional choice until ``choose_strategy(module)`` decides from the model.
+        self._strategy_is_auto = is_auto(strategy)
+        strategy = provisional_strategy(strategy, self.environment.world_size)
+        self._mesh: Any = None
+        self.strategy: Strategy = self._prepare(create_strategy(strategy))
         self._launched = False
         self._modules: list[nn.Module] = []
         self._module_of_optimizer: dict[int, nn.Module] = {}  # where parameters cannot tell (ZeRO flattens them)
-        self._pending_save: PendingSave | None = None
+        self._checkpoints = TrainingStateIO(lambda: self.strategy, self._modules, self._module_of_optimizer)
         self._modules_torn_down = 0  # how many of self._modules the strategy's teardown has seen
+
+    def _prepare(self, strategy: Strategy) -> Strategy:
+        """Give ``strategy`` the run's precision and settings and check its layout: before any process starts."""
+        strategy.configure_precision(self._precision_name)
+        strategy.validate(self.world_size, self.accelerator)
+        strategy.configure_training(self._training)
+        self.parallel_dims: ParallelDims = strategy.parallel_dims(self.world_size, self.environment.local_world_size)
+        self._mesh = None  # the mesh of another strategy's layout, if any, is not this one's
+        return strategy
 
     # ------------------------------------------------------------------ processes
     def launch(self, function: Callable[..., T] | None = None, *args: Any, **kwargs: Any) -> T | None:
-        """Start the processes of the run (if not already started) and join the process group.
-
-        With ``function``, call ``function(engine, *args, **kwargs)`` in every process and return its result.
-        """
+        """Start the processes of the run (if not already started) and join the process group; with
+        ``function``, call ``function(engine, *args, **kwargs)`` in every process and return its result."""
         if not self._launched:
-            if not self._environment.processes_started:
-                launch_local_processes(self._environment)
-                self._environment = detect_environment(self._environment.local_world_size, 1)
-            env = self._environment
-            device = torch.device("cuda", env.local_rank) if self.accelerator == "cuda" else torch.device("cpu")
-            if self.accelerator == "cpu" and env.local_world_size > 1:
-                torch.set_num_threads(
-                    int(os.environ.get("OMP_NUM_THREADS", max(1, (os.cpu_count() or 1) // env.local_world_size)))
-                )
-            self.strategy.connect(env, device, self.precision, self.timeout)
-            self.precision = self.strategy.precision  # a strategy may implement the precision its own way
-            self.strategy.setup_environment()
+            self._processes.start()
+            self._connect(self.strategy)
             self._launched = True
         return function(self, *args, **kwargs) if function is not None else None
 
-    def use_strategy(self, strategy: str | Strategy) -> None:
-        """Switch to another strategy before any model is set up (how ``strategy="auto"`` decides late)."""
+    def _connect(self, strategy: Strategy) -> None:
+        strategy.connect(
+            self.environment, self._processes.device, self.timeout, self.parallel_dims, lambda: self.device_mesh
+        )
+        strategy.setup_environment()
+
+    @property
+    def device_mesh(self) -> Any:
+        """The run's ``DeviceMesh``, named by ``parallel_dims.MESH_DIMS`` (built on first use; every rank must ask)."""
+        self._require_launched("device_mesh")
+        if self._mesh is None:
+            self._mesh = self.parallel_dims.build_mesh(self.device.type)
+        return self._mesh
+
+    def choose_strategy(self, module: nn.Module) -> str | None:
+        """Under ``strategy="auto"``, choose the strategy for ``module`` from its memory estimate
+        (``shardtrain.estimate``) before its ``configure_model()`` runs; returns why, else None.
+        This and the constructor are the one place where ``"auto"`` is resolved."""
+        if not self._strategy_is_auto:
+            return None
         if self._modules:
-            raise RuntimeError(
-                "use_strategy() must come before setup(): a model is already placed by the current strategy"
-            )
-        chosen = create_strategy(strategy)
-        chosen.validate(self.world_size, self.accelerator)
-        if self._launched:
-            chosen.connect(self._environment, self.strategy.device, self.precision, self.timeout)
-            self.precision = chosen.precision
-            chosen.setup_environment()
-        chosen.configure_training(self._training)
-        self.strategy = chosen
+            raise RuntimeError("choose_strategy() must come before setup(): a model is already placed")
+        name, reason = choose_for_module(module, self.environment, self._precision_name, self.accelerator)
+        self._strategy_is_auto = False
+        if name != self.strategy.name:
+            self.strategy = self._prepare(create_strategy(name))
+            if self._launched:
+                self._connect(self.strategy)
+        log.info("strategy='auto' chose %s", reason)
+        self.print(f"[shardtrain] strategy='auto' chose {reason}", flush=True)
+        return reason
 
     def configure_training(
         self,
@@ -180,11 +146,9 @@ class Engine:
         gradient_clip_algorithm: str = "norm",
         micro_batch_size: int | None = None,
     ) -> None:
-        """Tell the strategy how the loop will train (DeepSpeed writes this into its config).
-
-        Optional for custom loops; raises ``ConfigError`` for settings the strategy cannot honour
-        (DeepSpeed and clipping by value), before any process group exists.
-        """
+        """Tell the strategy how the loop will train (DeepSpeed writes it into its config;
+        ``forward_backward`` divides the loss by the accumulation steps). Optional for custom loops;
+        raises ``ConfigError`` for settings the strategy cannot honour, before any process group exists."""
         self._training = TrainingSettings(
             accumulate_grad_batches=accumulate_grad_batches,
             gradient_clip_val=gradient_clip_val,
@@ -195,29 +159,43 @@ class Engine:
 
     @property
     def environment(self) -> ClusterEnvironment:
-        return self._environment
+        return self._processes.environment
 
     @property
     def device(self) -> torch.device:
         return self.strategy.device
 
     @property
-    def global_rank(self) -> int:
-        return self._environment.global_rank
+    def precision(self) -> Precision:
+        """The run's precision as the strategy implements it (the strategy owns it)."""
+        return self.strategy.precision
 
-    rank = global_rank
+    @property
+    def global_rank(self) -> int:
+        return self.environment.global_rank
 
     @property
     def local_rank(self) -> int:
-        return self._environment.local_rank
+        return self.environment.local_rank
 
     @property
     def node_rank(self) -> int:
-        return self._environment.node_rank
+        return self.environment.node_rank
 
     @property
     def world_size(self) -> int:
-        return self._environment.world_size
+        return self.environment.world_size
+
+    @property
+    def data_parallel_rank(self) -> int:
+        """Which of the step's ``data_parallel_size`` batches this rank reads (ranks of one tensor-
+        or pipeline-parallel group read the same batch)."""
+        return self.parallel_dims.data_parallel_rank(self.global_rank)
+
+    @property
+    def data_parallel_size(self) -> int:
+        """How many different batches one step reads; the global batch is ``batch_size`` times this."""
+        return self.parallel_dims.data_parallel_size
 
     @property
     def is_global_zero(self) -> bool:
@@ -228,8 +206,7 @@ class Engine:
         if self.is_global_zero:
             print(*args, **kwargs)
 
-    def seed_everything(self, seed: int) -> int:
-        return seed_everything(seed)
+    seed_everything = staticmethod(seed_everything)
 
     # ------------------------------------------------------------------ model, optimizers, data
     def init_module(self) -> contextlib.AbstractContextManager:
@@ -243,9 +220,7 @@ class Engine:
     def setup(self, module: nn.Module, *optimizers: Optimizer) -> tuple[Any, ...]: ...
     def setup(self, module: nn.Module, *optimizers: Optimizer) -> Any:
         """Place ``module`` (and its optimizers) for the strategy; returns them wrapped, in the same order.
-
-        Optimizers built before set-up are re-pointed at the parameters the strategy put in place.
-        """
+        Optimizers built before set-up are re-pointed at the parameters the strategy put in place."""
         if not optimizers:
             return self.setup_module(module)
         names = {id(param): name for name, param in module.named_parameters(remove_duplicate=False)}
@@ -261,13 +236,11 @@ class Engine:
     def setup_module_and_optimizers(
         self, module: nn.Module, make_optimizers: Callable[[], Sequence[Optimizer]]
     ) -> tuple[EngineModule, list[EngineOptimizer]]:
-        """Set up ``module`` and the optimizers ``make_optimizers()`` builds, in the order the strategy
-        needs: on the sharded parameters after FSDP wraps the model, or before DeepSpeed takes both.
-        ``make_optimizers`` is called once, with the module's parameters real (not meta)."""
-        from shardtrain.wrapper import ForwardRouter
-
+        """Set up ``module`` and the optimizers ``make_optimizers()`` builds (once, on real parameters),
+        in the order the strategy needs: after FSDP shards the model, or before DeepSpeed takes both."""
         self._require_launched("setup")
-        self._check_ranks_agree(module)
+        settings = {"strategy": self.strategy.name, "precision": self.precision.name, "training": repr(self._training)}
+        check_ranks_built_the_same(module, settings)
         self.precision.grad_scaler(self.device.type)
         forward_module, optimizers = self.strategy.setup_module_and_optimizers(ForwardRouter(module), make_optimizers)
         self._modules.append(module)
@@ -277,22 +250,8 @@ class Engine:
         ]
 
     def setup_module(self, module: nn.Module) -> EngineModule:
-        from shardtrain.wrapper import ForwardRouter
-
-        self._require_launched("setup")
-        self._check_ranks_agree(module)
-        forward_module = self.strategy.setup_module(ForwardRouter(module))
-        self._modules.append(module)
-        return EngineModule(forward_module, module, self.strategy)
-
-    def _check_ranks_agree(self, module: nn.Module) -> None:
-        """One collective at set-up: every rank built the same model with the same settings."""
-        settings = {"strategy": self.strategy.name, "precision": self.precision.name, "training": repr(self._training)}
-        check_same_on_every_rank(
-            "the model or the run's settings",
-            {**module_fingerprint(module), **{f"[setting] {key}": value for key, value in settings.items()}},
-            "Every rank must build the same model with the same arguments: look for a size or config read differently per rank or node.",
-        )
+        """Place ``module`` alone (for evaluation, or optimizers set up after it: ``setup_optimizers``)."""
+        return self.setup_module_and_optimizers(module, list)[0]
 
     def setup_optimizers(self, *optimizers: Optimizer) -> list[EngineOptimizer]:
         self._require_launched("setup")
@@ -300,14 +259,12 @@ class Engine:
         return [EngineOptimizer(self.strategy.setup_optimizer(optimizer), self) for optimizer in optimizers]
 
     def setup_dataloaders(self, *loaders: DataLoader, use_distributed_sampler: bool = True, seed: int = 0) -> Any:
-        """Give each rank its share of the data and move batches to the device."""
+        """Give each data-parallel rank its share of the data and move batches to the device."""
         self._require_launched("setup_dataloaders")
+        share = (self.data_parallel_size, self.data_parallel_rank, seed)
         out = [
             DeviceDataLoader(
-                with_distributed_sampler(loader, self.world_size, self.global_rank, seed)
-                if use_distributed_sampler
-                else loader,
-                self.device,
+                with_distributed_sampler(loader, *share) if use_distributed_sampler else loader, self.device
             )
             for loader in loaders
         ]
@@ -316,17 +273,45 @@ class Engine:
     def to_device(self, obj: T) -> T:
         return move_to_device(obj, self.device)
 
+    def load_weights(
+        self, module: EngineModule | nn.Module, weights: dict[str, torch.Tensor], strict: bool = True
+    ) -> None:
+        """Load whole (unsharded) weights keyed by parameter names into a set-up module; every rank
+        gives the same ``weights`` and keeps its own part. Every rank must call this."""
+        target = module.module if isinstance(module, EngineModule) else module
+        self.strategy.load_module_state_dict(target, weights, strict=strict, full=True)
+
     # ------------------------------------------------------------------ the step
     def autocast(self) -> contextlib.AbstractContextManager:
         """The precision's compute context, for code that runs outside a set-up module's forward."""
         return self.strategy.forward_context()
 
     def no_backward_sync(self, module: EngineModule, enabled: bool = True) -> contextlib.AbstractContextManager:
-        """Skip gradient synchronisation for a micro-batch that only accumulates."""
+        """Skip gradient synchronisation for a micro-batch that only accumulates (where the strategy can)."""
+        if not isinstance(self.strategy, BackwardSyncControl):
+            return contextlib.nullcontext()
         return self.strategy.no_backward_sync(module._forward_module, enabled)
+
+    def forward_backward(
+        self, module: EngineModule, compute_loss: Callable[[], tuple[torch.Tensor, Any]], *, synchronize: bool = True
+    ) -> tuple[torch.Tensor, Any]:
+        """One micro-batch as the strategy runs it: ``compute_loss()`` (the forward: loss and outputs),
+        backward of the loss divided by ``accumulate_grad_batches`` (``configure_training``), gradients
+        synchronised only when ``synchronize``. Returns the undivided loss, detached, and the outputs."""
+        return self.strategy.forward_backward(module._forward_module, compute_loss, synchronize=synchronize)
 
     def backward(self, loss: torch.Tensor, model: EngineModule | None = None) -> None:
         self.strategy.backward(loss, model._forward_module if model is not None else None)
+
+    @property
+    def can_skip_optimizer_step(self) -> bool:
+        """Whether a loop may leave out an optimizer step (False where the strategy's engine owns it: DeepSpeed)."""
+        return self.strategy.can_skip_optimizer_step
+
+    def gradient_norm(self, optimizers: Optimizer | Sequence[Optimizer], norm_type: float = 2.0) -> torch.Tensor | None:
+        """The norm of the whole gradient the optimizers would apply (unscaled; over every shard and
+        rank), as a tensor; None where it is known only after the step (DeepSpeed)."""
+        return self.strategy.gradient_norm(self._unscaled_parameters(optimizers), norm_type)
 
     def clip_gradients(
         self,
@@ -339,15 +324,20 @@ class Engine:
         """Clip by the norm of the whole (unsharded) gradient, or by value; returns the norm before clipping."""
         if (max_norm is None) == (clip_val is None):
             raise ConfigError("clip_gradients takes exactly one of max_norm and clip_val")
-        optimizers = [optimizer] if isinstance(optimizer, Optimizer) else list(optimizer)
-        raw = [opt.optimizer if isinstance(opt, EngineOptimizer) else opt for opt in optimizers]
-        for opt in raw:
-            self.precision.unscale_gradients(opt)
-        parameters = optimizer_parameters(raw)
+        parameters = self._unscaled_parameters(optimizer)
         if max_norm is not None:
             return self.strategy.clip_gradients_norm(parameters, max_norm, norm_type)
         self.strategy.clip_gradients_value(parameters, clip_val)  # type: ignore[arg-type]
         return None
+
+    def _unscaled_parameters(self, optimizers: Optimizer | Sequence[Optimizer]) -> list[torch.Tensor]:
+        raw = [
+            opt.optimizer if isinstance(opt, EngineOptimizer) else opt
+            for opt in ([optimizers] if isinstance(optimizers, Optimizer) else optimizers)
+        ]
+        for opt in raw:
+            self.precision.unscale_gradients(opt)
+        return optimizer_parameters(raw)
 
     def step(self, *optimizers: Optimizer) -> None:
         """Step the given optimizers (what ``optimizer.step()`` on a set-up optimizer does)."""
@@ -369,13 +359,9 @@ class Engine:
         self.strategy.barrier()
 
     def teardown(self) -> None:
-        """Release what the strategy holds for running the set-up modules (DeepSpeed: destroys its engine).
-
-        The Trainer calls it when ``fit``/``validate`` ends, after an exception too; a custom loop
-        calls it when done. Idempotent: a second call does nothing until another ``setup``. The
-        weights and optimizer state stay readable (``save``, ``module_state_dict``); see
-        ``Strategy.teardown`` for what each strategy releases.
-        """
+        """Release what the strategy holds for running the set-up modules (DeepSpeed destroys its
+        engine); the Trainer calls it when ``fit``/``validate`` ends, a custom loop when done.
+        Idempotent until the next ``setup``. Weights and optimizer state stay readable (``save``)."""
         if self._modules_torn_down == len(self._modules):
             return
         self._modules_torn_down = len(self._modules)
@@ -383,15 +369,8 @@ class Engine:
         self.strategy.teardown()
 
     def explain_failure(self, exception: BaseException) -> RankFailedError | None:
-        """Record that this rank fails with ``exception``; if another rank failed first, the
-        error that names it and holds its traceback (raise it ``from exception``)."""
-        if isinstance(exception, SystemExit):
-            return None
-        publish_failure(exception)
-        root = first_failure()
-        if root is None or root.rank == self.global_rank:
-            return None
-        return RankFailedError(root.rank, root.traceback)
+        """If another rank failed before this one's ``exception``, the error naming it (raise it ``from exception``)."""
+        return explain_failure(exception, self.global_rank)
 
     # ------------------------------------------------------------------ checkpoints
     def save(
@@ -402,135 +381,19 @@ class Engine:
         asynchronous: bool = False,
         on_commit: Callable[[Path], None] | None = None,
     ) -> Path:
-        """Save ``state`` as a sharded checkpoint directory (see ``shardtrain.checkpoint.sharded``).
-
-        Modules and optimizers: each rank writes its own shards (no gather), keyed by parameter
-        names. Tensors: as they are. Objects with ``state_dict()`` (schedulers, callbacks) and
-        plain values: as JSON. Every rank's RNG state is saved too. Every rank must call this;
-        the directory appears atomically when all have finished, and then ``on_commit(path)``
-        runs on rank 0.
-
-        With ``asynchronous=True`` this returns once the state is copied to CPU memory and the
-        files are written in the background; at most one save is in flight (a new save, a load
-        or ``wait_for_checkpoint()`` waits for it).
-        """
-        self.wait_for_checkpoint()
-        tensors: dict[str, Any] = {}
-        plain: dict[str, Any] = {}
-        for key, value in state.items():
-            self._split(key, value, tensors, plain)
-        tensors["rng"] = {f"rank{self.global_rank}": rng_tensors()}
-        modules = [key for key, value in state.items() if isinstance(value, nn.Module)]
-        meta = {"world_size": self.world_size, "strategy": self.strategy.name, "modules": modules, "state": plain}
-        if asynchronous:
-            self._pending_save = save_sharded_async(
-                path, tensors, meta, rank=self.global_rank, barrier=self.barrier, on_commit=on_commit
-            )
-            return Path(path)
-        return save_sharded(path, tensors, meta, rank=self.global_rank, barrier=self.barrier, on_commit=on_commit)
+        """Save ``state`` (modules, optimizers, tensors, objects with ``state_dict()``, plain values)
+        as a sharded checkpoint directory, committed atomically; every rank must call this. With
+        ``asynchronous=True`` it returns once the state is in CPU memory. See ``checkpoint.state``."""
+        return self._checkpoints.save(path, state, asynchronous=asynchronous, on_commit=on_commit)
 
     def wait_for_checkpoint(self) -> Path | None:
         """Block until an asynchronous save in flight is committed; returns its path (or None)."""
-        pending, self._pending_save = self._pending_save, None
-        return pending.wait() if pending is not None else None
+        return self._checkpoints.wait()
 
     def load(self, path: str | os.PathLike, state: dict[str, Any], strict: bool = True) -> dict[str, Any]:
-        """Load a checkpoint saved by ``save`` into ``state`` in place, on any number of ranks and
-        under any strategy; plain values in ``state`` are replaced. Returns saved plain entries
-        that ``state`` did not name. Every rank must call this."""
-        self.wait_for_checkpoint()
-        meta = read_meta(path)
-        saved_plain: dict[str, Any] = meta["state"]
-        on_disk = saved_keys(path)
-        tensors: dict[str, Any] = {}
-        plain_targets: dict[str, Any] = {}
-        for key, value in state.items():
-            in_tensors = any(k == key or k.startswith(key + ".") for k in on_disk)
-            if not in_tensors and key not in saved_plain:
-                if strict:
-                    raise CheckpointError(
-                        f"checkpoint {path} has no entry {key!r}; it holds {sorted(saved_plain) + sorted({k.split('.')[0] for k in on_disk})}"
-                    )
-                continue
-            self._split(key, value, tensors, plain_targets)
-        same_layout = meta["world_size"] == self.world_size
-        if same_layout:
-            tensors["rng"] = {f"rank{self.global_rank}": rng_tensors()}
-        modules = tuple(key for key, value in state.items() if isinstance(value, nn.Module) and key in tensors)
-        load_sharded(path, tensors, strict_prefixes=modules if strict else ())
-        for key, value in state.items():
-            if key in tensors:
-                self._apply_tensors(value, tensors[key], strict)
-            elif key in saved_plain:
-                state[key] = self._apply_plain(value, saved_plain[key], f"{path}: {key!r}")
-        if same_layout:
-            restore_rng(tensors["rng"][f"rank{self.global_rank}"])
-        return {key: value for key, value in saved_plain.items() if key not in state}
-
-    def _split(self, key: str, value: Any, tensors: dict[str, Any], plain: dict[str, Any]) -> None:
-        """Put ``value``'s state under ``key`` in ``tensors`` (sharded) or ``plain`` (JSON)."""
-        if isinstance(value, nn.Module):
-            tensors[key] = self.strategy.module_state_dict(
-                value.module if isinstance(value, EngineModule) else value, full=False
-            )
-        elif isinstance(value, Optimizer):
-            raw = value.optimizer if isinstance(value, EngineOptimizer) else value
-            tensors[key] = self.strategy.optimizer_state_dict(self._module_of(raw), raw, full=False)
-        elif isinstance(value, (list, tuple)) and value and all(isinstance(item, Optimizer) for item in value):
-            nested: dict[str, Any] = {}
-            for index, item in enumerate(value):
-                self._split(str(index), item, nested, {})
-            tensors[key] = nested
-        elif isinstance(value, torch.Tensor):
-            tensors[key] = value
-        elif isinstance(value, (list, tuple)) and any(callable(getattr(item, "state_dict", None)) for item in value):
-            plain[key] = [item.state_dict() for item in value]
-        elif callable(getattr(value, "state_dict", None)):
-            plain[key] = value.state_dict()
-        else:
-            plain[key] = value
-
-    def _apply_tensors(self, target: Any, loaded: Any, strict: bool) -> None:
-        if isinstance(target, nn.Module):
-            self.strategy.load_module_state_dict(
-                target.module if isinstance(target, EngineModule) else target, loaded, strict=strict, full=False
-            )
-        elif isinstance(target, Optimizer):
-            raw = target.optimizer if isinstance(target, EngineOptimizer) else target
-            self.strategy.load_optimizer_state_dict(self._module_of(raw), raw, loaded, full=False)
-        elif isinstance(target, (list, tuple)):
-            for index, item in enumerate(target):
-                self._apply_tensors(item, loaded[str(index)], strict)
-        # plain tensors were filled in place by DCP
-
-    @staticmethod
-    def _apply_plain(target: Any, saved: Any, where: str) -> Any:
-        if isinstance(target, (list, tuple)) and any(
-            callable(getattr(item, "load_state_dict", None)) for item in target
-        ):
-            if len(target) != len(saved):
-                raise CheckpointError(
-                    f"{where} holds {len(saved)} states but {len(target)} objects were given to load them into"
-                )
-            for item, item_state in zip(target, saved):
-                item.load_state_dict(item_state)
-            return target
-        if callable(getattr(target, "load_state_dict", None)):
-            target.load_state_dict(saved)
-            return target
-        return saved
-
-    def _module_of(self, optimizer: Optimizer) -> nn.Module:
-        """The set-up module whose parameters ``optimizer`` updates."""
-        if id(optimizer) in self._module_of_optimizer:
-            return self._module_of_optimizer[id(optimizer)]
-        params = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        for module in self._modules:
-            if any(id(p) in params for p in module.parameters()):
-                return module
-        raise CheckpointError(
-            "the optimizer's parameters belong to no module set up with this engine; call engine.setup(model, optimizer) first"
-        )
+        """Load a checkpoint saved by ``save`` into ``state`` in place, on any number of ranks and under
+        any strategy; returns saved plain entries that ``state`` did not name. Every rank must call this."""
+        return self._checkpoints.load(path, state, strict=strict)
 
     def _require_launched(self, what: str) -> None:
         if not self._launched:

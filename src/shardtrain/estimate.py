@@ -1,82 +1,77 @@
 """Memory estimation before anything is allocated, and the choice behind ``strategy="auto"``.
 
-The model is built on the meta device (no memory), so its parameters are counted exactly; the
-optimizer it configures takes one step on meta gradients, so its state is *read* from the real
-optimizer class (AdamW: two fp32 moments; SGD with momentum: one; ...); one training step runs
-on meta tensors under a saved-tensors hook, so activation memory is measured from the real
-model, with or without activation checkpointing. Per-strategy figures then follow from where
-each strategy keeps those bytes (docs/memory.md); the DeepSpeed rows follow what DeepSpeed 0.19
-allocates (module weights in the run's 16-bit dtype, an fp32 master partition and fp32 optimizer
-state, its reduce bucket), checked against a real 2-rank run's tensors.
+Two steps, each in its own place. ``shardtrain.footprint`` measures the model on the meta device
+(parameters, optimizer state, activations: a ``ModelFootprint``). Each registered strategy then
+says where it keeps those bytes, in its own ``estimate_memory(footprint)`` (the formulas live
+beside the strategies: ``strategies/replica_memory.py``, ``fsdp_memory.py``,
+``deepspeed_memory.py``; docs/memory.md has them as tables). This module asks every registered
+strategy for its row, orders the rows, and adds the few comparison-only rows.
 
 ``str(estimate)`` is the table a person reads; ``strategy="auto"`` uses ``recommend``.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
+import logging
 import os
-import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
 
-from shardtrain.errors import ConfigError
+from shardtrain.errors import ConfigError, MissingDependencyError
+from shardtrain.footprint import measure_footprint
+from shardtrain.memory import GIB, ModelFootprint, StrategyMemory, parse_memory_size
+from shardtrain.strategies import Strategy, available_strategies, create_strategy
+from shardtrain.strategies.deepspeed_memory import DEEPSPEED_NVME_SWAP_BUFFERS, DEEPSPEED_REDUCE_BUCKET
+from shardtrain.strategies.fsdp import FSDPStrategy
+from shardtrain.strategies.registry import strategy_factory
 
-GIB = 2**30
-_UNITS = {
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
+__all__ = [
+    "DEEPSPEED_NVME_SWAP_BUFFERS",
+    "DEEPSPEED_REDUCE_BUCKET",
+    "GIB",
+    "MemoryEstimate",
+    "ModelFootprint",
+    "StrategyMemory",
+    "choose_strategy",
+    "device_memory_bytes",
+    "estimate_memory",
+    "parse_memory_size",
+    "strategy_rows",
+]
+
+log = logging.getLogger(__name__)
+
+#: The table's order: a whole replica, FSDP from least to most offloaded, then DeepSpeed by stage.
+#: Registered names not listed here (plug-ins) follow, alphabetically.
+TABLE_ORDER = (
+    "single",
+    "ddp",
+    "fsdp",
+    "fsdp_shard_grad_op",
+    "fsdp_hybrid",
+    "fsdp_cpu_offload",
+    "deepspeed_stage_1",
+    "deepspeed_stage_2",
+    "deepspeed_stage_2_offload",
+    "deepspeed_stage_3",
+    "deepspeed_stage_3_offload",
+    "deepspeed_stage_3_offload_nvme",
+)
+#: Rows for FSDP layouts that no registered name selects, shown for comparison only (``available=False``).
+COMPARISON_ROWS: dict[str, dict[str, Any]] = {
+    "fsdp_shard_grad_op": {"sharding_strategy": "SHARD_GRAD_OP"},
+    "fsdp_hybrid": {"sharding_strategy": "HYBRID_SHARD"},
 }
-#: DeepSpeed's defaults (shardtrain passes them through unless the options or config set others):
-#: the gradient reduce bucket (``reduce_bucket_size``, elements), allocated whole on the device, and
-#: the pinned buffers of parameter swapping to NVMe (``offload_param.buffer_count × buffer_size``).
-DEEPSPEED_REDUCE_BUCKET = 500_000_000
-DEEPSPEED_NVME_SWAP_BUFFERS = 5 * 100_000_000
-#: Precisions under which DeepSpeed keeps the module's weights in 16 bits (fp32 master copy aside).
-_DEEPSPEED_16_BIT = ("bf16-mixed", "bf16-true", "16-mixed")
-
-
-def parse_memory_size(text: str | int) -> int:
-    """``"80GiB"``, ``"1TiB"``, ``"512MB"`` or a number of bytes."""
-    if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not match or match.group(2).lower() not in (*_UNITS, ""):
-        raise ConfigError(f"cannot read memory size {text!r}; write it like 80GiB, 512MiB, 1TB or a number of bytes")
-    return int(float(match.group(1)) * _UNITS.get(match.group(2).lower() or "b"))
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class StrategyMemory:
-    """Bytes one device (and its host) needs under one strategy."""
-
-    strategy: str
-    parameters: int
-    gradients: int
-    optimizer: int
-    activations: int
-    working: int  # gathered units and buffers that exist only while a unit runs
-    host_per_device: int = 0  # CPU memory per rank, for offloading strategies
-    available: bool = True  # False: shown for comparison only, not a strategy name shardtrain accepts
-
-    @property
-    def device_total(self) -> int:
-        return self.parameters + self.gradients + self.optimizer + self.activations + self.working
-
-    def fits(self, device_memory: int, host_memory_per_device: int | None, headroom: float) -> bool:
-        host_ok = host_memory_per_device is None or self.host_per_device <= headroom * host_memory_per_device
-        return self.device_total <= headroom * device_memory and host_ok
+#: Registered names left out of the table while their row equals another's: one run under two names
+#: (``deepspeed`` runs ZeRO stage 2 unless told otherwise).
+SAME_RUN_AS = {"deepspeed": "deepspeed_stage_2"}
+#: What a strategy that offloads to NVMe is built with here: it needs a path to exist, the estimate writes nothing.
+_ESTIMATE_NVME_PATH = "/nonexistent/shardtrain-estimate"
 
 
 @dataclass(kw_only=True)
@@ -189,243 +184,84 @@ def estimate_memory(
     namedtuples or dicts), or give the module an ``example_batch(batch_size)`` method. With
     ``device_memory`` (bytes or ``"80GiB"``) the printed table says which strategies fit.
     """
-    from shardtrain.precision import Precision
-    from shardtrain.strategies import available_strategies
-    from shardtrain.strategies.activation_checkpoint import apply_activation_checkpointing
-    from shardtrain.strategies.policy import repeated_blocks
-
-    if not isinstance(devices, int) or devices < 1 or not isinstance(num_nodes, int) or num_nodes < 1:
-        raise ConfigError(
-            f"devices and num_nodes must be whole numbers >= 1, got devices={devices!r}, num_nodes={num_nodes!r}"
-        )
-    parameter_dtype = Precision(precision).parameter_dtype
-    model = _build_on_meta(module, parameter_dtype)
-    parameters = list(model.parameters())
-    count = sum(p.numel() for p in {id(p): p for p in parameters}.values())
-    trainable = sum(p.numel() for p in {id(p): p for p in parameters if p.requires_grad}.values())
-    parameter_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in parameters}.values())
-    optimizer_bytes = _optimizer_state_bytes(model)
-    blocks = repeated_blocks(model)
-    largest_unit = max(
-        (sum(p.numel() * p.element_size() for p in block.parameters()) for block in blocks), default=parameter_bytes
-    )
-    if activation_checkpointing and blocks:
-        apply_activation_checkpointing(model, lambda m: any(m is b for b in blocks))
-    activations = _activation_bytes(model, batch, batch_size)
-    if Precision(precision).is_mixed:
-        activations //= 2  # autocast keeps most saved activations in 16 bits (an estimate; fp32 parts are rare)
-    estimate = MemoryEstimate(
-        model=type(module).__name__ if isinstance(module, nn.Module) else getattr(module, "__name__", "model"),
-        parameters=count,
-        trainable_parameters=trainable,
-        parameter_bytes=parameter_bytes,
-        optimizer_bytes=optimizer_bytes,
-        activation_bytes=activations,
-        largest_unit_bytes=largest_unit,
+    footprint = measure_footprint(
+        module,
         devices=devices,
         num_nodes=num_nodes,
         precision=precision,
+        batch_size=batch_size,
+        batch=batch,
+        activation_checkpointing=activation_checkpointing,
+    )
+    return MemoryEstimate(
+        model=type(module).__name__ if isinstance(module, nn.Module) else getattr(module, "__name__", "model"),
+        parameters=footprint.parameters,
+        trainable_parameters=footprint.trainable_parameters,
+        parameter_bytes=footprint.parameter_bytes,
+        optimizer_bytes=footprint.optimizer_bytes,
+        activation_bytes=footprint.activation_bytes,
+        largest_unit_bytes=footprint.largest_unit_bytes,
+        devices=devices,
+        num_nodes=num_nodes,
+        precision=precision,
+        strategies=strategy_rows(footprint),
         device_memory=None if device_memory is None else parse_memory_size(device_memory),
         host_memory_per_device=None if host_memory_per_device is None else parse_memory_size(host_memory_per_device),
     )
-    accepted = set(available_strategies())
-    estimate.strategies = [
-        replace(row, available=row.strategy in accepted) for row in _fsdp_rows(estimate) + _deepspeed_rows(estimate)
-    ]
-    return estimate
 
 
-def _fsdp_rows(e: MemoryEstimate) -> list[StrategyMemory]:
-    world, local = e.devices * e.num_nodes, e.devices
-    P, Opt, A, U = e.parameter_bytes, e.optimizer_bytes, e.activation_bytes, e.largest_unit_bytes
-    G = P * e.trainable_parameters // max(e.parameters, 1)
-    gathered = 2 * U  # the unit running plus the next one being gathered (prefetch)
-    single_name = "single" if world == 1 else "ddp"
+def strategy_rows(footprint: ModelFootprint) -> list[StrategyMemory]:
+    """A row per registered strategy whose ``estimate_memory`` gives one, named as registered, in ``TABLE_ORDER``.
 
-    def sharded(name: str, ranks: int, working: int) -> StrategyMemory:
-        return StrategyMemory(
-            strategy=name,
-            parameters=P // ranks,
-            gradients=G // ranks,
-            optimizer=Opt // ranks,
-            activations=A,
-            working=working,
-        )
-
-    return [
-        StrategyMemory(strategy=single_name, parameters=P, gradients=G, optimizer=Opt, activations=A, working=0),
-        sharded("fsdp", world, gathered if world > 1 else 0),
-        sharded("fsdp_shard_grad_op", world, P - P // world),
-        sharded("fsdp_hybrid", local, gathered if local > 1 else 0),
-        StrategyMemory(
-            strategy="fsdp_cpu_offload",
-            parameters=0,
-            gradients=0,
-            optimizer=0,
-            activations=A,
-            working=gathered,
-            host_per_device=(P + G + Opt) // world,
-        ),
-    ]
-
-
-def _deepspeed_rows(e: MemoryEstimate) -> list[StrategyMemory]:
-    """Where DeepSpeed ZeRO keeps the bytes, rows named as ``strategy=`` takes them.
-
-    The module's weights are 16-bit under bf16/fp16 precision (else as estimated); the optimizer
-    updates an fp32 master copy of this rank's partition (counted under optimizer) and keeps its
-    state in fp32; gradients are reduced through one whole reduce bucket on the device.
+    Each name is built as ``strategy=name`` builds it; a name that cannot be built here (its
+    optional backend is missing, or it needs options only a run gives) and a strategy without a
+    formula for this layout (``None``) have no row. ``COMPARISON_ROWS`` are added unless a strategy
+    registered under their label already gave one; ``SAME_RUN_AS`` aliases are left out.
     """
-    world = e.devices * e.num_nodes
-    bytes_per_parameter = e.parameter_bytes / max(e.parameters, 1)
-    element = 2 if e.precision in _DEEPSPEED_16_BIT else bytes_per_parameter
-    P = int(e.parameters * element)  # the module's weights as DeepSpeed holds them
-    G = int(e.trainable_parameters * element)
-    master = 4 * e.trainable_parameters  # fp32 copy of the weights the optimizer updates
-    state = int(e.optimizer_bytes * 4 / bytes_per_parameter)  # optimizer state in fp32
-    A = e.activation_bytes
-    gathered = int(2 * e.largest_unit_bytes * element / bytes_per_parameter)  # ZeRO-3: running + prefetched
-    bucket = int(DEEPSPEED_REDUCE_BUCKET * element)
-    optimizer = (master + state) // world
-    host_offload = (master + state + master) // world  # master, state and the fp32 gradient partition
-    return [
-        # ZeRO-1: full gradients exist until the end of backward, then only this rank's partition.
-        StrategyMemory(
-            strategy="deepspeed_stage_1",
-            parameters=P,
-            gradients=G,
-            optimizer=optimizer,
-            activations=A,
-            working=bucket,
-        ),
-        StrategyMemory(
-            strategy="deepspeed_stage_2",
-            parameters=P,
-            gradients=G // world,
-            optimizer=optimizer,
-            activations=A,
-            working=bucket,
-        ),
-        StrategyMemory(
-            strategy="deepspeed_stage_2_offload",
-            parameters=P,
-            gradients=0,
-            optimizer=0,
-            activations=A,
-            working=bucket,
-            host_per_device=host_offload + P // world,  # and a 16-bit staging copy of the partition
-        ),
-        StrategyMemory(
-            strategy="deepspeed_stage_3",
-            parameters=P // world,
-            gradients=G // world,
-            optimizer=optimizer,
-            activations=A,
-            working=gathered + bucket,
-        ),
-        StrategyMemory(
-            strategy="deepspeed_stage_3_offload",
-            parameters=0,
-            gradients=0,
-            optimizer=0,
-            activations=A,
-            working=gathered + bucket,
-            host_per_device=host_offload + P // world,
-        ),
-        StrategyMemory(
-            strategy="deepspeed_stage_3_offload_nvme",
-            parameters=0,
-            gradients=0,
-            optimizer=0,
-            activations=A,
-            working=gathered + bucket,
-            host_per_device=int(DEEPSPEED_NVME_SWAP_BUFFERS * element),  # pinned swap buffers; the rest on disk
-        ),
-    ]
+    registered = available_strategies()
+    rows: dict[str, StrategyMemory] = {}
+    for name in registered:
+        strategy = _build(name)
+        row = strategy.estimate_memory(footprint) if strategy is not None else None
+        if row is not None:
+            rows[name] = replace(row, strategy=name, available=True)
+    for label, options in COMPARISON_ROWS.items():
+        row = None if label in registered else FSDPStrategy(**options).estimate_memory(footprint)
+        if row is not None:
+            rows[label] = replace(row, strategy=label, available=False)
+    for alias, name in SAME_RUN_AS.items():
+        if alias in rows and name in rows and replace(rows[alias], strategy=name) == rows[name]:
+            del rows[alias]
+    return sorted(rows.values(), key=_table_position)
 
 
-def _build_on_meta(module: nn.Module | Callable[[], nn.Module], dtype: torch.dtype) -> nn.Module:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
+def _table_position(row: StrategyMemory) -> tuple[int, str]:
+    known = row.strategy in TABLE_ORDER
+    return (TABLE_ORDER.index(row.strategy) if known else len(TABLE_ORDER), "" if known else row.strategy)
+
+
+def _build(name: str) -> Strategy | None:
+    """The strategy ``strategy=name`` builds with its defaults; ``None`` where it cannot be built without a run."""
     try:
-        with torch.device("meta"):
-            model = module() if not isinstance(module, nn.Module) else module
-            configure = getattr(model, "configure_model", None)
-            if callable(configure):
-                configure()
-    except Exception as error:
-        where = (
-            getattr(model, "__class__", type(module)).__name__
-            if "model" in locals()
-            else getattr(module, "__name__", "the model factory")
-        )
-        raise ConfigError(
-            f"building {where} on the meta device failed: {type(error).__name__}: {error}. Every layer must be creatable without data (no .item(), no loading weights in configure_model)"
-        ) from error
-    finally:
-        torch.set_default_dtype(previous)
-    real = [name for name, p in model.named_parameters() if not p.is_meta]
-    if real:
-        raise ConfigError(
-            f"{type(model).__name__} created parameters outside the meta device (e.g. {real[:3]}); build layers in configure_model() or the factory"
-        )
-    return model
+        return create_strategy(name)
+    except MissingDependencyError:
+        return None  # an optional backend that is not installed
+    except ConfigError as error:
+        if "nvme_path" not in _parameters(strategy_factory(name)):
+            log.debug("no memory estimate for strategy %r: %s", name, error)
+            return None
+    try:
+        return create_strategy(name, nvme_path=_ESTIMATE_NVME_PATH)
+    except ConfigError as error:
+        log.debug("no memory estimate for strategy %r: %s", name, error)
+        return None
 
 
-def _optimizer_state_bytes(model: nn.Module) -> int:
-    configure = getattr(model, "configure_optimizers", None)
-    if not callable(configure):
-        optimizers = [torch.optim.AdamW(model.parameters())]
-    else:
-        from shardtrain.optimization import parse_optimizers
-
-        optimizers, _ = parse_optimizers(configure())
-    for parameter in model.parameters():
-        if parameter.requires_grad:
-            parameter.grad = torch.empty_like(parameter)
-    total = 0
-    for optimizer in optimizers:
-        optimizer.step()
-        total += sum(
-            v.numel() * v.element_size()
-            for state in optimizer.state.values()
-            for v in state.values()
-            if torch.is_tensor(v) and v.dim() > 0
-        )
-    for parameter in model.parameters():
-        parameter.grad = None
-    return total
-
-
-def _activation_bytes(model: nn.Module, batch: Any, batch_size: int) -> int:
-    if batch is None:
-        example = getattr(model, "example_batch", None)
-        if not callable(example):
-            return 0
-        batch = example(batch_size)
-    batch = _to_meta(batch)
-    parameters = {id(p) for p in model.parameters()}
-    saved: dict[int, tuple[torch.Tensor, int]] = {}  # each saved tensor once; the tensor kept so its id stays unique
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        if id(tensor) not in parameters:  # parameters saved for backward are model state, counted already
-            saved[id(tensor)] = (tensor, tensor.numel() * tensor.element_size())
-        return tensor
-
-    step = getattr(model, "training_step", None)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        output = step(batch, 0) if callable(step) else model(batch)
-    del output
-    return sum(nbytes for _, nbytes in saved.values())
-
-
-def _to_meta(batch: Any) -> Any:
-    def meta(value: Any) -> Any:
-        if isinstance(value, torch.Tensor) and not value.is_meta:
-            return torch.empty_like(value, device="meta")
-        return value
-
-    return tree_map(meta, batch)
+def _parameters(factory: Callable[..., Strategy]) -> set[str]:
+    try:
+        return set(inspect.signature(factory).parameters)
+    except (TypeError, ValueError):  # a callable without a readable signature
+        return set()
 
 
 def device_memory_bytes(device_type: str, local_world_size: int) -> tuple[int, int | None]:

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import torch
 from torch import nn
 
+from shardtrain.errors import TrainingStepError
+
 if TYPE_CHECKING:
     from shardtrain.trainer import Trainer
 
@@ -127,3 +129,21 @@ def takes_batch_idx(step: Callable[..., Any]) -> bool:
         return True
     positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     return len(positional) >= 2  # batch_idx is passed by position: a keyword-only one is left at its default
+
+
+def extract_loss(outputs: Any, module_name: str) -> torch.Tensor:
+    """The loss a ``training_step`` returned (a tensor, or a dict with ``"loss"``), checked."""
+    loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+    if not isinstance(loss, torch.Tensor):
+        raise TrainingStepError(
+            f"{module_name}.training_step returned {type(outputs).__name__}; return the loss tensor or a dict with a 'loss' tensor"
+        )
+    if loss.numel() != 1:
+        raise TrainingStepError(
+            f"{module_name}.training_step returned a loss of shape {tuple(loss.shape)}; reduce it to one number (e.g. .mean())"
+        )
+    if not loss.requires_grad:
+        raise TrainingStepError(
+            f"{module_name}.training_step returned a loss that does not require grad; was it computed under torch.no_grad() or detached?"
+        )
+    return loss

@@ -22,7 +22,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, NoReturn, Sequence
+
+import torch
 
 from shardtrain.errors import ConfigError
 
@@ -158,3 +160,50 @@ def requeue_slurm_job(env: Mapping[str, str] | None = None) -> bool:
         )
         return False
     return True
+
+
+class StopAgreement:
+    """A stop signal caught on any rank, agreed on by every rank at a step, and the exit that follows.
+
+    The flag rides on the logging all-reduce (``flag``), or on one small all-reduce every
+    ``Preemption.check_every_n_steps`` steps; then every rank saves and exits at the same step.
+    """
+
+    def __init__(self, preemption: Preemption | None) -> None:
+        self.preemption = preemption
+        self.signals = SignalCatcher(())
+        self.agreed = False
+
+    def install(self) -> None:
+        self.signals = SignalCatcher(self.preemption.signal_numbers if self.preemption else ())
+        self.signals.install()
+        self.agreed = False
+
+    def uninstall(self) -> None:
+        self.signals.uninstall()
+
+    def flag(self, device: torch.device) -> torch.Tensor:
+        """1 where this rank caught a signal; reduced with ``max`` over the ranks."""
+        return torch.tensor(1.0 if self.signals.requested else 0.0, device=device)
+
+    def check_due(self, step: int) -> bool:
+        """Whether ``step`` has its own agreement all-reduce (it is not a logging step)."""
+        every = self.preemption.check_every_n_steps if self.preemption is not None else 0
+        return bool(every) and step % every == 0
+
+    def stop(self, step: int, rank: int, save: Callable[[], Path]) -> NoReturn:
+        """Every rank agreed to stop after ``step``: ``save()`` (returns the checkpoint), requeue, exit with code 75."""
+        assert self.preemption is not None
+        reason = (
+            f"{self.signals.received} on rank {rank}"
+            if self.signals.requested
+            else "a stop signal received by another rank"
+        )
+        path = save()
+        requeued = False
+        if self.preemption.auto_requeue and rank == 0 and running_under_slurm_batch():
+            requeued = requeue_slurm_job()
+        preempted = Preempted(step, reason, path, requeued)
+        if rank == 0:
+            print(f"[shardtrain] {preempted}; exiting with code {preempted.code}", flush=True)
+        raise preempted

@@ -59,3 +59,12 @@ def _describe(entry: Any) -> str:
     if isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], tuple):
         return f"{list(entry[0])} {entry[1]}"
     return repr(entry)
+
+
+def check_ranks_built_the_same(module: Any, settings: dict[str, Any]) -> None:
+    """One collective at set-up: every rank built the same model with the same settings."""
+    check_same_on_every_rank(
+        "the model or the run's settings",
+        {**module_fingerprint(module), **{f"[setting] {key}": value for key, value in settings.items()}},
+        "Every rank must build the same model with the same arguments: look for a size or config read differently per rank or node.",
+    )

@@ -7,178 +7,74 @@ Lightning: the global batch is ``batch_size * world_size * accumulate_grad_batch
 
 from __future__ import annotations
 
-import logging
+import inspect
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
-from shardtrain.callbacks import Callback, ProgressBar, RunSummary
+from shardtrain.callbacks import Callback
 from shardtrain.engine import Engine
-from shardtrain.errors import ConfigError, TrainingStepError
+from shardtrain.errors import ConfigError
 from shardtrain.loggers import Logger
 from shardtrain.metrics import MetricCollector
-from shardtrain.module import TrainModule
+from shardtrain.module import TrainModule, extract_loss
 from shardtrain.nonfinite import NonFiniteCheck
 from shardtrain.optimization import SchedulerConfig, parse_optimizers, step_schedulers
-from shardtrain.preemption import Preempted, Preemption, SignalCatcher, requeue_slurm_job, running_under_slurm_batch
+from shardtrain.preemption import Preemption, StopAgreement
 from shardtrain.seed import seed_everything
 from shardtrain.strategies import Strategy
-from shardtrain.trainer_arguments import check_limit, check_positive_int, limited_batches, make_loggers
-from shardtrain.trainer_checkpoint import TrainerCheckpointing
-from shardtrain.trainer_validation import TrainerValidation
+from shardtrain.trainer_arguments import TrainerArguments, limited_batches, make_loggers
+from shardtrain.trainer_checkpoint import TrainerCheckpoints
+from shardtrain.trainer_validation import ValidationLoop
 from shardtrain.wrapper import EngineModule
 
-log = logging.getLogger(__name__)
 
-
-class Trainer(TrainerCheckpointing, TrainerValidation):
+class Trainer:
     """Fit a :class:`TrainModule` on any strategy with one line of configuration.
 
-    Args:
-        accelerator: ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when available).
-        devices: processes per node (one per GPU on CUDA); ``"auto"``: what torchrun or SLURM started,
-            else every visible GPU on CUDA and one process on the CPU. Under torchrun or SLURM a
-            number that differs from the launcher's layout is an error.
-        num_nodes: machines in the run (under torchrun or SLURM, it must match theirs).
-        strategy: a registered name (see ``available_strategies()``), ``"auto"``, or a ``Strategy`` object.
-        precision: ``"32-true"``, ``"bf16-mixed"``, ``"bf16-true"`` or ``"16-mixed"`` (see docs/precision.md).
-        max_steps: optimizer steps to train for (``-1``: no limit, use ``max_epochs``).
-        max_epochs: passes over the training data (default 1000 when neither limit is set, as in Lightning).
-        accumulate_grad_batches: micro-batches per optimizer step; gradients are synchronised
-            only on the last one.
-        gradient_clip_val: clip gradients to this norm (or value, see ``gradient_clip_algorithm``).
-        gradient_clip_algorithm: ``"norm"`` (of the whole gradient, across shards) or ``"value"``.
-        val_check_interval: ``None``: validate at the end of each epoch; an int ``n``: every ``n``
-            training batches; a float ``f`` in (0, 1]: every ``f`` of an epoch.
-        check_val_every_n_epoch: with end-of-epoch validation, every this many epochs.
-        limit_train_batches: at most this many training batches (int) or this fraction (float) per epoch.
-        limit_val_batches: at most this many validation batches (int) or this fraction (float) per run.
-        log_every_n_steps: how often training metrics are reduced over ranks and written.
-        default_root_dir: where logs (``metrics.csv``) and checkpoints go.
-        callbacks: extra :class:`Callback` objects.
-        logger: ``True`` (a CSV logger in ``default_root_dir``), ``False``, or logger objects.
-        seed: seed every rank with this before building the model (same initial weights everywhere).
-        enable_progress_bar: rank-0 progress bar with loss and tokens/s.
-        enable_model_summary: before the first step, print on rank 0 the parameter count, strategy,
-            layout, precision and where logs and checkpoints go (:class:`~shardtrain.callbacks.RunSummary`).
-        timeout_seconds: how long a collective waits for the other ranks before the run fails.
-        preemption: what to do when the cluster sends a stop signal (default: on SIGTERM or
-            SIGUSR1, save a checkpoint at the next agreed step, requeue under SLURM, exit with
-            code 75); a :class:`~shardtrain.preemption.Preemption`, or ``False`` to leave signals alone.
-        on_nonfinite: ``"ignore"``, ``"stop"`` (raise ``NonFiniteError`` naming the step and
-            ranks) or ``"skip"`` (leave the optimizer step out) when a step's loss or gradient
-            norm is NaN/Inf; the checks cost one small collective and host sync per step.
+    Takes the keyword arguments of :class:`~shardtrain.trainer_arguments.TrainerArguments` (all
+    documented there), or one ``TrainerArguments`` object; every value is checked before
+    anything starts. The arguments stay readable as attributes (``trainer.max_steps``).
     """
 
-    def __init__(
-        self,
-        *,
-        accelerator: str = "auto",
-        devices: int | Literal["auto"] = "auto",
-        num_nodes: int = 1,
-        strategy: str | Strategy = "auto",
-        precision: str | int = "32-true",
-        max_steps: int = -1,
-        max_epochs: int | None = None,
-        accumulate_grad_batches: int = 1,
-        gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: str = "norm",
-        val_check_interval: int | float | None = None,
-        check_val_every_n_epoch: int = 1,
-        limit_train_batches: int | float | None = None,
-        limit_val_batches: int | float | None = None,
-        log_every_n_steps: int = 50,
-        default_root_dir: str | os.PathLike = "runs",
-        callbacks: Sequence[Callback] | Callback | None = None,
-        logger: bool | Logger | Sequence[Logger] = True,
-        seed: int | None = None,
-        enable_progress_bar: bool = True,
-        enable_model_summary: bool = True,
-        timeout_seconds: float = 1800.0,
-        preemption: Preemption | bool = True,
-        on_nonfinite: str = "ignore",
-    ) -> None:
-        check_positive_int("accumulate_grad_batches", accumulate_grad_batches)
-        check_positive_int("log_every_n_steps", log_every_n_steps)
-        check_positive_int("check_val_every_n_epoch", check_val_every_n_epoch)
-        if max_steps != -1:
-            check_positive_int("max_steps", max_steps, "or -1 for no limit")
-        if max_epochs is not None:
-            check_positive_int("max_epochs", max_epochs)
-        if gradient_clip_algorithm not in ("norm", "value"):
-            raise ConfigError(f"gradient_clip_algorithm must be 'norm' or 'value', got {gradient_clip_algorithm!r}")
-        if gradient_clip_val is not None and gradient_clip_val <= 0:
-            raise ConfigError(f"gradient_clip_val must be > 0 (or None to disable), got {gradient_clip_val}")
-        check_limit("val_check_interval", val_check_interval)
-        check_limit("limit_train_batches", limit_train_batches)
-        check_limit("limit_val_batches", limit_val_batches, allow_zero=True)
-        if not isinstance(preemption, (bool, Preemption)):
-            raise ConfigError(f"preemption must be True, False or a shardtrain.Preemption, got {preemption!r}")
-
-        self.config: dict[str, Any] = {  # the resolved arguments, written into every checkpoint
-            "accelerator": accelerator,
-            "devices": devices,
-            "num_nodes": num_nodes,
-            "strategy": strategy if isinstance(strategy, str) else repr(strategy),
-            "precision": str(precision),
-            "max_steps": max_steps,
-            "max_epochs": max_epochs,
-            "accumulate_grad_batches": accumulate_grad_batches,
-            "gradient_clip_val": gradient_clip_val,
-            "gradient_clip_algorithm": gradient_clip_algorithm,
-            "val_check_interval": val_check_interval,
-            "check_val_every_n_epoch": check_val_every_n_epoch,
-            "limit_train_batches": limit_train_batches,
-            "limit_val_batches": limit_val_batches,
-            "log_every_n_steps": log_every_n_steps,
-            "default_root_dir": str(default_root_dir),
-            "seed": seed,
-            "timeout_seconds": timeout_seconds,
-            "preemption": repr(preemption),
-            "on_nonfinite": on_nonfinite,
-        }
-        self.auto_strategy = isinstance(strategy, str) and strategy == "auto"
+    def __init__(self, arguments: TrainerArguments | None = None, /, **options: Any) -> None:
+        unknown = sorted(set(options) - set(TrainerArguments.names()))
+        if unknown:
+            raise ConfigError(
+                f"Trainer got unknown arguments {unknown}; it takes: {', '.join(TrainerArguments.names())}"
+            )
+        args = TrainerArguments(**{**(vars(arguments) if arguments is not None else {}), **options})
+        self.args = args
+        #: The run's config from ``shardtrain fit`` (its YAML, resolved), stored in checkpoints to resume from.
+        self.run_config: dict[str, Any] | None = None
         self.engine = Engine(
-            accelerator=accelerator,
-            devices=devices,
-            num_nodes=num_nodes,
-            strategy=strategy,
-            precision=precision,
-            timeout_seconds=timeout_seconds,
+            accelerator=args.accelerator,
+            devices=args.devices,
+            num_nodes=args.num_nodes,
+            strategy=args.strategy,
+            precision=args.precision,
+            timeout_seconds=args.timeout_seconds,
         )
         self.engine.configure_training(
-            accumulate_grad_batches=accumulate_grad_batches,
-            gradient_clip_val=gradient_clip_val,
-            gradient_clip_algorithm=gradient_clip_algorithm,
+            accumulate_grad_batches=args.accumulate_grad_batches,
+            gradient_clip_val=args.gradient_clip_val,
+            gradient_clip_algorithm=args.gradient_clip_algorithm,
         )
-        self.max_steps = max_steps
-        self.max_epochs = max_epochs if max_epochs is not None else (1000 if max_steps == -1 else None)
-        self.accumulate_grad_batches = accumulate_grad_batches
-        self.gradient_clip_val = gradient_clip_val
-        self.gradient_clip_algorithm = gradient_clip_algorithm
-        self.val_check_interval = val_check_interval
-        self.check_val_every_n_epoch = check_val_every_n_epoch
-        self.limit_train_batches = limit_train_batches
-        self.limit_val_batches = limit_val_batches
-        self.log_every_n_steps = log_every_n_steps
-        self.default_root_dir = Path(default_root_dir)
-        self.seed = seed
-        self.preemption: Preemption | None = Preemption() if preemption is True else (preemption or None)
-        self._signals = SignalCatcher(())
-        self.nonfinite = NonFiniteCheck(on_nonfinite)
-        self._stop_agreed = False
-        self._last_checkpoint: tuple[int, Path] | None = None  # (global step, path) of the latest save
-        self.callbacks: list[Callback] = [callbacks] if isinstance(callbacks, Callback) else list(callbacks or [])
-        if enable_progress_bar and not any(isinstance(cb, ProgressBar) for cb in self.callbacks):
-            self.callbacks.append(ProgressBar())
-        if enable_model_summary and not any(isinstance(cb, RunSummary) for cb in self.callbacks):
-            self.callbacks.insert(0, RunSummary())
-        self.loggers: list[Logger] = make_loggers(logger, self.default_root_dir)
-
+        self.default_root_dir = Path(args.default_root_dir)
+        self.max_epochs = args.epochs_limit
+        self.preemption: Preemption | None = Preemption() if args.preemption is True else (args.preemption or None)
+        self._stop = StopAgreement(self.preemption)
+        self.nonfinite = NonFiniteCheck(args.on_nonfinite)
+        self.callbacks: list[Callback] = args.callback_list()
+        self.loggers: list[Logger] = make_loggers(args.logger, self.default_root_dir)
+        self.checkpoints = TrainerCheckpoints(self.engine, self.default_root_dir)
+        self.validation = ValidationLoop(
+            args.val_check_interval, args.check_val_every_n_epoch, args.limit_val_batches, self._call, self._log
+        )
         self.global_step = 0
         self.current_epoch = 0
         self.batches_seen_in_epoch = 0
@@ -190,6 +86,14 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
         self.model: EngineModule | None = None
         self.optimizers: list[torch.optim.Optimizer] = []
         self.lr_schedulers: list[SchedulerConfig] = []
+        self.train_loader: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        """The arguments as attributes: ``trainer.max_steps``, ``trainer.accumulate_grad_batches``, ..."""
+        args = self.__dict__.get("args")
+        if args is not None and name in TrainerArguments.names():
+            return getattr(args, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # ------------------------------------------------------------------ public API
     @property
@@ -208,6 +112,10 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
     def is_global_zero(self) -> bool:
         return self.engine.is_global_zero
 
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.checkpoints.directory
+
     def init_module(self) -> Any:
         """Context for building a model outside ``configure_model`` where the strategy wants it."""
         self.engine.launch()
@@ -225,28 +133,26 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
         Raises :class:`~shardtrain.preemption.Preempted` (exit code 75) on every rank after
         saving a checkpoint, when a preemption signal arrived (see ``preemption``).
         """
-        self._signals = SignalCatcher(self.preemption.signal_numbers if self.preemption else ())
-        self._signals.install()
-        self._stop_agreed = False
+        self._stop.install()
         try:
             self.engine.launch()
             self._attach(module, "fit")
         except BaseException:
-            self._signals.uninstall()
+            self._stop.uninstall()
             raise
         try:
             train_loader = self._loader(train_dataloaders, module, "train_dataloader", required=True)
-            self._train_loader = train_loader  # a StatefulDataLoader's position goes into checkpoints
+            self.train_loader = train_loader  # a StatefulDataLoader's position goes into checkpoints
             val_loader = self._loader(val_dataloaders, module, "val_dataloader", required=False)
             self._estimate_steps(train_loader)
             self.engine.configure_training(
-                accumulate_grad_batches=self.accumulate_grad_batches,
-                gradient_clip_val=self.gradient_clip_val,
-                gradient_clip_algorithm=self.gradient_clip_algorithm,
+                accumulate_grad_batches=self.args.accumulate_grad_batches,
+                gradient_clip_val=self.args.gradient_clip_val,
+                gradient_clip_algorithm=self.args.gradient_clip_algorithm,
                 micro_batch_size=getattr(train_loader, "batch_size", None),
             )
             self._setup(module, "fit")
-            self.nonfinite.refuse_what_cannot_be_done(self.strategy.can_skip_optimizer_step, self._loss_scaling())
+            self.nonfinite.refuse_what_cannot_be_done(self.engine.can_skip_optimizer_step, self._loss_scaling())
             if ckpt_path is not None:
                 self._restore(ckpt_path)
             self._call("on_fit_start")
@@ -259,7 +165,7 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
                 raise peer_failure from exception
             raise
         finally:
-            self._signals.uninstall()
+            self._stop.uninstall()
             self.engine.wait_for_checkpoint()
             for logger in self._rank_zero_loggers():
                 logger.finalize()
@@ -272,7 +178,7 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
         try:
             self._setup(module, "validate")
             loader = self._loader(dataloaders, module, "val_dataloader", required=True)
-            metrics = self._validate(loader)
+            metrics = self.validation.run(self.model, module, loader)
             for logger in self._rank_zero_loggers():
                 logger.finalize()
         finally:
@@ -305,10 +211,9 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
             callback.setup(self, module, stage)
 
     def _set_up_model(self, module: TrainModule, stage: str) -> None:
-        if self.auto_strategy:
-            self._choose_strategy(module)
-        if self.seed is not None:
-            seed_everything(self.seed)
+        self.engine.choose_strategy(module)  # strategy="auto": decided from the model, before it is built
+        if self.args.seed is not None:
+            seed_everything(self.args.seed)
         with self.engine.init_module():
             module.configure_model()
         self.module = module
@@ -322,25 +227,6 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
         else:
             self.model = self.engine.setup_module(module)
 
-    def _choose_strategy(self, module: TrainModule) -> None:
-        """``strategy="auto"``: pick from the memory estimate (see ``shardtrain.estimate``)."""
-        from shardtrain.estimate import choose_strategy
-
-        env = self.engine.environment
-        name, reason = choose_strategy(
-            module,
-            devices=env.local_world_size,
-            num_nodes=max(1, env.world_size // env.local_world_size),
-            precision=self.engine.precision.name,
-            device_type=self.engine.device.type,
-        )
-        self.engine.use_strategy(name)
-        self.auto_strategy = False
-        self.strategy_reason = reason
-        if self.is_global_zero:
-            log.info("strategy='auto' chose %s", reason)
-            print(f"[shardtrain] strategy='auto' chose {reason}", flush=True)
-
     def _loader(self, given: DataLoader | None, module: TrainModule, hook: str, required: bool) -> Any:
         loader = (
             given if given is not None else (getattr(module, hook)() if callable(getattr(module, hook, None)) else None)
@@ -351,17 +237,17 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
                     f"no {hook.replace('_', ' ')}: pass it to the Trainer or define {type(module).__name__}.{hook}()"
                 )
             return None
-        return self.engine.setup_dataloaders(loader, seed=self.seed or 0)
+        return self.engine.setup_dataloaders(loader, seed=self.args.seed or 0)
 
     def _estimate_steps(self, loader: Any) -> None:
-        if self.max_steps > 0:
-            self.estimated_stepping_batches = self.max_steps
+        if self.args.max_steps > 0:
+            self.estimated_stepping_batches = self.args.max_steps
             return
         try:
-            batches = limited_batches(len(loader), self.limit_train_batches)
+            batches = limited_batches(len(loader), self.args.limit_train_batches)
         except TypeError:
             return
-        self.estimated_stepping_batches = self.max_epochs * math.ceil(batches / self.accumulate_grad_batches)
+        self.estimated_stepping_batches = self.max_epochs * math.ceil(batches / self.args.accumulate_grad_batches)
 
     # ------------------------------------------------------------------ training
     def _train(self, train_loader: Any, val_loader: Any) -> None:
@@ -387,10 +273,11 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
     def _train_epoch(self, train_loader: Any, val_loader: Any) -> bool:
         """Train until the epoch's data runs out (returns True) or training must stop (False)."""
         try:
-            num_batches = limited_batches(len(train_loader), self.limit_train_batches)
+            num_batches = limited_batches(len(train_loader), self.args.limit_train_batches)
         except TypeError:
             num_batches = math.inf
-        interval = self._val_interval(num_batches)
+        interval = self.validation.interval(num_batches)
+        accumulate = self.args.accumulate_grad_batches
         collector = MetricCollector(mean_over_batches=False)
         step_loss = torch.zeros((), device=self.engine.device)
         start = self.batches_seen_in_epoch  # resuming mid-epoch: these batches were already trained on
@@ -400,61 +287,63 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
                 break
             self._call("on_train_batch_start", batch, batch_idx)
             is_last = batch_idx + 1 == num_batches
-            step_now = (batch_idx + 1) % self.accumulate_grad_batches == 0 or is_last
+            step_now = (batch_idx + 1) % accumulate == 0 or is_last
             loss, outputs = self._training_micro_step(batch, batch_idx, sync=step_now)
             step_loss += loss
             collector.update(self.module.pop_logged())
             self.batches_seen_in_epoch = batch_idx + 1
             if step_now:
-                micro_batches = (batch_idx % self.accumulate_grad_batches) + 1
+                micro_batches = (batch_idx % accumulate) + 1
                 self._optimizer_step(collector, step_loss / micro_batches)
                 step_loss = torch.zeros((), device=self.engine.device)
             self._call("on_train_batch_end", outputs, batch, batch_idx)
             if val_loader is not None and interval and (batch_idx + 1) % interval == 0 and self._val_epoch_due():
-                self._validate(val_loader)
-            if self._stop_agreed and not self._reached_max_steps():  # on the last step, just finish
-                self._stop_for_preemption()
+                self.validation.run(self.model, self.module, val_loader)
+            if self._stop.agreed and not self._reached_max_steps():  # on the last step, just finish
+                self._stop.stop(self.global_step, self.global_rank, self._checkpoint_for_stop)
             if self._reached_max_steps() or self.should_stop:
                 self.should_stop = True
                 if self.batches_seen_in_epoch < num_batches:
                     return False
                 break
         if val_loader is not None and interval == 0 and self._val_epoch_due():
-            self._validate(val_loader)
+            self.validation.run(self.model, self.module, val_loader)
         return True
 
+    def _val_epoch_due(self) -> bool:
+        return self.validation.epoch_due(self.current_epoch)
+
     def _training_micro_step(self, batch: Any, batch_idx: int, sync: bool) -> tuple[torch.Tensor, Any]:
-        with self.engine.no_backward_sync(self.model, enabled=not sync):
+        def compute_loss() -> tuple[torch.Tensor, Any]:
             outputs = self.model.training_step(*self.module._step_arguments("training_step", batch, batch_idx))
-            loss = _extract_loss(outputs, type(self.module).__name__)
+            loss = extract_loss(outputs, type(self.module).__name__)
             self._call("on_before_backward", loss)
-            self.engine.backward(
-                loss / self.accumulate_grad_batches if self.accumulate_grad_batches > 1 else loss, self.model
-            )
+            return loss, outputs
+
+        loss, outputs = self.engine.forward_backward(self.model, compute_loss, synchronize=sync)
         self._call("on_after_backward")
-        return loss.detach(), outputs
+        return loss, outputs
 
     def _optimizer_step(self, collector: MetricCollector, step_loss: torch.Tensor) -> None:
         for optimizer in self.optimizers:
             self._call("on_before_optimizer_step", optimizer)
         logged: dict[str, tuple[torch.Tensor, bool]] = {"train_loss": (step_loss, True)}
+        clip_val, clip_by = self.args.gradient_clip_val, self.args.gradient_clip_algorithm
         norm = None
-        if self.gradient_clip_val is not None and self.gradient_clip_algorithm == "norm":
-            norm = self.engine.clip_gradients(self.model, self.optimizers, max_norm=self.gradient_clip_val)
+        if clip_val is not None and clip_by == "norm":
+            norm = self.engine.clip_gradients(self.model, self.optimizers, max_norm=clip_val)
             logged["train_grad_norm"] = (norm.detach(), False)
         step_now = True
         if self.nonfinite.mode != "ignore":
             # The norm is not checked under loss scaling (an inf there is the GradScaler's business) or DeepSpeed (not known yet).
-            check_norm = self.strategy.can_skip_optimizer_step and not self._loss_scaling()
+            check_norm = self.engine.can_skip_optimizer_step and not self._loss_scaling()
             if check_norm and norm is None:
-                norm = self.engine.clip_gradients(
-                    self.model, self.optimizers, max_norm=math.inf
-                )  # only the norm: scales by 1
+                norm = self.engine.gradient_norm(self.optimizers)
             step_now = self.nonfinite.step_is_finite(
                 self.engine, self.global_step + 1, step_loss, norm if check_norm else None
             )
-        if self.gradient_clip_val is not None and self.gradient_clip_algorithm == "value":
-            self.engine.clip_gradients(self.model, self.optimizers, clip_val=self.gradient_clip_val)
+        if clip_val is not None and clip_by == "value":
+            self.engine.clip_gradients(self.model, self.optimizers, clip_val=clip_val)
         if step_now:
             self.engine.step(*self.optimizers)
         for optimizer in self.optimizers:
@@ -464,51 +353,58 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
         if step_now:
             step_schedulers(self.lr_schedulers, "step", self.global_step, self.callback_metrics)
         collector.update(logged)
-        if self.global_step % self.log_every_n_steps == 0 or self._reached_max_steps():
-            collector.update({_STOP_REQUESTED: (self._stop_flag(), False)})  # agreement rides on the logging all-reduce
+        if self.global_step % self.args.log_every_n_steps == 0 or self._reached_max_steps():
+            collector.update(
+                {_STOP_REQUESTED: (self._stop.flag(self.engine.device), False)}
+            )  # agreement rides on the logging all-reduce
             self._log(collector, {"epoch": float(self.current_epoch)})
             collector.reset()
-        elif (
-            self.preemption is not None
-            and self.preemption.check_every_n_steps
-            and self.global_step % self.preemption.check_every_n_steps == 0
-        ):
-            self._stop_agreed = bool(self.engine.all_reduce(self._stop_flag(), "max").item())
+        elif self._stop.check_due(self.global_step):
+            self._stop.agreed = bool(self.engine.all_reduce(self._stop.flag(self.engine.device), "max").item())
 
-    # ------------------------------------------------------------------ preemption
-    def _stop_flag(self) -> torch.Tensor:
-        return torch.tensor(1.0 if self._signals.requested else 0.0, device=self.engine.device)
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, path: str | os.PathLike | None = None, *, asynchronous: bool = False) -> Path:
+        """Save the training state as a sharded checkpoint directory (every rank must call this).
 
-    def _stop_for_preemption(self) -> None:
-        """Every rank agreed to stop after this step: save (unless just saved), requeue, exit with code 75."""
-        assert self.preemption is not None
-        reason = (
-            f"{self._signals.received} on rank {self.global_rank}"
-            if self._signals.requested
-            else "a stop signal received by another rank"
-        )
+        Each rank writes its own shards; the directory appears atomically once all have
+        finished, and ``<default_root_dir>/checkpoints/last`` then names it. Returns the path;
+        the default is ``<default_root_dir>/checkpoints/step=<N>``. With ``asynchronous=True``
+        the loop is blocked only while the state is copied to CPU memory; the files are written
+        and committed in the background (the next save and the end of ``fit`` wait for it).
+        """
+        if self.model is None:
+            raise RuntimeError("save_checkpoint() needs a module that has been set up by fit()")
+        state = self.checkpoints.state_of(self)
+        self._call("on_save_checkpoint", state)
+        return self.checkpoints.save(state, self.global_step, path, asynchronous)
+
+    def _restore(self, ckpt_path: str | os.PathLike) -> None:
+        path = self.checkpoints.resolve(ckpt_path)
+        state = self.checkpoints.restore(path, self) if path is not None else None
+        if state is None:
+            return
+        for logger in self._rank_zero_loggers():
+            if callable(getattr(logger, "log_resume", None)):  # CSVLogger: continue metrics.csv after a marker row
+                logger.log_resume(self.global_step)
+        self._call("on_load_checkpoint", state)
+
+    def _checkpoint_for_stop(self) -> Path:
+        """The checkpoint of this step: the one just saved, or a new one."""
         self.engine.wait_for_checkpoint()
-        last = self._last_checkpoint
-        path = last[1] if last is not None and last[0] == self.global_step else self.save_checkpoint()
-        requeued = False
-        if self.preemption.auto_requeue and self.is_global_zero and running_under_slurm_batch():
-            requeued = requeue_slurm_job()
-        preempted = Preempted(self.global_step, reason, path, requeued)
-        if self.is_global_zero:
-            print(f"[shardtrain] {preempted}; exiting with code {preempted.code}", flush=True)
-        raise preempted
+        last = self.checkpoints.last_saved
+        return last[1] if last is not None and last[0] == self.global_step else self.save_checkpoint()
 
     def _loss_scaling(self) -> bool:
         return self.engine.precision.grad_scaler(self.engine.device.type) is not None
 
     def _reached_max_steps(self) -> bool:
-        return 0 < self.max_steps <= self.global_step
+        return 0 < self.args.max_steps <= self.global_step
 
     # ------------------------------------------------------------------ logging and hooks
     def _log(self, collector: MetricCollector, extra: dict[str, float]) -> dict[str, float]:
         metrics = collector.compute(lambda t: self.engine.all_reduce(t, "mean"), self.engine.device)
         if metrics.pop(_STOP_REQUESTED, 0.0) > 0:
-            self._stop_agreed = True
+            self._stop.agreed = True
         self.callback_metrics.update(metrics)
         self.progress_bar_metrics.update({name: metrics[name] for name in collector.prog_bar if name in metrics})
         if metrics and self.is_global_zero:
@@ -531,20 +427,4 @@ class Trainer(TrainerCheckpointing, TrainerValidation):
 
 
 _STOP_REQUESTED = "_shardtrain/stop_requested"
-
-
-def _extract_loss(outputs: Any, module_name: str) -> torch.Tensor:
-    loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-    if not isinstance(loss, torch.Tensor):
-        raise TrainingStepError(
-            f"{module_name}.training_step returned {type(outputs).__name__}; return the loss tensor or a dict with a 'loss' tensor"
-        )
-    if loss.numel() != 1:
-        raise TrainingStepError(
-            f"{module_name}.training_step returned a loss of shape {tuple(loss.shape)}; reduce it to one number (e.g. .mean())"
-        )
-    if not loss.requires_grad:
-        raise TrainingStepError(
-            f"{module_name}.training_step returned a loss that does not require grad; was it computed under torch.no_grad() or detached?"
-        )
-    return loss
+Trainer.__signature__ = inspect.signature(TrainerArguments)  # type: ignore[attr-defined]  # for help() and IDEs at run time

@@ -3,22 +3,39 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
 import torch
 
 from shardtrain.errors import ConfigError
 from shardtrain.metrics import MetricCollector
+from shardtrain.module import TrainModule
 from shardtrain.trainer_arguments import limited_batches
-
-if TYPE_CHECKING:
-    from shardtrain.trainer import Trainer
+from shardtrain.wrapper import EngineModule
 
 
-class TrainerValidation:
-    """Mixed into :class:`~shardtrain.trainer.Trainer`."""
+class ValidationLoop:
+    """Decides when to validate and runs one validation pass.
 
-    def _val_interval(self: "Trainer", num_batches: float) -> int:
+    ``call(hook, *args)`` runs a hook on the module and the callbacks; ``log(collector, extra)``
+    reduces the collected metrics over ranks, logs them and returns them.
+    """
+
+    def __init__(
+        self,
+        val_check_interval: int | float | None,
+        check_val_every_n_epoch: int,
+        limit_val_batches: int | float | None,
+        call: Callable[..., None],
+        log: Callable[[MetricCollector, dict[str, float]], dict[str, float]],
+    ) -> None:
+        self.val_check_interval = val_check_interval
+        self.check_val_every_n_epoch = check_val_every_n_epoch
+        self.limit_val_batches = limit_val_batches
+        self._call = call
+        self._log = log
+
+    def interval(self, num_batches: float) -> int:
         """Validate every this many training batches; 0 means at the end of the epoch."""
         if self.val_check_interval is None:
             return 0
@@ -30,14 +47,13 @@ class TrainerValidation:
             return max(1, int(num_batches * self.val_check_interval))
         return int(self.val_check_interval)
 
-    def _val_epoch_due(self: "Trainer") -> bool:
-        return (self.current_epoch + 1) % self.check_val_every_n_epoch == 0 or self.val_check_interval is not None
+    def epoch_due(self, epoch: int) -> bool:
+        return (epoch + 1) % self.check_val_every_n_epoch == 0 or self.val_check_interval is not None
 
     @torch.no_grad()
-    def _validate(self: "Trainer", loader: Any) -> dict[str, float]:
-        assert self.model is not None and self.module is not None
-        was_training = self.model.training
-        self.model.eval()
+    def run(self, model: EngineModule, module: TrainModule, loader: Any) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
         self._call("on_validation_start")
         self._call("on_validation_epoch_start")
         collector = MetricCollector(mean_over_batches=True)
@@ -49,11 +65,11 @@ class TrainerValidation:
             if batch_idx >= num_batches:
                 break
             self._call("on_validation_batch_start", batch, batch_idx)
-            outputs = self.model.validation_step(*self.module._step_arguments("validation_step", batch, batch_idx))
-            collector.update(self.module.pop_logged())
+            outputs = model.validation_step(*module._step_arguments("validation_step", batch, batch_idx))
+            collector.update(module.pop_logged())
             self._call("on_validation_batch_end", outputs, batch, batch_idx)
         metrics = self._log(collector, {})
         self._call("on_validation_epoch_end")
         self._call("on_validation_end")
-        self.model.train(was_training)
+        model.train(was_training)
         return metrics

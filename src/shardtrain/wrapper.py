@@ -1,4 +1,6 @@
-"""Route a user's step methods through the strategy-wrapped module's ``forward``.
+"""What ``Engine.setup`` returns: the user's module and optimizers, running through the strategy.
+
+``EngineModule`` routes a user's step methods through the strategy-wrapped module's ``forward``.
 
 DDP's gradient synchronisation and FSDP's unshard/reshard hooks run on the wrapped module's
 ``forward``. A ``training_step`` that calls submodules directly would skip them (DDP then trains
@@ -9,11 +11,15 @@ call of the wrapped ``forward``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from torch import nn
+from torch.optim import Optimizer
 
 from shardtrain.strategies.base import Strategy
+
+if TYPE_CHECKING:
+    from shardtrain.engine import Engine
 
 STEP_METHODS = ("training_step", "validation_step", "test_step", "predict_step")
 _METHOD_KEY = "_shardtrain_method"
@@ -86,3 +92,35 @@ class EngineModule(nn.Module):
 
     def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
         return self._original_module.load_state_dict(*args, **kwargs)
+
+
+class EngineOptimizer:
+    """The user's optimizer with ``step()`` routed through the Engine (loss scaling, DeepSpeed).
+
+    It is an instance of the user's optimizer class, sharing its parameter groups and state, so
+    LR schedulers can be built on it.
+    """
+
+    def __init__(self, optimizer: Optimizer, engine: "Engine") -> None:
+        self.__dict__ = {k: v for k, v in optimizer.__dict__.items() if k not in ("step", "__del__")}
+        self.__class__ = type("Engine" + type(optimizer).__name__, (EngineOptimizer, type(optimizer)), {})
+        self._optimizer = optimizer
+        self._engine = engine
+
+    @property
+    def optimizer(self) -> Optimizer:
+        return self._optimizer
+
+    def step(self, closure: Callable[[], Any] | None = None) -> None:  # type: ignore[override]
+        if closure is not None:
+            closure()
+        self._engine.step(self._optimizer)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:  # type: ignore[override]
+        self._engine.strategy.optimizer_zero_grad(self._optimizer, set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._optimizer.load_state_dict(state_dict)

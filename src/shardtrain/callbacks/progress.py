@@ -114,7 +114,7 @@ class ProgressBar(Callback):
         if not trainer.is_global_zero:
             return
         samples, tokens = batch_size_and_tokens(batch)
-        self._meter.add(samples * trainer.world_size, tokens * trainer.world_size)
+        self._meter.add(samples * trainer.engine.data_parallel_size, tokens * trainer.engine.data_parallel_size)
         if self._progress is not None:
             self._progress.update(self._task, completed=trainer.global_step)
 

@@ -85,7 +85,7 @@ class ThroughputMonitor(Callback):
         if self._started:
             # Counted at its start: a logging step's batch is inside the window its log closes.
             samples, tokens = batch_size_and_tokens(batch)
-            self._meter.add(samples * trainer.world_size, tokens * trainer.world_size)
+            self._meter.add(samples * trainer.engine.data_parallel_size, tokens * trainer.engine.data_parallel_size)
             self._batches += 1
         elif self.count_flops and self.flops_per_batch is None and self._counter is None:  # the first batch
             self._counter = TrainingFlopCounter()

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from shardtrain.errors import RankFailedError
+
 _COUNT_KEY = "shardtrain/failures"
 _MARK = "_shardtrain_failure_published"
 
@@ -81,3 +83,15 @@ def _write_torchelastic_error_file(exception: BaseException) -> None:
         ErrorHandler().record_exception(exception)
     except Exception:
         pass
+
+
+def explain_failure(exception: BaseException, rank: int) -> RankFailedError | None:
+    """Record that ``rank`` fails with ``exception``; if another rank failed first, the error that
+    names it and holds its traceback (raise it ``from exception``)."""
+    if isinstance(exception, SystemExit):
+        return None
+    publish_failure(exception)
+    root = first_failure()
+    if root is None or root.rank == rank:
+        return None
+    return RankFailedError(root.rank, root.traceback)

@@ -76,10 +76,12 @@ class SubprocessLauncher:
 
     def launch(self) -> dict[str, str]:
         """Start the children; returns the rank-layout variables now set in this process's environment."""
+        from shardtrain.launch.processes import threads_per_process  # here: that module imports this one
+
         env = self.environment
         node_rank = int(os.environ.get("NODE_RANK", env.node_rank))
         port = env.main_port or find_free_port()
-        threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // env.local_world_size))
+        threads = str(threads_per_process(env.local_world_size))
         common = {
             "MASTER_ADDR": env.main_address,
             "MASTER_PORT": str(port),

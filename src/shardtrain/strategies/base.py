@@ -1,34 +1,41 @@
 """The Strategy interface: everything that differs between single device, DDP, FSDP, DeepSpeed.
 
 A strategy is a small object that says *how* a module and its optimizers are placed on the
-devices of a run. The Engine calls it; the Trainer never does. Subclasses override only the
-steps where they differ from plain PyTorch on one device.
+devices of a run. The Engine calls it; the Trainer never does.
+
+``Strategy`` is abstract: a strategy must say how it places a module, how it computes the norm
+of the whole gradient, and how it reads and writes state keyed by parameter names, because no
+default is right for every layout (a sharded strategy that inherited single-device clipping
+would clip by the norm of its own shard). The capability mixins in ``capabilities`` supply the
+common answers: ``ReplicatedGradients`` / ``ShardedGradients`` for the norm,
+``DistributedCheckpointState`` for torch's state-dict API, and ``BackwardSyncControl`` for
+strategies that can skip gradient synchronisation while accumulating.
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, ClassVar, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 from torch.optim import Optimizer
 
 from shardtrain.errors import ConfigError
 from shardtrain.launch.environment import ClusterEnvironment
 from shardtrain.launch.process_group import init_process_group
+from shardtrain.memory import ModelFootprint, StrategyMemory
+from shardtrain.parallel_dims import ParallelDims
 from shardtrain.precision import Precision
+from shardtrain.strategies.capabilities import BackwardSyncControl
 from shardtrain.strategies.materialize import has_meta_tensors, materialize
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 
 @dataclass(kw_only=True, slots=True)
@@ -41,17 +48,14 @@ class TrainingSettings:
     micro_batch_size: int | None = None
 
 
-class Strategy:
-    """Base class and single-process behaviour; distributed strategies override what they need."""
+class Strategy(abc.ABC):
+    """How a module and its optimizers are placed on the run's devices; subclass it (and the
+    capability mixins) to add a strategy, and register it with ``register_strategy``."""
 
     #: The name this strategy is registered under; ``strategy="<name>"`` selects it.
     name: ClassVar[str] = ""
-    #: Whether the strategy needs more than one process to mean anything.
-    distributed: ClassVar[bool] = False
     #: Whether a process group is needed even for one process (DTensor-based strategies).
     needs_process_group: ClassVar[bool] = False
-    #: Whether the optimizer must exist before the module is set up (DeepSpeed) rather than after (FSDP).
-    sets_up_optimizers_with_module: ClassVar[bool] = False
     #: Whether the loop may leave out an optimizer step and read the gradient norm before it;
     #: False where the strategy's engine owns the gradients and the step (DeepSpeed).
     can_skip_optimizer_step: ClassVar[bool] = True
@@ -59,24 +63,51 @@ class Strategy:
     def __init__(self) -> None:
         self.environment: ClusterEnvironment | None = None
         self.device: torch.device = torch.device("cpu")
-        self.precision: Precision = Precision()
+        self.precision: Precision = self.make_precision("32-true")
         self.timeout: timedelta = timedelta(minutes=30)
+        self.training = TrainingSettings()
+        self.layout: ParallelDims | None = None
+        self._mesh_source: Callable[[], "DeviceMesh"] | None = None
 
-    # ---------------------------------------------------------------- set-up
+    # ---------------------------------------------------------------- set-up, before any process starts
     def validate(self, world_size: int, device_type: str) -> None:
         """Reject options that cannot work, before any process is started."""
 
+    def parallel_dims(self, world_size: int, local_world_size: int) -> ParallelDims:
+        """The degrees this strategy lays the run out with; by default every rank is a data-parallel
+        replica (DDP). Raise ``ConfigError`` for a layout the strategy cannot use."""
+        return ParallelDims(world_size=world_size, dp_replicate=world_size, dp_shard=1)
+
+    def make_precision(self, name: str | int) -> Precision:
+        """The object that implements the run's precision for this strategy (DeepSpeed has its own)."""
+        return Precision(name)
+
+    def configure_precision(self, name: str | int) -> None:
+        """Use the precision named ``name``; the strategy is its one owner (the Engine reads it from here)."""
+        self.precision = self.make_precision(name)
+
     def configure_training(self, settings: TrainingSettings) -> None:
         """Accept (or reject, with a ``ConfigError``) the loop's settings; before any process starts."""
+        self.training = settings
 
+    # ---------------------------------------------------------------- in each process
     def connect(
-        self, environment: ClusterEnvironment, device: torch.device, precision: Precision, timeout: timedelta
+        self,
+        environment: ClusterEnvironment,
+        device: torch.device,
+        timeout: timedelta,
+        layout: ParallelDims | None = None,
+        mesh: Callable[[], "DeviceMesh"] | None = None,
     ) -> None:
-        """Bind the strategy to this process's place in the run (called once per process)."""
+        """Bind the strategy to this process's place in the run (called once per process).
+
+        ``mesh`` builds (once, on first call) the device mesh of ``layout``; the Engine owns both.
+        """
         self.environment = environment
         self.device = device
-        self.precision = precision
         self.timeout = timeout
+        self.layout = layout or self.parallel_dims(environment.world_size, environment.local_world_size)
+        self._mesh_source = mesh
 
     def setup_environment(self) -> None:
         """Join the process group; runs in every process after launch."""
@@ -84,6 +115,15 @@ class Strategy:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         init_process_group(self.environment, self.device, self.timeout, always=self.needs_process_group)
+
+    @property
+    def device_mesh(self) -> "DeviceMesh":
+        """The run's device mesh, named by ``shardtrain.parallel_dims.MESH_DIMS`` (built on first use)."""
+        if self._mesh_source is None:
+            assert self.layout is not None, "connect() first"
+            mesh = self.layout.build_mesh(self.device.type)
+            self._mesh_source = lambda: mesh
+        return self._mesh_source()
 
     @property
     def world_size(self) -> int:
@@ -101,11 +141,16 @@ class Strategy:
         stack.enter_context(self.precision.module_init_context())
         return stack
 
+    @abc.abstractmethod
     def setup_module(self, module: nn.Module) -> nn.Module:
         """Place the module and wrap it for this strategy; returns what forward must be called on.
 
-        A module built on the meta device is materialised here (see ``materialize``).
+        A module built on the meta device must be materialised here (``place_module`` does both
+        for strategies that keep whole replicas).
         """
+
+    def place_module(self, module: nn.Module) -> nn.Module:
+        """Materialise a meta-device module, convert it to the parameter dtype and move it to the device."""
         if has_meta_tensors(module):
             materialize(module, self.device)
         return self.precision.convert_module(module).to(self.device)
@@ -118,7 +163,7 @@ class Strategy:
     ) -> tuple[nn.Module, list[Optimizer]]:
         """Set up ``module``, then the optimizers ``make_optimizers()`` builds on its (sharded) parameters.
 
-        Strategies that need the optimizer first (``sets_up_optimizers_with_module``) override this.
+        Strategies that need the optimizer first (DeepSpeed) override this.
         """
         wrapped = self.setup_module(module)
         return wrapped, [self.setup_optimizer(optimizer) for optimizer in make_optimizers()]
@@ -129,9 +174,27 @@ class Strategy:
     def forward_context(self) -> contextlib.AbstractContextManager:
         return self.precision.forward_context(self.device.type)
 
-    def no_backward_sync(self, module: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
-        """Skip gradient synchronisation while accumulating micro-batches."""
-        return contextlib.nullcontext()
+    # ---------------------------------------------------------------- the step
+    def forward_backward(
+        self, module: nn.Module, compute_loss: Callable[[], tuple[torch.Tensor, Any]], *, synchronize: bool
+    ) -> tuple[torch.Tensor, Any]:
+        """Run one micro-batch: forward (``compute_loss()`` returns the loss and the step's outputs)
+        and backward of the loss divided by ``training.accumulate_grad_batches``; gradients are
+        synchronised only when ``synchronize`` (the last micro-batch of an optimizer step).
+
+        Returns the undivided loss, detached, and the outputs. This is the hook a strategy that
+        owns the step's schedule (pipeline parallelism) overrides.
+        """
+        skip_sync = (
+            self.no_backward_sync(module, True)
+            if not synchronize and isinstance(self, BackwardSyncControl)
+            else contextlib.nullcontext()
+        )
+        with skip_sync:
+            loss, outputs = compute_loss()
+            accumulation = self.training.accumulate_grad_batches
+            self.backward(loss / accumulation if accumulation > 1 else loss, module)
+        return loss.detach(), outputs
 
     def backward(self, loss: torch.Tensor, module: nn.Module | None = None) -> None:
         self.precision.scale_loss(loss).backward()
@@ -139,11 +202,20 @@ class Strategy:
     def optimizer_step(self, optimizer: Optimizer) -> None:
         self.precision.optimizer_step(optimizer)
 
+    @abc.abstractmethod
+    def gradient_norm(self, parameters: Iterable[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor | None:
+        """The norm of the *whole* gradient (over every shard and rank), as a tensor (no host sync);
+        None where it is known only after the optimizer step (DeepSpeed)."""
+
     def clip_gradients_norm(
         self, parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0
     ) -> torch.Tensor:
-        """Clip by the norm of the *whole* gradient; returns that norm (a tensor, no host sync)."""
-        return torch.nn.utils.clip_grad_norm_(list(parameters), max_norm, norm_type=norm_type, foreach=True)
+        """Clip by the norm of the whole gradient; returns that norm."""
+        parameters = list(parameters)
+        norm = self.gradient_norm(parameters, norm_type)
+        assert norm is not None, f"{type(self).__name__} must override clip_gradients_norm"
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm, foreach=True)
+        return norm
 
     def clip_gradients_value(self, parameters: Iterable[torch.Tensor], clip_value: float) -> None:
         torch.nn.utils.clip_grad_value_(list(parameters), clip_value, foreach=True)
@@ -151,23 +223,21 @@ class Strategy:
     # State keyed by parameter names, the same for every strategy, so that a checkpoint saved
     # under one strategy loads under another. ``full=True`` gathers whole tensors (to the CPU);
     # ``full=False`` gives each rank its shards (DTensors under FSDP). Every rank must call these.
-    def module_state_dict(self, module: nn.Module, full: bool = True) -> dict[str, Any]:
-        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=full, cpu_offload=full))
+    @abc.abstractmethod
+    def module_state_dict(self, module: nn.Module, full: bool = True) -> dict[str, Any]: ...
 
+    @abc.abstractmethod
     def load_module_state_dict(
         self, module: nn.Module, state: dict[str, Any], strict: bool = True, full: bool = True
-    ) -> None:
-        set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=full, strict=strict))
+    ) -> None: ...
 
-    def optimizer_state_dict(self, module: nn.Module, optimizer: Optimizer, full: bool = True) -> dict[str, Any]:
-        return get_optimizer_state_dict(
-            module, optimizer, options=StateDictOptions(full_state_dict=full, cpu_offload=full)
-        )
+    @abc.abstractmethod
+    def optimizer_state_dict(self, module: nn.Module, optimizer: Optimizer, full: bool = True) -> dict[str, Any]: ...
 
+    @abc.abstractmethod
     def load_optimizer_state_dict(
         self, module: nn.Module, optimizer: Optimizer, state: dict[str, Any], full: bool = True
-    ) -> None:
-        set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=full))
+    ) -> None: ...
 
     # ---------------------------------------------------------------- collectives
     def _is_distributed(self) -> bool:
@@ -213,6 +283,15 @@ class Strategy:
         fit/validate, and the set-up model's weights and optimizer state stay readable, so
         ``save_checkpoint()`` and ``module_state_dict()`` work after ``fit``. May be called twice.
         """
+
+    def estimate_memory(self, footprint: ModelFootprint) -> StrategyMemory | None:
+        """Bytes one device (and its host) needs to train a model of ``footprint`` with this strategy.
+
+        ``None`` (the default) means no formula, or none for ``footprint``'s layout:
+        ``shardtrain.estimate_memory`` then leaves this strategy out of its table, and
+        ``strategy="auto"`` never picks it. The estimator names the row as the strategy is registered.
+        """
+        return None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

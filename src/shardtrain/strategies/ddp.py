@@ -12,10 +12,14 @@ from typing import Any
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from shardtrain.memory import ModelFootprint, StrategyMemory
 from shardtrain.strategies.base import Strategy
+from shardtrain.strategies.capabilities import BackwardSyncControl, DistributedCheckpointState, ReplicatedGradients
+from shardtrain.strategies.registry import register_strategy
+from shardtrain.strategies.replica_memory import replica_memory
 
 
-class DDPStrategy(Strategy):
+class DDPStrategy(ReplicatedGradients, DistributedCheckpointState, BackwardSyncControl, Strategy):
     """PyTorch ``DistributedDataParallel``.
 
     Args:
@@ -27,7 +31,6 @@ class DDPStrategy(Strategy):
     """
 
     name = "ddp"
-    distributed = True
     #: Where ``**ddp_kwargs`` go: config checks accept that signature's options.
     passthrough_options_of = DistributedDataParallel.__init__
 
@@ -48,7 +51,7 @@ class DDPStrategy(Strategy):
         )
 
     def setup_module(self, module: nn.Module) -> nn.Module:
-        module = super().setup_module(module)
+        module = self.place_module(module)
         if self.world_size == 1:
             return module
         device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -59,5 +62,12 @@ class DDPStrategy(Strategy):
             return module.no_sync()
         return contextlib.nullcontext()
 
+    def estimate_memory(self, footprint: ModelFootprint) -> StrategyMemory | None:
+        """A whole replica per device; ``None`` for one process (``single`` is that row)."""
+        return replica_memory(footprint, name=self.name) if footprint.world_size > 1 else None
+
     def __repr__(self) -> str:
         return f"DDPStrategy({', '.join(f'{k}={v!r}' for k, v in self.ddp_kwargs.items())})"
+
+
+register_strategy("ddp", DDPStrategy, "data parallel: full replica per rank, gradients all-reduced")

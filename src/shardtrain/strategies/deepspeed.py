@@ -7,9 +7,11 @@ from ``configure_optimizers()`` (DeepSpeed's CPU Adam in its place when the opti
 offloaded), then ``deepspeed.initialize``. The DeepSpeed config is assembled by
 ``deepspeed_config``; checkpoints use the common format (``deepspeed_state``).
 
-The Trainer's loop runs unchanged: ``no_backward_sync`` marks accumulation micro-batches
-(DeepSpeed's accumulation boundary), ``backward`` is DeepSpeed's (loss scaling included), and
-the optimizer step is DeepSpeed's, which also clips by norm.
+The Engine's step runs unchanged: ``no_backward_sync`` marks accumulation micro-batches
+(DeepSpeed's accumulation boundary), ``backward`` is DeepSpeed's (loss scaling included; the
+loss it is given is already divided by the accumulation steps, by ``Strategy.forward_backward``
+or by a custom loop, as with any strategy), and the optimizer step is DeepSpeed's, which also
+clips by norm, so the norm is known only after it.
 """
 
 from __future__ import annotations
@@ -26,10 +28,13 @@ from torch import nn
 from torch.optim import Optimizer
 
 from shardtrain.errors import ConfigError, MissingDependencyError, StrategyError
+from shardtrain.memory import ModelFootprint, StrategyMemory
 from shardtrain.precision import Precision, _map_floating
 from shardtrain.strategies import deepspeed_state as state_io
 from shardtrain.strategies.activation_checkpoint import apply_activation_checkpointing
+from shardtrain.parallel_dims import ParallelDims
 from shardtrain.strategies.base import Strategy, TrainingSettings, repoint_optimizer
+from shardtrain.strategies.capabilities import BackwardSyncControl
 from shardtrain.strategies.deepspeed_config import (
     DeepSpeedOptions,
     TrainerSettings,
@@ -37,8 +42,10 @@ from shardtrain.strategies.deepspeed_config import (
     offload_nvme_paths,
     offloads_optimizer,
 )
+from shardtrain.strategies.deepspeed_memory import deepspeed_memory
 from shardtrain.strategies.materialize import has_meta_tensors, materialize, materialize_in_units
 from shardtrain.strategies.policy import ModulePolicy, repeated_blocks
+from shardtrain.strategies.registry import register_strategy
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +78,7 @@ class DeepSpeedPrecision(Precision):
         return None  # DeepSpeed scales fp16 losses itself
 
 
-class DeepSpeedStrategy(Strategy):
+class DeepSpeedStrategy(BackwardSyncControl, Strategy):
     """Partition optimizer state (ZeRO-1), gradients (ZeRO-2) and parameters (ZeRO-3) with DeepSpeed.
 
     Args:
@@ -95,10 +102,7 @@ class DeepSpeedStrategy(Strategy):
     """
 
     name = "deepspeed"
-    distributed = True
     needs_process_group = True
-    #: DeepSpeed takes the model and its optimizer together (``deepspeed.initialize``).
-    sets_up_optimizers_with_module = True
     #: Its optimizer step also clips and reduces; the norm is known only after it.
     can_skip_optimizer_step = False
 
@@ -137,9 +141,9 @@ class DeepSpeedStrategy(Strategy):
         self.user_config = config
         self.activation_checkpointing_policy = activation_checkpointing_policy
         self.delayed_init = delayed_init
-        self.training = TrainingSettings()
         self._device_type = "cpu"
-        self.config = self._build_config()  # every check runs now, before any process starts
+        self._config: dict[str, Any] | None = None
+        self.config  # every check runs now, before any process starts
         self._engine: Any = None
         self._user_optimizer: Optimizer | None = None
         self._group_names: list[list[str]] = []
@@ -147,6 +151,17 @@ class DeepSpeedStrategy(Strategy):
         self._destroyed = False  # teardown() destroyed self._engine; its state is still readable
 
     # ------------------------------------------------------------------ config
+    @property
+    def config(self) -> dict[str, Any]:
+        """The DeepSpeed config: the options, the user's config and the run's settings, assembled by
+        ``deepspeed_config.build_config`` when first read after a setting changed."""
+        if self._config is None:
+            self._config = self._build_config()
+        return self._config
+
+    def _settings_changed(self) -> None:
+        self._config = None
+
     def _build_config(self) -> dict[str, Any]:
         trainer = TrainerSettings(
             precision=self.precision.name,
@@ -163,9 +178,20 @@ class DeepSpeedStrategy(Strategy):
 
     def validate(self, world_size: int, device_type: str) -> None:
         self._device_type = device_type
-        self.config = self._build_config()
+        self._settings_changed()
         if offload_nvme_paths(self.config):
             _require_async_io(device_type)
+
+    def parallel_dims(self, world_size: int, local_world_size: int) -> ParallelDims:
+        """ZeRO partitions over every rank: all of them are data-parallel shard ranks."""
+        return ParallelDims(world_size=world_size, dp_shard=world_size)
+
+    def make_precision(self, name: str | int) -> Precision:
+        return DeepSpeedPrecision(name)
+
+    def configure_precision(self, name: str | int) -> None:
+        super().configure_precision(name)
+        self._settings_changed()
 
     def configure_training(self, settings: TrainingSettings) -> None:
         if settings.gradient_clip_val is not None and settings.gradient_clip_algorithm == "value":
@@ -173,13 +199,13 @@ class DeepSpeedStrategy(Strategy):
                 "DeepSpeed clips gradients by norm only; use gradient_clip_algorithm='norm' "
                 "(or another strategy, such as 'fsdp', to clip by value)"
             )
-        self.training = settings
-        self.config = self._build_config()
+        super().configure_training(settings)
+        self._settings_changed()
 
-    def connect(self, environment: Any, device: torch.device, precision: Precision, timeout: Any) -> None:
-        super().connect(environment, device, DeepSpeedPrecision(precision.name), timeout)
+    def connect(self, environment: Any, device: torch.device, timeout: Any, *args: Any, **kwargs: Any) -> None:
+        super().connect(environment, device, timeout, *args, **kwargs)
         self._device_type = device.type
-        self.config = self._build_config()
+        self._settings_changed()  # the world size is known now
 
     def setup_environment(self) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if self.device.type == "cuda" else "cpu")
@@ -219,7 +245,6 @@ class DeepSpeedStrategy(Strategy):
     ) -> tuple[nn.Module, list[Optimizer]]:
         import deepspeed
 
-        self.config = self._build_config()
         # The optimizer is built first, on the parameters as the model defines them (whole shapes,
         # still on the meta device under delayed init): code such as ``p.dim() >= 2`` to choose
         # weight decay must not see ZeRO-3's empty partitions. It is pointed at the real ones after.
@@ -336,7 +361,7 @@ class DeepSpeedStrategy(Strategy):
 
     def backward(self, loss: torch.Tensor, module: nn.Module | None = None) -> None:
         self._require_engine("backward")
-        self._engine.backward(loss, scale_wrt_gas=False)  # the Trainer divides by the accumulation steps
+        self._engine.backward(loss, scale_wrt_gas=False)  # the loss given is already divided (see forward_backward)
 
     def optimizer_step(self, optimizer: Optimizer) -> None:
         self._require_engine("step")
@@ -349,6 +374,10 @@ class DeepSpeedStrategy(Strategy):
 
     def optimizer_zero_grad(self, optimizer: Optimizer, set_to_none: bool = True) -> None:
         """DeepSpeed's step clears the gradients; ZeRO owns the gradient buffers, so nothing else may."""
+
+    def gradient_norm(self, parameters: Iterable[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor | None:
+        """Not known before the step: DeepSpeed reduces and measures the gradients inside it."""
+        return None
 
     def clip_gradients_norm(
         self, parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0
@@ -424,6 +453,10 @@ class DeepSpeedStrategy(Strategy):
                 zero_optimizer._hp_optimizer_states_linked = False
                 zero_optimizer._lazy_init_hp_params_optimizer_state()
 
+    def estimate_memory(self, footprint: ModelFootprint) -> StrategyMemory | None:
+        """Where ZeRO keeps the bytes at this config's stage and offload devices (``deepspeed_memory``)."""
+        return deepspeed_memory(footprint, self.config, name=self.name)
+
     def __repr__(self) -> str:
         given = {k: getattr(self.options, k) for k in self.options.__slots__ if getattr(self.options, k) is not None}
         return f"DeepSpeedStrategy({', '.join(f'{k}={v!r}' for k, v in given.items())})"
@@ -453,3 +486,40 @@ def _require_async_io(device_type: str) -> None:
             "DeepSpeed offload to NVMe (its async_io op)",
             install="apt-get install libaio-dev (Debian/Ubuntu), then run again",
         ) from None
+
+
+register_strategy(
+    "deepspeed",
+    DeepSpeedStrategy,
+    "DeepSpeed ZeRO (stage 2 unless set): optimizer state, gradients and parameters partitioned",
+)
+register_strategy("deepspeed_stage_1", DeepSpeedStrategy, "DeepSpeed ZeRO-1: optimizer state partitioned", stage=1)
+register_strategy(
+    "deepspeed_stage_2", DeepSpeedStrategy, "DeepSpeed ZeRO-2: optimizer state and gradients partitioned", stage=2
+)
+register_strategy(
+    "deepspeed_stage_2_offload",
+    DeepSpeedStrategy,
+    "DeepSpeed ZeRO-2, optimizer state in CPU memory",
+    stage=2,
+    offload_optimizer=True,
+)
+register_strategy("deepspeed_stage_3", DeepSpeedStrategy, "DeepSpeed ZeRO-3: parameters partitioned too", stage=3)
+register_strategy(
+    "deepspeed_stage_3_offload",
+    DeepSpeedStrategy,
+    "DeepSpeed ZeRO-3, parameters and optimizer state in CPU memory",
+    stage=3,
+    offload_optimizer=True,
+    offload_parameters=True,
+)
+register_strategy(
+    "deepspeed_stage_3_offload_nvme",
+    DeepSpeedStrategy,
+    "DeepSpeed ZeRO-3, parameters and optimizer state on disk (needs nvme_path)",
+    stage=3,
+    offload_optimizer=True,
+    offload_parameters=True,
+    offload_optimizer_device="nvme",
+    offload_params_device="nvme",
+)

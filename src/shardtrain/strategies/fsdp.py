@@ -13,18 +13,23 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from shardtrain.errors import StrategyError
+from shardtrain.memory import ModelFootprint, StrategyMemory
+from shardtrain.parallel_dims import ParallelDims
 from shardtrain.strategies.activation_checkpoint import apply_activation_checkpointing
 from shardtrain.strategies.base import Strategy
+from shardtrain.strategies.capabilities import BackwardSyncControl, DistributedCheckpointState, ShardedGradients
+from shardtrain.strategies.fsdp_memory import fsdp_memory
 from shardtrain.strategies.materialize import has_meta_tensors, materialize
 from shardtrain.strategies.policy import ModulePolicy, describe, repeated_blocks, select_modules
+from shardtrain.strategies.registry import register_strategy
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +38,7 @@ SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"
 _HYBRID_ALIASES = {"_HYBRID_SHARD_ZERO2": "HYBRID_SHARD"}
 
 
-class FSDPStrategy(Strategy):
+class FSDPStrategy(ShardedGradients, DistributedCheckpointState, BackwardSyncControl, Strategy):
     """Shard parameters, gradients and optimizer state over the ranks with FSDP2.
 
     Args:
@@ -59,7 +64,6 @@ class FSDPStrategy(Strategy):
     """
 
     name = "fsdp"
-    distributed = True
     needs_process_group = True
 
     def __init__(
@@ -98,30 +102,36 @@ class FSDPStrategy(Strategy):
         self.compile = compile
         self._root: FSDPModule | None = None
 
-    # ------------------------------------------------------------------ checks and mesh
-    def validate(self, world_size: int, device_type: str) -> None:
-        if self.device_mesh_shape is not None:
-            shape = tuple(self.device_mesh_shape)
-            if len(shape) != 2 or any(not isinstance(n, int) or n < 1 for n in shape):
-                raise StrategyError(f"device_mesh must be (replicate, shard) sizes, got {self.device_mesh_shape!r}")
-            if shape[0] * shape[1] != world_size:
-                raise StrategyError(
-                    f"device_mesh {shape} has {shape[0] * shape[1]} ranks but the run has {world_size} "
-                    f"(devices x num_nodes); choose (replicate, shard) with replicate * shard = {world_size}"
-                )
+    # ------------------------------------------------------------------ layout and mesh
+    def parallel_dims(self, world_size: int, local_world_size: int) -> ParallelDims:
+        """FULL_SHARD and SHARD_GRAD_OP shard over every rank; NO_SHARD replicates; HYBRID_SHARD is
+        ``device_mesh`` = (replicate, shard), by default (nodes, devices per node)."""
+        if self.sharding_strategy == "NO_SHARD":
+            return ParallelDims(world_size=world_size, dp_replicate=world_size, dp_shard=1)
+        if self.sharding_strategy != "HYBRID_SHARD":
+            return ParallelDims(world_size=world_size, dp_shard=world_size)
+        if isinstance(self._mesh, DeviceMesh):
+            replicate, shard = self._mesh.shape
+        else:
+            replicate, shard = self.device_mesh_shape or (max(1, world_size // local_world_size), local_world_size)
+        if self.device_mesh_shape is not None and (
+            len(self.device_mesh_shape) != 2 or any(not isinstance(n, int) or n < 1 for n in self.device_mesh_shape)
+        ):
+            raise StrategyError(f"device_mesh must be (replicate, shard) sizes, got {self.device_mesh_shape!r}")
+        if replicate * shard != world_size:
+            raise StrategyError(
+                f"device_mesh {(replicate, shard)} has {replicate * shard} ranks but the run has {world_size} "
+                f"(devices x num_nodes); choose (replicate, shard) with replicate * shard = {world_size}"
+            )
+        return ParallelDims(world_size=world_size, dp_replicate=replicate, dp_shard=shard)
 
     def mesh(self) -> DeviceMesh:
-        """The device mesh: 1-D ``("shard",)``, or 2-D ``("replicate", "shard")`` for HYBRID_SHARD and NO_SHARD."""
+        """What FSDP shards over: the run's ``dp_shard`` sub-mesh, or ``("dp_replicate", "dp_shard")``
+        when there are replicas (HYBRID_SHARD, NO_SHARD); a ``DeviceMesh`` given by the user as is."""
         if self._mesh is None:
-            world, device_type = self.world_size, self.device.type
-            if self.sharding_strategy == "HYBRID_SHARD":
-                env = self.environment
-                shape = self.device_mesh_shape or (world // env.local_world_size, env.local_world_size)
-                self._mesh = init_device_mesh(device_type, tuple(shape), mesh_dim_names=("replicate", "shard"))
-            elif self.sharding_strategy == "NO_SHARD":
-                self._mesh = init_device_mesh(device_type, (world, 1), mesh_dim_names=("replicate", "shard"))
-            else:
-                self._mesh = init_device_mesh(device_type, (world,), mesh_dim_names=("shard",))
+            assert self.layout is not None, "connect() first"
+            replicated = self.layout.dp_replicate > 1
+            self._mesh = self.device_mesh["dp_replicate", "dp_shard"] if replicated else self.device_mesh["dp_shard"]
         return self._mesh
 
     # ------------------------------------------------------------------ model
@@ -173,7 +183,6 @@ class FSDPStrategy(Strategy):
         self._root = fully_shard(module, **{**options, "reshard_after_forward": False})
         if meta:
             materialize(module, torch.device("cpu") if self.cpu_offload else self.device)
-        self.wrapped_units = units
         log.info(
             "FSDP %s over mesh %s: %d units (%s) and the root",
             self.sharding_strategy,
@@ -191,12 +200,15 @@ class FSDPStrategy(Strategy):
     def no_backward_sync(self, module: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
         return _gradient_sync(module, enabled) if isinstance(module, FSDPModule) else contextlib.nullcontext()
 
-    def clip_gradients_norm(
-        self, parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0
-    ) -> torch.Tensor:
-        """The norm of the whole gradient over all shards (DTensor arithmetic reduces it), then clipped."""
-        norm = torch.nn.utils.clip_grad_norm_(list(parameters), max_norm, norm_type=norm_type, foreach=True)
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    def estimate_memory(self, footprint: ModelFootprint) -> StrategyMemory | None:
+        """Sharded as ``sharding_strategy`` says, offloaded with ``cpu_offload`` (``fsdp_memory``)."""
+        return fsdp_memory(
+            footprint,
+            sharding_strategy=self.sharding_strategy,
+            cpu_offload=self.cpu_offload,
+            shard_ranks=self.device_mesh_shape[-1] if self.device_mesh_shape else None,
+            name=self.name,
+        )
 
     def __repr__(self) -> str:
         return f"FSDPStrategy(sharding_strategy={self.sharding_strategy!r}, cpu_offload={self.cpu_offload})"
@@ -213,3 +225,12 @@ def _gradient_sync(module: FSDPModule, enabled: bool):
         yield
     finally:
         module.set_requires_gradient_sync(True)
+
+
+register_strategy("fsdp", FSDPStrategy, "FSDP2: parameters, gradients and optimizer state sharded over ranks")
+register_strategy(
+    "fsdp_cpu_offload",
+    FSDPStrategy,
+    "FSDP2 with parameters, gradients and optimizer state in CPU memory",
+    cpu_offload=True,
+)
