@@ -26,7 +26,6 @@ import argparse
 import os
 import sys
 import tempfile
-from pathlib import Path
 from typing import MutableMapping
 
 from shardtrain.checkpoint.consolidate import consolidate, consolidate_optimizer

@@ -51,19 +51,8 @@ class Trainer:
         self.args = args
         #: The run's config from ``shardtrain fit`` (its YAML, resolved), stored in checkpoints to resume from.
         self.run_config: dict[str, Any] | None = None
-        self.engine = Engine(
-            accelerator=args.accelerator,
-            devices=args.devices,
-            num_nodes=args.num_nodes,
-            strategy=args.strategy,
-            precision=args.precision,
-            timeout_seconds=args.timeout_seconds,
-        )
-        self.engine.configure_training(
-            accumulate_grad_batches=args.accumulate_grad_batches,
-            gradient_clip_val=args.gradient_clip_val,
-            gradient_clip_algorithm=args.gradient_clip_algorithm,
-        )
+        self.engine = Engine(**args.engine_options())
+        self.engine.configure_training(**args.training_options())
         self.default_root_dir = Path(args.default_root_dir)
         self.max_epochs = args.epochs_limit
         self.preemption: Preemption | None = Preemption() if args.preemption is True else (args.preemption or None)
@@ -100,17 +89,10 @@ class Trainer:
     def strategy(self) -> Strategy:
         return self.engine.strategy
 
-    @property
-    def global_rank(self) -> int:
-        return self.engine.global_rank
+    global_rank = property(lambda self: self.engine.global_rank)
+    world_size = property(lambda self: self.engine.world_size)
 
-    @property
-    def world_size(self) -> int:
-        return self.engine.world_size
-
-    @property
-    def is_global_zero(self) -> bool:
-        return self.engine.is_global_zero
+    is_global_zero = property(lambda self: self.engine.is_global_zero)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -128,11 +110,9 @@ class Trainer:
         val_dataloaders: DataLoader | None = None,
         ckpt_path: str | os.PathLike | None = None,
     ) -> None:
-        """Train ``module``; resume from ``ckpt_path`` (a file saved by ``save_checkpoint``, or ``"last"``).
-
-        Raises :class:`~shardtrain.preemption.Preempted` (exit code 75) on every rank after
-        saving a checkpoint, when a preemption signal arrived (see ``preemption``).
-        """
+        """Train ``module``; resume from ``ckpt_path`` (a checkpoint, consolidated weights, or ``"last"``).
+        Raises :class:`~shardtrain.preemption.Preempted` (exit code 75) on every rank after saving a
+        checkpoint when a preemption signal arrived (see ``preemption``)."""
         self._stop.install()
         try:
             self.engine.launch()
@@ -144,12 +124,9 @@ class Trainer:
             train_loader = self._loader(train_dataloaders, module, "train_dataloader", required=True)
             self.train_loader = train_loader  # a StatefulDataLoader's position goes into checkpoints
             val_loader = self._loader(val_dataloaders, module, "val_dataloader", required=False)
-            self._estimate_steps(train_loader)
+            self.estimated_stepping_batches = self.args.stepping_batches(train_loader)
             self.engine.configure_training(
-                accumulate_grad_batches=self.args.accumulate_grad_batches,
-                gradient_clip_val=self.args.gradient_clip_val,
-                gradient_clip_algorithm=self.args.gradient_clip_algorithm,
-                micro_batch_size=getattr(train_loader, "batch_size", None),
+                **self.args.training_options(), micro_batch_size=getattr(train_loader, "batch_size", None)
             )
             self._setup(module, "fit")
             self.nonfinite.refuse_what_cannot_be_done(self.engine.can_skip_optimizer_step, self._loss_scaling())
@@ -186,11 +163,8 @@ class Trainer:
         return [metrics]
 
     def _teardown(self, module: TrainModule, stage: str) -> None:
-        """Every callback's ``teardown(trainer, module, stage)``, then the engine's, as Lightning does.
-
-        The set-up model stays readable (``save_checkpoint()`` after ``fit`` works); under DeepSpeed
-        it can no longer run (see ``DeepSpeedStrategy.teardown``).
-        """
+        """Every callback's ``teardown(trainer, module, stage)``, then the engine's, as Lightning does; the
+        set-up model stays readable (``save_checkpoint()`` after ``fit`` works)."""
         try:
             for callback in self.callbacks:
                 callback.teardown(self, module, stage)
@@ -238,16 +212,6 @@ class Trainer:
                 )
             return None
         return self.engine.setup_dataloaders(loader, seed=self.args.seed or 0)
-
-    def _estimate_steps(self, loader: Any) -> None:
-        if self.args.max_steps > 0:
-            self.estimated_stepping_batches = self.args.max_steps
-            return
-        try:
-            batches = limited_batches(len(loader), self.args.limit_train_batches)
-        except TypeError:
-            return
-        self.estimated_stepping_batches = self.max_epochs * math.ceil(batches / self.args.accumulate_grad_batches)
 
     # ------------------------------------------------------------------ training
     def _train(self, train_loader: Any, val_loader: Any) -> None:
@@ -297,7 +261,12 @@ class Trainer:
                 self._optimizer_step(collector, step_loss / micro_batches)
                 step_loss = torch.zeros((), device=self.engine.device)
             self._call("on_train_batch_end", outputs, batch, batch_idx)
-            if val_loader is not None and interval and (batch_idx + 1) % interval == 0 and self._val_epoch_due():
+            if (
+                val_loader is not None
+                and interval
+                and (batch_idx + 1) % interval == 0
+                and self.validation.epoch_due(self.current_epoch)
+            ):
                 self.validation.run(self.model, self.module, val_loader)
             if self._stop.agreed and not self._reached_max_steps():  # on the last step, just finish
                 self._stop.stop(self.global_step, self.global_rank, self._checkpoint_for_stop)
@@ -306,12 +275,9 @@ class Trainer:
                 if self.batches_seen_in_epoch < num_batches:
                     return False
                 break
-        if val_loader is not None and interval == 0 and self._val_epoch_due():
+        if val_loader is not None and interval == 0 and self.validation.epoch_due(self.current_epoch):
             self.validation.run(self.model, self.module, val_loader)
         return True
-
-    def _val_epoch_due(self) -> bool:
-        return self.validation.epoch_due(self.current_epoch)
 
     def _training_micro_step(self, batch: Any, batch_idx: int, sync: bool) -> tuple[torch.Tensor, Any]:
         def compute_loss() -> tuple[torch.Tensor, Any]:

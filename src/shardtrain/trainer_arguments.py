@@ -7,6 +7,7 @@ below) through jsonargparse, and ``to_json()`` is what a checkpoint records of t
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -123,6 +124,26 @@ class TrainerArguments:
                 value if isinstance(value, plain) else (str(value) if isinstance(value, Path) else repr(value))
             )
         return out
+
+    def stepping_batches(self, loader: Any) -> int | float:
+        """Optimizer steps the run will take over ``loader`` (inf when it has no length and no ``max_steps``)."""
+        if self.max_steps > 0:
+            return self.max_steps
+        try:
+            batches = limited_batches(len(loader), self.limit_train_batches)
+        except TypeError:
+            return math.inf
+        return self.epochs_limit * math.ceil(batches / self.accumulate_grad_batches)
+
+    def engine_options(self) -> dict[str, Any]:
+        """What the Trainer's :class:`~shardtrain.engine.Engine` is made with."""
+        names = ("accelerator", "devices", "num_nodes", "strategy", "precision", "timeout_seconds")
+        return {name: getattr(self, name) for name in names}
+
+    def training_options(self) -> dict[str, Any]:
+        """What the loop tells the Engine (``Engine.configure_training``)."""
+        names = ("accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm")
+        return {name: getattr(self, name) for name in names}
 
     def callback_list(self) -> list[Callback]:
         """The given callbacks, with a progress bar and a run summary unless turned off or given."""

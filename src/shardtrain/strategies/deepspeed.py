@@ -4,13 +4,10 @@ DeepSpeed is an optional extra (``pip install 'shardtrain[deepspeed]'``). The ap
 order: delayed initialisation (ZeRO-3: each block is initialised and partitioned in turn, so the
 whole model never exists on one rank), activation checkpointing from a policy, the optimizer
 from ``configure_optimizers()`` (DeepSpeed's CPU Adam in its place when the optimizer state is
-offloaded), then ``deepspeed.initialize``. The DeepSpeed config is assembled by
-``deepspeed_config``; checkpoints use the common format (``deepspeed_state``).
-
-The Engine's step runs unchanged: ``no_backward_sync`` marks accumulation micro-batches
-(DeepSpeed's accumulation boundary), ``backward`` is DeepSpeed's (loss scaling included; the
-loss it is given is already divided by the accumulation steps, by ``Strategy.forward_backward``
-or by a custom loop, as with any strategy), and the optimizer step is DeepSpeed's, which also
+offloaded), then ``deepspeed.initialize``. Its config comes from ``deepspeed_config``, its
+run-time pieces from ``deepspeed_runtime``; checkpoints use the common format (``deepspeed_state``).
+``no_backward_sync`` marks DeepSpeed's accumulation boundary; ``backward`` is DeepSpeed's (given a
+loss already divided by the accumulation steps, as for any strategy); its optimizer step also
 clips by norm, so the norm is known only after it.
 """
 
@@ -20,7 +17,7 @@ import contextlib
 import importlib.util
 import logging
 import os
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -29,7 +26,7 @@ from torch.optim import Optimizer
 
 from shardtrain.errors import ConfigError, MissingDependencyError, StrategyError
 from shardtrain.memory import ModelFootprint, StrategyMemory
-from shardtrain.precision import Precision, _map_floating
+from shardtrain.precision import Precision
 from shardtrain.strategies import deepspeed_state as state_io
 from shardtrain.strategies.activation_checkpoint import apply_activation_checkpointing
 from shardtrain.parallel_dims import ParallelDims
@@ -40,42 +37,21 @@ from shardtrain.strategies.deepspeed_config import (
     TrainerSettings,
     build_config,
     offload_nvme_paths,
-    offloads_optimizer,
 )
 from shardtrain.strategies.deepspeed_memory import deepspeed_memory
-from shardtrain.strategies.materialize import has_meta_tensors, materialize, materialize_in_units
-from shardtrain.strategies.policy import ModulePolicy, repeated_blocks
+from shardtrain.strategies.deepspeed_runtime import (
+    DeepSpeedPrecision,
+    accumulation_boundary,
+    describe_offload,
+    materialize_partitioned,
+    optimizer_for_deepspeed,
+    require_async_io,
+)
+from shardtrain.strategies.materialize import has_meta_tensors
+from shardtrain.strategies.policy import ModulePolicy
 from shardtrain.strategies.registry import register_strategy
 
 log = logging.getLogger(__name__)
-
-
-class DeepSpeedPrecision(Precision):
-    """DeepSpeed runs the model in the low-precision dtype itself (bf16/fp16 weights, fp32 master
-    copy in the optimizer): no autocast, floating inputs cast to that dtype, outputs back to fp32."""
-
-    def forward_context(self, device_type: str) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
-
-    @contextlib.contextmanager
-    def module_init_context(self) -> Iterator[None]:
-        yield  # fp32 at build time: DeepSpeed casts when it takes the model
-
-    def convert_module(self, module: nn.Module) -> nn.Module:
-        return module
-
-    def convert_input(self, data: Any) -> Any:
-        if self.name == "32-true":
-            return data
-        return _map_floating(data, lambda t: t.to(self.compute_dtype))
-
-    def convert_output(self, data: Any) -> Any:
-        if self.name == "32-true":
-            return data
-        return _map_floating(data, lambda t: t.float())
-
-    def grad_scaler(self, device_type: str) -> None:
-        return None  # DeepSpeed scales fp16 losses itself
 
 
 class DeepSpeedStrategy(BackwardSyncControl, Strategy):
@@ -143,6 +119,7 @@ class DeepSpeedStrategy(BackwardSyncControl, Strategy):
         self.delayed_init = delayed_init
         self._device_type = "cpu"
         self._config: dict[str, Any] | None = None
+        self._config_inputs: tuple[Any, ...] = ()
         self.config  # every check runs now, before any process starts
         self._engine: Any = None
         self._user_optimizer: Optimizer | None = None
@@ -155,12 +132,10 @@ class DeepSpeedStrategy(BackwardSyncControl, Strategy):
     def config(self) -> dict[str, Any]:
         """The DeepSpeed config: the options, the user's config and the run's settings, assembled by
         ``deepspeed_config.build_config`` when first read after a setting changed."""
-        if self._config is None:
-            self._config = self._build_config()
+        inputs = (self.precision.name, repr(self.training), self.world_size, self._device_type)
+        if self._config is None or self._config_inputs != inputs:
+            self._config, self._config_inputs = self._build_config(), inputs
         return self._config
-
-    def _settings_changed(self) -> None:
-        self._config = None
 
     def _build_config(self) -> dict[str, Any]:
         trainer = TrainerSettings(
@@ -178,9 +153,8 @@ class DeepSpeedStrategy(BackwardSyncControl, Strategy):
 
     def validate(self, world_size: int, device_type: str) -> None:
         self._device_type = device_type
-        self._settings_changed()
         if offload_nvme_paths(self.config):
-            _require_async_io(device_type)
+            require_async_io(device_type)
 
     def parallel_dims(self, world_size: int, local_world_size: int) -> ParallelDims:
         """ZeRO partitions over every rank: all of them are data-parallel shard ranks."""
@@ -189,10 +163,6 @@ class DeepSpeedStrategy(BackwardSyncControl, Strategy):
     def make_precision(self, name: str | int) -> Precision:
         return DeepSpeedPrecision(name)
 
-    def configure_precision(self, name: str | int) -> None:
-        super().configure_precision(name)
-        self._settings_changed()
-
     def configure_training(self, settings: TrainingSettings) -> None:
         if settings.gradient_clip_val is not None and settings.gradient_clip_algorithm == "value":
             raise ConfigError(
@@ -200,12 +170,10 @@ class DeepSpeedStrategy(BackwardSyncControl, Strategy):
                 "(or another strategy, such as 'fsdp', to clip by value)"
             )
         super().configure_training(settings)
-        self._settings_changed()
 
     def connect(self, environment: Any, device: torch.device, timeout: Any, *args: Any, **kwargs: Any) -> None:
         super().connect(environment, device, timeout, *args, **kwargs)
         self._device_type = device.type
-        self._settings_changed()  # the world size is known now
 
     def setup_environment(self) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if self.device.type == "cuda" else "cpu")
@@ -251,7 +219,7 @@ class DeepSpeedStrategy(BackwardSyncControl, Strategy):
         names = {id(p): name for name, p in module.named_parameters()}
         optimizers = list(make_optimizers())
         if has_meta_tensors(module):
-            self._materialize(module)
+            materialize_partitioned(module, self.device, self.config)
             for optimizer in optimizers:
                 repoint_optimizer(optimizer, names, dict(module.named_parameters()))
         if self.activation_checkpointing_policy is not None:
@@ -276,7 +244,7 @@ class DeepSpeedStrategy(BackwardSyncControl, Strategy):
         self.teardown()  # set up again: the previous engine's hooks must not stay on the model
         engine, zero_optimizer, _, _ = deepspeed.initialize(
             model=module,
-            optimizer=self._optimizer_for_deepspeed(user_optimizer),
+            optimizer=optimizer_for_deepspeed(user_optimizer, self.config),
             config=self.config,
             dist_init_required=False,
         )
@@ -287,65 +255,8 @@ class DeepSpeedStrategy(BackwardSyncControl, Strategy):
             optimizers = [self._user_optimizer]
         if engine.optimizer is not None:
             state_io.initialise_optimizer_state(engine.optimizer)
-        log.info("DeepSpeed ZeRO stage %d, %s", self.stage, self._describe_offload())
+        log.info("DeepSpeed ZeRO stage %d, %s", self.stage, describe_offload(self.config))
         return engine, optimizers
-
-    def _materialize(self, module: nn.Module) -> None:
-        if self.stage != 3:
-            materialize(module, self.device)
-            return
-        import deepspeed
-
-        blocks = repeated_blocks(module)
-
-        swapper = None  # one disk swapper (and its buffers) for all units, not one per unit
-
-        def partition(unit: nn.Module) -> None:
-            nonlocal swapper
-            swapper = deepspeed.zero.Init(
-                module=unit, config_dict_or_path=self.config, param_swapper=swapper
-            ).param_swapper
-
-        materialize_in_units(module, self.device, blocks, partition)
-
-    def _optimizer_for_deepspeed(self, optimizer: Optimizer | None) -> Optimizer | None:
-        """With the optimizer state offloaded, DeepSpeed's CPU Adam replaces torch's Adam/AdamW.
-
-        It shares the user optimizer's parameter groups, so LR schedulers built on the user's
-        optimizer still drive it.
-        """
-        if (
-            optimizer is None
-            or not offloads_optimizer(self.config)
-            or type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW)
-        ):
-            return optimizer
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        defaults = optimizer.defaults
-        cpu_adam = DeepSpeedCPUAdam(
-            [p for group in optimizer.param_groups for p in group["params"]],
-            lr=defaults["lr"],
-            betas=defaults["betas"],
-            eps=defaults["eps"],
-            weight_decay=defaults["weight_decay"],
-            adamw_mode=type(optimizer) is torch.optim.AdamW,
-        )
-        for group in optimizer.param_groups:
-            for key, value in cpu_adam.defaults.items():
-                group.setdefault(key, value)
-        cpu_adam.param_groups = optimizer.param_groups
-        log.info("optimizer state offloaded: %s replaced by DeepSpeed's CPU Adam", type(optimizer).__name__)
-        return cpu_adam
-
-    def _describe_offload(self) -> str:
-        zero = self.config["zero_optimization"]
-        parts = [
-            f"{key} to {zero[key]['device']}"
-            for key in ("offload_optimizer", "offload_param")
-            if zero.get(key, {}).get("device", "none") != "none"
-        ]
-        return ", ".join(parts) or "no offload"
 
     def forward_context(self) -> contextlib.AbstractContextManager:
         if self._destroyed:
@@ -357,7 +268,7 @@ class DeepSpeedStrategy(BackwardSyncControl, Strategy):
 
     # ------------------------------------------------------------------ the step
     def no_backward_sync(self, module: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
-        return _accumulation_boundary(self._engine, is_boundary=not enabled)
+        return accumulation_boundary(self._engine, is_boundary=not enabled)
 
     def backward(self, loss: torch.Tensor, module: nn.Module | None = None) -> None:
         self._require_engine("backward")
@@ -404,7 +315,9 @@ class DeepSpeedStrategy(BackwardSyncControl, Strategy):
     ) -> None:
         if full:  # every rank was given everything: keep what this rank owns (and broadcasts)
             state = state_io.keep_owned([name for name, _ in state_io.named_state_tensors(module)], state)
-        state_io.load_model_state(module, state, self.device, self._zero_optimizer())
+        state_io.load_model_state(
+            module, state, self.device, self._engine.optimizer if self._engine is not None else None
+        )
 
     def optimizer_state_dict(self, module: nn.Module, optimizer: Optimizer, full: bool = True) -> dict[str, Any]:
         self._require_engine("optimizer_state_dict")
@@ -424,9 +337,6 @@ class DeepSpeedStrategy(BackwardSyncControl, Strategy):
         state_io.load_optimizer_state(module, self._engine.optimizer, optimizer, state, self.device)
         state_io.refresh_low_precision_params(self._engine.optimizer)
 
-    def _zero_optimizer(self) -> Any:
-        return self._engine.optimizer if self._engine is not None else None
-
     def _require_engine(self, what: str) -> None:
         if self._engine is None:
             raise RuntimeError(
@@ -434,14 +344,10 @@ class DeepSpeedStrategy(BackwardSyncControl, Strategy):
             )
 
     def teardown(self) -> None:
-        """Destroy the DeepSpeed engine: its ZeRO hooks (gradient, and ZeRO-3's gather-on-forward),
-        pinned offload buffers and process-wide registrations are released. Idempotent.
-
-        The trained state stays readable, so ``save_checkpoint()`` and ``module_state_dict()`` work
-        after ``fit()``: ZeRO-1/2's ``destroy()`` unlinks each parameter from its fp32 partition
-        (read after it, weights came back wrong by up to 0.49), so the links are made again. The
-        model cannot run any more (``forward_context`` says so); a new set-up makes a new engine.
-        """
+        """Destroy the DeepSpeed engine (its ZeRO hooks, pinned buffers, registrations); idempotent.
+        The state stays readable (``save_checkpoint()`` after ``fit()``): ZeRO-1/2's ``destroy()``
+        unlinks parameters from their fp32 partitions (weights then read wrong by up to 0.49), so
+        the links are made again. The model cannot run any more (``forward_context`` says so)."""
         if self._engine is None or self._destroyed:
             return
         self._engine.destroy()
@@ -462,64 +368,27 @@ class DeepSpeedStrategy(BackwardSyncControl, Strategy):
         return f"DeepSpeedStrategy({', '.join(f'{k}={v!r}' for k, v in given.items())})"
 
 
-@contextlib.contextmanager
-def _accumulation_boundary(engine: Any, is_boundary: bool) -> Iterator[None]:
-    """Tell DeepSpeed whether the coming backward ends an accumulation window."""
-    if engine is None:
-        yield
-        return
-    engine.set_gradient_accumulation_boundary(is_boundary)
-    try:
-        yield
-    finally:
-        engine.set_gradient_accumulation_boundary(True)
-
-
-def _require_async_io(device_type: str) -> None:
-    """NVMe offload needs DeepSpeed's async_io op, which needs libaio; say so before starting."""
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device_type == "cuda" else "cpu")
-    from deepspeed.ops.op_builder import AsyncIOBuilder
-
-    if not AsyncIOBuilder().is_compatible(verbose=False):
-        raise MissingDependencyError(
-            "libaio",
-            "DeepSpeed offload to NVMe (its async_io op)",
-            install="apt-get install libaio-dev (Debian/Ubuntu), then run again",
-        ) from None
-
-
-register_strategy(
-    "deepspeed",
-    DeepSpeedStrategy,
-    "DeepSpeed ZeRO (stage 2 unless set): optimizer state, gradients and parameters partitioned",
-)
-register_strategy("deepspeed_stage_1", DeepSpeedStrategy, "DeepSpeed ZeRO-1: optimizer state partitioned", stage=1)
-register_strategy(
-    "deepspeed_stage_2", DeepSpeedStrategy, "DeepSpeed ZeRO-2: optimizer state and gradients partitioned", stage=2
-)
-register_strategy(
-    "deepspeed_stage_2_offload",
-    DeepSpeedStrategy,
-    "DeepSpeed ZeRO-2, optimizer state in CPU memory",
-    stage=2,
-    offload_optimizer=True,
-)
-register_strategy("deepspeed_stage_3", DeepSpeedStrategy, "DeepSpeed ZeRO-3: parameters partitioned too", stage=3)
-register_strategy(
-    "deepspeed_stage_3_offload",
-    DeepSpeedStrategy,
-    "DeepSpeed ZeRO-3, parameters and optimizer state in CPU memory",
-    stage=3,
-    offload_optimizer=True,
-    offload_parameters=True,
-)
-register_strategy(
-    "deepspeed_stage_3_offload_nvme",
-    DeepSpeedStrategy,
-    "DeepSpeed ZeRO-3, parameters and optimizer state on disk (needs nvme_path)",
-    stage=3,
-    offload_optimizer=True,
-    offload_parameters=True,
-    offload_optimizer_device="nvme",
-    offload_params_device="nvme",
-)
+_OFFLOAD_CPU = {"offload_optimizer": True, "offload_parameters": True}
+_OFFLOAD_NVME = {**_OFFLOAD_CPU, "offload_optimizer_device": "nvme", "offload_params_device": "nvme"}
+for _name, _description, _options in (
+    ("deepspeed", "DeepSpeed ZeRO (stage 2 unless set): optimizer state, gradients and parameters partitioned", {}),
+    ("deepspeed_stage_1", "DeepSpeed ZeRO-1: optimizer state partitioned", {"stage": 1}),
+    ("deepspeed_stage_2", "DeepSpeed ZeRO-2: optimizer state and gradients partitioned", {"stage": 2}),
+    (
+        "deepspeed_stage_2_offload",
+        "DeepSpeed ZeRO-2, optimizer state in CPU memory",
+        {"stage": 2, "offload_optimizer": True},
+    ),
+    ("deepspeed_stage_3", "DeepSpeed ZeRO-3: parameters partitioned too", {"stage": 3}),
+    (
+        "deepspeed_stage_3_offload",
+        "DeepSpeed ZeRO-3, parameters and optimizer state in CPU memory",
+        {"stage": 3, **_OFFLOAD_CPU},
+    ),
+    (
+        "deepspeed_stage_3_offload_nvme",
+        "DeepSpeed ZeRO-3, parameters and optimizer state on disk (needs nvme_path)",
+        {"stage": 3, **_OFFLOAD_NVME},
+    ),
+):
+    register_strategy(_name, DeepSpeedStrategy, _description, **_options)
