@@ -1,6 +1,7 @@
 """The memory estimator: exact counts from the meta device, nothing allocated, clear errors."""
 
 import resource
+from dataclasses import replace
 
 import pytest
 import torch
@@ -189,3 +190,125 @@ def test_the_cli_prints_the_same_table(capsys):
     estimate.model = printed.split(":")[0]
     assert printed == f"{estimate}\nrecommended: {estimate.recommend(2**30, 4 * 2**30)[1]}\n"
     assert "fits: within 90% of 1.00 GiB per device, 4.00 GiB host memory per device" in printed
+
+
+# Each strategy's memory formula lives beside it (Strategy.estimate_memory); the table asks every registered one.
+SMALL = GPTConfig(n_layer=2, d_model=64, n_head=2, seq_len=32)
+
+
+@pytest.fixture
+def registered():
+    """Register strategies for one test; afterwards the registry is as it was (no other test sees them)."""
+    from shardtrain.strategies.registry import _REGISTRY, register_strategy
+
+    saved = dict(_REGISTRY)
+
+    def register(name, factory):
+        register_strategy(name, factory, "registered by a test", override=True)
+
+    yield register
+    _REGISTRY.clear()
+    _REGISTRY.update(saved)
+
+
+def test_the_rows_are_in_the_order_of_the_table():
+    pytest.importorskip("deepspeed", reason="the deepspeed_stage_* rows need the extra")
+    zero = ["deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload", "deepspeed_stage_3"]
+    zero += ["deepspeed_stage_3_offload", "deepspeed_stage_3_offload_nvme"]  # "deepspeed" is stage 2: no row of its own
+    fsdp = ["fsdp", "fsdp_shard_grad_op", "fsdp_hybrid", "fsdp_cpu_offload"]
+    for devices, whole in ((1, "single"), (2, "ddp")):
+        estimate = estimate_memory(GPTModule(SMALL), devices=devices)
+        assert [s.strategy for s in estimate.strategies] == [whole, *fsdp, *zero]
+        assert [s.strategy for s in estimate.strategies if not s.available] == ["fsdp_shard_grad_op", "fsdp_hybrid"]
+
+
+def test_a_registered_strategy_with_a_formula_gets_a_row(registered):
+    from shardtrain import SingleDeviceStrategy
+    from shardtrain.memory import StrategyMemory
+
+    class Halves(SingleDeviceStrategy):
+        """A toy: half the parameters per device, plus a fixed buffer."""
+
+        def estimate_memory(self, footprint):
+            return StrategyMemory(
+                strategy="a label the table replaces",
+                parameters=footprint.parameter_bytes // 2,
+                gradients=0,
+                optimizer=0,
+                activations=footprint.activation_bytes,
+                working=12345,
+            )
+
+    built_in = [s.strategy for s in estimate_memory(GPTModule(SMALL), devices=2).strategies]
+    registered("toy_halves", Halves)
+    estimate = estimate_memory(GPTModule(SMALL), devices=2, device_memory="1GiB")
+    row = estimate.get("toy_halves")
+    assert row.strategy == "toy_halves" and row.available  # named as registered, and selectable
+    assert (row.parameters, row.working) == (estimate.parameter_bytes // 2, 12345)
+    assert [s.strategy for s in estimate.strategies] == [*built_in, "toy_halves"]  # after the built-ins
+    assert any(line.split()[0] == "toy_halves" for line in str(estimate).splitlines()[3:] if line)
+    assert estimate.recommend(80 * 2**30)[0] == "ddp"  # auto still chooses among ddp and fsdp only
+
+
+def test_a_strategy_without_a_formula_is_left_out(registered):
+    from shardtrain import SingleDeviceStrategy, Strategy
+
+    class NoFormula(SingleDeviceStrategy):
+        estimate_memory = Strategy.estimate_memory  # the default: None, no formula
+
+    class NotForThisLayout(SingleDeviceStrategy):
+        def estimate_memory(self, footprint):
+            return None if footprint.world_size > 1 else super().estimate_memory(footprint)
+
+    registered("toy_no_formula", NoFormula)
+    registered("toy_one_device", NotForThisLayout)
+    two = {s.strategy for s in estimate_memory(GPTModule(SMALL), devices=2).strategies}
+    assert "toy_no_formula" not in two and "toy_one_device" not in two and {"ddp", "fsdp"} <= two
+    one = {s.strategy for s in estimate_memory(GPTModule(SMALL)).strategies}
+    assert "toy_no_formula" not in one and "toy_one_device" in one
+
+
+def test_each_row_is_its_strategys_own_formula():
+    from shardtrain import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
+    from shardtrain.footprint import measure_footprint
+
+    estimate = estimate_memory(GPTModule(SMALL), devices=4, num_nodes=2, batch_size=2)
+    footprint = measure_footprint(GPTModule(SMALL), devices=4, num_nodes=2, batch_size=2)
+    assert footprint.world_size == 8 and footprint.parameter_bytes == estimate.parameter_bytes
+
+    def row(strategy, name):
+        return replace(strategy.estimate_memory(footprint), strategy=name)
+
+    assert row(DDPStrategy(), "ddp") == estimate.get("ddp")
+    assert SingleDeviceStrategy().estimate_memory(footprint) is None  # 8 ranks: no single-device row
+    assert row(FSDPStrategy(cpu_offload=True), "fsdp_cpu_offload") == estimate.get("fsdp_cpu_offload")
+    hybrid = replace(estimate.get("fsdp_hybrid"), available=True)
+    assert row(FSDPStrategy(sharding_strategy="HYBRID_SHARD"), "fsdp_hybrid") == hybrid  # a node's 4 devices
+    two_by_four = FSDPStrategy(sharding_strategy="HYBRID_SHARD", device_mesh=(4, 2)).estimate_memory(footprint)
+    assert two_by_four.parameters == footprint.parameter_bytes // 2  # the mesh's shard size, not the node's
+    no_shard = FSDPStrategy(sharding_strategy="NO_SHARD").estimate_memory(footprint)
+    assert replace(no_shard, strategy="ddp") == estimate.get("ddp")  # replicated, like DDP
+
+
+def test_deepspeed_rows_come_from_the_strategys_config():
+    pytest.importorskip("deepspeed", reason="install the extra: pip install 'shardtrain[deepspeed]'")
+    from shardtrain import DeepSpeedStrategy
+    from shardtrain.footprint import measure_footprint
+
+    estimate = estimate_memory(GPTModule(SMALL), devices=4)
+    footprint = measure_footprint(GPTModule(SMALL), devices=4)
+    stage_3 = DeepSpeedStrategy(config={"zero_optimization": {"stage": 3}}).estimate_memory(footprint)
+    assert replace(stage_3, strategy="deepspeed_stage_3") == estimate.get("deepspeed_stage_3")
+    smaller = DeepSpeedStrategy(stage=2, reduce_bucket_size=1000).estimate_memory(footprint)
+    assert smaller.working == 4 * 1000  # the config's reduce bucket, in fp32
+    assert DeepSpeedStrategy(stage=0).estimate_memory(footprint) is None  # no formula: no row, not a guess
+
+
+def test_one_memory_size_parser():
+    import shardtrain.cli
+    import shardtrain.estimate
+    import shardtrain.memory
+
+    assert shardtrain.estimate.parse_memory_size is shardtrain.memory.parse_memory_size
+    assert shardtrain.cli.parse_memory_size is shardtrain.memory.parse_memory_size  # consolidate --max-shard-size
+    assert shardtrain.estimate.StrategyMemory is shardtrain.memory.StrategyMemory
