@@ -87,7 +87,7 @@ class DumpWeights(Callback):
     def _dump(self, trainer, module):
         from safetensors.torch import save_file
 
-        if trainer.strategy.sets_up_optimizers_with_module:  # DeepSpeed: whole weights through the strategy
+        if isinstance(trainer.strategy, DeepSpeedStrategy):  # DeepSpeed: whole weights through the strategy
             full = {name: t.contiguous() for name, t in trainer.strategy.module_state_dict(module, full=True).items()}
         else:
             full = {
@@ -213,7 +213,7 @@ trainer.fit(
 )
 if args.save_at_end:
     trainer.save_checkpoint()
-if trainer.strategy.sets_up_optimizers_with_module:  # DeepSpeed: whole weights through the strategy (collective)
+if isinstance(trainer.strategy, DeepSpeedStrategy):  # DeepSpeed: whole weights through the strategy (collective)
     weights = trainer.strategy.module_state_dict(module, full=True)
     checksum = sum(weights[name].double().sum().item() for name, _ in module.named_parameters())
 else:
