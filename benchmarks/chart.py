@@ -1,4 +1,7 @@
-"""The benchmark's PNG: throughput and peak memory per rank, shardtrain beside the reference, and scaling."""
+"""The benchmark's PNG: throughput and peak memory per rank, shardtrain beside the reference, and scaling.
+
+Bars are the medians over run.py's rounds; the whiskers span each side's lowest and highest round.
+"""
 
 from __future__ import annotations
 
@@ -25,8 +28,12 @@ def write_chart(report: dict, path: Path) -> Path | None:
         (axes[1], "peak_memory_per_rank_bytes", 2**-20, "peak memory per rank, MiB (lower is better)"),
     ):
         for offset, side, color in ((-width / 2, "reference", "#9e9e9e"), (width / 2, "shardtrain", "#1f77b4")):
-            values = [report["configs"][n][side][key] * scale for n in names]
-            bars = axis.bar([p + offset for p in positions], values, width, label=side, color=color)
+            figures = [report["configs"][n][side] for n in names]
+            values = [f[key] * scale for f in figures]
+            spread = _range_bars(figures, key, scale)
+            bars = axis.bar(
+                [p + offset for p in positions], values, width, label=side, color=color, yerr=spread, capsize=3
+            )
             axis.bar_label(bars, fmt="%.0f", fontsize=7)
         axis.set_xticks(list(positions), names)
         axis.set_title(label, fontsize=10)
@@ -48,3 +55,12 @@ def write_chart(report: dict, path: Path) -> Path | None:
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+def _range_bars(figures: list[dict], key: str, scale: float) -> list[list[float]] | None:
+    """Whiskers from the median down to the lowest round and up to the highest (None without rounds)."""
+    if not all(f"{key}_range" in f for f in figures):
+        return None
+    below = [(f[key] - f[f"{key}_range"][0]) * scale for f in figures]
+    above = [(f[f"{key}_range"][1] - f[key]) * scale for f in figures]
+    return [below, above]

@@ -82,11 +82,13 @@ def autocast(args: argparse.Namespace, device: torch.device) -> contextlib.Abstr
 
 
 def loader(config: GPTConfig, args: argparse.Namespace):
-    """This rank's share of the data: DistributedSampler over the embedded corpus, in order."""
+    """This rank's share of the data: DistributedSampler over the embedded corpus, in order, as
+    shardtrain's Trainer makes it from a ``shuffle=False, drop_last=True`` loader."""
     from torch.utils.data import DataLoader, DistributedSampler
 
     data = dataset(config)
-    return DataLoader(data, batch_size=args.batch_size, sampler=DistributedSampler(data, shuffle=False), drop_last=True)
+    sampler = DistributedSampler(data, shuffle=False, drop_last=True)
+    return DataLoader(data, batch_size=args.batch_size, sampler=sampler, drop_last=True)
 
 
 def reference_training_loop(

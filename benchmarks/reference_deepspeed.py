@@ -3,6 +3,11 @@
 ZeRO stage from ``--stage``; torch AdamW as the client optimizer, clipping at 1.0, bf16 through
 DeepSpeed's own ``bf16`` section. At stage 3 the model is built under ``deepspeed.zero.Init``,
 as DeepSpeed recommends for large models.
+
+The config is the one shardtrain's ``DeepSpeedStrategy`` builds for the same run
+(``shardtrain.strategies.deepspeed_config.build_config``): the same keys and values, written out
+by hand here. Both sides record the dict they gave ``deepspeed.initialize``, and ``run.py``
+reports whether the two were equal.
 """
 
 import contextlib
@@ -24,12 +29,14 @@ deepspeed.init_distributed(dist_backend=backend())
 config = MODELS[args.model]
 where = device()
 ds_config = {
+    "zero_optimization": {"stage": args.stage},  # DeepSpeed's defaults for buckets, prefetch, overlap
     "train_micro_batch_size_per_gpu": args.batch_size,
     "gradient_accumulation_steps": 1,
+    "train_batch_size": args.batch_size * dist.get_world_size(),
     "gradient_clipping": 1.0,
-    "zero_optimization": {"stage": args.stage},
-    "bf16": {"enabled": args.precision == "bf16-mixed"},
 }
+if args.precision == "bf16-mixed":
+    ds_config["bf16"] = {"enabled": True}
 torch.manual_seed(0)
 build = deepspeed.zero.Init(config_dict_or_path=ds_config) if args.stage == 3 else contextlib.nullcontext()
 with build:
@@ -54,6 +61,6 @@ for step, (x, y) in enumerate(loader(config, args)):
     engine.backward(loss)
     engine.step()
     timer.tick()
-finish(args, timer, config)
+finish(args, timer, config, {"deepspeed_config": ds_config})
 dist.barrier()
 dist.destroy_process_group()

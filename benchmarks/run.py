@@ -1,15 +1,23 @@
-"""Run shardtrain and the hand-written reference in turn: same model, data, batch, precision, process count.
+"""Run shardtrain and the hand-written reference in alternation: same model, data, batch, precision, process count.
 
-    python benchmarks/run.py                              # DDP, FSDP, FSDP + AC, ZeRO-2, ZeRO-3; 38M GPT, 2 processes
+    python benchmarks/run.py                              # DDP, FSDP, FSDP + AC, ZeRO-2, ZeRO-3; 38M GPT, 2 processes, 3 rounds
     python benchmarks/run.py --scaling 1 2 4               # and FSDP, ZeRO-3 alone at 1, 2, 4 processes
-    python benchmarks/run.py --model small --steps 6      # a tiny model: a smoke test of the harness
+    python benchmarks/run.py --model small --steps 6 --rounds 2   # a tiny model: a smoke test of the harness
     python benchmarks/run.py --model gpt1b --devices 1 --precision bf16-mixed --configs fsdp   # one GPU
 
-For each configuration it prints, for the reference and for shardtrain: tokens/s, model FLOP/s
-and MFU, median step time and spread, peak memory per rank (RSS on CPU, max_memory_allocated on
-CUDA), and the ratio shardtrain / reference. MFU is measured against a stated peak: the
-datasheet figure of a known GPU, or on CPU a matmul measured at the start of this run in as many
-processes as train. Results go to ``<out>/results.json`` and ``<out>/benchmark.png``.
+A single pair of runs on a shared machine measures the machine's load as much as either side:
+step times there move by a second on 4-6 s steps. So each configuration runs ``--rounds`` rounds
+of one reference run and one shardtrain run, the order swapped every other round (reference
+first, then shardtrain first, ...) so that drift in the machine's load falls on both sides. Each
+round gives a pair of figures and their ratio, shardtrain / reference; the report is the median
+of those ratios with their range (min-max), beside the median of each side's own figures. The
+targets, a tokens/s ratio of at least 0.98 and a memory ratio of at most 1.05, are marked per row.
+
+For each side the figures are: tokens/s, model FLOP/s and MFU, median step time and spread,
+peak memory per rank (RSS on CPU, max_memory_allocated on CUDA). MFU is measured against a
+stated peak: the datasheet figure of a known GPU, or on CPU a matmul measured at the start of
+this run in as many processes as train. Results go to ``<out>/results.json`` (every round's raw
+figures under ``configs.<name>.rounds``) and ``<out>/benchmark.png``.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
+
+from summary import SIDES, pair, print_report, summarise  # noqa: E402
 
 #: configuration -> (reference script and its flags, shardtrain's flags)
 CONFIGS = {
@@ -51,10 +61,12 @@ def free_port() -> int:
 
 
 def environment(extra: dict[str, str]) -> dict[str, str]:
+    """Both sides' environment: one thread per process unless set, this checkout's examples and
+    benchmarks first on the path (a PYTHONPATH already set is kept after them), no launcher layout."""
     env = {
         **os.environ,
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-        "PYTHONPATH": f"{ROOT}{os.pathsep}{HERE}",
+        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), str(HERE), os.environ.get("PYTHONPATH", "")) if p),
         **extra,
     }
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -74,7 +86,7 @@ def run(command: list[str], out: Path, extra_env: dict[str, str]) -> dict:
         "peak_memory_per_rank_bytes": max(r["peak_memory_bytes"] for r in results),
         "ranks": len(results),
     }
-    for key in ("monitor", "monitor_flops_per_batch", "monitor_peak_flops", "monitor_peak_source"):
+    for key in ("monitor", "monitor_flops_per_batch", "monitor_peak_flops", "monitor_peak_source", "deepspeed_config"):
         if key in results[0]:
             summary[key] = results[0][key]
     return summary
@@ -156,6 +168,22 @@ def add_efficiency(side: dict, flops_per_token: float, peak: float) -> None:
     side["mfu"] = side["model_flops_per_sec"] / (side["ranks"] * peak)
 
 
+def run_round(name: str, index: int, rounds: int, devices: int, out: Path, common: list[str], extra_env: dict) -> dict:
+    """One reference run and one shardtrain run of ``name``: the reference first in even rounds,
+    shardtrain first in odd ones, so that a machine getting busier or quieter favours neither."""
+    where = out / name / f"round{index}"
+    commands = {
+        "reference": reference_command(name, devices, where / "reference", common),
+        "shardtrain": shardtrain_command(name, devices, where / "shardtrain", common),
+    }
+    order = SIDES if index % 2 == 0 else SIDES[::-1]
+    figures = {}
+    for side in order:
+        print(f"[benchmark] {name}, round {index + 1} of {rounds}: {side}", flush=True)
+        figures[side] = run(commands[side], where / side, extra_env)
+    return {"order": order, **figures}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
@@ -165,6 +193,12 @@ def main() -> None:
     parser.add_argument("--model", default="gpt38m", choices=["small", "gpt38m", "gpt1b"])
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per process per step")
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="pairs of runs per configuration, in alternating order; the ratios reported are their median",
+    )
     parser.add_argument(
         "--scaling", type=int, nargs="*", default=[], help="also run shardtrain alone at these process counts"
     )
@@ -182,6 +216,8 @@ def main() -> None:
         help="leave glibc's malloc thresholds dynamic (CPU RSS then varies between identical runs)",
     )
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     extra_env = {} if args.default_malloc else PINNED_MALLOC
     out = Path(args.out)
     common = [
@@ -204,6 +240,7 @@ def main() -> None:
         "devices": args.devices,
         "steps": args.steps,
         "warmup": args.warmup,
+        "rounds": args.rounds,
         "batch_size_per_rank": args.batch_size,
         "precision": args.precision,
         "malloc": "default" if args.default_malloc else "pinned",
@@ -214,22 +251,13 @@ def main() -> None:
         "scaling": {},
     }
     for name in args.configs:
-        reference = run(
-            reference_command(name, args.devices, out / name / "reference", common), out / name / "reference", extra_env
-        )
-        ours = run(
-            shardtrain_command(name, args.devices, out / name / "shardtrain", common),
-            out / name / "shardtrain",
-            extra_env,
-        )
-        for side in (reference, ours):
-            add_efficiency(side, flops_per_token, peak)
-        report["configs"][name] = {
-            "reference": reference,
-            "shardtrain": ours,
-            "ratio_tokens_per_sec": ours["tokens_per_sec"] / reference["tokens_per_sec"],
-            "ratio_peak_memory": ours["peak_memory_per_rank_bytes"] / reference["peak_memory_per_rank_bytes"],
-        }
+        rounds = []
+        for index in range(args.rounds):
+            figures = run_round(name, index, args.rounds, args.devices, out, common, extra_env)
+            for side in SIDES:
+                add_efficiency(figures[side], flops_per_token, peak)
+            rounds.append(pair(figures["reference"], figures["shardtrain"], figures["order"]))
+        report["configs"][name] = summarise(rounds)
     for name in args.scaling_configs if args.scaling else []:
         report["scaling"][name] = {}
         for devices in args.scaling:
@@ -244,32 +272,6 @@ def main() -> None:
 
     chart = write_chart(report, out / "benchmark.png")
     print(f"results: {out / 'results.json'}" + (f", chart: {chart}" if chart else ""))
-
-
-def print_report(report: dict) -> None:
-    print(
-        f"\n{report['model']}, {report['devices']} processes, {report['precision']}, {report['steps']} steps ({report['warmup']} warm-up), "
-        f"malloc {report['malloc']}; peak {report['peak_flops_per_device'] / 1e9:,.0f} GFLOP/s per device ({report['peak_source']})"
-    )
-    print(
-        f"{'config':9}{'side':12}{'tokens/s':>10}{'GFLOP/s':>9}{'MFU':>7}{'step (s)':>10}{'spread':>8}{'peak MiB/rank':>15}"
-    )
-    for name, entry in report["configs"].items():
-        for side in ("reference", "shardtrain"):
-            r = entry[side]
-            print(
-                f"{name:9}{side:12}{r['tokens_per_sec']:10.0f}{r['model_flops_per_sec'] / 1e9:9.1f}{r['mfu']:7.1%}"
-                f"{r['step_time_median']:10.3f}{r['step_time_spread']:8.3f}{r['peak_memory_per_rank_bytes'] / 2**20:15.0f}"
-            )
-        print(f"{name:9}{'ratio':12}{entry['ratio_tokens_per_sec']:10.3f}{'':34}{entry['ratio_peak_memory']:15.3f}")
-    for name, runs in report["scaling"].items():
-        print(
-            f"\nscaling, shardtrain {name}:  "
-            + "   ".join(
-                f"{devices} proc: {r['peak_memory_per_rank_bytes'] / 2**20:.0f} MiB/rank, step {r['step_time_median']:.3f} s, {r['tokens_per_sec']:.0f} tokens/s"
-                for devices, r in runs.items()
-            )
-        )
 
 
 if __name__ == "__main__":

@@ -66,8 +66,10 @@ trainer = Trainer(
 torch.manual_seed(0)
 trainer.fit(ConstantLR(config), DataLoader(dataset(config), batch_size=args.batch_size, shuffle=False, drop_last=True))
 extra = {}
+if args.strategy == "deepspeed":  # the dict given to deepspeed.initialize, compared with the reference's
+    extra["deepspeed_config"] = trainer.strategy.config
 if args.monitor and trainer.is_global_zero:
-    extra = {
+    extra |= {
         "monitor": {
             k.removeprefix("throughput/"): v for k, v in trainer.callback_metrics.items() if k.startswith("throughput/")
         },

@@ -1,7 +1,8 @@
-"""The benchmark harness runs both sides and writes its JSON and chart (figures themselves are not
-asserted beyond their consistency: no timing in tests)."""
+"""The benchmark harness runs both sides in alternating rounds and writes its JSON and chart
+(figures themselves are not asserted beyond their consistency: no timing in tests)."""
 
 import json
+import statistics
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ from tests.distributed.runner import ROOT
 pytestmark = pytest.mark.distributed
 
 CONFIGS = ("ddp", "fsdp_ac", "zero3")  # every reference script: DDP, FSDP2, deepspeed.initialize
+ROUNDS = 2
 
 
 def test_benchmark_writes_results(tmp_path):
@@ -25,29 +27,58 @@ def test_benchmark_writes_results(tmp_path):
         "5",
         "--warmup",
         "2",
+        "--rounds",
+        str(ROUNDS),
         "--configs",
         *CONFIGS,
         "--out",
         str(tmp_path),
     ]
-    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     report = json.loads((tmp_path / "results.json").read_text())
     assert report["peak_flops_per_device"] > 0 and report["model_flops_per_token"] > 0
+    assert report["rounds"] == ROUNDS
     for name in CONFIGS:
         entry = report["configs"][name]
-        ours, reference = entry["shardtrain"], entry["reference"]
-        assert reference["ranks"] == ours["ranks"] == 2
-        assert entry["ratio_tokens_per_sec"] == pytest.approx(ours["tokens_per_sec"] / reference["tokens_per_sec"])
-        assert entry["ratio_peak_memory"] == pytest.approx(
-            ours["peak_memory_per_rank_bytes"] / reference["peak_memory_per_rank_bytes"]
-        )
-        for side in (ours, reference):
-            assert side["mfu"] == pytest.approx(
-                side["tokens_per_sec"] * report["model_flops_per_token"] / (2 * report["peak_flops_per_device"])
+        rounds = entry["rounds"]
+        # each round runs both sides, the reference first in even rounds and shardtrain first in odd ones
+        assert [r["order"] for r in rounds] == [["reference", "shardtrain"], ["shardtrain", "reference"]]
+        for r in rounds:
+            assert r["reference"]["ranks"] == r["shardtrain"]["ranks"] == 2
+            assert r["ratio_tokens_per_sec"] == pytest.approx(
+                r["shardtrain"]["tokens_per_sec"] / r["reference"]["tokens_per_sec"]
+            )
+            assert r["ratio_peak_memory"] == pytest.approx(
+                r["shardtrain"]["peak_memory_per_rank_bytes"] / r["reference"]["peak_memory_per_rank_bytes"]
+            )
+        # the reported ratios are the median of the rounds' ratios, with their range and the targets
+        for ratio in ("ratio_tokens_per_sec", "ratio_peak_memory"):
+            values = [r[ratio] for r in rounds]
+            assert entry[ratio] == pytest.approx(statistics.median(values))
+            assert entry[f"{ratio}_range"] == pytest.approx([min(values), max(values)])
+        assert entry["meets_tokens_per_sec_target"] == (entry["ratio_tokens_per_sec"] >= 0.98)
+        assert entry["meets_peak_memory_target"] == (entry["ratio_peak_memory"] <= 1.05)
+        for side in ("reference", "shardtrain"):
+            summary = entry[side]
+            for figure in ("tokens_per_sec", "peak_memory_per_rank_bytes", "step_time_median"):
+                assert summary[figure] == pytest.approx(statistics.median(r[side][figure] for r in rounds))
+            assert summary["tokens_per_sec_range"] == pytest.approx(
+                [min(r[side]["tokens_per_sec"] for r in rounds), max(r[side]["tokens_per_sec"] for r in rounds)]
+            )
+            assert summary["mfu"] == pytest.approx(
+                summary["tokens_per_sec"] * report["model_flops_per_token"] / (2 * report["peak_flops_per_device"])
             )
         # the Trainer side's ThroughputMonitor counted the same model from its real first step; the
         # CPU attention kernel's backward recomputes the scores, the meta count's math path does not
+        ours = entry["shardtrain"]
         assert ours["monitor_flops_per_batch"] == pytest.approx(report["model_flops_per_token"] * 4 * 64, rel=0.03)
+    # both sides gave deepspeed.initialize the same config (the reference writes out what shardtrain builds)
+    zero3 = report["configs"]["zero3"]
+    assert zero3["same_deepspeed_config"] is True
+    assert zero3["reference"]["deepspeed_config"]["zero_optimization"]["stage"] == 3
     assert (tmp_path / "benchmark.png").stat().st_size > 10_000
-    assert "ratio" in completed.stdout
+    assert "ratio shardtrain / reference" in completed.stdout
+    for name in CONFIGS:  # one ratio row per configuration, with its two target marks
+        row = [line for line in completed.stdout.splitlines() if line.startswith(name) and "-" in line]
+        assert len(row) == 1 and row[0].count("pass") + row[0].count("FAIL") == 2, completed.stdout[-3000:]
