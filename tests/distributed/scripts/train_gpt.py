@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from shardtrain.strategies import create_strategy
+from shardtrain.strategies import DeepSpeedStrategy, create_strategy
 
 from examples.gpt.data import corpus_splits
 from examples.gpt.model import GPTConfig, GPTModule
