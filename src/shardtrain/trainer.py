@@ -121,6 +121,7 @@ class Trainer:
             self._stop.uninstall()
             raise
         try:
+            self.engine.choose_strategy(module)  # strategy="auto": first, as the layout decides each rank's data
             train_loader = self._loader(train_dataloaders, module, "train_dataloader", required=True)
             self.train_loader = train_loader  # a StatefulDataLoader's position goes into checkpoints
             val_loader = self._loader(val_dataloaders, module, "val_dataloader", required=False)
@@ -185,7 +186,7 @@ class Trainer:
             callback.setup(self, module, stage)
 
     def _set_up_model(self, module: TrainModule, stage: str) -> None:
-        self.engine.choose_strategy(module)  # strategy="auto": decided from the model, before it is built
+        self.engine.choose_strategy(module)  # strategy="auto" (validate): from the model, before it is built
         if self.args.seed is not None:
             seed_everything(self.args.seed)
         with self.engine.init_module():
