@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -74,8 +75,27 @@ def run_script(
     }
     for key in LAYOUT_VARIABLES:
         full_env.pop(key, None)
-    completed = subprocess.run(command, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
-    return Run(completed.returncode, completed.stdout + completed.stderr, out_dir)
+    returncode, output = run_process_group(command, env=full_env, timeout=timeout)
+    return Run(returncode, output, out_dir)
+
+
+def run_process_group(command: Sequence[str], *, env: dict | None = None, timeout: float = 180) -> tuple[int, str]:
+    """Run ``command`` in its own session and return (exit code, stdout + stderr).
+
+    On timeout the whole process group is killed, not just the launcher: ranks left behind would keep
+    the CPU busy (or a file lock held) for the tests that follow. The exit code is then -9 and the
+    output ends with a line saying so.
+    """
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        return -signal.SIGKILL, f"{output}\n[killed with its process group: timed out after {timeout:.0f} s]\n"
+    return process.returncode, output
 
 
 def assert_ok(run: Run) -> Run:

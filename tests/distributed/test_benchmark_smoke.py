@@ -3,12 +3,11 @@
 
 import json
 import statistics
-import subprocess
 import sys
 
 import pytest
 
-from tests.distributed.runner import ROOT
+from tests.distributed.runner import ROOT, run_process_group
 
 pytestmark = pytest.mark.distributed
 
@@ -34,8 +33,8 @@ def test_benchmark_writes_results(tmp_path):
         "--out",
         str(tmp_path),
     ]
-    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    returncode, output = run_process_group(command, timeout=900)
+    assert returncode == 0, output[-6000:]
     report = json.loads((tmp_path / "results.json").read_text())
     assert report["peak_flops_per_device"] > 0 and report["model_flops_per_token"] > 0
     assert report["rounds"] == ROUNDS
@@ -78,7 +77,7 @@ def test_benchmark_writes_results(tmp_path):
     assert zero3["same_deepspeed_config"] is True
     assert zero3["reference"]["deepspeed_config"]["zero_optimization"]["stage"] == 3
     assert (tmp_path / "benchmark.png").stat().st_size > 10_000
-    assert "ratio shardtrain / reference" in completed.stdout
+    assert "ratio shardtrain / reference" in output
     for name in CONFIGS:  # one ratio row per configuration, with its two target marks
-        row = [line for line in completed.stdout.splitlines() if line.startswith(name) and "-" in line]
-        assert len(row) == 1 and row[0].count("pass") + row[0].count("FAIL") == 2, completed.stdout[-3000:]
+        row = [line for line in output.splitlines() if line.startswith(name) and "-" in line]
+        assert len(row) == 1 and row[0].count("pass") + row[0].count("FAIL") == 2, output[-3000:]
