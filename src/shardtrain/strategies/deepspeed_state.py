@@ -17,6 +17,7 @@ precision of the forward pass.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Iterator
 
 import torch
@@ -82,9 +83,11 @@ def load_model_state(
 
     for name, tensor, value in _broadcast_owned(named_state_tensors(module), loaded, device):
         with torch.no_grad():
-            if isinstance(tensor, nn.Parameter) and (hasattr(tensor, "ds_id") or hasattr(tensor, "_hp_mapping")):
+            if isinstance(tensor, nn.Parameter) and hasattr(tensor, "ds_id") and zero_optimizer is not None:
+                _set_zero3_partition(zero_optimizer, tensor, value)
+            elif isinstance(tensor, nn.Parameter) and (hasattr(tensor, "ds_id") or hasattr(tensor, "_hp_mapping")):
                 safe_set_full_fp32_param(tensor, value)
-                if hasattr(tensor, "ds_id") and zero_optimizer is None:  # no optimizer: write the partition directly
+                if hasattr(tensor, "ds_id"):  # ZeRO-3 without an optimizer: write the partition directly
                     _write_partition(tensor, value)
             else:
                 tensor.data.copy_(value.reshape(tensor.shape))
@@ -98,6 +101,25 @@ def _write_partition(param: torch.Tensor, value: torch.Tensor) -> None:
     start = partition.numel() * rank
     piece = flat[start : start + partition.numel()]
     partition.data[: piece.numel()].copy_(piece)
+
+
+def _set_zero3_partition(zero_optimizer: Any, param: torch.Tensor, value: torch.Tensor, key: str | None = None) -> None:
+    """This rank's part of ZeRO-3's fp32 master weights (``key=None``) or optimizer state ``key`` of
+    ``param`` from its whole ``value``. DeepSpeed 0.19's ``set_full_hp_param`` cuts the whole value
+    at ``rank * partition size`` with the padded size, which runs past the end on the last rank
+    when the parameter's size is not a multiple of the world size; here the padding stays zero.
+    Private DeepSpeed API (``_get_fp32_opt_state_partition``), as of 0.19."""
+    if not param.requires_grad:
+        return
+    partition, group = zero_optimizer._get_fp32_opt_state_partition(
+        param, release_swap_buffers=False, optim_state_key=key
+    )
+    start = partition.numel() * zero_optimizer._get_param_partition_rank(param)
+    piece = value.reshape(-1).to(partition.dtype)[start : start + partition.numel()]
+    partition.data.zero_()
+    partition.data[: piece.numel()].copy_(piece)
+    if zero_optimizer._swappable_optimizer_subgroup(group):
+        zero_optimizer._optimizer_states_and_gradient_swap_out(group)
 
 
 def refresh_low_precision_params(zero_optimizer: Any) -> None:
@@ -185,10 +207,22 @@ def load_optimizer_state(
     saved_state: dict[str, dict[str, torch.Tensor]] = loaded.get("state", {})
     step: float | None = None
     trainable = _trainable(module)
+    saved_keys = {key for entry in saved_state.values() for key in entry if key != "step"}
+    if saved_keys and not keys:
+        warnings.warn(
+            f"the checkpoint holds optimizer state ({', '.join(sorted(saved_keys))}) that this DeepSpeed "
+            "optimizer cannot take (ZeRO-3 with the optimizer state on NVMe creates it only at its first "
+            "step): it restarts from zero, so the resumed losses drift from the uninterrupted run; "
+            "resume with offload_optimizer_device='cpu' to keep it",
+            stacklevel=2,
+        )
     for key in keys:
         owned = {name: entry[key] for name, entry in saved_state.items() if key in entry}
         for name, param, value in _broadcast_owned(trainable, owned, device, dtype=torch.float32):
-            safe_set_full_optimizer_state(param, value, key)
+            if hasattr(param, "ds_id"):
+                _set_zero3_partition(zero_optimizer, param, value, key)
+            else:
+                safe_set_full_optimizer_state(param, value, key)
     steps = [entry["step"] for entry in saved_state.values() if "step" in entry]
     step_tensor = torch.tensor([float(steps[0]) if steps else -1.0], device=device)
     if dist.is_available() and dist.is_initialized():
