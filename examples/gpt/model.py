@@ -41,10 +41,18 @@ class GPTConfig:
 
 
 class CausalSelfAttention(nn.Module):
+    """Causal self-attention with one fused query/key/value projection.
+
+    The projection's output is laid out head by head (query, key and value of head 0, then of
+    head 1, ...), so that splitting its rows between tensor-parallel ranks gives each rank whole
+    heads. Head counts are read from the tensors (``-1`` in ``view``), not from the config, so the
+    same code runs on all heads or on a rank's share of them.
+    """
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         assert config.d_model % config.n_head == 0, "d_model must be divisible by n_head"
-        self.n_head = config.n_head
+        self.head_dim = config.d_model // config.n_head
         self.n_layer = config.n_layer
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
@@ -55,11 +63,11 @@ class CausalSelfAttention(nn.Module):
         _init_linear(self.proj, std=0.02 / math.sqrt(2 * self.n_layer))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, seq, dim = x.shape
-        q, k, v = self.qkv(x).split(dim, dim=2)
-        q, k, v = (t.view(batch, seq, self.n_head, dim // self.n_head).transpose(1, 2) for t in (q, k, v))
+        batch, seq, _ = x.shape
+        q, k, v = self.qkv(x).view(batch, seq, -1, 3, self.head_dim).unbind(dim=3)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(y.transpose(1, 2).reshape(batch, seq, dim))
+        return self.proj(y.transpose(1, 2).reshape(batch, seq, -1))
 
 
 class MLP(nn.Module):
@@ -99,6 +107,20 @@ def _init_linear(layer: nn.Linear, std: float) -> None:
 
 
 class GPT(nn.Module):
+    #: How tensor parallelism splits this model (``strategy="model_parallel"`` reads it; see
+    #: ``shardtrain.strategies.tp_plan``). Attention heads and the MLP's hidden units are split
+    #: between the ranks: ``colwise`` layers produce a rank's share, ``rowwise`` ones sum the
+    #: shares. The vocabulary is split in the embedding and the tied output layer (both keep rows
+    #: of the one weight), and the logits are gathered whole for the loss.
+    tp_plan = {
+        "token_embedding": "embedding_rowwise",
+        "blocks.*.attn.qkv": "colwise",
+        "blocks.*.attn.proj": "rowwise",
+        "blocks.*.mlp.up": "colwise",
+        "blocks.*.mlp.down": "rowwise",
+        "head": "colwise_rep",
+    }
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
