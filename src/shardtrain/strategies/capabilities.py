@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import math
 from typing import Any, Iterable
 
 import torch
@@ -52,16 +53,44 @@ class ReplicatedGradients:
 
 
 class ShardedGradients:
-    """DTensor gradients (FSDP2): DTensor arithmetic reduces the norm over every shard."""
+    """DTensor gradients (FSDP2, tensor parallel): DTensor arithmetic reduces each norm over its mesh.
+
+    Gradients may live on several meshes (under FSDP x TP: the 2-D mesh for parameters the
+    tensor-parallel plan split, the 1-D data-parallel mesh for the rest) and may be plain tensors
+    (tensor parallel alone: replicated parameters, whole on every rank). torch's norm cannot mix
+    them in one call, so each group's norm is taken on its own, made whole (``full_tensor``), and
+    the groups combined, as torchtitan does for expert-parallel gradients.
+    """
 
     def gradient_norm(self, parameters: Iterable[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor | None:
-        grads = [p.grad for p in parameters if p.grad is not None]
-        return _full(torch.nn.utils.get_total_norm(grads, norm_type=norm_type, foreach=True))
+        groups = _by_mesh([p.grad for p in parameters if p.grad is not None])
+        norms = [_full(torch.nn.utils.get_total_norm(grads, norm_type=norm_type, foreach=True)) for grads in groups]
+        if len(norms) == 1:
+            return norms[0]
+        if not norms:
+            return torch.tensor(0.0)
+        stacked = torch.stack([norm.to(norms[0].device) for norm in norms])
+        if math.isinf(norm_type):
+            return stacked.max()
+        return stacked.pow(norm_type).sum().pow(1.0 / norm_type)
 
     def clip_gradients_norm(
         self, parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0
     ) -> torch.Tensor:
-        return _full(torch.nn.utils.clip_grad_norm_(list(parameters), max_norm, norm_type=norm_type, foreach=True))
+        parameters = [p for p in parameters if p.grad is not None]
+        norm = self.gradient_norm(parameters, norm_type)
+        assert norm is not None
+        for group in _by_mesh(parameters):
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, norm, foreach=True)
+        return norm
+
+
+def _by_mesh(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """``tensors`` grouped by the DTensor mesh they live on (plain tensors together), in first-seen order."""
+    groups: dict[Any, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        groups.setdefault(getattr(tensor, "device_mesh", None), []).append(tensor)
+    return list(groups.values())
 
 
 def _full(norm: torch.Tensor) -> torch.Tensor:

@@ -148,13 +148,7 @@ class FSDPStrategy(ShardedGradients, DistributedCheckpointState, BackwardSyncCon
 
     def mixed_precision_policy(self) -> MixedPrecisionPolicy:
         """bf16-mixed: bf16 all-gather and compute, fp32 gradient reduction, fp32 master weights."""
-        if self.mixed_precision is not None:
-            return self.mixed_precision
-        if self.precision.name == "bf16-mixed":
-            return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        if self.precision.name == "16-mixed":
-            return MixedPrecisionPolicy(param_dtype=torch.float16, reduce_dtype=torch.float32)
-        return MixedPrecisionPolicy()
+        return self.mixed_precision or fsdp_mixed_precision(self.precision.name)
 
     def setup_module(self, module: nn.Module) -> nn.Module:
         user_module = getattr(module, "module", module)
@@ -198,7 +192,7 @@ class FSDPStrategy(ShardedGradients, DistributedCheckpointState, BackwardSyncCon
         return repeated_blocks(user_module)
 
     def no_backward_sync(self, module: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
-        return _gradient_sync(module, enabled) if isinstance(module, FSDPModule) else contextlib.nullcontext()
+        return no_gradient_sync(module, enabled) if isinstance(module, FSDPModule) else contextlib.nullcontext()
 
     def estimate_memory(self, footprint: ModelFootprint) -> StrategyMemory | None:
         """Sharded as ``sharding_strategy`` says, offloaded with ``cpu_offload`` (``fsdp_memory``)."""
@@ -214,8 +208,17 @@ class FSDPStrategy(ShardedGradients, DistributedCheckpointState, BackwardSyncCon
         return f"FSDPStrategy(sharding_strategy={self.sharding_strategy!r}, cpu_offload={self.cpu_offload})"
 
 
+def fsdp_mixed_precision(precision: str) -> MixedPrecisionPolicy:
+    """FSDP2's policy for a precision name: mixed precisions compute in 16 bits, reduce in fp32."""
+    if precision == "bf16-mixed":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if precision == "16-mixed":
+        return MixedPrecisionPolicy(param_dtype=torch.float16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
 @contextlib.contextmanager
-def _gradient_sync(module: FSDPModule, enabled: bool):
+def no_gradient_sync(module: FSDPModule, enabled: bool):
     """Accumulate unsharded gradients locally (no reduce-scatter) while ``enabled``."""
     if not enabled:
         yield
