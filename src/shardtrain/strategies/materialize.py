@@ -4,6 +4,9 @@ The contract, the same as PyTorch's own layers follow: ``reset_parameters()`` of
 initialises the parameters and buffers of that module and of its submodules that are in the
 same FSDP unit (not of nested units). Modules are visited children first, so a block's custom
 ``reset_parameters`` runs after, and wins over, the defaults of its ``nn.Linear`` layers.
+Inside a Hugging Face model, its own ``_init_weights(module)`` takes the place of
+``reset_parameters()`` (norms, rotary-embedding buffers and the config's ``initializer_range``
+as ``from_config`` gives them). A module whose tensors nothing would initialise is refused.
 
 For a sharded parameter, the module's *full* tensor is created for the duration of its
 ``reset_parameters()`` call, initialised, and only this rank's shard is kept. This way:
@@ -17,31 +20,81 @@ For a sharded parameter, the module's *full* tensor is created for the duration 
 from __future__ import annotations
 
 import ctypes
+import functools
 from typing import Callable, Iterator
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from shardtrain.errors import ConfigError
+
 
 def has_meta_tensors(module: nn.Module) -> bool:
     return any(t.is_meta for t in module.parameters()) or any(t.is_meta for t in module.buffers())
 
 
-def materialize(module: nn.Module, device: torch.device) -> None:
-    """Allocate ``module``'s meta tensors on ``device`` and initialise them with ``reset_parameters()``."""
+def materialize(module: nn.Module, device: torch.device, units: list[nn.Module] = ()) -> None:
+    """Allocate ``module``'s meta tensors on ``device`` and initialise them with ``reset_parameters()``.
+
+    ``units``: where a module's initialisation stops, besides FSDP units (tensor parallelism alone
+    gives its blocks), so that at most one unit's split parameters are gathered whole at a time."""
+    check_initialisable(module)
     ties = _shared_parameters(module)
     module.to_empty(device=device)
     for owners in ties:  # to_empty gives each owner of a shared (tied) parameter its own copy: tie them again
         first_owner, first_name = owners[0]
         for owner, name in owners[1:]:
             owner._parameters[name] = first_owner._parameters[first_name]
+    boundaries = {id(unit) for unit in units}
+    for submodule, initialise in _initialisers(module):
+        with _full_parameters(submodule, boundaries):
+            initialise()
+    release_freed_host_memory()
+
+
+def check_initialisable(module: nn.Module) -> None:
+    """Raise ``ConfigError`` if a module's own tensors would stay uninitialised after materialising:
+    neither it nor a module above it has ``reset_parameters()``, and no Hugging Face model owns it."""
+    covered: set[int] = set()
+    for name, submodule in module.named_modules():
+        if id(submodule) in covered or callable(getattr(submodule, "reset_parameters", None)):
+            covered.update(id(m) for m in submodule.modules())
+        elif _hugging_face_initialiser(submodule) is not None:
+            covered.update(id(m) for m in submodule.modules())
+        elif any(t is not None for t in (*submodule._parameters.values(), *submodule._buffers.values())):
+            raise ConfigError(
+                f"{type(submodule).__name__} ({name or 'the model'}) was built on the meta device but neither it nor "
+                "a module above it has reset_parameters(), so its tensors would stay uninitialised; give it a "
+                "reset_parameters() that initialises them, or build it on a real device (delayed_init=False)"
+            )
+
+
+def _initialisers(module: nn.Module) -> Iterator[tuple[nn.Module, Callable[[], None]]]:
+    """Children first, what initialises each module: its ``reset_parameters()``, or inside a Hugging Face
+    model, that model's own ``_init_weights(module)`` (the initialisation ``from_config`` gives)."""
+    owners: dict[int, nn.Module] = {}
+    for submodule in module.modules():
+        initialise = _hugging_face_initialiser(submodule)
+        if initialise is not None:
+            for inner in submodule.modules():
+                owners.setdefault(id(inner), submodule)
     for submodule in _post_order(module):
+        owner = owners.get(id(submodule))
+        if owner is not None:
+            yield submodule, functools.partial(owner._init_weights, submodule)
+            continue
         reset = getattr(submodule, "reset_parameters", None)
         if callable(reset):
-            with _full_parameters(submodule):
-                reset()
-    release_freed_host_memory()
+            yield submodule, reset
+
+
+def _hugging_face_initialiser(module: nn.Module) -> Callable[[nn.Module], None] | None:
+    """A transformers ``PreTrainedModel``'s ``_init_weights`` (it has a config and a base model prefix)."""
+    initialise = getattr(module, "_init_weights", None)
+    if callable(initialise) and hasattr(module, "config") and hasattr(module, "base_model_prefix"):
+        return initialise
+    return None
 
 
 def release_freed_host_memory() -> None:
@@ -73,22 +126,24 @@ def _post_order(module: nn.Module) -> Iterator[nn.Module]:
     yield module
 
 
-def _unit_parameters(module: nn.Module) -> list[tuple[nn.Module, str, nn.Parameter]]:
-    """(owner, name, parameter) of ``module`` and of submodules that are not FSDP units of their own."""
+def _unit_parameters(module: nn.Module, boundaries: set[int]) -> list[tuple[nn.Module, str, nn.Parameter]]:
+    """(owner, name, parameter) of ``module`` and of submodules that are not units of their own
+    (FSDP units, or the modules in ``boundaries``)."""
     from torch.distributed.fsdp import FSDPModule
 
     found = [(module, name, p) for name, p in module._parameters.items() if p is not None]
     for child in module.children():
-        if not isinstance(child, FSDPModule):
-            found += _unit_parameters(child)
+        if not isinstance(child, FSDPModule) and id(child) not in boundaries:
+            found += _unit_parameters(child, boundaries)
     return found
 
 
 class _full_parameters:
     """Within the block, the unit's sharded parameters are plain full tensors; on exit, shards are kept."""
 
-    def __init__(self, module: nn.Module) -> None:
-        self.swapped = [(owner, name, p) for owner, name, p in _unit_parameters(module) if isinstance(p, DTensor)]
+    def __init__(self, module: nn.Module, boundaries: set[int] = frozenset()) -> None:
+        found = _unit_parameters(module, boundaries)
+        self.swapped = [(owner, name, p) for owner, name, p in found if isinstance(p, DTensor)]
         self.full: dict[int, nn.Parameter] = {}
 
     def __enter__(self) -> None:
