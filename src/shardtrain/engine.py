@@ -121,9 +121,8 @@ class Engine:
         return self._mesh
 
     def choose_strategy(self, module: nn.Module) -> str | None:
-        """Under ``strategy="auto"``, choose the strategy for ``module`` from its memory estimate
-        (``shardtrain.estimate``) before its ``configure_model()`` runs; returns why, else None.
-        This and the constructor are the one place where ``"auto"`` is resolved."""
+        """Under ``strategy="auto"``, choose the strategy for ``module`` from its memory estimate before its
+        ``configure_model()`` runs; returns why, else None. The one place, with ``__init__``, that resolves it."""
         if not self._strategy_is_auto:
             return None
         if self._modules:
@@ -138,6 +137,10 @@ class Engine:
         self.print(f"[shardtrain] strategy='auto' chose {reason}", flush=True)
         return reason
 
+    def check_module(self, module: nn.Module) -> None:
+        """Reject a model the strategy cannot train on this layout (before ``launch()``: no process group yet)."""
+        self.strategy.check_module(module, self.parallel_dims)
+
     def configure_training(
         self,
         *,
@@ -149,11 +152,9 @@ class Engine:
         """Tell the strategy how the loop will train (DeepSpeed writes it into its config;
         ``forward_backward`` divides the loss by the accumulation steps). Optional for custom loops;
         raises ``ConfigError`` for settings the strategy cannot honour, before any process group exists."""
+        settings = dict(accumulate_grad_batches=accumulate_grad_batches, micro_batch_size=micro_batch_size)
         self._training = TrainingSettings(
-            accumulate_grad_batches=accumulate_grad_batches,
-            gradient_clip_val=gradient_clip_val,
-            gradient_clip_algorithm=gradient_clip_algorithm,
-            micro_batch_size=micro_batch_size,
+            **settings, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm
         )
         self.strategy.configure_training(self._training)
 
@@ -188,8 +189,7 @@ class Engine:
 
     @property
     def data_parallel_rank(self) -> int:
-        """Which of the step's ``data_parallel_size`` batches this rank reads (ranks of one tensor-
-        or pipeline-parallel group read the same batch)."""
+        """Which of the step's ``data_parallel_size`` batches this rank reads (one per TP/PP group)."""
         return self.parallel_dims.data_parallel_rank(self.global_rank)
 
     @property

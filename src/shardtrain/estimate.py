@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from shardtrain.errors import ConfigError, MissingDependencyError
-from shardtrain.footprint import measure_footprint
+from shardtrain.footprint import fresh_copy, measure_footprint
 from shardtrain.memory import GIB, ModelFootprint, StrategyMemory, parse_memory_size
 from shardtrain.strategies import Strategy, available_strategies, create_strategy
 from shardtrain.strategies.deepspeed_memory import DEEPSPEED_NVME_SWAP_BUFFERS, DEEPSPEED_REDUCE_BUCKET
@@ -281,25 +281,7 @@ def choose_strategy(
 ) -> tuple[str, str]:
     """``strategy="auto"``: the strategy this run should use, from the estimate and the real memory."""
     estimate = estimate_memory(
-        _fresh_copy(module), devices=devices, num_nodes=num_nodes, precision=precision, batch_size=batch_size
+        fresh_copy(module), devices=devices, num_nodes=num_nodes, precision=precision, batch_size=batch_size
     )
     device_memory, host_memory = device_memory_bytes(device_type, devices)
     return estimate.recommend(device_memory, host_memory)
-
-
-def _fresh_copy(module: nn.Module) -> Callable[[], nn.Module]:
-    """Estimate on a copy: ``configure_model()`` must run on the user's module only once, for real."""
-    import copy
-
-    def factory() -> nn.Module:
-        clone = copy.copy(module)
-        clone.__dict__ = {
-            **module.__dict__,
-            "_modules": dict(module._modules),
-            "_parameters": dict(module._parameters),
-            "_buffers": dict(module._buffers),
-        }
-        return clone
-
-    factory.__name__ = type(module).__name__
-    return factory

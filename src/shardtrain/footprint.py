@@ -45,7 +45,7 @@ def measure_footprint(
             f"devices and num_nodes must be whole numbers >= 1, got devices={devices!r}, num_nodes={num_nodes!r}"
         )
     run_precision = Precision(precision)
-    model = _build_on_meta(module, run_precision.parameter_dtype)
+    model = build_on_meta(module, run_precision.parameter_dtype)
     unique = {id(p): p for p in model.parameters()}.values()
     parameter_bytes = sum(p.numel() * p.element_size() for p in unique)
     optimizer_bytes = _optimizer_state_bytes(model)
@@ -71,7 +71,27 @@ def measure_footprint(
     )
 
 
-def _build_on_meta(module: nn.Module | Callable[[], nn.Module], dtype: torch.dtype) -> nn.Module:
+def fresh_copy(module: nn.Module) -> Callable[[], nn.Module]:
+    """A factory of shallow copies of ``module`` for a trial build: ``configure_model()`` must run on the
+    user's module only once, for real, and a copy's layers do not become the module's."""
+    import copy
+
+    def factory() -> nn.Module:
+        clone = copy.copy(module)
+        clone.__dict__ = {
+            **module.__dict__,
+            "_modules": dict(module._modules),
+            "_parameters": dict(module._parameters),
+            "_buffers": dict(module._buffers),
+        }
+        return clone
+
+    factory.__name__ = type(module).__name__
+    return factory
+
+
+def build_on_meta(module: nn.Module | Callable[[], nn.Module], dtype: torch.dtype) -> nn.Module:
+    """``module`` (or what a factory returns) with ``configure_model()`` run on the meta device, in ``dtype``."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

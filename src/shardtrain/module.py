@@ -11,6 +11,8 @@ from torch import nn
 from shardtrain.errors import TrainingStepError
 
 if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
     from shardtrain.trainer import Trainer
 
 StepOutput = torch.Tensor | Mapping[str, Any]
@@ -76,6 +78,18 @@ class TrainModule(nn.Module):
         for tensor in self.parameters():
             return tensor.device
         return torch.device("cpu")
+
+    @property
+    def device_mesh(self) -> "DeviceMesh | None":
+        """The run's device mesh, for ``configure_model()`` to parallelise the model itself (Lightning's
+        contract): ``self.device_mesh["tp"]`` for tensor parallelism, ``["dp_shard"]`` for FSDP (see
+        ``shardtrain.parallel_dims``). None when the module is not attached to a launched Trainer."""
+        if self._trainer is None:
+            return None
+        try:
+            return self._trainer.engine.device_mesh
+        except RuntimeError:  # not launched: no process group, no mesh
+            return None
 
     @property
     def global_rank(self) -> int:

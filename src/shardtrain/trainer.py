@@ -115,8 +115,9 @@ class Trainer:
         checkpoint when a preemption signal arrived (see ``preemption``)."""
         self._stop.install()
         try:
-            self.engine.launch()
             self._attach(module, "fit")
+            self.engine.check_module(module)  # before any process group: e.g. heads that TP cannot split
+            self.engine.launch()
         except BaseException:
             self._stop.uninstall()
             raise
@@ -151,8 +152,9 @@ class Trainer:
 
     def validate(self, module: TrainModule, dataloaders: DataLoader | None = None) -> list[dict[str, float]]:
         """Run the validation loop once; returns the metrics averaged over batches and ranks."""
-        self.engine.launch()
         self._attach(module, "validate")
+        self.engine.check_module(module)
+        self.engine.launch()
         try:
             self._setup(module, "validate")
             loader = self._loader(dataloaders, module, "val_dataloader", required=True)

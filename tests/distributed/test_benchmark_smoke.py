@@ -11,7 +11,8 @@ from tests.distributed.runner import ROOT, run_process_group
 
 pytestmark = pytest.mark.distributed
 
-CONFIGS = ("ddp", "fsdp_ac", "zero3")  # every reference script: DDP, FSDP2, deepspeed.initialize
+#: every reference script: DDP, FSDP2, deepspeed.initialize, parallelize_module
+CONFIGS = ("ddp", "fsdp_ac", "zero3", "tp")
 ROUNDS = 2
 
 
@@ -70,8 +71,11 @@ def test_benchmark_writes_results(tmp_path):
             )
         # the Trainer side's ThroughputMonitor counted the same model from its real first step; the
         # CPU attention kernel's backward recomputes the scores, the meta count's math path does not
+        # (under tensor parallelism it counts the scores of a rank's own heads only: 5% short for
+        # this small model at sequence length 64; see ThroughputMonitor)
         ours = entry["shardtrain"]
-        assert ours["monitor_flops_per_batch"] == pytest.approx(report["model_flops_per_token"] * 4 * 64, rel=0.03)
+        tolerance = 0.07 if name == "tp" else 0.03
+        assert ours["monitor_flops_per_batch"] == pytest.approx(report["model_flops_per_token"] * 4 * 64, rel=tolerance)
     # both sides gave deepspeed.initialize the same config (the reference writes out what shardtrain builds)
     zero3 = report["configs"]["zero3"]
     assert zero3["same_deepspeed_config"] is True

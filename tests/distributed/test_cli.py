@@ -79,6 +79,16 @@ def test_yaml_run_equals_python_run_and_resumes_without_a_config(tmp_path):
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6, 7, 8] and {step: resumed[step] for step in cli} == cli
 
 
+def test_a_tensor_parallel_yaml_run_with_its_plan_equals_the_fsdp_run(tmp_path):
+    tensor_parallel = ROOT / "tests" / "distributed" / "configs" / "tensor_parallel.yaml"
+    out = _cli("fit", "--config", tensor_parallel, "--trainer.default_root_dir", tmp_path / "tp").stdout
+    assert "ModelParallelStrategy(data_parallel_size='auto', tensor_parallel_size=2) over 2 processes" in out
+    _cli("fit", "--config", CONFIG, "--trainer.default_root_dir", tmp_path / "fsdp", "--trainer.callbacks", "[]")
+    tp, fsdp = _losses(tmp_path / "tp"), _losses(tmp_path / "fsdp")
+    assert sorted(tp) == [1, 2, 3, 4, 5]
+    assert [tp[s] for s in sorted(tp)] == pytest.approx([fsdp[s] for s in sorted(fsdp)], abs=1e-5)
+
+
 def test_bad_config_exits_with_the_message(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("trainer: {max_step: 3}\nmodel: {class_path: examples.gpt.model.GPTModule}\n")

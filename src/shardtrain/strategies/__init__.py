@@ -10,6 +10,7 @@ from shardtrain.strategies.single import SingleDeviceStrategy
 from shardtrain.strategies.ddp import DDPStrategy
 from shardtrain.strategies.fsdp import FSDPStrategy
 from shardtrain.strategies.deepspeed import DeepSpeedStrategy
+from shardtrain.strategies.model_parallel import ModelParallelStrategy
 
 __all__ = [
     "Strategy",
@@ -17,6 +18,7 @@ __all__ = [
     "DDPStrategy",
     "DeepSpeedStrategy",
     "FSDPStrategy",
+    "ModelParallelStrategy",
     "available_strategies",
     "create_strategy",
     "register_strategy",

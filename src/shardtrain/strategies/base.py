@@ -78,6 +78,10 @@ class Strategy(abc.ABC):
         replica (DDP). Raise ``ConfigError`` for a layout the strategy cannot use."""
         return ParallelDims(world_size=world_size, dp_replicate=world_size, dp_shard=1)
 
+    def check_module(self, module: nn.Module, layout: ParallelDims) -> None:
+        """Reject a model this strategy cannot train on ``layout``, before any process group: from what
+        the module says of itself (its config), since ``configure_model()`` has not built it yet."""
+
     def make_precision(self, name: str | int) -> Precision:
         """The object that implements the run's precision for this strategy (DeepSpeed has its own)."""
         return Precision(name)

@@ -63,8 +63,13 @@ targets = (inputs**2).mean(dim=1, keepdim=True) + 1.0  # away from the initial o
 dataset = TensorDataset(inputs, targets)
 
 
+class TinyMLP(torch.nn.Sequential):
+    #: For strategies that split layers (model_parallel): the hidden units between the ranks.
+    tp_plan = {"0": "colwise", "2": "rowwise"}
+
+
 def make_model() -> torch.nn.Module:
-    return torch.nn.Sequential(torch.nn.Linear(FEATURES, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    return TinyMLP(torch.nn.Linear(FEATURES, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
 
 
 def new_engine(name: str) -> tuple[Engine, dict]:
@@ -87,7 +92,7 @@ def set_up(engine: Engine, seed: int):
         model = make_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
     model, optimizer = engine.setup(model, optimizer)
-    loader = engine.setup_dataloaders(DataLoader(dataset, batch_size=GLOBAL_BATCH // engine.world_size))
+    loader = engine.setup_dataloaders(DataLoader(dataset, batch_size=GLOBAL_BATCH // engine.data_parallel_size))
     return model, optimizer, loader
 
 

@@ -122,9 +122,30 @@ class GradNormRecorder(Callback):
         self.norms = []
 
     def on_before_optimizer_step(self, trainer, module, optimizer):
-        grads = [p.grad.detach().flatten() for p in module.parameters() if p.grad is not None]
+        grads = [
+            (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().flatten()
+            for p in module.parameters()
+            if p.grad is not None
+        ]
         if grads:  # under DeepSpeed, ZeRO holds the gradients in its own buffers
             self.norms.append(torch.cat(grads).norm().item())
+
+
+class SelfParallelGPT(GPTModule):
+    """Lightning's contract: configure_model() splits the blocks' layers itself, from self.device_mesh
+    (embeddings and the output layer stay whole), so the strategy applies no plan of its own."""
+
+    def configure_model(self):
+        super().configure_model()
+        mesh = self.device_mesh
+        if mesh is None or "tp" not in mesh.mesh_dim_names:
+            return
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        for block in self.model.blocks:
+            plan = {"attn.qkv": ColwiseParallel(), "attn.proj": RowwiseParallel()}
+            plan |= {"mlp.up": ColwiseParallel(), "mlp.down": RowwiseParallel()}
+            parallelize_module(block, mesh["tp"], plan)
 
 
 parser = argparse.ArgumentParser()
@@ -154,6 +175,7 @@ parser.add_argument(
 )
 parser.add_argument("--strategy-options", default="{}", help="JSON dict of strategy options")
 parser.add_argument("--d-model", type=int, default=64)
+parser.add_argument("--self-parallel", action="store_true", help="a module that applies tensor parallelism itself")
 parser.add_argument("--watch-dir", default=None, help="record the most bytes held in files under this directory")
 parser.add_argument(
     "--d-model-on-rank-1", type=int, default=None, help="rank 1 builds a model of this width (a config mismatch)"
@@ -204,7 +226,7 @@ trainer = Trainer(
     + ([monitor] if monitor else []),
     enable_progress_bar=False,
 )
-module = GPTModule(config, learning_rate=3e-3, warmup_steps=3)
+module = (SelfParallelGPT if args.self_parallel else GPTModule)(config, learning_rate=3e-3, warmup_steps=3)
 trainer.fit(
     module,
     DataLoader(train, batch_size=args.batch_size, shuffle=False),
@@ -241,6 +263,16 @@ if trainer.is_global_zero:
         "strategy": type(trainer.strategy).__name__,
         "zero_stage": getattr(trainer.strategy, "stage", None),
         "watched_bytes": watcher.most,
+        "local_parameter_numel": sum(
+            (p.to_local() if hasattr(p, "to_local") else p).numel() for p in dict(module.named_parameters()).values()
+        ),
+        "tied": module.model.head.weight is module.model.token_embedding.weight,
+        "data_parallel_size": trainer.engine.data_parallel_size,
+        "tensor_parallel_parameters": sorted(
+            name
+            for name, p in module.named_parameters()
+            if "tp" in (getattr(p, "device_mesh", None) and p.device_mesh.mesh_dim_names or ())
+        ),
         "parameters": config.num_parameters,
         "seq_len": config.seq_len,
         "flops_per_batch": monitor.flops_per_batch if monitor else None,

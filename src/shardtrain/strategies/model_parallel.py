@@ -1,0 +1,243 @@
+"""Tensor parallelism, alone or composed with FSDP2 (2-D parallelism), on one named device mesh.
+
+The run's ranks form a ``(dp_shard, tp)`` mesh, tensor parallel innermost so that a tensor-
+parallel group is neighbouring ranks (one node). Within a group, the layers a plan names are
+split with PyTorch's DTensor tensor parallelism (``parallelize_module``; see ``tp_plan``); over
+the data-parallel dimension, FSDP2 (``fully_shard``) shards what the group holds. Every rank of a
+tensor-parallel group reads the same batch. The order follows torchtitan: tensor parallel,
+activation checkpointing, FSDP per block then the root, then delayed initialisation.
+
+The argument names are Lightning's ``ModelParallelStrategy``'s, so its strategy line ports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+from shardtrain.errors import ConfigError, StrategyError
+from shardtrain.parallel_dims import ParallelDims
+from shardtrain.strategies.activation_checkpoint import apply_activation_checkpointing
+from shardtrain.strategies.base import Strategy
+from shardtrain.strategies.capabilities import BackwardSyncControl, DistributedCheckpointState, ShardedGradients
+from shardtrain.strategies.fsdp import fsdp_mixed_precision, no_gradient_sync
+from shardtrain.strategies.materialize import has_meta_tensors, materialize
+from shardtrain.strategies.policy import ModulePolicy, describe, repeated_blocks, select_modules
+from shardtrain.strategies.registry import register_strategy
+from shardtrain.strategies.tp_plan import (
+    FoundPlan,
+    Plan,
+    apply_plan,
+    check_head_counts,
+    check_plan,
+    find_plan,
+    is_tensor_parallel,
+    plan_targets,
+)
+
+log = logging.getLogger(__name__)
+
+Size = int | Literal["auto"]
+
+
+class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, BackwardSyncControl, Strategy):
+    """Tensor parallelism within groups of ranks, FSDP2 across them.
+
+    Args:
+        data_parallel_size: how many groups read different batches (FSDP shards over them); ``"auto"``:
+            what ``tensor_parallel_size`` leaves of the run's ranks.
+        tensor_parallel_size: ranks that split each layer between them; ``"auto"``: the processes of one
+            node when ``data_parallel_size`` is ``"auto"`` too (Lightning's default), else what
+            ``data_parallel_size`` leaves. Head counts must divide by it.
+        tp_plan: module-name patterns (``*`` for one part of a name) to style names (``"colwise"``,
+            ``"rowwise"``, ...; see ``shardtrain.strategies.tp_plan``) or ``ParallelStyle`` objects,
+            relative to the ``TrainModule``. Default: the model's own plan (a Hugging Face model's
+            ``base_model_tp_plan``, or a ``tp_plan`` attribute). Not used when ``configure_model()``
+            parallelises the model itself from ``self.device_mesh``.
+        auto_wrap_policy: which modules become FSDP units (as ``FSDPStrategy``'s); default the blocks of
+            the largest ``nn.ModuleList``.
+        activation_checkpointing_policy: which modules recompute their activations in backward.
+        cpu_offload: keep FSDP's shards, gradients and optimizer state in CPU memory.
+        mixed_precision: a ``MixedPrecisionPolicy`` that overrides the one derived from ``precision``.
+        delayed_init: build ``configure_model()`` on the meta device and materialise each rank's part
+            (default True); the seeded weights equal one process's.
+        compile: ``torch.compile`` each block after parallelising it; ``True`` or a dict of options.
+    """
+
+    name = "model_parallel"
+    needs_process_group = True
+
+    def __init__(
+        self,
+        *,
+        data_parallel_size: Size = "auto",
+        tensor_parallel_size: Size = "auto",
+        tp_plan: Plan | None = None,
+        auto_wrap_policy: ModulePolicy | None = None,
+        activation_checkpointing_policy: ModulePolicy | None = None,
+        cpu_offload: bool = False,
+        mixed_precision: MixedPrecisionPolicy | None = None,
+        delayed_init: bool = True,
+        compile: bool | dict[str, Any] = False,
+    ) -> None:
+        super().__init__()
+        for name, value in (("data_parallel_size", data_parallel_size), ("tensor_parallel_size", tensor_parallel_size)):
+            if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise StrategyError(f"{name} must be a whole number >= 1 or 'auto', got {value!r}")
+        if not isinstance(compile, (bool, dict)):
+            raise StrategyError(f"compile must be True, False or a dict of torch.compile options, got {compile!r}")
+        self.data_parallel_size = data_parallel_size
+        self.tensor_parallel_size = tensor_parallel_size
+        self.tp_plan = check_plan(tp_plan) if tp_plan is not None else None
+        self.auto_wrap_policy = auto_wrap_policy
+        self.activation_checkpointing_policy = activation_checkpointing_policy
+        self.cpu_offload = cpu_offload
+        self.mixed_precision = mixed_precision
+        self.delayed_init = delayed_init
+        self.compile = compile
+        self._fsdp_root: FSDPModule | None = None
+
+    # ------------------------------------------------------------------ layout
+    def parallel_dims(self, world_size: int, local_world_size: int) -> ParallelDims:
+        """``(dp_shard, tp)`` from the two sizes, ``"auto"`` resolved as the constructor says."""
+        dp, tp = self.data_parallel_size, self.tensor_parallel_size
+        if tp == "auto" and dp == "auto":
+            tp = local_world_size
+        elif tp == "auto":
+            if world_size % dp:
+                raise StrategyError(
+                    f"data_parallel_size={dp} does not divide the {world_size} ranks of the run (devices x num_nodes); "
+                    f"choose a data_parallel_size that divides {world_size}"
+                )
+            tp = world_size // dp
+        if world_size % tp:
+            raise StrategyError(
+                f"tensor_parallel_size={tp} does not divide the {world_size} ranks of the run (devices x num_nodes); "
+                f"choose a tensor_parallel_size that divides {world_size}"
+            )
+        if dp == "auto":
+            dp = world_size // tp
+        if dp * tp != world_size:
+            raise StrategyError(
+                f"data_parallel_size={dp} x tensor_parallel_size={tp} = {dp * tp}, but the run has {world_size} ranks "
+                f"(devices x num_nodes); choose sizes whose product is {world_size}"
+            )
+        if self.cpu_offload and dp == 1:
+            raise StrategyError(
+                "cpu_offload is FSDP's offload, which needs data_parallel_size > 1; with every rank in one "
+                f"tensor-parallel group (tensor_parallel_size={tp}) leave it out, or lower tensor_parallel_size"
+            )
+        return ParallelDims(world_size=world_size, dp_shard=dp, tp=tp)
+
+    def check_module(self, module: nn.Module, layout: ParallelDims) -> None:
+        """Before any process group: head counts divide by the tensor-parallel degree, and the plan
+        (found on a trial build of the model on the meta device) names existing modules with known styles."""
+        check_head_counts(module, layout.tp)
+        if layout.tp == 1:
+            return
+        from shardtrain.footprint import build_on_meta, fresh_copy
+
+        try:
+            built = build_on_meta(fresh_copy(module), self.precision.parameter_dtype)
+        except ConfigError:
+            return  # e.g. configure_model() parallelises from self.device_mesh: checked at set-up instead
+        if not is_tensor_parallel(built):
+            check_head_counts(built, layout.tp)
+            plan_targets(self._plan(built, layout.tp))
+
+    def _plan(self, user_module: nn.Module, tensor_parallel_size: int) -> FoundPlan:
+        found = find_plan(user_module, self.tp_plan)
+        if found is None:
+            raise StrategyError(
+                f"tensor_parallel_size={tensor_parallel_size} but {type(user_module).__name__} has no tensor-parallel "
+                "plan: pass tp_plan={'pattern': 'colwise', ...} to the strategy, give the model a tp_plan "
+                "attribute, or parallelise it in configure_model() from self.device_mesh['tp']"
+            )
+        return found
+
+    # ------------------------------------------------------------------ model
+    def module_init_context(self) -> contextlib.AbstractContextManager:
+        if not self.delayed_init:
+            return super().module_init_context()
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.device("meta"))
+        stack.enter_context(self.precision.module_init_context())
+        return stack
+
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        """FSDP's ``MixedPrecisionPolicy`` casts when data parallel; tensor parallel alone uses autocast."""
+        return contextlib.nullcontext() if self._fsdp_root is not None else super().forward_context()
+
+    def setup_module(self, module: nn.Module) -> nn.Module:
+        assert self.layout is not None, "connect() first"
+        user_module = getattr(module, "module", module)
+        module = self.precision.convert_module(module)
+        meta = has_meta_tensors(module)
+        if not meta and not self.cpu_offload:
+            module.to(self.device)
+        if self.layout.tp > 1 and not is_tensor_parallel(user_module):
+            check_head_counts(user_module, self.layout.tp)
+            apply_plan(self._plan(user_module, self.layout.tp), self.device_mesh["tp"])
+        if self.activation_checkpointing_policy is not None:
+            apply_activation_checkpointing(user_module, self.activation_checkpointing_policy)
+        if self.layout.data_parallel_size > 1 and not any(isinstance(m, FSDPModule) for m in user_module.modules()):
+            self._fully_shard(module, user_module)
+        elif self.compile:
+            for unit in self._units(user_module):
+                unit.compile(**(self.compile if isinstance(self.compile, dict) else {}))
+        if isinstance(module, FSDPModule):
+            self._fsdp_root = module
+        if meta:  # one block at a time: FSDP's units, or under tensor parallelism alone the same blocks
+            units = self._units(user_module) if self._fsdp_root is None else []
+            materialize(module, torch.device("cpu") if self.cpu_offload else self.device, units)
+        return module
+
+    def _fully_shard(self, module: nn.Module, user_module: nn.Module) -> None:
+        mesh = self.device_mesh["dp_shard"]
+        options: dict[str, Any] = dict(
+            mesh=mesh,
+            mp_policy=self.mixed_precision or fsdp_mixed_precision(self.precision.name),
+            offload_policy=CPUOffloadPolicy(pin_memory=self.device.type == "cuda")
+            if self.cpu_offload
+            else OffloadPolicy(),
+        )
+        units = self._units(user_module)
+        for unit in reversed(units):
+            if self.compile:
+                unit.compile(**(self.compile if isinstance(self.compile, dict) else {}))
+            fully_shard(unit, **options)
+        self._fsdp_root = fully_shard(module, **options, reshard_after_forward=False)
+        if self.layout is not None and self.layout.tp > 1:
+            # Parameters the plan split live on the 2-D (dp_shard, tp) mesh; a flattened copy of it lets
+            # DTensor reduce their gradient norm in one all-reduce rather than one per dimension.
+            self.device_mesh["dp_shard", "tp"]._flatten("dp_shard_tp")
+        log.info(
+            "FSDP over data_parallel_size=%d: %d units (%s) and the root", mesh.size(), len(units), describe(units)
+        )
+
+    def _units(self, user_module: nn.Module) -> list[nn.Module]:
+        if self.auto_wrap_policy is not None:
+            return select_modules(user_module, self.auto_wrap_policy, "auto_wrap_policy")
+        return repeated_blocks(user_module)
+
+    def no_backward_sync(self, module: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
+        """Data-parallel gradient reduction can wait; tensor-parallel collectives are part of each pass."""
+        return no_gradient_sync(module, enabled) if isinstance(module, FSDPModule) else contextlib.nullcontext()
+
+    def __repr__(self) -> str:
+        return (
+            f"ModelParallelStrategy(data_parallel_size={self.data_parallel_size!r}, "
+            f"tensor_parallel_size={self.tensor_parallel_size!r})"
+        )
+
+
+register_strategy(
+    "model_parallel",
+    ModelParallelStrategy,
+    "tensor parallel within groups of ranks (DTensor), FSDP2 across them: 1-D or 2-D parallelism",
+)

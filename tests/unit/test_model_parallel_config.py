@@ -1,0 +1,120 @@
+"""``strategy="model_parallel"``: sizes, plans and head counts checked before any process group exists."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from examples.gpt.model import GPT, GPTConfig, GPTModule
+from shardtrain import ModelParallelStrategy, Trainer
+from shardtrain.errors import ConfigError, StrategyError
+from shardtrain.strategies import create_strategy
+from shardtrain.strategies.tp_plan import check_plan, matching_modules
+
+
+@pytest.mark.parametrize(
+    "options, world, local, expected",
+    [
+        ({}, 4, 2, (2, 2)),  # Lightning's auto: one node's processes split each layer, nodes hold data
+        ({"tensor_parallel_size": 2}, 8, 8, (4, 2)),
+        ({"data_parallel_size": 2}, 8, 8, (2, 4)),
+        ({"data_parallel_size": 1, "tensor_parallel_size": 4}, 4, 4, (1, 4)),
+    ],
+)
+def test_sizes_and_auto(options, world, local, expected) -> None:
+    dims = ModelParallelStrategy(**options).parallel_dims(world, local)
+    assert (dims.data_parallel_size, dims.tp) == expected
+    assert dims.mesh_dims() == {
+        "dp_replicate": 1,
+        "dp_shard": expected[0],
+        **({"tp": expected[1]} if expected[1] > 1 else {}),
+    }
+
+
+def test_a_tensor_parallel_size_that_does_not_divide_the_run_is_refused_before_any_process() -> None:
+    with pytest.raises(StrategyError, match=r"tensor_parallel_size=2 does not divide the 3 ranks of the run"):
+        Trainer(accelerator="cpu", devices=3, strategy=ModelParallelStrategy(tensor_parallel_size=2))
+    with pytest.raises(StrategyError, match=r"data_parallel_size=3 x tensor_parallel_size=2 = 6, but the run has 4"):
+        ModelParallelStrategy(data_parallel_size=3, tensor_parallel_size=2).parallel_dims(4, 4)
+    with pytest.raises(StrategyError, match=r"tensor_parallel_size must be a whole number >= 1 or 'auto', got 0"):
+        ModelParallelStrategy(tensor_parallel_size=0)
+
+
+@pytest.mark.parametrize(
+    "style, message",
+    [
+        ("diagonal", r"unknown tensor-parallel style 'diagonal'; choose one of colwise, rowwise"),
+        (
+            "packed_colwise",
+            r"'packed_colwise' \(fused gate/up projections .*\) is a transformers style shardtrain does not",
+        ),
+    ],
+)
+def test_a_style_name_that_is_not_known_is_refused_when_the_strategy_is_made(style, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        create_strategy("model_parallel", tp_plan={"model.blocks.*.attn.qkv": style})
+
+
+def test_plan_patterns_match_one_part_per_star() -> None:
+    with torch.device("meta"):
+        model = GPT(GPTConfig(n_layer=3, n_head=2, d_model=16, seq_len=8))
+    assert [name for name, _ in matching_modules(model, "blocks.*.attn.qkv")] == [
+        f"blocks.{i}.attn.qkv" for i in range(3)
+    ]
+    assert matching_modules(model, "blocks.*.qkv") == []  # '*' is one part of a name, never two
+    assert [name for name, _ in matching_modules(model, "blocks.[02].mlp.up")] == ["blocks.0.mlp.up", "blocks.2.mlp.up"]
+    with pytest.raises(ConfigError, match="not a module-name pattern"):
+        check_plan({"blocks..qkv": "colwise"})
+
+
+def _fit(strategy: ModelParallelStrategy, config: GPTConfig) -> Trainer:
+    trainer = Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=1, enable_progress_bar=False)
+    tokens = torch.zeros(4, config.seq_len, dtype=torch.long)
+    trainer.fit(GPTModule(config), DataLoader(TensorDataset(tokens, tokens), batch_size=2))
+    return trainer
+
+
+def test_heads_that_do_not_divide_by_the_tensor_parallel_size_are_refused_before_any_process_group() -> None:
+    strategy = ModelParallelStrategy(tensor_parallel_size=2)
+    with pytest.raises(
+        ConfigError, match=r"GPTConfig.n_head = 3 is not divisible by tensor_parallel_size=2: .* \(1, 3\)"
+    ):
+        _fit(strategy, GPTConfig(n_layer=1, n_head=3, d_model=24, seq_len=8))
+    assert strategy.environment is None, "no process was launched"
+
+
+def test_a_plan_entry_that_matches_no_module_is_refused_before_any_process_group() -> None:
+    strategy = ModelParallelStrategy(tensor_parallel_size=2, tp_plan={"model.layers.*.attention.wq": "colwise"})
+    with pytest.raises(
+        ConfigError, match=r"'model.layers.\*.attention.wq' .* matches no module of GPTModule; .* model.blocks"
+    ):
+        _fit(strategy, GPTConfig(n_layer=1, n_head=2, d_model=16, seq_len=8))
+    assert strategy.environment is None
+
+
+def test_two_plan_entries_for_one_module_are_refused() -> None:
+    plan = {"model.blocks.*.attn.qkv": "colwise", "model.blocks.0.attn.qkv": "rowwise"}
+    with pytest.raises(ConfigError, match=r"'model.blocks.0.attn.qkv' is named by two tensor-parallel plan entries"):
+        _fit(
+            ModelParallelStrategy(tensor_parallel_size=2, tp_plan=plan),
+            GPTConfig(n_layer=1, n_head=2, d_model=16, seq_len=8),
+        )
+
+
+def test_a_model_without_a_plan_is_refused_naming_the_three_ways_to_give_one() -> None:
+    class NoPlan(GPTModule):
+        def configure_model(self) -> None:
+            super().configure_model()
+            self.model.tp_plan = {}
+
+    trainer = Trainer(
+        accelerator="cpu", devices=2, strategy=ModelParallelStrategy(tensor_parallel_size=2), enable_progress_bar=False
+    )
+    tokens = torch.zeros(4, 8, dtype=torch.long)
+    with pytest.raises(
+        StrategyError, match=r"has no tensor-parallel plan: pass tp_plan=.*tp_plan attribute.*configure_model"
+    ):
+        trainer.fit(
+            NoPlan(GPTConfig(n_layer=1, n_head=2, d_model=16, seq_len=8)), DataLoader(TensorDataset(tokens, tokens))
+        )
