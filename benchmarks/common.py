@@ -60,6 +60,7 @@ def benchmark_arguments(parser: argparse.ArgumentParser | None = None) -> argpar
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--stage", type=int, default=2, help="DeepSpeed ZeRO stage")
+    parser.add_argument("--tensor-parallel", type=int, default=1, help="ranks per tensor-parallel group")
     return parser.parse_args()
 
 
@@ -81,27 +82,35 @@ def autocast(args: argparse.Namespace, device: torch.device) -> contextlib.Abstr
     return contextlib.nullcontext()
 
 
-def loader(config: GPTConfig, args: argparse.Namespace):
+def loader(config: GPTConfig, args: argparse.Namespace, replicas: int | None = None, rank: int | None = None):
     """This rank's share of the data: DistributedSampler over the embedded corpus, in order, as
-    shardtrain's Trainer makes it from a ``shuffle=False, drop_last=True`` loader."""
+    shardtrain's Trainer makes it from a ``shuffle=False, drop_last=True`` loader (``replicas`` and
+    ``rank``: the data-parallel ones, where they are not the world's)."""
     from torch.utils.data import DataLoader, DistributedSampler
 
     data = dataset(config)
-    sampler = DistributedSampler(data, shuffle=False, drop_last=True)
+    sampler = DistributedSampler(data, num_replicas=replicas, rank=rank, shuffle=False, drop_last=True)
     return DataLoader(data, batch_size=args.batch_size, sampler=sampler, drop_last=True)
 
 
 def reference_training_loop(
-    model: torch.nn.Module, config: GPTConfig, args: argparse.Namespace, device: torch.device
+    model: torch.nn.Module,
+    config: GPTConfig,
+    args: argparse.Namespace,
+    device: torch.device,
+    batches=None,
+    clip=None,
 ) -> None:
-    """The plain PyTorch loop the DDP and FSDP references run: AdamW, clipping at 1.0, nothing else."""
+    """The plain PyTorch loop the references run: AdamW, clipping at 1.0, nothing else (``batches``
+    and ``clip`` where the layout needs its own: tensor parallelism)."""
     import torch.distributed as dist
     import torch.nn.functional as F
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    clip = clip or (lambda parameters: torch.nn.utils.clip_grad_norm_(parameters, 1.0, foreach=True))
     timer = StepTimer()
     timer.tick()
-    for step, (x, y) in enumerate(loader(config, args)):
+    for step, (x, y) in enumerate(batches if batches is not None else loader(config, args)):
         if step == args.steps:
             break
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -109,7 +118,7 @@ def reference_training_loop(
             logits = model(x)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        clip(list(model.parameters()))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         timer.tick()
@@ -122,7 +131,10 @@ def finish(args: argparse.Namespace, timer: StepTimer, config: GPTConfig, extra:
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    write_result(Path(args.out), rank, timer.times, args.warmup, args.batch_size * world * config.seq_len, extra or {})
+    batches = world // args.tensor_parallel  # the ranks of a tensor-parallel group share one batch
+    write_result(
+        Path(args.out), rank, timer.times, args.warmup, args.batch_size * batches * config.seq_len, extra or {}
+    )
 
 
 def peak_memory_bytes() -> int:

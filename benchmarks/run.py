@@ -1,6 +1,7 @@
 """Run shardtrain and the hand-written reference in alternation: same model, data, batch, precision, process count.
 
-    python benchmarks/run.py                              # DDP, FSDP, FSDP + AC, ZeRO-2, ZeRO-3; 38M GPT, 2 processes, 3 rounds
+    python benchmarks/run.py                              # DDP, FSDP, FSDP + AC, ZeRO-2, ZeRO-3, TP; 38M GPT, 2 processes, 3 rounds
+    python benchmarks/run.py --configs tp --devices 4      # FSDP x TP: data 2 x tensor 2
     python benchmarks/run.py --scaling 1 2 4               # and FSDP, ZeRO-3 alone at 1, 2, 4 processes
     python benchmarks/run.py --model small --steps 6 --rounds 2   # a tiny model: a smoke test of the harness
     python benchmarks/run.py --model gpt1b --devices 1 --precision bf16-mixed --configs fsdp   # one GPU
@@ -47,6 +48,8 @@ CONFIGS = {
     ),
     "zero2": (["reference_deepspeed.py", "--stage", "2"], ["--strategy", "deepspeed", "--stage", "2"]),
     "zero3": (["reference_deepspeed.py", "--stage", "3"], ["--strategy", "deepspeed", "--stage", "3"]),
+    # Tensor parallel in groups of 2: TP alone on 2 processes, data 2 x tensor 2 on 4 (--devices 4).
+    "tp": (["reference_tp.py", "--tensor-parallel", "2"], ["--strategy", "model_parallel", "--tensor-parallel", "2"]),
 }
 
 #: MALLOC_MMAP_THRESHOLD_ pins glibc's threshold, so that CPU RSS tracks live tensors rather than

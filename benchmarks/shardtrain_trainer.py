@@ -14,11 +14,11 @@ from torch.utils.data import DataLoader
 
 from common import MODELS, StepTimer, benchmark_arguments, dataset, write_result
 from examples.gpt.model import GPTModule
-from shardtrain import Callback, DeepSpeedStrategy, FSDPStrategy, ThroughputMonitor, Trainer
+from shardtrain import Callback, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, ThroughputMonitor, Trainer
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--devices", type=int, default=2)
-parser.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp", "deepspeed"])
+parser.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp", "deepspeed", "model_parallel"])
 parser.add_argument("--monitor", action="store_true", help="add a ThroughputMonitor and record its figures")
 args = benchmark_arguments(parser)
 
@@ -43,6 +43,8 @@ def strategy():
     checkpointed = {"Block"} if args.activation_checkpointing else None
     if args.strategy == "fsdp":
         return FSDPStrategy(activation_checkpointing_policy=checkpointed)
+    if args.strategy == "model_parallel":
+        return ModelParallelStrategy(tensor_parallel_size=args.tensor_parallel)
     if args.strategy == "deepspeed":
         return DeepSpeedStrategy(stage=args.stage, activation_checkpointing_policy=checkpointed)
     return "ddp"
@@ -82,6 +84,6 @@ write_result(
     trainer.global_rank,
     timing.timer.times,
     args.warmup,
-    args.batch_size * trainer.world_size * config.seq_len,
+    args.batch_size * trainer.engine.data_parallel_size * config.seq_len,
     extra,
 )
