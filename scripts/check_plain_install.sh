@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The plain install runs on two processes: a fresh virtual environment with only
 # `pip install torch==2.13.0 -e .` (no extras) trains the README's GPT example for 3 steps on
-# 2 processes under ddp and under fsdp. It catches a runtime dependency that only an extra
-# brought in (numpy once did: torch's *_object collectives need it).
+# 2 processes under ddp, fsdp and model_parallel (tensor parallel over both). It catches a
+# runtime dependency that only an extra brought in (numpy once did: torch's *_object
+# collectives need it).
 #
 #   bash scripts/check_plain_install.sh
 #
@@ -20,7 +21,7 @@ trap 'rm -rf "$work"' EXIT
 echo "[plain install] pip install ${torch_requirement:+$torch_requirement }-e . (into $work/venv)"
 "$work/venv/bin/python" -m pip install -q ${torch_requirement:+"$torch_requirement"} -e .
 
-for strategy in ddp fsdp; do
+for strategy in ddp fsdp model_parallel; do
   echo "[plain install] shardtrain fit, GPT example, 2 processes, $strategy, 3 steps"
   start=$SECONDS
   "$work/venv/bin/shardtrain" fit --config examples/gpt/gpt.yaml \
