@@ -27,8 +27,8 @@ from shardtrain.strategies.activation_checkpoint import apply_activation_checkpo
 from shardtrain.strategies.base import Strategy
 from shardtrain.strategies.capabilities import BackwardSyncControl, DistributedCheckpointState, ShardedGradients
 from shardtrain.strategies.fsdp_memory import fsdp_memory
-from shardtrain.strategies.materialize import has_meta_tensors, materialize
-from shardtrain.strategies.policy import ModulePolicy, describe, repeated_blocks, select_modules
+from shardtrain.strategies.materialize import has_meta_tensors, materialize, meta_init_context
+from shardtrain.strategies.policy import ModulePolicy, describe, units_of
 from shardtrain.strategies.registry import register_strategy
 
 log = logging.getLogger(__name__)
@@ -136,12 +136,7 @@ class FSDPStrategy(ShardedGradients, DistributedCheckpointState, BackwardSyncCon
 
     # ------------------------------------------------------------------ model
     def module_init_context(self) -> contextlib.AbstractContextManager:
-        if not self.delayed_init:
-            return super().module_init_context()
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.device("meta"))
-        stack.enter_context(self.precision.module_init_context())
-        return stack
+        return meta_init_context(self.precision) if self.delayed_init else super().module_init_context()
 
     def forward_context(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # precision is FSDP's MixedPrecisionPolicy, not autocast
@@ -155,7 +150,7 @@ class FSDPStrategy(ShardedGradients, DistributedCheckpointState, BackwardSyncCon
         module = self.precision.convert_module(module)
         if self.activation_checkpointing_policy is not None:
             apply_activation_checkpointing(user_module, self.activation_checkpointing_policy)
-        units = self._units(user_module)
+        units = units_of(user_module, self.auto_wrap_policy)
         options: dict[str, Any] = dict(
             mesh=self.mesh(),
             reshard_after_forward=self.sharding_strategy not in ("SHARD_GRAD_OP",),
@@ -185,11 +180,6 @@ class FSDPStrategy(ShardedGradients, DistributedCheckpointState, BackwardSyncCon
             describe(units),
         )
         return module
-
-    def _units(self, user_module: nn.Module) -> list[nn.Module]:
-        if self.auto_wrap_policy is not None:
-            return select_modules(user_module, self.auto_wrap_policy, "auto_wrap_policy")
-        return repeated_blocks(user_module)
 
     def no_backward_sync(self, module: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
         return no_gradient_sync(module, enabled) if isinstance(module, FSDPModule) else contextlib.nullcontext()

@@ -19,9 +19,10 @@ For a sharded parameter, the module's *full* tensor is created for the duration 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -34,13 +35,13 @@ def has_meta_tensors(module: nn.Module) -> bool:
     return any(t.is_meta for t in module.parameters()) or any(t.is_meta for t in module.buffers())
 
 
-def materialize(module: nn.Module, device: torch.device, units: list[nn.Module] = ()) -> None:
+def materialize(module: nn.Module, device: torch.device, units: Sequence[nn.Module] = ()) -> None:
     """Allocate ``module``'s meta tensors on ``device`` and initialise them with ``reset_parameters()``.
 
     ``units``: where a module's initialisation stops, besides FSDP units (tensor parallelism alone
     gives its blocks), so that at most one unit's split parameters are gathered whole at a time."""
     check_initialisable(module)
-    ties = _shared_parameters(module)
+    ties = shared_parameters(module)
     module.to_empty(device=device)
     for owners in ties:  # to_empty gives each owner of a shared (tied) parameter its own copy: tie them again
         first_owner, first_name = owners[0]
@@ -51,6 +52,15 @@ def materialize(module: nn.Module, device: torch.device, units: list[nn.Module] 
         with _full_parameters(submodule, boundaries):
             initialise()
     release_freed_host_memory()
+
+
+def meta_init_context(precision: Any) -> contextlib.AbstractContextManager:
+    """Where ``configure_model()`` builds layers for delayed initialisation: the meta device, in the
+    precision's parameter dtype (``precision``: a ``shardtrain.precision.Precision``)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.device("meta"))
+    stack.enter_context(precision.module_init_context())
+    return stack
 
 
 def check_initialisable(module: nn.Module) -> None:
@@ -110,7 +120,7 @@ def release_freed_host_memory() -> None:
         pass
 
 
-def _shared_parameters(module: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+def shared_parameters(module: nn.Module) -> list[list[tuple[nn.Module, str]]]:
     """Groups of (owner, name) that hold the same parameter object, such as tied embeddings."""
     owners: dict[int, list[tuple[nn.Module, str]]] = {}
     for submodule in module.modules():

@@ -26,8 +26,8 @@ from shardtrain.strategies.activation_checkpoint import apply_activation_checkpo
 from shardtrain.strategies.base import Strategy
 from shardtrain.strategies.capabilities import BackwardSyncControl, DistributedCheckpointState, ShardedGradients
 from shardtrain.strategies.fsdp import fsdp_mixed_precision, no_gradient_sync
-from shardtrain.strategies.materialize import has_meta_tensors, materialize
-from shardtrain.strategies.policy import ModulePolicy, describe, repeated_blocks, select_modules
+from shardtrain.strategies.materialize import has_meta_tensors, materialize, meta_init_context
+from shardtrain.strategies.policy import ModulePolicy, describe, units_of
 from shardtrain.strategies.registry import register_strategy
 from shardtrain.strategies.tp_plan import (
     FoundPlan,
@@ -162,12 +162,7 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
 
     # ------------------------------------------------------------------ model
     def module_init_context(self) -> contextlib.AbstractContextManager:
-        if not self.delayed_init:
-            return super().module_init_context()
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.device("meta"))
-        stack.enter_context(self.precision.module_init_context())
-        return stack
+        return meta_init_context(self.precision) if self.delayed_init else super().module_init_context()
 
     def forward_context(self) -> contextlib.AbstractContextManager:
         """FSDP's ``MixedPrecisionPolicy`` casts when data parallel; tensor parallel alone uses autocast."""
@@ -188,12 +183,12 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
         if self.layout.data_parallel_size > 1 and not any(isinstance(m, FSDPModule) for m in user_module.modules()):
             self._fully_shard(module, user_module)
         elif self.compile:
-            for unit in self._units(user_module):
+            for unit in units_of(user_module, self.auto_wrap_policy):
                 unit.compile(**(self.compile if isinstance(self.compile, dict) else {}))
         if isinstance(module, FSDPModule):
             self._fsdp_root = module
         if meta:  # one block at a time: FSDP's units, or under tensor parallelism alone the same blocks
-            units = self._units(user_module) if self._fsdp_root is None else []
+            units = units_of(user_module, self.auto_wrap_policy) if self._fsdp_root is None else []
             materialize(module, torch.device("cpu") if self.cpu_offload else self.device, units)
         return module
 
@@ -206,7 +201,7 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
             if self.cpu_offload
             else OffloadPolicy(),
         )
-        units = self._units(user_module)
+        units = units_of(user_module, self.auto_wrap_policy)
         for unit in reversed(units):
             if self.compile:
                 unit.compile(**(self.compile if isinstance(self.compile, dict) else {}))
@@ -219,11 +214,6 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
         log.info(
             "FSDP over data_parallel_size=%d: %d units (%s) and the root", mesh.size(), len(units), describe(units)
         )
-
-    def _units(self, user_module: nn.Module) -> list[nn.Module]:
-        if self.auto_wrap_policy is not None:
-            return select_modules(user_module, self.auto_wrap_policy, "auto_wrap_policy")
-        return repeated_blocks(user_module)
 
     def no_backward_sync(self, module: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
         """Data-parallel gradient reduction can wait; tensor-parallel collectives are part of each pass."""

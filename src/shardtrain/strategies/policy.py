@@ -57,6 +57,11 @@ def repeated_blocks(root: nn.Module) -> list[nn.Module]:
     return list(largest)
 
 
+def units_of(root: nn.Module, policy: ModulePolicy | None) -> list[nn.Module]:
+    """The modules ``policy`` selects as units (FSDP's ``auto_wrap_policy``), by default ``repeated_blocks``."""
+    return select_modules(root, policy, "auto_wrap_policy") if policy is not None else repeated_blocks(root)
+
+
 def describe(modules: Iterable[nn.Module]) -> str:
     counts: dict[str, int] = {}
     for module in modules:

@@ -48,6 +48,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from shardtrain.errors import ConfigError
+from shardtrain.strategies.materialize import shared_parameters
 
 log = logging.getLogger(__name__)
 
@@ -152,11 +153,11 @@ def find_plan(module: nn.Module, option: Plan | None) -> FoundPlan | None:
     """The plan for ``module``: the ``tp_plan`` option, a Hugging Face model's own, or a submodule's ``tp_plan``."""
     if option is not None:
         return FoundPlan(module, check_plan(option), "the strategy's tp_plan option")
-    for name, submodule in module.named_modules():
+    for submodule in module.modules():
         hf_plan = _hugging_face_plan(submodule)
         if hf_plan:
             return FoundPlan(submodule, hf_plan, f"{type(submodule).__name__}'s Hugging Face tp plan")
-    for name, submodule in module.named_modules():
+    for submodule in module.modules():
         declared = getattr(submodule, "tp_plan", None)
         if isinstance(declared, Mapping) and declared:
             where = f"{type(submodule).__name__}.tp_plan"
@@ -235,7 +236,7 @@ def apply_plan(found: FoundPlan, tp_mesh: Any) -> list[str]:
     """Parallelise the modules ``found`` names over ``tp_mesh`` with PyTorch's ``parallelize_module``;
     returns their names. Parameters tied before (an embedding and its output layer) stay tied."""
     targets = plan_targets(found)
-    ties = _tied_parameters(found.root)
+    ties = shared_parameters(found.root)
     for _, module, style in targets:
         parallelize_module(module, tp_mesh, style)
     _tie_again(ties, found.source)
@@ -247,15 +248,6 @@ def _example_names(root: nn.Module, count: int = 12) -> str:
     names = [name for name, _ in root.named_modules() if name]
     shown = ", ".join(names[:count])
     return shown + (f", ... ({len(names)} in all)" if len(names) > count else "")
-
-
-def _tied_parameters(root: nn.Module) -> list[list[tuple[nn.Module, str]]]:
-    owners: dict[int, list[tuple[nn.Module, str]]] = {}
-    for module in root.modules():
-        for name, param in module._parameters.items():
-            if param is not None:
-                owners.setdefault(id(param), []).append((module, name))
-    return [group for group in owners.values() if len(group) > 1]
 
 
 def _tie_again(ties: list[list[tuple[nn.Module, str]]], source: str) -> None:
