@@ -6,7 +6,8 @@
     shardtrain fit --config run.yaml --num-nodes 2 --node-rank 1 --main-address node0 --main-port 29500   # on node 1
     shardtrain validate --config run.yaml
     shardtrain print-config --config run.yaml                 # the resolved config, defaults included
-    shardtrain estimate --config run.yaml [--devices 8 --num-nodes 4 --device-memory 80GiB --host-memory 1TiB] [--json]
+    shardtrain estimate --config run.yaml [--devices 8 --num-nodes 4 --device-memory 80GiB --host-memory 1TiB]
+                                          [--tensor-parallel 8] [--json]
     shardtrain consolidate CHECKPOINT OUT [--max-shard-size 5GiB] [--optimizer FILE]
 
 Several machines without torchrun or SLURM: run the same command on every node with the same
@@ -26,7 +27,7 @@ import argparse
 import os
 import sys
 import tempfile
-from typing import MutableMapping
+from typing import Any, MutableMapping
 
 from shardtrain.checkpoint.consolidate import consolidate, consolidate_optimizer
 from shardtrain.errors import ConfigError, ShardtrainError
@@ -146,6 +147,7 @@ def _estimate(argv: list[str]) -> int:
     layout.add_argument("--num-nodes", type=int, default=None)
     layout.add_argument("--device-memory", default=None)
     layout.add_argument("--host-memory", default=None)
+    layout.add_argument("--tensor-parallel", type=int, default=None)
     layout.add_argument("--json", action="store_true")
     options, rest = layout.parse_known_args(argv)
     parsed = run_config.parse("estimate", rest)
@@ -170,6 +172,7 @@ def _estimate(argv: list[str]) -> int:
         precision=str(trainer.precision),
         batch_size=int(data_args.get("batch_size", 1)),
         activation_checkpointing=strategy.get("activation_checkpointing_policy") is not None,
+        **_tensor_parallel_options(strategy, options.tensor_parallel),
     )
     local_device, local_host = device_memory_bytes("cuda" if trainer.accelerator in ("cuda", "gpu") else "cpu", devices)
     device_memory = parse_memory_size(options.device_memory) if options.device_memory else local_device
@@ -187,6 +190,17 @@ def _estimate(argv: list[str]) -> int:
     print(estimate)  # the table, with a fits column
     print(f"recommended: {reason}")
     return 0
+
+
+def _tensor_parallel_options(strategy: dict[str, Any], flag: int | None) -> dict[str, Any]:
+    """The ``model_parallel`` row's degree and plan: ``--tensor-parallel``, else the config's
+    ``model_parallel`` strategy's ``tensor_parallel_size``; its ``tp_plan`` either way."""
+    model_parallel = str(strategy.get("name", "")).lower() == "model_parallel"
+    size = strategy.get("tensor_parallel_size") if model_parallel else None
+    return {
+        "tensor_parallel_size": flag if flag is not None else (size if isinstance(size, int) else None),
+        "tp_plan": strategy.get("tp_plan") if model_parallel else None,
+    }
 
 
 def _config_from_checkpoint(argv: list[str]) -> list[str]:

@@ -29,6 +29,7 @@ from shardtrain.strategies import Strategy, available_strategies, create_strateg
 from shardtrain.strategies.deepspeed_memory import DEEPSPEED_NVME_SWAP_BUFFERS, DEEPSPEED_REDUCE_BUCKET
 from shardtrain.strategies.fsdp import FSDPStrategy
 from shardtrain.strategies.registry import strategy_factory
+from shardtrain.strategies.tp_plan import Plan
 
 __all__ = [
     "DEEPSPEED_NVME_SWAP_BUFFERS",
@@ -46,7 +47,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: The table's order: a whole replica, FSDP from least to most offloaded, then DeepSpeed by stage.
+#: The table's order: a whole replica, FSDP from least to most offloaded, FSDP x tensor parallel, then
+#: DeepSpeed by stage.
 #: Registered names not listed here (plug-ins) follow, alphabetically.
 TABLE_ORDER = (
     "single",
@@ -55,6 +57,7 @@ TABLE_ORDER = (
     "fsdp_shard_grad_op",
     "fsdp_hybrid",
     "fsdp_cpu_offload",
+    "model_parallel",
     "deepspeed_stage_1",
     "deepspeed_stage_2",
     "deepspeed_stage_2_offload",
@@ -88,6 +91,8 @@ class MemoryEstimate:
     devices: int
     num_nodes: int
     precision: str = "32-true"
+    #: The tensor-parallel degree of the ``model_parallel`` row; ``None`` when there is no such row.
+    tensor_parallel_size: int | None = None
     strategies: list[StrategyMemory] = field(default_factory=list)
     #: The memory to plan against, when known: the table then says which strategies fit.
     device_memory: int | None = None
@@ -103,13 +108,17 @@ class MemoryEstimate:
     def recommend(
         self, device_memory: int, host_memory_per_device: int | None = None, headroom: float = 0.9
     ) -> tuple[str, str]:
-        """The strategy ``strategy="auto"`` picks, and why: DDP while it fits (fastest), else FSDP, else FSDP with CPU offload.
+        """The strategy ``strategy="auto"`` picks, and why: DDP while it fits (fastest), else FSDP, else
+        tensor parallelism with FSDP (``model_parallel``, where the model has a plan: it splits
+        activations too), else FSDP with CPU offload.
 
         The DeepSpeed rows are never picked: FSDP covers the same memory range without an optional
         dependency, and DeepSpeed's whole reduce bucket makes its rows larger for small models. Name
         a ``deepspeed_stage_*`` strategy to use one."""
         world = self.devices * self.num_nodes
-        order = ["ddp", "fsdp", "fsdp_cpu_offload"] if world > 1 else ["single", "fsdp", "fsdp_cpu_offload"]
+        first = "ddp" if world > 1 else "single"
+        estimated = {s.strategy for s in self.strategies}
+        order = [name for name in (first, "fsdp", "model_parallel", "fsdp_cpu_offload") if name in estimated]
         for name in order:
             figures = self.get(name)
             if figures.fits(device_memory, host_memory_per_device, headroom):
@@ -131,6 +140,9 @@ class MemoryEstimate:
             f"{self.model}: {self.parameters / 1e6:,.1f}M parameters ({self.trainable_parameters / 1e6:,.1f}M trainable),"
             f" {self.precision}, {self.devices} device(s) x {self.num_nodes} node(s)"
         )
+        if self.tensor_parallel_size is not None:
+            data_parallel = self.devices * self.num_nodes // self.tensor_parallel_size
+            header += f"; model_parallel: tensor parallel {self.tensor_parallel_size} x data parallel {data_parallel}"
         columns = ("params", "grads", "optim", "activ", "working", "device", "host/dev")
         rows = [header, "", f"{'strategy':32}" + "".join(f"{c:>9}" for c in columns) + ("  fits" if known else "")]
         for s in self.strategies:
@@ -175,6 +187,8 @@ def estimate_memory(
     activation_checkpointing: bool = False,
     device_memory: int | str | None = None,
     host_memory_per_device: int | str | None = None,
+    tensor_parallel_size: int | None = None,
+    tp_plan: Plan | None = None,
 ) -> MemoryEstimate:
     """Estimate per-device memory of ``module`` under every strategy, allocating nothing.
 
@@ -183,6 +197,12 @@ def estimate_memory(
     meta tensors: pass ``batch`` (meta or real-shaped tensors, nested in any lists, tuples,
     namedtuples or dicts), or give the module an ``example_batch(batch_size)`` method. With
     ``device_memory`` (bytes or ``"80GiB"``) the printed table says which strategies fit.
+
+    The ``model_parallel`` row is for ``tensor_parallel_size`` ranks per tensor-parallel group (the
+    rest of the run's ranks data parallel), split by ``tp_plan`` or the model's own plan; one rank's
+    share is measured on the meta device (``shardtrain.strategies.tp_share``). Default: the devices
+    of one node, where the model has a plan that fits them; otherwise there is no such row. A size
+    given here must fit: a model without a plan, or head counts it does not divide, raise ``ConfigError``.
     """
     footprint = measure_footprint(
         module,
@@ -192,6 +212,8 @@ def estimate_memory(
         batch_size=batch_size,
         batch=batch,
         activation_checkpointing=activation_checkpointing,
+        tensor_parallel_size=tensor_parallel_size,
+        tp_plan=tp_plan,
     )
     return MemoryEstimate(
         model=type(module).__name__ if isinstance(module, nn.Module) else getattr(module, "__name__", "model"),
@@ -204,6 +226,7 @@ def estimate_memory(
         devices=devices,
         num_nodes=num_nodes,
         precision=precision,
+        tensor_parallel_size=footprint.tensor_parallel.tensor_parallel_size if footprint.tensor_parallel else None,
         strategies=strategy_rows(footprint),
         device_memory=None if device_memory is None else parse_memory_size(device_memory),
         host_memory_per_device=None if host_memory_per_device is None else parse_memory_size(host_memory_per_device),

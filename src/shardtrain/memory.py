@@ -54,6 +54,10 @@ class ModelFootprint:
         precision: the run's precision name, e.g. ``"bf16-mixed"``.
         devices: devices (processes) per node.
         num_nodes: nodes.
+        tensor_parallel_size: 1 for a whole model; above 1, the byte figures are one tensor-parallel
+            rank's share (``shardtrain.strategies.tp_share``).
+        tensor_parallel: the same measures of one rank's share, when the estimate is for tensor
+            parallelism (``estimate_memory(tensor_parallel_size=...)``); else ``None``.
     """
 
     parameters: int
@@ -65,6 +69,8 @@ class ModelFootprint:
     precision: str = "32-true"
     devices: int = 1
     num_nodes: int = 1
+    tensor_parallel_size: int = 1
+    tensor_parallel: ModelFootprint | None = None
 
     @property
     def world_size(self) -> int:

@@ -3,7 +3,8 @@
 Before any process starts, ``auto`` stands for ``ddp`` (several processes) or ``single`` (one),
 so that processes can be launched; when the model is set up, ``Engine.choose_strategy`` asks
 ``choose_for_module``, which estimates the model's memory on the meta device and picks DDP while
-a replica fits, else FSDP, else FSDP with CPU offload (``MemoryEstimate.recommend``).
+a replica fits, else FSDP, else tensor parallelism with FSDP where the model has a plan, else FSDP
+with CPU offload (``MemoryEstimate.recommend``).
 """
 
 from __future__ import annotations

@@ -77,3 +77,48 @@ def test_auto_picks_fsdp_when_ddp_does_not_fit(tmp_path):
     )
     assert run.result()["strategy"] == "FSDPStrategy"
     assert "strategy='auto' chose fsdp" in run.output
+
+
+def test_auto_picks_tensor_parallelism_when_fsdp_does_not_fit(tmp_path):
+    """The GPT declares a plan, so its estimate has a model_parallel row (tp = the 2 devices); with
+    memory between that row and FSDP's, auto launches as DDP, then sets up model_parallel."""
+    estimate = estimate_memory(GPTModule(GPTConfig(n_layer=2, n_head=2, d_model=64, seq_len=32)), devices=2)
+    split, fsdp = estimate.get("model_parallel").device_total, estimate.get("fsdp").device_total
+    assert split < fsdp
+    run = assert_ok(
+        run_script(
+            "train_gpt.py",
+            tmp_path,
+            "--devices",
+            "2",
+            "--batch-size",
+            "8",
+            "--max-steps",
+            "2",
+            env={"SHARDTRAIN_DEVICE_MEMORY": str(int((split + fsdp) / 2 / 0.9))},
+        )
+    )
+    assert run.result()["strategy"] == "ModelParallelStrategy"
+    assert "strategy='auto' chose model_parallel" in run.output
+
+
+def test_the_tensor_parallel_row_is_what_each_rank_holds_and_saves(tmp_path):
+    """tp=2 on 2 ranks: parameter, gradient and optimizer bytes (the local parts of DTensors, whole
+    tensors where the plan splits nothing) and the bytes saved for backward by one step, counted as
+    the estimator counts them, equal the ``model_parallel`` row exactly on both ranks."""
+    states = assert_ok(
+        run_script("fsdp_memory.py", tmp_path / "states", "--what", "states", "--strategy", "model_parallel")
+    )
+    row = estimate_memory(GPTModule(GPTConfig(n_layer=4, n_head=4, d_model=256, seq_len=64)), devices=2).get(
+        "model_parallel"
+    )
+    saving = assert_ok(
+        run_script("fsdp_memory.py", tmp_path / "saved", "--what", "activations", "--strategy", "model_parallel")
+    )
+    saved_row = estimate_memory(
+        GPTModule(GPTConfig(n_layer=8, n_head=4, d_model=128, seq_len=256)), devices=2, batch_size=4
+    ).get("model_parallel")
+    for rank in (0, 1):
+        held = states.result(f"rank{rank}.json")
+        assert (held["params"], held["grads"], held["optimizer"]) == (row.parameters, row.gradients, row.optimizer)
+        assert saving.result(f"rank{rank}.json")["activation_bytes"] == saved_row.activations

@@ -216,9 +216,9 @@ def test_the_rows_are_in_the_order_of_the_table():
     zero = ["deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload", "deepspeed_stage_3"]
     zero += ["deepspeed_stage_3_offload", "deepspeed_stage_3_offload_nvme"]  # "deepspeed" is stage 2: no row of its own
     fsdp = ["fsdp", "fsdp_shard_grad_op", "fsdp_hybrid", "fsdp_cpu_offload"]
-    for devices, whole in ((1, "single"), (2, "ddp")):
+    for devices, whole, split in ((1, "single", []), (2, "ddp", ["model_parallel"])):  # tp=2: the GPT's own plan
         estimate = estimate_memory(GPTModule(SMALL), devices=devices)
-        assert [s.strategy for s in estimate.strategies] == [whole, *fsdp, *zero]
+        assert [s.strategy for s in estimate.strategies] == [whole, *fsdp, *split, *zero]
         assert [s.strategy for s in estimate.strategies if not s.available] == ["fsdp_shard_grad_op", "fsdp_hybrid"]
 
 

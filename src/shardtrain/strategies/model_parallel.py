@@ -21,11 +21,13 @@ from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from shardtrain.errors import ConfigError, StrategyError
+from shardtrain.memory import ModelFootprint, StrategyMemory
 from shardtrain.parallel_dims import ParallelDims
 from shardtrain.strategies.activation_checkpoint import apply_activation_checkpointing
 from shardtrain.strategies.base import Strategy
 from shardtrain.strategies.capabilities import BackwardSyncControl, DistributedCheckpointState, ShardedGradients
 from shardtrain.strategies.fsdp import fsdp_mixed_precision, no_gradient_sync
+from shardtrain.strategies.model_parallel_memory import model_parallel_memory
 from shardtrain.strategies.materialize import has_meta_tensors, materialize, meta_init_context
 from shardtrain.strategies.policy import ModulePolicy, describe, units_of
 from shardtrain.strategies.registry import register_strategy
@@ -159,6 +161,23 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
                 "attribute, or parallelise it in configure_model() from self.device_mesh['tp']"
             )
         return found
+
+    def estimate_memory(self, footprint: ModelFootprint) -> StrategyMemory | None:
+        """FSDP's formula over one tensor-parallel rank's share (``model_parallel_memory``). With both sizes
+        ``"auto"`` the row is for the degree the footprint measured; otherwise for this strategy's layout."""
+        share = footprint.tensor_parallel
+        if share is None:
+            return None
+        if self.data_parallel_size == "auto" and self.tensor_parallel_size == "auto":
+            tp = share.tensor_parallel_size
+        else:
+            try:
+                tp = self.parallel_dims(footprint.world_size, footprint.devices).tp
+            except StrategyError:
+                return None  # sizes that do not fit this layout: no row
+        if self.cpu_offload and tp == footprint.world_size:
+            return None  # refused at launch: FSDP's offload needs data parallelism
+        return model_parallel_memory(footprint, tensor_parallel_size=tp, cpu_offload=self.cpu_offload, name=self.name)
 
     # ------------------------------------------------------------------ model
     def module_init_context(self) -> contextlib.AbstractContextManager:

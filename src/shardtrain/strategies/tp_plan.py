@@ -213,7 +213,8 @@ def is_tensor_parallel(module: nn.Module) -> bool:
 
 def plan_targets(found: FoundPlan) -> list[tuple[str, nn.Module, ParallelStyle]]:
     """``(name, module, style)`` for every module the plan names. Raises ``ConfigError`` for a pattern
-    that matches no module, and for a module that two patterns name."""
+    that matches no module, for a module that two patterns name, and for a column- or row-wise split
+    of a module that is not an ``nn.Linear`` or ``nn.Embedding`` (PyTorch's styles split only those)."""
     targets: dict[int, tuple[str, str, nn.Module, ParallelStyle]] = {}
     for pattern, style in found.patterns.items():
         matched = matching_modules(found.root, pattern)
@@ -228,7 +229,15 @@ def plan_targets(found: FoundPlan) -> list[tuple[str, nn.Module, ParallelStyle]]
                     f"module {name!r} is named by two tensor-parallel plan entries, {targets[id(module)][0]!r} and "
                     f"{pattern!r} (from {found.source}); give each module one style"
                 )
-            targets[id(module)] = (pattern, name, module, make_style(style, f"{found.source}[{pattern!r}]"))
+            made = make_style(style, f"{found.source}[{pattern!r}]")
+            if type(made) in (ColwiseParallel, RowwiseParallel) and not isinstance(module, (nn.Linear, nn.Embedding)):
+                raise ConfigError(
+                    f"tensor-parallel plan entry {pattern!r} (from {found.source}) gives {name!r}, a "
+                    f"{type(module).__name__}, the style {type(made).__name__}, which splits only nn.Linear and "
+                    f"nn.Embedding; name the Linear or Embedding layers inside it instead ({name}.<child>; its "
+                    f"submodules: {_example_names(module, 6) or 'none'})"
+                )
+            targets[id(module)] = (pattern, name, module, made)
     return [(name, module, style) for _, name, module, style in targets.values()]
 
 

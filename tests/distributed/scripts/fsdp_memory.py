@@ -5,7 +5,9 @@
 * ``--what states``: after one training step, bytes of parameters, gradients and optimizer
   state this rank holds (falls as 1/N with FULL_SHARD).
 * ``--what activations``: bytes saved for backward in one forward pass, with and without
-  activation checkpointing (measured with a saved-tensors pack hook).
+  activation checkpointing (measured with a saved-tensors pack hook); under
+  ``--strategy model_parallel`` also counted as the estimator counts them (each tensor once, no
+  parameters, the local part of a DTensor).
 """
 
 import argparse
@@ -17,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from examples.gpt.model import GPTConfig, GPTModule
-from shardtrain import Callback, Engine, FSDPStrategy, Trainer
+from shardtrain import Callback, Engine, FSDPStrategy, ModelParallelStrategy, Trainer
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)
@@ -96,9 +98,12 @@ elif args.what == "states":
 else:
     config = GPTConfig(n_layer=8, n_head=4, d_model=128, seq_len=256)
     policy = {"Block"} if args.checkpointing else None
-    engine = Engine(
-        accelerator="cpu", devices=args.devices, strategy=FSDPStrategy(activation_checkpointing_policy=policy)
+    strategy = (
+        ModelParallelStrategy(activation_checkpointing_policy=policy)
+        if args.strategy == "model_parallel"
+        else FSDPStrategy(activation_checkpointing_policy=policy)
     )
+    engine = Engine(accelerator="cpu", devices=args.devices, strategy=strategy)
     engine.launch()
     engine.seed_everything(0)
     module = GPTModule(config)
@@ -106,18 +111,32 @@ else:
         module.configure_model()
     model = engine.setup_module(module)
     saved = []
+    parameters = {id(p) for p in module.parameters()}  # model_parallel without FSDP: the tensors forward sees
+    activations: dict[int, tuple] = {}  # as the estimator counts: each tensor once, parameters not, local sizes
 
     def pack(tensor):
         saved.append(tensor.numel() * tensor.element_size())
+        if id(tensor) not in parameters:
+            local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+            activations[id(tensor)] = (tensor, local.numel() * local.element_size())
         return tensor
 
     tokens = torch.randint(0, 256, (4, config.seq_len + 1))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model.training_step((tokens[:, :-1], tokens[:, 1:]), 0)
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(list(module.parameters()), 1e9)
+    if args.strategy == "model_parallel":  # split and whole parameters mixed: the Engine's clipping groups them
+        grad_norm = engine.strategy.gradient_norm(list(module.parameters()), 2.0)
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(list(module.parameters()), 1e9)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    result = {"rank": engine.global_rank, "saved_bytes": sum(saved), "loss": loss.item(), "grad_norm": grad_norm.item()}
+    result = {
+        "rank": engine.global_rank,
+        "saved_bytes": sum(saved),
+        "activation_bytes": sum(nbytes for _, nbytes in activations.values()),
+        "loss": loss.item(),
+        "grad_norm": grad_norm.item(),
+    }
 
 out.mkdir(parents=True, exist_ok=True)
 (out / f"rank{result['rank']}.json").write_text(json.dumps(result))

@@ -1,0 +1,87 @@
+"""One tensor-parallel rank's share of a model, built on the meta device for the memory estimate.
+
+``narrow_to_one_rank`` gives each module a plan names the parameters one rank of a
+``tensor_parallel_size`` group holds after ``parallelize_module`` (the same shapes as the local
+part of its DTensors, the larger part where a size does not divide), and makes its output the
+shape that rank computes: split where the style leaves it split, whole where the style gathers
+or sums it. Running a training step on the narrowed model then measures the rank's activations
+the way ``shardtrain.footprint`` measures any model's, from the real model code.
+
+What it does not narrow: ``sequence_parallel`` regions (their norms' parameters are replicated;
+their activations are counted whole, an upper bound), and styles other than PyTorch's
+``ColwiseParallel``, ``RowwiseParallel`` and ``SequenceParallel`` (refused: no estimate).
+Nothing here runs in training; ``tp_plan.apply_plan`` does the real split.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.tensor import Replicate
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, SequenceParallel
+
+from shardtrain.errors import ConfigError
+from shardtrain.strategies.materialize import shared_parameters
+from shardtrain.strategies.tp_plan import FoundPlan, plan_targets
+
+
+def narrow_to_one_rank(found: FoundPlan, tensor_parallel_size: int) -> list[str]:
+    """Narrow, in place, the meta-device modules ``found`` names to one rank's share; returns their names.
+
+    Raises ``ConfigError`` for a plan that names no module or a style this estimate cannot follow.
+    """
+    targets = plan_targets(found)
+    ties = shared_parameters(found.root)
+    for name, module, style in targets:
+        _narrow(name, module, style, tensor_parallel_size)
+    for owners in ties:  # narrowed alike (vocabulary-split embedding and output layer): tied again
+        params = [module._parameters[name] for module, name in owners]
+        if all(param.shape == params[0].shape for param in params):
+            for module, name in owners:
+                module._parameters[name] = params[0]
+    return [name for name, _, _ in targets]
+
+
+def _narrow(name: str, module: nn.Module, style: ParallelStyle, ranks: int) -> None:
+    kind = type(style)
+    if kind is SequenceParallel:
+        return  # parameters replicated; activations counted whole
+    if kind not in (ColwiseParallel, RowwiseParallel):
+        raise ConfigError(
+            f"the memory estimate cannot follow {kind.__name__} (on {name!r}); it knows PyTorch's ColwiseParallel, "
+            "RowwiseParallel and SequenceParallel"
+        )
+    colwise = kind is ColwiseParallel
+    whole_output = module.weight.shape[0 if isinstance(module, nn.Linear) else 1]
+    if isinstance(module, nn.Linear):
+        # ColwiseParallel splits a Linear's output features (weight rows, bias); RowwiseParallel its input features.
+        _split(module, "weight", 0 if colwise else 1, ranks)
+        if colwise and module.bias is not None:
+            _split(module, "bias", 0, ranks)
+        split_features = module.weight.shape[1] if not colwise else None
+    else:  # an nn.Embedding (plan_targets refuses other modules): colwise splits the dimension, rowwise the vocabulary
+        _split(module, "weight", 1 if colwise else 0, ranks)
+        module.padding_idx = None  # an index past this rank's rows; the lookup on meta tensors checks nothing
+        split_features = None
+    if colwise and isinstance(style.output_layouts[0], Replicate):
+        module.register_forward_hook(lambda _module, _args, output: _widen(output, ranks, whole_output))
+    if split_features is not None and isinstance(style.input_layouts[0], Replicate):
+        # The whole input arrives and each rank takes its own slice of the features.
+        module.register_forward_pre_hook(lambda _module, args: (args[0][..., :split_features], *args[1:]))
+
+
+def _split(module: nn.Module, attribute: str, dim: int, ranks: int) -> None:
+    old = module._parameters[attribute]
+    shape = list(old.shape)
+    shape[dim] = math.ceil(shape[dim] / ranks)  # rank 0's part, the largest (DTensor's Shard)
+    module._parameters[attribute] = nn.Parameter(
+        torch.empty(shape, dtype=old.dtype, device="meta"), requires_grad=old.requires_grad
+    )
+
+
+def _widen(output: Any, ranks: int, width: int) -> torch.Tensor:
+    """A split output gathered back to its whole ``width`` (``cat`` and slicing keep the autograd graph, save nothing)."""
+    return torch.cat([output] * ranks, dim=-1)[..., :width]
