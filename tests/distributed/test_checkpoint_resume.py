@@ -79,13 +79,14 @@ def test_kill_9_in_the_middle_of_a_save_keeps_the_last_checkpoint(uninterrupted,
     assert resumed["losses"] == pytest.approx(uninterrupted["losses"][3:], abs=1e-5)
 
 
-def test_async_save_writes_what_sync_save_writes(tmp_path):
+@pytest.mark.parametrize("strategy", ["fsdp", "model_parallel"])
+def test_async_save_writes_what_sync_save_writes(tmp_path, strategy):
     import json
 
     import torch
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    result = assert_ok(run_script("async_save.py", tmp_path)).result()
+    result = assert_ok(run_script("async_save.py", tmp_path, "--strategy", strategy)).result()
     assert all(loss == loss for loss in result["losses"]), "training went on while the files were written"
     tensors = {}
     for name in ("sync", "async"):

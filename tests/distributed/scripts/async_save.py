@@ -1,5 +1,6 @@
-"""Save the same FSDP state synchronously and asynchronously (training on during the latter);
-report the time the loop was blocked by each and what was written."""
+"""Save the same sharded state (FSDP, or ``--strategy model_parallel``: tensor parallel over the 2
+ranks) synchronously and asynchronously (training on during the latter); report the time the
+loop was blocked by each and what was written."""
 
 import argparse
 import json
@@ -15,10 +16,11 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)
 parser.add_argument("--layers", type=int, default=4)
 parser.add_argument("--width", type=int, default=256)
+parser.add_argument("--strategy", default="fsdp")
 args = parser.parse_args()
 out = Path(args.out)
 
-engine = Engine(accelerator="cpu", devices=2, strategy="fsdp")
+engine = Engine(accelerator="cpu", devices=2, strategy=args.strategy)
 engine.launch()
 engine.seed_everything(0)
 module = GPTModule(GPTConfig(n_layer=args.layers, d_model=args.width, n_head=4, seq_len=64))
@@ -26,7 +28,7 @@ with engine.init_module():
     module.configure_model()
 model = engine.setup_module(module)
 optimizer = engine.setup_optimizers(torch.optim.AdamW(module.parameters(), lr=1e-3))[0]
-tokens = torch.randint(0, 256, (4, 65), generator=torch.Generator().manual_seed(engine.global_rank))
+tokens = torch.randint(0, 256, (4, 65), generator=torch.Generator().manual_seed(engine.data_parallel_rank))
 
 
 def train_step():
