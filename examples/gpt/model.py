@@ -215,6 +215,8 @@ class GPTModule(shardtrain.TrainModule):
         generator = torch.Generator(device=device).manual_seed(seed)
         for _ in range(max_new_bytes):
             logits = wrapped(tokens[:, -self.config.seq_len :])[:, -1, :].float()
+            if hasattr(logits, "full_tensor"):  # split by vocabulary (ModelParallelStrategy(loss_parallel=True))
+                logits = logits.full_tensor()
             if temperature == 0:
                 next_byte = logits.argmax(dim=-1, keepdim=True)
             else:

@@ -109,6 +109,8 @@ class TrainModule(nn.Module):
         No host sync happens when you call this."""
         if isinstance(value, torch.Tensor):
             value = value.detach()
+            if hasattr(value, "full_tensor"):  # a DTensor (a loss from split logits): its whole value
+                value = value.full_tensor()
             if value.numel() != 1:
                 raise ValueError(
                     f"self.log({name!r}, ...) needs a single number, got a tensor of shape {tuple(value.shape)}"

@@ -46,6 +46,7 @@ def test_tensor_parallel_matches_one_process(single, tmp_path):
     assert result["world_size"] == 2 and result["data_parallel_size"] == 1
     assert set(result["tensor_parallel_parameters"]) == SPLIT_BY_THE_PLAN
     assert result["tied"], "the output layer must still share the embedding's (split) weight"
+    assert result["logits_layout"] == "whole"  # colwise_rep gathers them
     # The blocks' matrices and the embedding are split in two; norms and positions stay whole.
     assert result["local_parameter_numel"] < 0.55 * result["parameters"]
     _assert_same_numbers(result, single)
@@ -56,6 +57,25 @@ def test_tensor_parallel_matches_one_process(single, tmp_path):
     assert per_batch == pytest.approx(result["flops_per_batch"], rel=1e-6)
     assert result["flops_per_batch"] == pytest.approx(single["flops_per_batch"], rel=0.05)
     assert figures["throughput/flops_per_sec_per_device"] * 2 == pytest.approx(figures["throughput/flops_per_sec"])
+
+
+def test_compiled_blocks_under_tensor_parallelism_match_one_process(single, tmp_path):
+    """``compile=True`` compiles each block after splitting it (Inductor builds C++ kernels on the CPU)."""
+    options = ("--strategy-options", '{"compile": true}')
+    _assert_same_numbers(assert_ok(run_script("train_gpt.py", tmp_path, *TP2, *options)).result(), single)
+
+
+def test_loss_parallel_computes_the_loss_from_logits_split_by_vocabulary(tmp_path):
+    """With ``loss_parallel`` no rank gathers whole logits; losses, clipped norms, weights and the
+    validation losses equal one process's (validation every 5 steps on both runs)."""
+    validating = ("--val-check-interval", "5")
+    one = assert_ok(run_script("train_gpt.py", tmp_path / "one", *SINGLE, *validating)).result()
+    options = ("--strategy-options", '{"loss_parallel": true}')
+    split = assert_ok(run_script("train_gpt.py", tmp_path / "split", *TP2, *options, *validating)).result()
+    _assert_same_numbers(split, one)
+    assert split["val_losses"].keys() == one["val_losses"].keys() == {"5", "10"}
+    assert list(split["val_losses"].values()) == pytest.approx(list(one["val_losses"].values()), abs=1e-5)
+    assert split["tied"] and split["logits_layout"] == ["S(2)"]  # (batch, seq, vocab / 2) per rank
 
 
 def test_a_module_that_parallelises_itself_in_configure_model(single, tmp_path):

@@ -93,6 +93,21 @@ def test_a_plan_entry_that_matches_no_module_is_refused_before_any_process_group
     assert strategy.environment is None
 
 
+def test_loss_parallel_without_a_gathering_output_layer_is_refused_before_any_process_group() -> None:
+    plan = {"model.blocks.*.mlp.up": "colwise", "model.blocks.*.mlp.down": "rowwise"}
+    strategy = ModelParallelStrategy(tensor_parallel_size=2, tp_plan=plan, loss_parallel=True)
+    with pytest.raises(ConfigError, match=r"loss_parallel needs the output layer .* found 0: none. Give the output"):
+        _fit(strategy, GPTConfig(n_layer=1, n_head=2, d_model=16, seq_len=8))
+    assert strategy.environment is None
+
+
+def test_a_split_style_on_a_block_is_refused_before_any_process_group() -> None:
+    strategy = ModelParallelStrategy(tensor_parallel_size=2, tp_plan={"model.blocks.*.mlp": "colwise"})
+    with pytest.raises(ConfigError, match=r"'model.blocks.0.mlp', a MLP, the style ColwiseParallel, which splits only"):
+        _fit(strategy, GPTConfig(n_layer=1, n_head=2, d_model=16, seq_len=8))
+    assert strategy.environment is None
+
+
 def test_two_plan_entries_for_one_module_are_refused() -> None:
     plan = {"model.blocks.*.attn.qkv": "colwise", "model.blocks.0.attn.qkv": "rowwise"}
     with pytest.raises(ConfigError, match=r"'model.blocks.0.attn.qkv' is named by two tensor-parallel plan entries"):

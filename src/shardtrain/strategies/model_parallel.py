@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import torch
 from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 from shardtrain.errors import ConfigError, StrategyError
 from shardtrain.memory import ModelFootprint, StrategyMemory
@@ -40,6 +42,7 @@ from shardtrain.strategies.tp_plan import (
     find_plan,
     is_tensor_parallel,
     plan_targets,
+    with_split_logits,
 )
 
 log = logging.getLogger(__name__)
@@ -69,6 +72,10 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
         delayed_init: build ``configure_model()`` on the meta device and materialise each rank's part
             (default True); the seeded weights equal one process's.
         compile: ``torch.compile`` each block after parallelising it; ``True`` or a dict of options.
+        loss_parallel: leave the output layer's logits split by vocabulary (a DTensor sharded on the
+            last dimension) and compute ``F.cross_entropy`` from the shards (PyTorch's
+            ``loss_parallel``), so no rank holds whole logits. The plan's output layer must be its
+            one ``colwise_rep`` entry; steps must pass the logits straight to ``F.cross_entropy``.
     """
 
     name = "model_parallel"
@@ -86,6 +93,7 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
         mixed_precision: MixedPrecisionPolicy | None = None,
         delayed_init: bool = True,
         compile: bool | dict[str, Any] = False,
+        loss_parallel: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("data_parallel_size", data_parallel_size), ("tensor_parallel_size", tensor_parallel_size)):
@@ -102,6 +110,7 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
         self.mixed_precision = mixed_precision
         self.delayed_init = delayed_init
         self.compile = compile
+        self.loss_parallel = loss_parallel
         self._fsdp_root: FSDPModule | None = None
 
     # ------------------------------------------------------------------ layout
@@ -160,7 +169,7 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
                 "plan: pass tp_plan={'pattern': 'colwise', ...} to the strategy, give the model a tp_plan "
                 "attribute, or parallelise it in configure_model() from self.device_mesh['tp']"
             )
-        return found
+        return with_split_logits(found) if self.loss_parallel else found
 
     def estimate_memory(self, footprint: ModelFootprint) -> StrategyMemory | None:
         """FSDP's formula over one tensor-parallel rank's share (``model_parallel_memory``). With both sizes
@@ -184,8 +193,19 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
         return meta_init_context(self.precision) if self.delayed_init else super().module_init_context()
 
     def forward_context(self) -> contextlib.AbstractContextManager:
-        """FSDP's ``MixedPrecisionPolicy`` casts when data parallel; tensor parallel alone uses autocast."""
-        return contextlib.nullcontext() if self._fsdp_root is not None else super().forward_context()
+        """FSDP's ``MixedPrecisionPolicy`` casts when data parallel; tensor parallel alone uses autocast.
+        With ``loss_parallel``, steps run inside PyTorch's ``loss_parallel()``."""
+        precision = contextlib.nullcontext() if self._fsdp_root is not None else super().forward_context()
+        return _both(precision, loss_parallel()) if self.loss_parallel else precision
+
+    def backward(self, loss: torch.Tensor, module: nn.Module | None = None) -> None:
+        """With ``loss_parallel`` the backward of the split cross-entropy runs inside its context too."""
+        with loss_parallel() if self.loss_parallel else contextlib.nullcontext():
+            super().backward(loss, module)
+
+    def forward_backward(self, module: nn.Module, compute_loss: Any, *, synchronize: bool) -> tuple[torch.Tensor, Any]:
+        loss, outputs = super().forward_backward(module, compute_loss, synchronize=synchronize)
+        return (loss.full_tensor() if isinstance(loss, DTensor) else loss), outputs  # loss_parallel's replicated loss
 
     def setup_module(self, module: nn.Module) -> nn.Module:
         assert self.layout is not None, "connect() first"
@@ -243,6 +263,12 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
             f"ModelParallelStrategy(data_parallel_size={self.data_parallel_size!r}, "
             f"tensor_parallel_size={self.tensor_parallel_size!r})"
         )
+
+
+@contextlib.contextmanager
+def _both(first: contextlib.AbstractContextManager, second: contextlib.AbstractContextManager) -> Iterator[None]:
+    with first, second:
+        yield
 
 
 register_strategy(

@@ -241,6 +241,30 @@ def plan_targets(found: FoundPlan) -> list[tuple[str, nn.Module, ParallelStyle]]
     return [(name, module, style) for _, name, module, style in targets.values()]
 
 
+def with_split_logits(found: FoundPlan) -> FoundPlan:
+    """``found`` with its output layer's logits left split by vocabulary, for ``loss_parallel``.
+
+    The output layer is the one entry whose ``ColwiseParallel`` gathers its output (``colwise_rep``);
+    it becomes ``ColwiseParallel(use_local_output=False)``: its output stays a DTensor sharded on
+    the last dimension, which ``loss_parallel``'s cross-entropy reads. Raises ``ConfigError`` when
+    the plan has no such entry, or several."""
+    gathered = [
+        pattern
+        for pattern, style in found.patterns.items()
+        if isinstance(made := make_style(style, f"{found.source}[{pattern!r}]"), ColwiseParallel)
+        and isinstance(made.output_layouts[0], Replicate)
+    ]
+    if len(gathered) != 1:
+        raise ConfigError(
+            f"loss_parallel needs the output layer in the tensor-parallel plan ({found.source}) as the one entry "
+            f"that gathers its output ('colwise_rep'); found {len(gathered)}: {gathered or 'none'}. Give the output "
+            "layer 'colwise_rep', or leave loss_parallel off"
+        )
+    (head,) = gathered
+    patterns = {**found.patterns, head: ColwiseParallel(use_local_output=False)}
+    return FoundPlan(found.root, patterns, f"{found.source}, with {head!r} left split for loss_parallel")
+
+
 def apply_plan(found: FoundPlan, tp_mesh: Any) -> list[str]:
     """Parallelise the modules ``found`` names over ``tp_mesh`` with PyTorch's ``parallelize_module``;
     returns their names. Parameters tied before (an embedding and its output layer) stay tied."""

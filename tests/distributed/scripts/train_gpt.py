@@ -20,7 +20,7 @@ from shardtrain.strategies import DeepSpeedStrategy, create_strategy
 
 from examples.gpt.data import corpus_splits
 from examples.gpt.model import GPTConfig, GPTModule
-from shardtrain import Callback, ModelCheckpoint, Preemption, ThroughputMonitor, Trainer
+from shardtrain import Callback, ModelCheckpoint, ModelParallelStrategy, Preemption, ThroughputMonitor, Trainer
 
 
 class StopAt(Callback):
@@ -243,6 +243,11 @@ else:
         (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().double().sum().item()
         for p in module.parameters()
     )
+logits_layout = None
+if isinstance(trainer.strategy, ModelParallelStrategy):  # one forward as a step runs it (every rank: collectives)
+    with torch.no_grad():
+        logits = trainer.model(torch.zeros(1, config.seq_len, dtype=torch.long))
+    logits_layout = [str(p) for p in logits.placements] if hasattr(logits, "placements") else "whole"
 if trainer.is_global_zero:
     rows = list(csv.DictReader(open(Path(args.out) / "metrics.csv")))
     markers = [index for index, row in enumerate(rows) if row.get("resumed_from_step")]
@@ -267,6 +272,7 @@ if trainer.is_global_zero:
             (p.to_local() if hasattr(p, "to_local") else p).numel() for p in dict(module.named_parameters()).values()
         ),
         "tied": module.model.head.weight is module.model.token_embedding.weight,
+        "logits_layout": logits_layout,
         "data_parallel_size": trainer.engine.data_parallel_size,
         "tensor_parallel_parameters": sorted(
             name
