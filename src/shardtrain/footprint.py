@@ -67,12 +67,17 @@ def measure_footprint(
         raise ConfigError(f"tensor_parallel_size must be a whole number >= 1, got {tensor_parallel_size!r}")
     run_precision = Precision(precision)
     model = build_on_meta(module, run_precision.parameter_dtype)
-    share = copy.deepcopy(model) if tensor_parallel_size > 1 else None  # before anything below changes the model
+    try:  # the copy is taken before anything below changes the model
+        share = copy.deepcopy(model) if tensor_parallel_size > 1 else None
+    except Exception as error:
+        share, copy_error = None, error
     whole = _measure(model, run_precision, batch, batch_size, activation_checkpointing)
     footprint = ModelFootprint(**whole, precision=precision, devices=devices, num_nodes=num_nodes)
-    if share is None:
+    if tensor_parallel_size == 1:
         return footprint
     try:
+        if share is None:
+            raise copy_error
         narrowed = _narrowed_share(share, tensor_parallel_size, devices * num_nodes, tp_plan)
         measured = _measure(narrowed, run_precision, batch, batch_size, activation_checkpointing)
     except Exception as error:

@@ -169,3 +169,24 @@ def test_the_cli_takes_the_degree_and_prints_the_same_row(capsys) -> None:
     row = next(row for row in printed["strategies"] if row["strategy"] == "model_parallel")
     assert printed["tensor_parallel_size"] == 2
     assert row["device_total"] == estimate.get("model_parallel").device_total
+
+
+def test_a_model_that_cannot_be_copied_has_no_row_unless_a_degree_is_asked_for() -> None:
+    """The share is measured on a copy of the meta model; a module holding a lock cannot be copied."""
+    import threading
+
+    class Locked(TrainModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lock = threading.Lock()
+
+        def configure_model(self) -> None:
+            self.layer = nn.Linear(8, 8)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(self.parameters())
+
+    rows = {row.strategy for row in estimate_memory(Locked(), devices=2, tp_plan={"layer": "colwise"}).strategies}
+    assert "model_parallel" not in rows and "ddp" in rows
+    with pytest.raises(ConfigError, match=r"measuring one tensor-parallel rank's share .* cannot pickle"):
+        estimate_memory(Locked(), devices=2, tensor_parallel_size=2, tp_plan={"layer": "colwise"})
