@@ -62,19 +62,7 @@ def test_auto_picks_ddp_for_a_small_model(tmp_path):
 def test_auto_picks_fsdp_when_ddp_does_not_fit(tmp_path):
     estimate = estimate_memory(GPTModule(GPTConfig(n_layer=2, n_head=2, d_model=64, seq_len=32)), devices=2)
     between = (estimate.get("ddp").device_total + estimate.get("fsdp").device_total) // 2
-    run = assert_ok(
-        run_script(
-            "train_gpt.py",
-            tmp_path,
-            "--devices",
-            "2",
-            "--batch-size",
-            "8",
-            "--max-steps",
-            "2",
-            env={"SHARDTRAIN_DEVICE_MEMORY": str(int(between / 0.9))},
-        )
-    )
+    run = _train_with_auto(tmp_path, device_memory=int(between / 0.9))
     assert run.result()["strategy"] == "FSDPStrategy"
     assert "strategy='auto' chose fsdp" in run.output
 
@@ -85,19 +73,7 @@ def test_auto_picks_tensor_parallelism_when_fsdp_does_not_fit(tmp_path):
     estimate = estimate_memory(GPTModule(GPTConfig(n_layer=2, n_head=2, d_model=64, seq_len=32)), devices=2)
     split, fsdp = estimate.get("model_parallel").device_total, estimate.get("fsdp").device_total
     assert split < fsdp
-    run = assert_ok(
-        run_script(
-            "train_gpt.py",
-            tmp_path,
-            "--devices",
-            "2",
-            "--batch-size",
-            "8",
-            "--max-steps",
-            "2",
-            env={"SHARDTRAIN_DEVICE_MEMORY": str(int((split + fsdp) / 2 / 0.9))},
-        )
-    )
+    run = _train_with_auto(tmp_path, device_memory=int((split + fsdp) / 2 / 0.9))
     assert run.result()["strategy"] == "ModelParallelStrategy"
     assert "strategy='auto' chose model_parallel" in run.output
 
@@ -122,3 +98,11 @@ def test_the_tensor_parallel_row_is_what_each_rank_holds_and_saves(tmp_path):
         held = states.result(f"rank{rank}.json")
         assert (held["params"], held["grads"], held["optimizer"]) == (row.parameters, row.gradients, row.optimizer)
         assert saving.result(f"rank{rank}.json")["activation_bytes"] == saved_row.activations
+
+
+def _train_with_auto(tmp_path, device_memory: int):
+    """The GPT example under strategy="auto" on 2 processes, planning against ``device_memory`` bytes."""
+    arguments = ("--devices", "2", "--batch-size", "8", "--max-steps", "2")
+    return assert_ok(
+        run_script("train_gpt.py", tmp_path, *arguments, env={"SHARDTRAIN_DEVICE_MEMORY": str(device_memory)})
+    )
