@@ -120,6 +120,25 @@ class GPT(nn.Module):
         "blocks.*.mlp.down": "rowwise",
         "head": "colwise_rep",
     }
+    #: The same split with sequence parallelism (``ModelParallelStrategy(sequence_parallel=True)``):
+    #: between the split layers, the residual stream and the norms hold ``seq_len / tp`` positions
+    #: per rank. The first block cuts the (whole) embedding sum along the sequence; each attention
+    #: and MLP gathers its input whole and its last layer sums into sequence shards
+    #: (reduce-scatter); the output layer gathers the final norm's shards.
+    sequence_parallel_tp_plan = {
+        "token_embedding": "embedding_rowwise",
+        "blocks.0": "split_sequence",
+        "blocks.*.norm1": "sequence_parallel",
+        "blocks.*.attn": "gather_sequence",
+        "blocks.*.attn.qkv": "colwise",
+        "blocks.*.attn.proj": "rowwise_sequence",
+        "blocks.*.norm2": "sequence_parallel",
+        "blocks.*.mlp": "gather_sequence",
+        "blocks.*.mlp.up": "colwise",
+        "blocks.*.mlp.down": "rowwise_sequence",
+        "norm": "sequence_parallel",
+        "head": "colwise_rep_sequence",
+    }
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -213,8 +232,14 @@ class GPTModule(shardtrain.TrainModule):
         device = trainer.engine.device if trainer is not None else self.device
         tokens = torch.tensor([list(prompt)], dtype=torch.long, device=device)
         generator = torch.Generator(device=device).manual_seed(seed)
+        # Sequence parallelism splits the sequence between the tensor-parallel ranks: the context is
+        # padded at its end to a multiple of them, which changes none of the earlier positions' logits (causal).
+        mesh = self.device_mesh
+        multiple = mesh["tp"].size() if mesh is not None and "tp" in (mesh.mesh_dim_names or ()) else 1
         for _ in range(max_new_bytes):
-            logits = wrapped(tokens[:, -self.config.seq_len :])[:, -1, :].float()
+            context = tokens[:, -self.config.seq_len :]
+            padded = F.pad(context, (0, -context.shape[1] % multiple))
+            logits = wrapped(padded)[:, context.shape[1] - 1, :].float()
             if hasattr(logits, "full_tensor"):  # split by vocabulary (ModelParallelStrategy(loss_parallel=True))
                 logits = logits.full_tensor()
             if temperature == 0:

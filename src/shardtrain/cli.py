@@ -7,7 +7,7 @@
     shardtrain validate --config run.yaml
     shardtrain print-config --config run.yaml                 # the resolved config, defaults included
     shardtrain estimate --config run.yaml [--devices 8 --num-nodes 4 --device-memory 80GiB --host-memory 1TiB]
-                                          [--tensor-parallel 8] [--json]
+                                          [--tensor-parallel 8 [--sequence-parallel]] [--json]
     shardtrain consolidate CHECKPOINT OUT [--max-shard-size 5GiB] [--optimizer FILE]
 
 Several machines without torchrun or SLURM: run the same command on every node with the same
@@ -148,6 +148,7 @@ def _estimate(argv: list[str]) -> int:
     layout.add_argument("--device-memory", default=None)
     layout.add_argument("--host-memory", default=None)
     layout.add_argument("--tensor-parallel", type=int, default=None)
+    layout.add_argument("--sequence-parallel", action="store_true")
     layout.add_argument("--json", action="store_true")
     options, rest = layout.parse_known_args(argv)
     parsed = run_config.parse("estimate", rest)
@@ -172,7 +173,7 @@ def _estimate(argv: list[str]) -> int:
         precision=str(trainer.precision),
         batch_size=int(data_args.get("batch_size", 1)),
         activation_checkpointing=strategy.get("activation_checkpointing_policy") is not None,
-        **_tensor_parallel_options(strategy, options.tensor_parallel),
+        **_tensor_parallel_options(strategy, options.tensor_parallel, options.sequence_parallel),
     )
     local_device, local_host = device_memory_bytes("cuda" if trainer.accelerator in ("cuda", "gpu") else "cpu", devices)
     device_memory = parse_memory_size(options.device_memory) if options.device_memory else local_device
@@ -192,14 +193,16 @@ def _estimate(argv: list[str]) -> int:
     return 0
 
 
-def _tensor_parallel_options(strategy: dict[str, Any], flag: int | None) -> dict[str, Any]:
+def _tensor_parallel_options(strategy: dict[str, Any], flag: int | None, sequence_flag: bool) -> dict[str, Any]:
     """The ``model_parallel`` row's degree and plan: ``--tensor-parallel``, else the config's
-    ``model_parallel`` strategy's ``tensor_parallel_size``; its ``tp_plan`` either way."""
+    ``model_parallel`` strategy's ``tensor_parallel_size``; its ``tp_plan`` and ``sequence_parallel``
+    either way (``--sequence-parallel`` too)."""
     model_parallel = str(strategy.get("name", "")).lower() == "model_parallel"
     size = strategy.get("tensor_parallel_size") if model_parallel else None
     return {
         "tensor_parallel_size": flag if flag is not None else (size if isinstance(size, int) else None),
         "tp_plan": strategy.get("tp_plan") if model_parallel else None,
+        "sequence_parallel": sequence_flag or (model_parallel and strategy.get("sequence_parallel") is True),
     }
 
 

@@ -189,6 +189,7 @@ def estimate_memory(
     host_memory_per_device: int | str | None = None,
     tensor_parallel_size: int | None = None,
     tp_plan: Plan | None = None,
+    sequence_parallel: bool = False,
 ) -> MemoryEstimate:
     """Estimate per-device memory of ``module`` under every strategy, allocating nothing.
 
@@ -199,7 +200,8 @@ def estimate_memory(
     ``device_memory`` (bytes or ``"80GiB"``) the printed table says which strategies fit.
 
     The ``model_parallel`` row is for ``tensor_parallel_size`` ranks per tensor-parallel group (the
-    rest of the run's ranks data parallel), split by ``tp_plan`` or the model's own plan; one rank's
+    rest of the run's ranks data parallel), split by ``tp_plan`` or the model's own plan (its
+    ``sequence_parallel_tp_plan`` with ``sequence_parallel``, as ``ModelParallelStrategy``'s option); one rank's
     share is measured on the meta device (``shardtrain.strategies.tp_share``). Default: the devices
     of one node, where the model has a plan that fits them; otherwise there is no such row. A size
     given here must fit: a model without a plan, or head counts it does not divide, raise ``ConfigError``.
@@ -214,6 +216,7 @@ def estimate_memory(
         activation_checkpointing=activation_checkpointing,
         tensor_parallel_size=tensor_parallel_size,
         tp_plan=tp_plan,
+        sequence_parallel=sequence_parallel,
     )
     return MemoryEstimate(
         model=type(module).__name__ if isinstance(module, nn.Module) else getattr(module, "__name__", "model"),

@@ -45,17 +45,19 @@ def measure_footprint(
     activation_checkpointing: bool = False,
     tensor_parallel_size: int | None = 1,
     tp_plan: Plan | None = None,
+    sequence_parallel: bool = False,
 ) -> ModelFootprint:
     """Parameters, optimizer state and activations of ``module`` (see ``shardtrain.estimate_memory`` for the arguments).
 
-    With ``tensor_parallel_size`` above 1 the footprint's ``tensor_parallel`` holds the same measures of
-    one tensor-parallel rank's share, split by ``tp_plan`` or the model's own plan (``tp_plan.find_plan``).
-    ``None``: the devices of one node, where that is above 1 and the model has a plan that fits them
-    (else no share, and no error).
+        With ``tensor_parallel_size`` above 1 the footprint's ``tensor_parallel`` holds the same measures of
+        one tensor-parallel rank's share, split by ``tp_plan`` or the model's own plan (``tp_plan.find_plan``;
+    its sequence-parallel plan with ``sequence_parallel``).
+        ``None``: the devices of one node, where that is above 1 and the model has a plan that fits them
+        (else no share, and no error).
 
-    Raises ``ConfigError`` for a layout that is not whole numbers >= 1, a model that cannot be built
-    on the meta device (the message names it), and, with tensor parallelism, a model without a plan,
-    head counts the degree does not divide, or a plan that does not fit the model.
+        Raises ``ConfigError`` for a layout that is not whole numbers >= 1, a model that cannot be built
+        on the meta device (the message names it), and, with tensor parallelism, a model without a plan,
+        head counts the degree does not divide, or a plan that does not fit the model.
     """
     if not _whole(devices) or not _whole(num_nodes):
         raise ConfigError(
@@ -78,7 +80,7 @@ def measure_footprint(
     try:
         if share is None:
             raise copy_error
-        narrowed = _narrowed_share(share, tensor_parallel_size, devices * num_nodes, tp_plan)
+        narrowed = _narrowed_share(share, tensor_parallel_size, devices * num_nodes, tp_plan, sequence_parallel)
         measured = _measure(narrowed, run_precision, batch, batch_size, activation_checkpointing)
     except Exception as error:
         if not required:
@@ -106,7 +108,9 @@ def _whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-def _narrowed_share(share: nn.Module, tensor_parallel_size: int, world_size: int, tp_plan: Plan | None) -> nn.Module:
+def _narrowed_share(
+    share: nn.Module, tensor_parallel_size: int, world_size: int, tp_plan: Plan | None, sequence_parallel: bool
+) -> nn.Module:
     """``share`` narrowed to one tensor-parallel rank's part, after the checks a launch would make."""
     if world_size % tensor_parallel_size:
         raise ConfigError(
@@ -114,11 +118,13 @@ def _narrowed_share(share: nn.Module, tensor_parallel_size: int, world_size: int
             "(devices x num_nodes); choose one that divides it"
         )
     check_head_counts(share, tensor_parallel_size)
-    found = find_plan(share, tp_plan)
+    found = find_plan(share, tp_plan, sequence_parallel)
     if found is None:
+        attribute = "sequence_parallel_tp_plan" if sequence_parallel else "tp_plan"
         raise ConfigError(
-            f"tensor_parallel_size={tensor_parallel_size} but {type(share).__name__} has no tensor-parallel plan: "
-            "pass tp_plan={'pattern': 'colwise', ...}, or give the model a tp_plan attribute"
+            f"tensor_parallel_size={tensor_parallel_size} but {type(share).__name__} has no "
+            f"{'sequence-parallel' if sequence_parallel else 'tensor-parallel'} plan: pass "
+            f"tp_plan={{'pattern': 'colwise', ...}}, or give the model a {attribute} attribute"
         )
     narrow_to_one_rank(found, tensor_parallel_size)
     return share

@@ -6,6 +6,7 @@ import inspect
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from shardtrain.errors import TrainingStepError
@@ -83,13 +84,11 @@ class TrainModule(nn.Module):
     def device_mesh(self) -> "DeviceMesh | None":
         """The run's device mesh, for ``configure_model()`` to parallelise the model itself (Lightning's
         contract): ``self.device_mesh["tp"]`` for tensor parallelism, ``["dp_shard"]`` for FSDP (see
-        ``shardtrain.parallel_dims``). None when the module is not attached to a launched Trainer."""
-        if self._trainer is None:
+        ``shardtrain.parallel_dims``). None when the module is not attached to a launched Trainer, or its
+        strategy runs without a process group (``single``)."""
+        if self._trainer is None or not (dist.is_available() and dist.is_initialized()):
             return None
-        try:
-            return self._trainer.engine.device_mesh
-        except RuntimeError:  # not launched: no process group, no mesh
-            return None
+        return self._trainer.engine.device_mesh
 
     @property
     def global_rank(self) -> int:

@@ -100,6 +100,22 @@ def test_the_tensor_parallel_row_is_what_each_rank_holds_and_saves(tmp_path):
         assert saving.result(f"rank{rank}.json")["activation_bytes"] == saved_row.activations
 
 
+def test_the_sequence_parallel_row_saves_what_each_rank_saves(tmp_path):
+    """With the GPT's sequence-parallel plan the norms and the residual stream keep half the sequence
+    per rank: the bytes saved for backward by one step on each of 2 ranks equal the estimate's, which
+    is below the plain tensor-parallel row's."""
+    options = ("--what", "activations", "--strategy", "model_parallel", "--sequence-parallel")
+    saving = assert_ok(run_script("fsdp_memory.py", tmp_path, *options))
+    model = GPTModule(GPTConfig(n_layer=8, n_head=4, d_model=128, seq_len=256))
+    plain, sequence = (
+        estimate_memory(model, devices=2, batch_size=4, sequence_parallel=on).get("model_parallel")
+        for on in (False, True)
+    )
+    for rank in (0, 1):
+        assert saving.result(f"rank{rank}.json")["activation_bytes"] == sequence.activations
+    assert sequence.activations < 0.95 * plain.activations
+
+
 def _train_with_auto(tmp_path, device_memory: int):
     """The GPT example under strategy="auto" on 2 processes, planning against ``device_memory`` bytes."""
     arguments = ("--devices", "2", "--batch-size", "8", "--max-steps", "2")

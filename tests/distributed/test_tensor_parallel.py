@@ -6,6 +6,8 @@ batch of 16 with the gradient clipped at 0.5 (the norms are about 1.6-2.2, so cl
 every step): one process, ``tensor_parallel_size=2`` on 2 processes, and data 2 x tensor 2 on 4.
 """
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -21,6 +23,10 @@ TP2 = ("--devices", "2", "--strategy", "model_parallel", "--batch-size", "16", *
 TP2_OPTIONS = ("--strategy", "model_parallel", "--strategy-options", '{"tensor_parallel_size": 2}')
 DP2_TP2 = ("--devices", "4", *TP2_OPTIONS, "--batch-size", "8", *CLIP)  # 2 data-parallel ranks x 8
 FSDP2 = ("--devices", "2", "--strategy", "fsdp", "--batch-size", "8", *CLIP)
+SAMPLE = ("--sample-bytes", "4")  # greedy bytes after a 3-byte prompt: contexts of 3 to 6, odd and even
+SEQUENCE_PARALLEL = ("--strategy-options", '{"sequence_parallel": true}')
+#: The sequence-parallel plan also splits the norms' weights: replicated DTensors, whose gradients are summed.
+NORMS = {"model.norm.weight", *(f"model.blocks.{i}.{norm}.weight" for i in (0, 1) for norm in ("norm1", "norm2"))}
 #: What the GPT example's plan splits (the output layer's weight is the embedding's: tied).
 SPLIT_BY_THE_PLAN = {
     "model.token_embedding.weight",
@@ -31,7 +37,7 @@ SPLIT_BY_THE_PLAN = {
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
-    return assert_ok(run_script("train_gpt.py", out, *SINGLE, "--throughput-monitor")).result()
+    return assert_ok(run_script("train_gpt.py", out, *SINGLE, "--throughput-monitor", *SAMPLE)).result()
 
 
 def _assert_same_numbers(result, single):
@@ -76,6 +82,40 @@ def test_loss_parallel_computes_the_loss_from_logits_split_by_vocabulary(tmp_pat
     assert split["val_losses"].keys() == one["val_losses"].keys() == {"5", "10"}
     assert list(split["val_losses"].values()) == pytest.approx(list(one["val_losses"].values()), abs=1e-5)
     assert split["tied"] and split["logits_layout"] == ["S(2)"]  # (batch, seq, vocab / 2) per rank
+
+
+@pytest.mark.parametrize("loss_parallel", [False, True], ids=["gathered-logits", "loss-parallel"])
+def test_sequence_parallelism_matches_one_process(single, tmp_path, loss_parallel):
+    """The GPT's ``sequence_parallel_tp_plan``: norms and the residual stream hold half the sequence
+    per rank. Losses, clipped norms (split and replicated gradients together), weights and greedy
+    generation (contexts padded to an even length) equal one process's."""
+    options = json.dumps({"sequence_parallel": True, "loss_parallel": loss_parallel})
+    result = assert_ok(run_script("train_gpt.py", tmp_path, *TP2, "--strategy-options", options, *SAMPLE)).result()
+    assert set(result["tensor_parallel_parameters"]) == SPLIT_BY_THE_PLAN | NORMS
+    assert result["logits_layout"] == (["S(2)"] if loss_parallel else "whole")
+    _assert_same_numbers(result, single)
+    assert result["sample"] == single["sample"] and len(single["sample"]) == 4
+
+
+def test_sequence_parallelism_refuses_a_sequence_the_ranks_do_not_divide(tmp_path):
+    run = run_script("train_gpt.py", tmp_path, *TP2, *SEQUENCE_PARALLEL, "--seq-len", "31", "--max-steps", "1")
+    assert run.returncode != 0
+    assert "'blocks.0' splits dimension 1 of its input (length 31" in run.output
+    assert "make sequences a multiple of 2 long" in run.output
+
+
+def test_data_2_by_sequence_parallel_2_then_resumed_on_one_process(single, tmp_path):
+    """2-D with sequence parallelism matches one process for 5 steps; its checkpoint (the norms'
+    replicated DTensors included) resumes on one process and continues the loss curve."""
+    options = ("--devices", "4", "--strategy", "model_parallel", "--batch-size", "8", *CLIP)
+    sp_2d = ("--strategy-options", '{"sequence_parallel": true, "tensor_parallel_size": 2}')
+    first = assert_ok(run_script("train_gpt.py", tmp_path, *options, *sp_2d, "--stop-at", "5", "--save-at-end"))
+    assert first.result()["losses"] == pytest.approx(single["losses"][:5], abs=1e-5)
+    assert first.result()["grad_norm_logged"] == pytest.approx(single["grad_norm_logged"][:5], rel=1e-5)
+    resumed = assert_ok(run_script("train_gpt.py", tmp_path, *SINGLE, "--ckpt-path", "last")).result()
+    assert resumed["steps"] == list(range(6, 11))
+    assert resumed["losses"] == pytest.approx(single["losses"][5:], abs=1e-5)
+    assert resumed["weight_checksum"] == pytest.approx(single["weight_checksum"], rel=1e-6)
 
 
 def test_a_module_that_parallelises_itself_in_configure_model(single, tmp_path):

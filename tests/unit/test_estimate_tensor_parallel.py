@@ -190,3 +190,28 @@ def test_a_model_that_cannot_be_copied_has_no_row_unless_a_degree_is_asked_for()
     assert "model_parallel" not in rows and "ddp" in rows
     with pytest.raises(ConfigError, match=r"measuring one tensor-parallel rank's share .* cannot pickle"):
         estimate_memory(Locked(), devices=2, tensor_parallel_size=2, tp_plan={"layer": "colwise"})
+
+
+def test_sequence_parallelism_keeps_the_norms_activations_cut_and_the_logits_whole() -> None:
+    """The share follows the sequence-parallel plan's layouts: a step saves less than under the plain
+    plan (norms and residuals hold half the sequence), parameters are the same, and the output is whole."""
+    plain = measure_footprint(GPTModule(CONFIG), devices=2, tensor_parallel_size=2, batch_size=2).tensor_parallel
+    sequence = measure_footprint(
+        GPTModule(CONFIG), devices=2, tensor_parallel_size=2, batch_size=2, sequence_parallel=True
+    ).tensor_parallel
+    assert sequence.parameter_bytes == plain.parameter_bytes
+    assert sequence.activation_bytes < plain.activation_bytes
+    # What sequence parallelism cuts: per block, the two norms' inputs (batch x seq x d) and their
+    # statistics (batch x seq each); and the final norm's. Half of each stays on the rank.
+    b, s, d = 2, CONFIG.seq_len, CONFIG.d_model
+    per_norm = 4 * (b * s * d + 2 * b * s)
+    assert plain.activation_bytes - sequence.activation_bytes == (2 * CONFIG.n_layer + 1) * per_norm // 2
+
+    from shardtrain.strategies.tp_plan import find_plan
+    from shardtrain.strategies.tp_share import narrow_to_one_rank
+
+    module = GPTModule(CONFIG)
+    with torch.device("meta"):
+        module.configure_model()
+    narrow_to_one_rank(find_plan(module, None, sequence_parallel=True), 2)
+    assert module(torch.zeros(b, s, dtype=torch.long, device="meta")).shape == (b, s, CONFIG.vocab_size)

@@ -133,3 +133,66 @@ def test_a_model_without_a_plan_is_refused_naming_the_three_ways_to_give_one() -
         trainer.fit(
             NoPlan(GPTConfig(n_layer=1, n_head=2, d_model=16, seq_len=8)), DataLoader(TensorDataset(tokens, tokens))
         )
+
+
+def test_the_sequence_parallel_style_names_are_pytorchs_styles_with_these_layouts() -> None:
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel
+
+    from shardtrain.strategies.tp_plan import make_style, sequence_splits
+
+    split, gather = make_style("split_sequence", "t"), make_style("gather_sequence", "t")
+    assert isinstance(split, PrepareModuleInput) and isinstance(gather, PrepareModuleInput)
+    assert (split.input_layouts, split.desired_input_layouts) == ((Replicate(),), (Shard(1),))
+    assert (gather.input_layouts, gather.desired_input_layouts) == ((Shard(1),), (Replicate(),))
+    rowwise, head = make_style("rowwise_sequence", "t"), make_style("colwise_rep_sequence", "t")
+    assert isinstance(rowwise, RowwiseParallel) and rowwise.output_layouts == (Shard(1),)
+    assert isinstance(head, ColwiseParallel) and (head.input_layouts, head.output_layouts) == (
+        (Shard(1),),
+        (Replicate(),),
+    )
+    # What the uneven-length check watches: the whole inputs a style cuts.
+    assert sequence_splits(split) == [(0, 1)] and sequence_splits(rowwise) == [(0, 1)]
+    assert sequence_splits(gather) == [] and sequence_splits(make_style("rowwise", "t")) == []
+
+
+def test_sequence_parallel_reads_the_models_own_sequence_parallel_plan() -> None:
+    from shardtrain.strategies.tp_plan import find_plan
+
+    module = GPTModule(GPTConfig(n_layer=1, n_head=2, d_model=16, seq_len=8))
+    module.configure_model()
+    found = find_plan(module, None, sequence_parallel=True)
+    assert found.source == "GPT.sequence_parallel_tp_plan" and found.patterns == GPT.sequence_parallel_tp_plan
+    assert find_plan(module, None).source == "GPT.tp_plan"
+
+
+def test_sequence_parallel_with_an_own_plan_is_refused_naming_the_styles() -> None:
+    with pytest.raises(StrategyError, match=r"with your own tp_plan, write the sequence-parallel styles into it"):
+        ModelParallelStrategy(sequence_parallel=True, tp_plan={"model.blocks.*.mlp.up": "colwise"})
+
+
+def test_sequence_parallel_on_a_model_without_a_sequence_parallel_plan_is_refused_before_any_process_group() -> None:
+    class PlainPlanOnly(GPTModule):
+        def configure_model(self) -> None:
+            super().configure_model()
+            self.model.sequence_parallel_tp_plan = {}
+
+    strategy = ModelParallelStrategy(tensor_parallel_size=2, sequence_parallel=True)
+    tokens = torch.zeros(4, 8, dtype=torch.long)
+    trainer = Trainer(accelerator="cpu", devices=2, strategy=strategy, enable_progress_bar=False)
+    with pytest.raises(StrategyError, match=r"sequence_parallel=True but PlainPlanOnly has no sequence-parallel plan"):
+        trainer.fit(
+            PlainPlanOnly(GPTConfig(n_layer=1, n_head=2, d_model=16, seq_len=8)),
+            DataLoader(TensorDataset(tokens, tokens)),
+        )
+    assert strategy.environment is None
+
+
+def test_loss_parallel_keeps_a_sequence_parallel_output_layers_split_input() -> None:
+    from torch.distributed.tensor import Shard
+
+    from shardtrain.strategies.tp_plan import FoundPlan, with_split_logits
+
+    module = GPT(GPTConfig(n_layer=1, n_head=2, d_model=16, seq_len=8))
+    head = with_split_logits(FoundPlan(module, dict(GPT.sequence_parallel_tp_plan), "t")).patterns["head"]
+    assert head.input_layouts == (Shard(1),) and head.output_layouts == (Shard(-1),) and not head.use_local_output

@@ -76,6 +76,10 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
             last dimension) and compute ``F.cross_entropy`` from the shards (PyTorch's
             ``loss_parallel``), so no rank holds whole logits. The plan's output layer must be its
             one ``colwise_rep`` entry; steps must pass the logits straight to ``F.cross_entropy``.
+        sequence_parallel: use the model's sequence-parallel plan (its ``sequence_parallel_tp_plan``
+            attribute): norms and the residual stream between the split layers stay split along the
+            sequence, so each rank keeps ``1 / tensor_parallel_size`` of those activations. With
+            your own ``tp_plan``, write the sequence-parallel styles into it instead.
     """
 
     name = "model_parallel"
@@ -94,6 +98,7 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
         delayed_init: bool = True,
         compile: bool | dict[str, Any] = False,
         loss_parallel: bool = False,
+        sequence_parallel: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("data_parallel_size", data_parallel_size), ("tensor_parallel_size", tensor_parallel_size)):
@@ -110,7 +115,15 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
         self.mixed_precision = mixed_precision
         self.delayed_init = delayed_init
         self.compile = compile
+        if sequence_parallel and tp_plan is not None:
+            raise StrategyError(
+                "sequence_parallel=True reads the model's own sequence-parallel plan (sequence_parallel_tp_plan); "
+                "with your own tp_plan, write the sequence-parallel styles into it (split_sequence, "
+                "sequence_parallel, gather_sequence, rowwise_sequence, colwise_rep_sequence) and leave "
+                "sequence_parallel off"
+            )
         self.loss_parallel = loss_parallel
+        self.sequence_parallel = sequence_parallel
         self._fsdp_root: FSDPModule | None = None
 
     # ------------------------------------------------------------------ layout
@@ -162,7 +175,13 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
             plan_targets(self._plan(built, layout.tp))
 
     def _plan(self, user_module: nn.Module, tensor_parallel_size: int) -> FoundPlan:
-        found = find_plan(user_module, self.tp_plan)
+        found = find_plan(user_module, self.tp_plan, self.sequence_parallel)
+        if found is None and self.sequence_parallel:
+            raise StrategyError(
+                f"sequence_parallel=True but {type(user_module).__name__} has no sequence-parallel plan: give the "
+                "model a sequence_parallel_tp_plan attribute (see the GPT example), or leave sequence_parallel off "
+                "and pass a tp_plan written with the sequence-parallel styles"
+            )
         if found is None:
             raise StrategyError(
                 f"tensor_parallel_size={tensor_parallel_size} but {type(user_module).__name__} has no tensor-parallel "

@@ -20,7 +20,27 @@ name                                       PyTorch style
 ``embedding_colwise``                      ``ColwiseParallel(output_layouts=Replicate())`` on an
                                            ``nn.Embedding``: the embedding dimension split
 ``sequence_parallel``                      ``SequenceParallel()`` (PyTorch's meaning: the input
-                                           arrives split along the sequence)
+                                           arrives split along the sequence; norms, dropout)
+=========================================  ====================================================
+
+Sequence parallelism (Megatron's, as torchtitan lays it out) keeps the activations between the
+split layers split along the sequence (dimension 1) rather than whole on every rank. These names
+write such a plan (the GPT example's ``sequence_parallel_tp_plan`` uses them):
+
+=========================================  ====================================================
+name                                       PyTorch style
+=========================================  ====================================================
+``split_sequence``                         ``PrepareModuleInput(Replicate() -> Shard(1))``: the
+                                           module's input is cut along the sequence
+``gather_sequence``                        ``PrepareModuleInput(Shard(1) -> Replicate())``: the
+                                           module's input is gathered whole (all-gather)
+``rowwise_sequence``                       ``RowwiseParallel(output_layouts=Shard(1))``: the sum
+                                           arrives split along the sequence (reduce-scatter)
+``colwise_rep_sequence``                   ``ColwiseParallel(input_layouts=Shard(1),
+                                           output_layouts=Replicate())``: the output layer of a
+                                           sequence-parallel model
+``embedding_rowwise_sequence``             ``RowwiseParallel(input_layouts=Replicate(),
+                                           output_layouts=Shard(1))`` on an ``nn.Embedding``
 =========================================  ====================================================
 
 Every style is PyTorch's own (``torch.distributed.tensor.parallel``); nothing here shards a
@@ -38,10 +58,11 @@ from fnmatch import fnmatchcase
 from typing import Any, Callable, Mapping
 
 from torch import nn
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
+    PrepareModuleInput,
     RowwiseParallel,
     SequenceParallel,
     parallelize_module,
@@ -63,6 +84,15 @@ STYLES: dict[str, Callable[[], ParallelStyle]] = {
     "embedding_rowwise": lambda: RowwiseParallel(input_layouts=Replicate()),
     "embedding_colwise": lambda: ColwiseParallel(output_layouts=Replicate()),
     "sequence_parallel": SequenceParallel,
+    "split_sequence": lambda: PrepareModuleInput(
+        input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),), use_local_output=True
+    ),
+    "gather_sequence": lambda: PrepareModuleInput(
+        input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True
+    ),
+    "rowwise_sequence": lambda: RowwiseParallel(output_layouts=Shard(1)),
+    "colwise_rep_sequence": lambda: ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
+    "embedding_rowwise_sequence": lambda: RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
 }
 
 #: Style names transformers uses that have no PyTorch style with the same meaning in training.
@@ -149,18 +179,23 @@ def matching_modules(root: nn.Module, pattern: str) -> list[tuple[str, nn.Module
     return found
 
 
-def find_plan(module: nn.Module, option: Plan | None) -> FoundPlan | None:
-    """The plan for ``module``: the ``tp_plan`` option, a Hugging Face model's own, or a submodule's ``tp_plan``."""
+def find_plan(module: nn.Module, option: Plan | None, sequence_parallel: bool = False) -> FoundPlan | None:
+    """The plan for ``module``: the ``tp_plan`` option, a Hugging Face model's own, or a submodule's ``tp_plan``.
+
+    With ``sequence_parallel``, the model's sequence-parallel plan instead: a submodule's
+    ``sequence_parallel_tp_plan`` (Hugging Face models ship none)."""
     if option is not None:
         return FoundPlan(module, check_plan(option), "the strategy's tp_plan option")
+    attribute = "sequence_parallel_tp_plan" if sequence_parallel else "tp_plan"
+    if not sequence_parallel:
+        for submodule in module.modules():
+            hf_plan = _hugging_face_plan(submodule)
+            if hf_plan:
+                return FoundPlan(submodule, hf_plan, f"{type(submodule).__name__}'s Hugging Face tp plan")
     for submodule in module.modules():
-        hf_plan = _hugging_face_plan(submodule)
-        if hf_plan:
-            return FoundPlan(submodule, hf_plan, f"{type(submodule).__name__}'s Hugging Face tp plan")
-    for submodule in module.modules():
-        declared = getattr(submodule, "tp_plan", None)
+        declared = getattr(submodule, attribute, None)
         if isinstance(declared, Mapping) and declared:
-            where = f"{type(submodule).__name__}.tp_plan"
+            where = f"{type(submodule).__name__}.{attribute}"
             return FoundPlan(submodule, check_plan(declared, where), where)
     return None
 
@@ -261,7 +296,8 @@ def with_split_logits(found: FoundPlan) -> FoundPlan:
             "layer 'colwise_rep', or leave loss_parallel off"
         )
     (head,) = gathered
-    patterns = {**found.patterns, head: ColwiseParallel(use_local_output=False)}
+    arriving = make_style(found.patterns[head], head).input_layouts[0]  # whole, or split along the sequence
+    patterns = {**found.patterns, head: ColwiseParallel(input_layouts=arriving, use_local_output=False)}
     return FoundPlan(found.root, patterns, f"{found.source}, with {head!r} left split for loss_parallel")
 
 
@@ -270,11 +306,52 @@ def apply_plan(found: FoundPlan, tp_mesh: Any) -> list[str]:
     returns their names. Parameters tied before (an embedding and its output layer) stay tied."""
     targets = plan_targets(found)
     ties = shared_parameters(found.root)
-    for _, module, style in targets:
+    for name, module, style in targets:
         parallelize_module(module, tp_mesh, style)
+        _refuse_uneven_splits(name, module, style, tp_mesh.size())
     _tie_again(ties, found.source)
     log.info("tensor parallel over %d ranks (%s): %d modules", tp_mesh.size(), found.source, len(targets))
     return [name for name, _, _ in targets]
+
+
+def sequence_splits(style: ParallelStyle) -> list[tuple[int, int]]:
+    """``(argument index, dimension)`` of each whole input that ``style`` cuts into shards (the
+    sequence, in a sequence-parallel plan): ``PrepareModuleInput`` from ``Replicate`` to ``Shard``, and
+    ``RowwiseParallel`` whose summed output is scattered along a dimension of its input."""
+    if isinstance(style, PrepareModuleInput):
+        pairs = zip(style.input_layouts or (), style.desired_input_layouts or ())
+        return [
+            (i, want.dim)
+            for i, (have, want) in enumerate(pairs)
+            if isinstance(have, Replicate) and isinstance(want, Shard)
+        ]
+    if (
+        isinstance(style, RowwiseParallel)
+        and isinstance(style.output_layouts[0], Shard)
+        and style.output_layouts[0].dim >= 0
+    ):
+        return [(0, style.output_layouts[0].dim)]
+    return []
+
+
+def _refuse_uneven_splits(name: str, module: nn.Module, style: ParallelStyle, ranks: int) -> None:
+    """A check before ``style`` cuts an input: the dimension must divide by the ranks (the collectives of
+    uneven shards fail or hang), with an error naming the fix instead. Host-side shapes only: no sync."""
+    splits = sequence_splits(style)
+    if not splits:
+        return
+
+    def check(_module: nn.Module, args: tuple[Any, ...]) -> None:
+        for index, dim in splits:
+            if index < len(args) and hasattr(args[index], "shape") and args[index].shape[dim] % ranks:
+                raise ValueError(
+                    f"{name!r} splits dimension {dim} of its input (length {args[index].shape[dim]}, shape "
+                    f"{tuple(args[index].shape)}) between {ranks} tensor-parallel ranks (sequence parallelism), so "
+                    f"it must divide by {ranks}: make sequences a multiple of {ranks} long (pad them), or leave "
+                    "sequence parallelism off"
+                )
+
+    module.register_forward_pre_hook(check, prepend=True)
 
 
 def _example_names(root: nn.Module, count: int = 12) -> str:

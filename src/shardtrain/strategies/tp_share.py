@@ -7,9 +7,13 @@ shape that rank computes: split where the style leaves it split, whole where the
 or sums it. Running a training step on the narrowed model then measures the rank's activations
 the way ``shardtrain.footprint`` measures any model's, from the real model code.
 
-What it does not narrow: ``sequence_parallel`` regions (their norms' parameters are replicated;
-their activations are counted whole, an upper bound), and styles other than PyTorch's
-``ColwiseParallel``, ``RowwiseParallel`` and ``SequenceParallel`` (refused: no estimate).
+Sequence parallelism is followed from the styles' layouts: where a style cuts a whole input
+along a dimension (``PrepareModuleInput`` to ``Shard``, a ``RowwiseParallel`` whose output is
+``Shard``), the share's tensor is cut there; where it gathers one (``PrepareModuleInput`` to
+``Replicate``, a ``ColwiseParallel`` whose input arrives ``Shard``), it is widened again. The
+``SequenceParallel`` norms between them then run on the share's cut tensors, as the real ones run
+on their local shards. Styles other than PyTorch's ``ColwiseParallel``, ``RowwiseParallel``,
+``SequenceParallel`` and ``PrepareModuleInput`` are refused (no estimate).
 Nothing here runs in training; ``tp_plan.apply_plan`` does the real split.
 """
 
@@ -20,8 +24,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor import Replicate
-from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, SequenceParallel
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+)
 
 from shardtrain.errors import ConfigError
 from shardtrain.strategies.materialize import shared_parameters
@@ -48,11 +58,14 @@ def narrow_to_one_rank(found: FoundPlan, tensor_parallel_size: int) -> list[str]
 def _narrow(name: str, module: nn.Module, style: ParallelStyle, ranks: int) -> None:
     kind = type(style)
     if kind is SequenceParallel:
-        return  # parameters replicated; activations counted whole
+        return  # parameters replicated; the input arrives cut along the sequence and stays so
+    if kind is PrepareModuleInput:
+        _follow_input_layouts(module, style, ranks)
+        return
     if kind not in (ColwiseParallel, RowwiseParallel):
         raise ConfigError(
             f"the memory estimate cannot follow {kind.__name__} (on {name!r}); it knows PyTorch's ColwiseParallel, "
-            "RowwiseParallel and SequenceParallel"
+            "RowwiseParallel, SequenceParallel and PrepareModuleInput"
         )
     colwise = kind is ColwiseParallel
     whole_output = module.weight.shape[0 if isinstance(module, nn.Linear) else 1]
@@ -66,11 +79,33 @@ def _narrow(name: str, module: nn.Module, style: ParallelStyle, ranks: int) -> N
         _split(module, "weight", 1 if colwise else 0, ranks)
         module.padding_idx = None  # an index past this rank's rows; the lookup on meta tensors checks nothing
         split_features = None
-    if colwise and isinstance(style.output_layouts[0], Replicate):
-        module.register_forward_hook(lambda _module, _args, output: _widen(output, ranks, whole_output))
-    if split_features is not None and isinstance(style.input_layouts[0], Replicate):
+    arriving, leaving = style.input_layouts[0], style.output_layouts[0]
+    if colwise and isinstance(arriving, Shard):  # input arrives cut (along the sequence) and is gathered
+        module.register_forward_pre_hook(lambda _module, args: (_widen(args[0], ranks, arriving.dim), *args[1:]))
+    if colwise and isinstance(leaving, Replicate):
+        module.register_forward_hook(lambda _module, _args, output: _widen(output, ranks, -1)[..., :whole_output])
+    if split_features is not None and isinstance(arriving, Replicate):
         # The whole input arrives and each rank takes its own slice of the features.
         module.register_forward_pre_hook(lambda _module, args: (args[0][..., :split_features], *args[1:]))
+    if not colwise and isinstance(leaving, Shard):  # the sum is scattered (along the sequence)
+        module.register_forward_hook(lambda _module, _args, output: _cut(output, ranks, leaving.dim))
+
+
+def _follow_input_layouts(module: nn.Module, style: PrepareModuleInput, ranks: int) -> None:
+    """``PrepareModuleInput``: each positional input cut where it goes from whole to ``Shard``, widened
+    where it goes from ``Shard`` to whole."""
+    changes = list(zip(style.input_layouts or (), style.desired_input_layouts or ()))
+
+    def prepare(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        prepared = list(args)
+        for index, (have, want) in enumerate(changes[: len(args)]):
+            if isinstance(have, Replicate) and isinstance(want, Shard):
+                prepared[index] = _cut(args[index], ranks, want.dim)
+            elif isinstance(have, Shard) and isinstance(want, Replicate):
+                prepared[index] = _widen(args[index], ranks, have.dim)
+        return tuple(prepared)
+
+    module.register_forward_pre_hook(prepare)
 
 
 def _split(module: nn.Module, attribute: str, dim: int, ranks: int) -> None:
@@ -82,6 +117,11 @@ def _split(module: nn.Module, attribute: str, dim: int, ranks: int) -> None:
     )
 
 
-def _widen(output: Any, ranks: int, width: int) -> torch.Tensor:
-    """A split output gathered back to its whole ``width`` (``cat`` and slicing keep the autograd graph, save nothing)."""
-    return torch.cat([output] * ranks, dim=-1)[..., :width]
+def _widen(tensor: torch.Tensor, ranks: int, dim: int) -> torch.Tensor:
+    """A cut tensor gathered back whole along ``dim`` (``cat`` keeps the autograd graph and saves nothing)."""
+    return torch.cat([tensor] * ranks, dim=dim)
+
+
+def _cut(tensor: torch.Tensor, ranks: int, dim: int) -> torch.Tensor:
+    """Rank 0's part of ``tensor`` along ``dim`` (DTensor's ``Shard``: the larger part where it does not divide)."""
+    return tensor.narrow(dim, 0, math.ceil(tensor.shape[dim] / ranks))

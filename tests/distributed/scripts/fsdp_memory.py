@@ -27,6 +27,7 @@ parser.add_argument("--devices", type=int, default=2)
 parser.add_argument("--what", choices=["init", "states", "activations"], required=True)
 parser.add_argument("--checkpointing", action="store_true")
 parser.add_argument("--strategy", default="fsdp")
+parser.add_argument("--sequence-parallel", action="store_true", help="model_parallel with the model's SP plan")
 args = parser.parse_args()
 out = Path(args.out)
 
@@ -99,7 +100,7 @@ else:
     config = GPTConfig(n_layer=8, n_head=4, d_model=128, seq_len=256)
     policy = {"Block"} if args.checkpointing else None
     strategy = (
-        ModelParallelStrategy(activation_checkpointing_policy=policy)
+        ModelParallelStrategy(activation_checkpointing_policy=policy, sequence_parallel=args.sequence_parallel)
         if args.strategy == "model_parallel"
         else FSDPStrategy(activation_checkpointing_policy=policy)
     )

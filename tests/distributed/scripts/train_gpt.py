@@ -175,6 +175,8 @@ parser.add_argument(
 )
 parser.add_argument("--strategy-options", default="{}", help="JSON dict of strategy options")
 parser.add_argument("--d-model", type=int, default=64)
+parser.add_argument("--seq-len", type=int, default=32)
+parser.add_argument("--sample-bytes", type=int, default=0, help="after fit, greedily continue a 3-byte prompt")
 parser.add_argument("--self-parallel", action="store_true", help="a module that applies tensor parallelism itself")
 parser.add_argument("--watch-dir", default=None, help="record the most bytes held in files under this directory")
 parser.add_argument(
@@ -193,7 +195,9 @@ parser.add_argument(
 args = parser.parse_args()
 
 mismatched = args.d_model_on_rank_1 is not None and os.environ.get("RANK") == "1"
-config = GPTConfig(n_layer=2, n_head=2, d_model=args.d_model_on_rank_1 if mismatched else args.d_model, seq_len=32)
+config = GPTConfig(
+    n_layer=2, n_head=2, d_model=args.d_model_on_rank_1 if mismatched else args.d_model, seq_len=args.seq_len
+)
 train, val = corpus_splits(config.seq_len)
 train = torch.utils.data.Subset(train, range(2048))
 recorder = GradNormRecorder()
@@ -235,6 +239,7 @@ trainer.fit(
 )
 if args.save_at_end:
     trainer.save_checkpoint()
+sample = module.generate(b"The", args.sample_bytes, temperature=0) if args.sample_bytes else b""
 if isinstance(trainer.strategy, DeepSpeedStrategy):  # DeepSpeed: whole weights through the strategy (collective)
     weights = trainer.strategy.module_state_dict(module, full=True)
     checksum = sum(weights[name].double().sum().item() for name, _ in module.named_parameters())
@@ -273,6 +278,7 @@ if trainer.is_global_zero:
         ),
         "tied": module.model.head.weight is module.model.token_embedding.weight,
         "logits_layout": logits_layout,
+        "sample": list(sample),
         "data_parallel_size": trainer.engine.data_parallel_size,
         "tensor_parallel_parameters": sorted(
             name
