@@ -118,8 +118,11 @@ def test_data_2_by_sequence_parallel_2_then_resumed_on_one_process(single, tmp_p
     assert resumed["weight_checksum"] == pytest.approx(single["weight_checksum"], rel=1e-6)
 
 
-def test_a_module_that_parallelises_itself_in_configure_model(single, tmp_path):
-    result = assert_ok(run_script("train_gpt.py", tmp_path, *TP2, "--self-parallel")).result()
+@pytest.mark.parametrize("layout", [TP2, DP2_TP2], ids=["tp2", "dp2xtp2"])
+def test_a_module_that_parallelises_itself_in_configure_model(single, tmp_path, layout):
+    """Lightning's contract: the strategy applies no plan of its own, and under 2-D still shards
+    the self-parallelised model with FSDP over the data-parallel ranks."""
+    result = assert_ok(run_script("train_gpt.py", tmp_path, *layout, "--self-parallel")).result()
     # Only what configure_model split (the blocks), not the model's own plan (the embedding too).
     assert set(result["tensor_parallel_parameters"]) == SPLIT_BY_THE_PLAN - {"model.token_embedding.weight"}
     _assert_same_numbers(result, single)
