@@ -71,7 +71,8 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
         mixed_precision: a ``MixedPrecisionPolicy`` that overrides the one derived from ``precision``.
         delayed_init: build ``configure_model()`` on the meta device and materialise each rank's part
             (default True); the seeded weights equal one process's.
-        compile: ``torch.compile`` each block after parallelising it; ``True`` or a dict of options.
+        compile: ``torch.compile`` each block after parallelising it; ``True`` or a dict of options
+            (under tensor parallelism ``dynamic`` defaults to False: each new input shape compiles again).
         loss_parallel: leave the output layer's logits split by vocabulary (a DTensor sharded on the
             last dimension) and compute ``F.cross_entropy`` from the shards (PyTorch's
             ``loss_parallel``), so no rank holds whole logits. The plan's output layer must be its
@@ -242,7 +243,7 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
             self._fully_shard(module, user_module)
         elif self.compile:
             for unit in units_of(user_module, self.auto_wrap_policy):
-                unit.compile(**(self.compile if isinstance(self.compile, dict) else {}))
+                unit.compile(**self._compile_options())
         if isinstance(module, FSDPModule):
             self._fsdp_root = module
         if meta:  # one block at a time: FSDP's units, or under tensor parallelism alone the same blocks
@@ -262,7 +263,7 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
         units = units_of(user_module, self.auto_wrap_policy)
         for unit in reversed(units):
             if self.compile:
-                unit.compile(**(self.compile if isinstance(self.compile, dict) else {}))
+                unit.compile(**self._compile_options())
             fully_shard(unit, **options)
         self._fsdp_root = fully_shard(module, **options, reshard_after_forward=False)
         if self.layout is not None and self.layout.tp > 1:
@@ -272,6 +273,15 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
         log.info(
             "FSDP over data_parallel_size=%d: %d units (%s) and the root", mesh.size(), len(units), describe(units)
         )
+
+    def _compile_options(self) -> dict[str, Any]:
+        """``torch.compile``'s options: the user's, over ``dynamic=False`` under tensor parallelism. DTensor
+        activations with symbolic shapes fail in sharding propagation (torch 2.13: "unhashable type:
+        non-nested SymInt", a norm on a sequence-split DTensor); each new input shape compiles again instead."""
+        options = dict(self.compile) if isinstance(self.compile, dict) else {}
+        if self.layout is not None and self.layout.tp > 1:
+            options.setdefault("dynamic", False)
+        return options
 
     def no_backward_sync(self, module: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
         """Data-parallel gradient reduction can wait; tensor-parallel collectives are part of each pass."""
