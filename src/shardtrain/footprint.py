@@ -49,15 +49,14 @@ def measure_footprint(
 ) -> ModelFootprint:
     """Parameters, optimizer state and activations of ``module`` (see ``shardtrain.estimate_memory`` for the arguments).
 
-        With ``tensor_parallel_size`` above 1 the footprint's ``tensor_parallel`` holds the same measures of
-        one tensor-parallel rank's share, split by ``tp_plan`` or the model's own plan (``tp_plan.find_plan``;
-    its sequence-parallel plan with ``sequence_parallel``).
-        ``None``: the devices of one node, where that is above 1 and the model has a plan that fits them
-        (else no share, and no error).
+    With ``tensor_parallel_size`` above 1 the footprint's ``tensor_parallel`` holds the same measures of
+    one tensor-parallel rank's share, split by ``tp_plan`` or the model's own plan (``tp_plan.find_plan``;
+    its sequence-parallel plan with ``sequence_parallel``). ``None``: the devices of one node, where
+    that is above 1 and the model has a plan that fits them (else no share, and no error).
 
-        Raises ``ConfigError`` for a layout that is not whole numbers >= 1, a model that cannot be built
-        on the meta device (the message names it), and, with tensor parallelism, a model without a plan,
-        head counts the degree does not divide, or a plan that does not fit the model.
+    Raises ``ConfigError`` for a layout that is not whole numbers >= 1, a model that cannot be built
+    on the meta device (the message names it), and, with tensor parallelism, a model without a plan,
+    head counts the degree does not divide, or a plan that does not fit the model.
     """
     if not _whole(devices) or not _whole(num_nodes):
         raise ConfigError(
