@@ -251,16 +251,15 @@ class GPTModule(shardtrain.TrainModule):
         self.train(was_training)
         return bytes(tokens[0, len(prompt) :].tolist())
 
-    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    # The pipeline contract. With these two hooks and no training_step or validation_step, TrainModule's
+    # default steps compute pipeline_loss(self.model(inputs), targets) and log val_loss under every
+    # strategy, and pipeline parallelism runs the same loss per micro-batch on its last stage.
+    def pipeline_inputs(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         inputs, targets = batch
-        logits = self(inputs)
+        return inputs, targets
+
+    def pipeline_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._loss(batch)
-
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self.log("val_loss", self._loss(batch), prog_bar=True)
 
     def configure_optimizers(self) -> dict:
         decay = [p for p in self.parameters() if p.dim() >= 2]

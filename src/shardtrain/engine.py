@@ -46,6 +46,8 @@ from shardtrain.wrapper import EngineModule, EngineOptimizer, ForwardRouter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+LossFunction = Callable[[], tuple[torch.Tensor, Any]]
+OnCommit = Callable[[Path], None] | None
 
 
 class Engine:
@@ -293,12 +295,14 @@ class Engine:
         return self.strategy.no_backward_sync(module._forward_module, enabled)
 
     def forward_backward(
-        self, module: EngineModule, compute_loss: Callable[[], tuple[torch.Tensor, Any]], *, synchronize: bool = True
+        self, module: EngineModule, compute_loss: LossFunction, *, synchronize: bool = True, batch: Any = None
     ) -> tuple[torch.Tensor, Any]:
-        """One micro-batch as the strategy runs it: ``compute_loss()`` (the forward: loss and outputs),
-        backward of the loss divided by ``accumulate_grad_batches`` (``configure_training``), gradients
-        synchronised only when ``synchronize``. Returns the undivided loss, detached, and the outputs."""
-        return self.strategy.forward_backward(module._forward_module, compute_loss, synchronize=synchronize)
+        """One micro-batch as the strategy runs it: ``compute_loss()`` (the forward: loss and outputs), backward of
+        the loss divided by ``accumulate_grad_batches``, gradients synchronised only when ``synchronize``; returns
+        the undivided loss, detached, and the outputs. Pipeline parallelism runs ``batch`` through its schedule."""
+        return self.strategy.forward_backward(
+            module._forward_module, compute_loss, synchronize=synchronize, batch=batch
+        )
 
     def backward(self, loss: torch.Tensor, model: EngineModule | None = None) -> None:
         self.strategy.backward(loss, model._forward_module if model is not None else None)
@@ -374,12 +378,7 @@ class Engine:
 
     # ------------------------------------------------------------------ checkpoints
     def save(
-        self,
-        path: str | os.PathLike,
-        state: dict[str, Any],
-        *,
-        asynchronous: bool = False,
-        on_commit: Callable[[Path], None] | None = None,
+        self, path: str | os.PathLike, state: dict[str, Any], *, asynchronous: bool = False, on_commit: OnCommit = None
     ) -> Path:
         """Save ``state`` (modules, optimizers, tensors, objects with ``state_dict()``, plain values)
         as a sharded checkpoint directory, committed atomically; every rank must call this. With

@@ -47,12 +47,71 @@ class TrainModule(nn.Module):
         """Create the layers. Called once per run, under the strategy's init context."""
 
     def training_step(self, batch: Any, batch_idx: int) -> StepOutput:
+        """By default, for a module that defines ``pipeline_inputs`` and ``pipeline_loss``:
+        ``pipeline_loss(model(*inputs), targets)``, ``model`` being ``pipelined_model()``."""
+        if self._defines_pipeline_contract():
+            return self._pipeline_contract_loss(batch)
         raise NotImplementedError(
-            f"{type(self).__name__} must define training_step(batch, batch_idx) returning the loss"
+            f"{type(self).__name__} must define training_step(batch, batch_idx) returning the loss "
+            "(or pipeline_inputs and pipeline_loss)"
         )
 
     def validation_step(self, batch: Any, batch_idx: int) -> StepOutput | None:
+        """By default nothing; for a module that defines ``pipeline_inputs`` and ``pipeline_loss``, it logs
+        ``val_loss`` (what pipeline parallelism's validation logs too)."""
+        if self._defines_pipeline_contract():
+            self.log("val_loss", self._pipeline_contract_loss(batch), prog_bar=True)
         return None
+
+    # -------------------------------------------------------------- the pipeline contract
+    #: The name of the child that pipeline parallelism splits into stages; None: the child that
+    #: holds the largest ``nn.ModuleList`` (the blocks).
+    pipeline_module: str | None = None
+
+    # Define both to train under pipeline parallelism (and, with no training_step, under every strategy):
+    #   pipeline_inputs(batch) -> (inputs, targets): the pipelined model's positional inputs (a tensor
+    #       or a tuple of tensors, split into micro-batches along dimension 0) and the loss's targets;
+    #   pipeline_loss(outputs, targets) -> loss: on the last stage, for one micro-batch.
+
+    def pipelined_model(self) -> tuple[str, nn.Module]:
+        """The name and module of the model pipeline parallelism splits: ``pipeline_module``, or the child
+        that holds the largest ``nn.ModuleList`` (by parameter count)."""
+        found = self.__dict__.get("_pipelined_name")
+        if found is not None:  # found once: the default training_step asks every step
+            return found, self.get_submodule(found)
+        name, model = self._find_pipelined_model()
+        self.__dict__["_pipelined_name"] = name
+        return name, model
+
+    def _find_pipelined_model(self) -> tuple[str, nn.Module]:
+        if self.pipeline_module is not None:
+            try:
+                return self.pipeline_module, self.get_submodule(self.pipeline_module)
+            except AttributeError:
+                raise TrainingStepError(
+                    f"{type(self).__name__}.pipeline_module = {self.pipeline_module!r} names no submodule"
+                ) from None
+        best: tuple[int, str, nn.Module] | None = None
+        for name, child in self.named_children():
+            for inner in child.modules():
+                if isinstance(inner, nn.ModuleList) and len(inner) > 0:
+                    size = sum(p.numel() for p in inner.parameters())
+                    if best is None or size > best[0]:
+                        best = (size, name, child)
+        if best is None:
+            raise TrainingStepError(
+                f"{type(self).__name__} has no child holding an nn.ModuleList of blocks to pipeline; build the model "
+                "in configure_model() with its blocks in an nn.ModuleList, or set pipeline_module"
+            )
+        return best[1], best[2]
+
+    def _defines_pipeline_contract(self) -> bool:
+        return callable(getattr(self, "pipeline_inputs", None)) and callable(getattr(self, "pipeline_loss", None))
+
+    def _pipeline_contract_loss(self, batch: Any) -> torch.Tensor:
+        inputs, targets = self.pipeline_inputs(batch)  # type: ignore[attr-defined]
+        inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+        return self.pipeline_loss(self.pipelined_model()[1](*inputs), targets)  # type: ignore[attr-defined]
 
     def configure_optimizers(self) -> Any:
         raise NotImplementedError(f"{type(self).__name__} must define configure_optimizers() returning an optimizer")

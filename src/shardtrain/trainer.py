@@ -289,7 +289,7 @@ class Trainer:
             self._call("on_before_backward", loss)
             return loss, outputs
 
-        loss, outputs = self.engine.forward_backward(self.model, compute_loss, synchronize=sync)
+        loss, outputs = self.engine.forward_backward(self.model, compute_loss, synchronize=sync, batch=batch)
         self._call("on_after_backward")
         return loss, outputs
 

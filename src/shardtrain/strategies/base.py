@@ -180,14 +180,19 @@ class Strategy(abc.ABC):
 
     # ---------------------------------------------------------------- the step
     def forward_backward(
-        self, module: nn.Module, compute_loss: Callable[[], tuple[torch.Tensor, Any]], *, synchronize: bool
+        self,
+        module: nn.Module,
+        compute_loss: Callable[[], tuple[torch.Tensor, Any]],
+        *,
+        synchronize: bool,
+        batch: Any = None,
     ) -> tuple[torch.Tensor, Any]:
         """Run one micro-batch: forward (``compute_loss()`` returns the loss and the step's outputs)
         and backward of the loss divided by ``training.accumulate_grad_batches``; gradients are
         synchronised only when ``synchronize`` (the last micro-batch of an optimizer step).
 
         Returns the undivided loss, detached, and the outputs. This is the hook a strategy that
-        owns the step's schedule (pipeline parallelism) overrides.
+        owns the step's schedule (pipeline parallelism) overrides: it runs ``batch`` itself.
         """
         skip_sync = (
             self.no_backward_sync(module, True)

@@ -218,8 +218,21 @@ def _write_trainer_settings(config: dict[str, Any], trainer: TrainerSettings) ->
         )
 
 
+#: Where pipeline parallelism is, for strategies that do not have it.
+PIPELINE_HINT = (
+    "strategy='model_parallel' with pipeline_parallel_size=N: stages of your unchanged model on "
+    "torch.distributed.pipelining (see docs/pipeline_parallel.md)"
+)
+
+
 def check_config(config: dict[str, Any]) -> None:
     """Reject a config DeepSpeed would accept but run differently from what it says."""
+    if "pipeline" in config:
+        raise ConfigError(
+            f"the DeepSpeed config asks for pipeline parallelism ('pipeline': {config['pipeline']!r}), which needs the "
+            "model rewritten as a deepspeed PipelineModule and DeepSpeed's own training loop; shardtrain does not drive "
+            f"it. Use {PIPELINE_HINT}"
+        )
     zero = config.get("zero_optimization", {})
     stage = zero.get("stage", 0)
     if not isinstance(stage, int) or isinstance(stage, bool) or not 0 <= stage <= 3:

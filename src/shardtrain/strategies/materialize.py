@@ -212,3 +212,87 @@ def materialize_in_units(
     visit(module)
     partition(module)
     release_freed_host_memory()
+
+
+def materialize_owned(
+    module: nn.Module,
+    device: torch.device,
+    units: list[nn.Module],
+    owned: set[int],
+    ties: Sequence[Sequence[tuple[nn.Module, str]]] = (),
+) -> None:
+    """Like ``materialize``, for pipeline stages: only the modules in ``owned`` (ids) keep real tensors.
+
+    Every module is initialised, children first, exactly as ``materialize`` does, so a seeded model
+    gets the same weights as on one process: the random stream runs through the other stages'
+    modules too. A unit (a block) that no owned module needs goes back to the meta device as soon as
+    it is initialised, and the rest of what this rank does not own at the end, so at most one
+    other stage's block exists at a time, besides the other stages' smaller pieces (embeddings,
+    output layer), which the root's initialisation may still touch. Tied parameters stay tied.
+    Parameters FSDP already sharded (DTensors) are whole while their module initialises them, as in
+    ``materialize``, and keep only this rank's shard.
+
+    ``ties``: the groups of (module, name) that shared one parameter before FSDP sharded some of them
+    (``shared_parameters``, taken before). Each group is one whole tensor for the whole initialisation,
+    as on one process; at the end, a member FSDP sharded keeps its shard of it.
+    """
+    check_initialisable(module)
+    owners: dict[int, Callable[[], None]] = {id(m): init for m, init in _initialisers(module)}
+    real: dict[int, torch.Tensor] = {}
+    unit_ids = {id(unit) for unit in units}
+    tie_of = {(id(owner), name): index for index, group in enumerate(ties) for owner, name in group}
+    tied_whole: dict[int, nn.Parameter] = {}
+    sharded_ties: list[tuple[nn.Module, str, DTensor]] = []
+
+    def make_real(owner: nn.Module) -> None:
+        for name, param in owner._parameters.items():
+            tie = tie_of.get((id(owner), name))
+            if param is not None and param.is_meta and tie is not None:
+                if tie not in tied_whole:
+                    whole = torch.empty(param.shape, dtype=param.dtype, device=device)
+                    tied_whole[tie] = nn.Parameter(whole, requires_grad=param.requires_grad)
+                if isinstance(param, DTensor):
+                    sharded_ties.append((owner, name, param))
+                owner._parameters[name] = tied_whole[tie]
+            elif param is not None and param.is_meta:
+                if id(param) not in real:
+                    real[id(param)] = nn.Parameter(
+                        torch.empty_like(param, device=device), requires_grad=param.requires_grad
+                    )
+                owner._parameters[name] = real[id(param)]  # type: ignore[assignment]
+        for name, buffer in owner._buffers.items():
+            if buffer is not None and buffer.is_meta:
+                owner._buffers[name] = torch.empty_like(buffer, device=device)
+
+    def drop(root: nn.Module) -> None:
+        kept = {
+            id(t) for m in module.modules() if id(m) in owned for t in (*m._parameters.values(), *m._buffers.values())
+        }
+        for submodule in root.modules():
+            if id(submodule) in owned:
+                continue
+            for store in (submodule._parameters, submodule._buffers):
+                for name, tensor in store.items():
+                    if tensor is not None and not tensor.is_meta and id(tensor) not in kept:
+                        for key in [key for key, value in real.items() if value is tensor]:
+                            del real[key]  # freed once no module holds it
+                        meta = torch.empty_like(tensor, device="meta")
+                        store[name] = (
+                            nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
+                        )
+
+    for current in _post_order(module):
+        make_real(current)
+        initialise = owners.get(id(current))
+        if initialise is not None:
+            with _full_parameters(current, unit_ids):  # FSDP-sharded parameters: whole while initialised
+                initialise()
+        if id(current) in unit_ids:
+            drop(current)
+    for owner, name, sharded in sharded_ties:  # a tied parameter FSDP sharded: its shard of the whole tensor
+        whole = owner._parameters[name]
+        assert whole is not None
+        local = distribute_tensor(whole.detach(), sharded.device_mesh, sharded.placements, src_data_rank=None)
+        owner._parameters[name] = nn.Parameter(local, requires_grad=sharded.requires_grad)
+    drop(module)
+    release_freed_host_memory()

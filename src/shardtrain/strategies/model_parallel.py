@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 import torch
 from torch import nn
@@ -26,11 +26,14 @@ from shardtrain.errors import ConfigError, StrategyError
 from shardtrain.memory import ModelFootprint, StrategyMemory
 from shardtrain.parallel_dims import ParallelDims
 from shardtrain.strategies.activation_checkpoint import apply_activation_checkpointing
-from shardtrain.strategies.base import Strategy
+from shardtrain.strategies.base import Strategy, TrainingSettings
 from shardtrain.strategies.capabilities import BackwardSyncControl, DistributedCheckpointState, ShardedGradients
 from shardtrain.strategies.fsdp import fsdp_mixed_precision, no_gradient_sync
 from shardtrain.strategies.model_parallel_memory import model_parallel_memory
 from shardtrain.strategies.materialize import has_meta_tensors, materialize, meta_init_context
+from shardtrain.strategies.pipeline import Pipeline
+from shardtrain.strategies.pipeline_options import PipelineOptions
+from shardtrain.strategies.pipeline_setup import PipelineRouter
 from shardtrain.strategies.policy import ModulePolicy, describe, units_of
 from shardtrain.strategies.registry import register_strategy
 from shardtrain.strategies.tp_plan import (
@@ -81,6 +84,15 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
             attribute): norms and the residual stream between the split layers stay split along the
             sequence, so each rank keeps ``1 / tensor_parallel_size`` of those activations. With
             your own ``tp_plan``, write the sequence-parallel styles into it instead.
+        pipeline_parallel_size: stages the model's blocks are divided into, one group of ranks each
+            (``torch.distributed.pipelining``); the module defines ``pipeline_inputs`` and ``pipeline_loss``.
+        pipeline_schedule: PyTorch's schedule by name: ``"gpipe"``, ``"1f1b"``, ``"interleaved_1f1b"`` (two
+            stages per rank unless the split points say otherwise), ``"looped_bfs"``,
+            ``"interleaved_zero_bubble"``, ``"zbv_zero_bubble"``, ``"dual_pipe_v"``.
+        microbatches: micro-batches each batch is split into (default ``pipeline_parallel_size``); more
+            shrink the pipeline's bubble, fewer keep each micro-batch large.
+        pipeline_split_points: names of the blocks where stages begin (``["model.blocks.4"]``); default: equal
+            runs of the blocks of the model's largest ``nn.ModuleList``.
     """
 
     name = "model_parallel"
@@ -100,6 +112,10 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
         compile: bool | dict[str, Any] = False,
         loss_parallel: bool = False,
         sequence_parallel: bool = False,
+        pipeline_parallel_size: int = 1,
+        pipeline_schedule: str = "1f1b",
+        microbatches: int | None = None,
+        pipeline_split_points: list[str] | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("data_parallel_size", data_parallel_size), ("tensor_parallel_size", tensor_parallel_size)):
@@ -125,14 +141,29 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
             )
         self.loss_parallel = loss_parallel
         self.sequence_parallel = sequence_parallel
+        self.pipeline = PipelineOptions(
+            size=pipeline_parallel_size,
+            schedule=pipeline_schedule,
+            microbatches=microbatches,
+            split_points=pipeline_split_points,
+        )
         self._fsdp_root: FSDPModule | None = None
+        self._pipeline: Pipeline | None = None
 
     # ------------------------------------------------------------------ layout
     def parallel_dims(self, world_size: int, local_world_size: int) -> ParallelDims:
-        """``(dp_shard, tp)`` from the two sizes, ``"auto"`` resolved as the constructor says."""
+        """``(pp, dp_shard, tp)`` from the sizes, ``"auto"`` resolved as the constructor says (over the ranks of
+        one pipeline stage)."""
+        pp = self.pipeline.size
+        if world_size % pp:
+            raise StrategyError(
+                f"pipeline_parallel_size={pp} does not divide the {world_size} ranks of the run (devices x num_nodes); "
+                f"choose a pipeline_parallel_size that divides {world_size}"
+            )
+        world_size, local_world_size = world_size // pp, max(1, local_world_size // pp)
         dp, tp = self.data_parallel_size, self.tensor_parallel_size
         if tp == "auto" and dp == "auto":
-            tp = local_world_size
+            tp = local_world_size if pp == 1 else 1  # with pipeline stages: data parallel over what they leave
         elif tp == "auto":
             if world_size % dp:
                 raise StrategyError(
@@ -157,12 +188,29 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
                 "cpu_offload is FSDP's offload, which needs data_parallel_size > 1; with every rank in one "
                 f"tensor-parallel group (tensor_parallel_size={tp}) leave it out, or lower tensor_parallel_size"
             )
-        return ParallelDims(world_size=world_size, dp_shard=dp, tp=tp)
+        if pp > 1 and tp > 1:
+            raise StrategyError(
+                f"pipeline_parallel_size={pp} with tensor_parallel_size={tp}: pipeline parallelism does not compose "
+                "with tensor parallelism yet (it does with data parallelism: FSDP over each stage)"
+            )
+        return ParallelDims(world_size=world_size * pp, dp_shard=dp, tp=tp, pp=pp)
+
+    def configure_training(self, settings: TrainingSettings) -> None:
+        """Under pipeline parallelism, the loader's batch size must divide into the micro-batches."""
+        batch, microbatches = settings.micro_batch_size, self.pipeline.microbatches_per_step
+        if self.pipeline.size > 1 and batch is not None and batch % microbatches:
+            raise StrategyError(
+                f"a batch of {batch} does not divide into microbatches={microbatches} (the pipeline's micro-batches); "
+                f"choose a batch size that is a multiple of {microbatches}, or other microbatches"
+            )
+        super().configure_training(settings)
 
     def check_module(self, module: nn.Module, layout: ParallelDims) -> None:
         """Before any process group: head counts divide by the tensor-parallel degree, and the plan
         (found on a trial build of the model on the meta device) names existing modules with known styles."""
         check_head_counts(module, layout.tp)
+        if layout.pp > 1:
+            self.pipeline.check_module(module, layout.pp, self.precision.parameter_dtype)
         if layout.tp == 1:
             return
         from shardtrain.footprint import build_on_meta, fresh_copy
@@ -223,7 +271,12 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
         with loss_parallel() if self.loss_parallel else contextlib.nullcontext():
             super().backward(loss, module)
 
-    def forward_backward(self, module: nn.Module, compute_loss: Any, *, synchronize: bool) -> tuple[torch.Tensor, Any]:
+    def forward_backward(
+        self, module: nn.Module, compute_loss: Any, *, synchronize: bool, batch: Any = None
+    ) -> tuple[torch.Tensor, Any]:
+        if self._pipeline is not None:  # the schedule runs the batch's micro-batches, forward and backward
+            with self.forward_context():
+                return self._pipeline.train_step(self.precision.convert_input(batch), synchronize), None
         loss, outputs = super().forward_backward(module, compute_loss, synchronize=synchronize)
         return (loss.full_tensor() if isinstance(loss, DTensor) else loss), outputs  # loss_parallel's replicated loss
 
@@ -231,6 +284,12 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
         assert self.layout is not None, "connect() first"
         user_module = getattr(module, "module", module)
         module = self.precision.convert_module(module)
+        if self.layout.pp > 1:
+            shard = self._fully_shard_stage if self.layout.data_parallel_size > 1 else None
+            self._pipeline = self.pipeline.build(
+                user_module, self.device_mesh, self.device, self.training.accumulate_grad_batches, shard
+            )
+            return PipelineRouter(module, self._pipeline)
         meta = has_meta_tensors(module)
         if not meta and not self.cpu_offload:
             module.to(self.device)
@@ -251,15 +310,27 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
             materialize(module, torch.device("cpu") if self.cpu_offload else self.device, units)
         return module
 
-    def _fully_shard(self, module: nn.Module, user_module: nn.Module) -> None:
-        mesh = self.device_mesh["dp_shard"]
-        options: dict[str, Any] = dict(
-            mesh=mesh,
+    def _fsdp_options(self) -> dict[str, Any]:
+        return dict(
+            mesh=self.device_mesh["dp_shard"],
             mp_policy=self.mixed_precision or fsdp_mixed_precision(self.precision.name),
             offload_policy=CPUOffloadPolicy(pin_memory=self.device.type == "cuda")
             if self.cpu_offload
             else OffloadPolicy(),
         )
+
+    def _fully_shard_stage(self, runner: nn.Module, blocks: list[nn.Module]) -> None:
+        """FSDP over a pipeline stage: each block, then the stage (its pieces) as the root. Parameters stay
+        gathered from a micro-batch's forward to its backward (torchtitan's choice under pipelining: each
+        micro-batch would gather them again)."""
+        options = self._fsdp_options()
+        for block in reversed(blocks):
+            fully_shard(block, **options, reshard_after_forward=False)
+        self._fsdp_root = fully_shard(runner, **options, reshard_after_forward=False)
+
+    def _fully_shard(self, module: nn.Module, user_module: nn.Module) -> None:
+        options = self._fsdp_options()
+        mesh = options["mesh"]
         units = units_of(user_module, self.auto_wrap_policy)
         for unit in reversed(units):
             if self.compile:
@@ -283,6 +354,25 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
             options.setdefault("dynamic", False)
         return options
 
+    def gradient_norm(self, parameters: Iterable[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor | None:
+        """Over every stage too: each rank's norm of what its stages count, combined over the pipeline group."""
+        if self._pipeline is None:
+            return super().gradient_norm(parameters, norm_type)
+        local = super().gradient_norm(self._pipeline.counted_in_norm(list(parameters)), norm_type)
+        assert local is not None
+        return self._pipeline.combine_norms(local.to(self.device), norm_type)
+
+    def optimizer_state_dict(self, module: nn.Module, optimizer: Any, full: bool = True) -> dict[str, Any]:
+        state = super().optimizer_state_dict(module, optimizer, full)
+        return self._pipeline.renamed_for_checkpoint(state) if self._pipeline is not None else state
+
+    def load_optimizer_state_dict(
+        self, module: nn.Module, optimizer: Any, state: dict[str, Any], full: bool = True
+    ) -> None:
+        if self._pipeline is not None:  # a tied parameter's copy on another stage than its first name's
+            state = self._pipeline.renamed_for_checkpoint(state, loading=True)
+        super().load_optimizer_state_dict(module, optimizer, state, full)
+
     def no_backward_sync(self, module: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
         """Data-parallel gradient reduction can wait; tensor-parallel collectives are part of each pass."""
         return no_gradient_sync(module, enabled) if isinstance(module, FSDPModule) else contextlib.nullcontext()
@@ -303,5 +393,5 @@ def _both(first: contextlib.AbstractContextManager, second: contextlib.AbstractC
 register_strategy(
     "model_parallel",
     ModelParallelStrategy,
-    "tensor parallel within groups of ranks (DTensor), FSDP2 across them: 1-D or 2-D parallelism",
+    "tensor parallel within groups of ranks (DTensor), FSDP2 across them, pipeline stages: 1-D, 2-D or pipelined",
 )

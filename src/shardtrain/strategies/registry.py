@@ -95,6 +95,12 @@ def create_strategy(strategy: str | Strategy, **options: Any) -> Strategy:
     try:
         return registration.factory(**{**registration.defaults, **options})
     except TypeError as error:
+        if any(name.startswith("pipeline") for name in options):
+            raise StrategyError(
+                f"strategy {_key(strategy)!r} has no pipeline parallelism (options {sorted(options)}); use "
+                "strategy='model_parallel' with pipeline_parallel_size=N: stages of your unchanged model on "
+                "torch.distributed.pipelining (see docs/pipeline_parallel.md)"
+            ) from error
         raise StrategyError(f"strategy {_key(strategy)!r} does not take these options: {error}") from error
 
 

@@ -1,0 +1,107 @@
+"""Pipeline parallelism over real processes: PyTorch's schedules on stages of the unchanged GPT example give
+one process's numbers, and checkpoints move between one process and pipeline stages.
+
+Every run trains the GPT example with 4 blocks (width 32) for 10 steps on batches of 8, the gradient
+clipped at 0.5 (the norms are 1.0-1.6, so clipping acts on every step). Each rank writes the weights it
+holds under their unsplit names; merged, they must be one process's weights.
+"""
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.distributed.runner import assert_ok, run_script
+
+pytestmark = pytest.mark.distributed
+
+SCRIPT = "train_gpt_pipeline.py"
+
+
+def _pipeline(schedule: str = "1f1b", **options) -> tuple[str, ...]:
+    options = {"pipeline_parallel_size": 2, "pipeline_schedule": schedule, **options}
+    return ("--devices", "2", "--strategy", "model_parallel", "--strategy-options", json.dumps(options))
+
+
+def _weights(out, ranks: int) -> list[dict]:
+    return [load_file(str(out / f"weights_rank{rank}.safetensors")) for rank in range(ranks)]
+
+
+def _assert_same_weights(held: list[dict], whole: dict) -> None:
+    merged = {name: tensor for rank in held for name, tensor in rank.items()}
+    assert set(merged) == set(whole), "the stages together hold every weight, under its unsplit name"
+    for name, tensor in whole.items():
+        assert merged[name].allclose(tensor, rtol=0, atol=1e-5), name
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    run = assert_ok(run_script(SCRIPT, out))
+    return run.result(), _weights(out, 1)[0]
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved_1f1b"])
+def test_two_stages_match_one_process(single, tmp_path, schedule):
+    expected, whole = single
+    result = assert_ok(run_script(SCRIPT, tmp_path, *_pipeline(schedule))).result()
+    assert result["mesh"] == {"pp": 2, "dp_replicate": 1, "dp_shard": 1}
+    assert result["losses"] == pytest.approx(expected["losses"], abs=1e-5)
+    assert result["grad_norms"] == pytest.approx(expected["grad_norms"], rel=1e-5)  # over both stages, tie once
+    assert max(expected["grad_norms"]) > 0.5, "the clip at 0.5 must act"
+    held = _weights(tmp_path, 2)
+    _assert_same_weights(held, whole)
+    # Each rank holds only its stages: the embedding and the first blocks, or the last blocks and the head.
+    stages_per_rank = 2 if schedule == "interleaved_1f1b" else 1
+    blocks = [sorted({int(name.split(".")[2]) for name in rank if ".blocks." in name}) for rank in held]
+    assert blocks == ([[0, 2], [1, 3]] if stages_per_rank == 2 else [[0, 1], [2, 3]])
+    assert "model.token_embedding.weight" in held[0] and "model.token_embedding.weight" not in held[1]
+    assert "model.head.weight" in held[1] and "model.head.weight" not in held[0]
+    # The tied output layer: a copy on the last stage, kept equal to the embedding by summing their gradients.
+    assert held[1]["model.head.weight"].equal(held[0]["model.token_embedding.weight"])
+
+
+def test_two_stages_times_two_data_parallel_ranks_match_one_process(tmp_path):
+    """pp 2 x data 2 on 4 processes: FSDP shards each stage over its 2 data-parallel ranks, which read
+    different halves of the global batch of 16 (the tied weight is summed between the stages' ranks that
+    hold the same shard)."""
+    one = assert_ok(run_script(SCRIPT, tmp_path / "one", "--batch-size", "16")).result()
+    run = run_script(SCRIPT, tmp_path / "four", *_pipeline("1f1b"), "--devices", "4", "--batch-size", "8")
+    result = assert_ok(run).result()
+    assert result["mesh"] == {"pp": 2, "dp_replicate": 1, "dp_shard": 2}
+    assert result["losses"] == pytest.approx(one["losses"], abs=1e-5)
+    assert result["grad_norms"] == pytest.approx(one["grad_norms"], rel=1e-5)
+    held = _weights(tmp_path / "four", 4)
+    _assert_same_weights(held, _weights(tmp_path / "one", 1)[0])
+    assert set(held[0]) == set(held[1]) and set(held[2]) == set(held[3])  # each stage on two ranks
+
+
+def test_accumulation_and_validation_match_one_process(tmp_path):
+    options = ("--accumulate", "2", "--batch-size", "4", "--val-check-interval", "5", "--max-steps", "6")
+    one = assert_ok(run_script(SCRIPT, tmp_path / "one", *options)).result()
+    two = assert_ok(run_script(SCRIPT, tmp_path / "two", *_pipeline("1f1b", microbatches=4), *options)).result()
+    assert len(two["val_losses"]) == 2
+    assert two["val_losses"] == pytest.approx(one["val_losses"], abs=1e-5)  # the schedule's forward-only eval
+    assert two["losses"] == pytest.approx(one["losses"], abs=1e-5)
+    _assert_same_weights(_weights(tmp_path / "two", 2), _weights(tmp_path / "one", 1)[0])
+
+
+@pytest.mark.parametrize("saved_by, resumed_by", [("pipeline", "one process"), ("one process", "pipeline")])
+def test_a_checkpoint_resumes_across_layouts(single, tmp_path, saved_by, resumed_by):
+    layouts = {"pipeline": _pipeline("1f1b"), "one process": ()}
+    first = tmp_path / "first"
+    saving = ("--stop-at", "5", "--save-at-end", *(("--async-save",) if saved_by == "pipeline" else ()))
+    assert_ok(run_script(SCRIPT, first, *layouts[saved_by], *saving))
+    checkpoint = first / "checkpoints" / "step=5"
+    second = tmp_path / "second"
+    result = assert_ok(run_script(SCRIPT, second, *layouts[resumed_by], "--ckpt-path", str(checkpoint))).result()
+    expected, whole = single
+    assert result["losses"] == pytest.approx(expected["losses"][5:], abs=1e-5)  # the same curve, steps 6 to 10
+    _assert_same_weights(_weights(second, 2 if resumed_by == "pipeline" else 1), whole)
+
+
+def test_a_batch_that_does_not_divide_into_the_microbatches_is_refused_before_training(tmp_path):
+    run = run_script(SCRIPT, tmp_path, *_pipeline("gpipe", microbatches=3))
+    assert run.returncode != 0
+    assert "a batch of 8 does not divide into microbatches=3 (the pipeline's micro-batches)" in run.output
+    assert not (tmp_path / "metrics.csv").exists() or "train_loss" not in (tmp_path / "metrics.csv").read_text()

@@ -1,0 +1,218 @@
+"""Pipeline stages cut from unchanged models, and the pipeline options refused before any process starts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from examples.gpt.model import GPT, GPTConfig, GPTModule
+from shardtrain import ModelParallelStrategy, Trainer
+from shardtrain.errors import ConfigError, StrategyError
+from shardtrain.strategies import create_strategy
+from shardtrain.strategies.deepspeed_config import check_config
+from shardtrain.strategies.pipeline import schedule_class, stage_indices
+from shardtrain.strategies.pipeline_split import StageRunner, plan_stages
+
+
+def _gpt(n_layer: int = 4, device: str = "meta") -> GPT:
+    with torch.device(device):
+        return GPT(GPTConfig(n_layer=n_layer, n_head=2, d_model=16, seq_len=8))
+
+
+class DecoderLayer(nn.Module):
+    """A Hugging Face-shaped layer: the hidden state first, then keyword arguments the model computes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, hidden: torch.Tensor, position_embeddings: torch.Tensor) -> torch.Tensor:
+        return hidden + torch.tanh(self.proj(hidden) + position_embeddings)
+
+
+class Rotary(nn.Module):
+    """No parameters: it runs on every stage."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.arange(hidden.shape[1], dtype=hidden.dtype).unsqueeze(-1) * 0.01
+
+
+class Backbone(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(32, 8)
+        self.layers = nn.ModuleList(DecoderLayer() for _ in range(3))
+        self.norm = nn.LayerNorm(8)
+        self.rotary_emb = Rotary()  # registered after the layers, called before them
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        position_embeddings = self.rotary_emb(hidden)
+        for layer in self.layers:
+            hidden = layer(hidden, position_embeddings=position_embeddings)
+        return self.norm(hidden)
+
+
+class CausalLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = Backbone()
+        self.lm_head = nn.Linear(8, 32, bias=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.model(input_ids))
+
+
+def test_equal_runs_of_blocks_and_the_pieces_around_them() -> None:
+    layout = plan_stages(_gpt(5), 2)
+    assert layout.blocks == "blocks"
+    assert layout.stages == (range(0, 3), range(3, 5))  # the first stages take the extra block
+    assert layout.before == ("token_embedding", "position_embedding")
+    assert layout.after == ("norm", "head")
+    assert layout.owned(0) == ["token_embedding", "position_embedding", "blocks.0", "blocks.1", "blocks.2"]
+    assert layout.owned(1) == ["blocks.3", "blocks.4", "norm", "head"]
+
+
+def test_split_points_as_seen_from_the_train_module() -> None:
+    layout = plan_stages(_gpt(4), 3, ["model.blocks.1", "model.blocks.3"], prefix="model.")
+    assert layout.stages == (range(0, 1), range(1, 3), range(3, 4))
+
+
+def test_nested_blocks_of_a_hugging_face_shaped_model() -> None:
+    layout = plan_stages(CausalLM(), 2)
+    assert layout.blocks == "model.layers"
+    assert layout.before == ("model.embed_tokens",)
+    assert set(layout.after) == {"model.norm", "lm_head"}  # rotary_emb has no parameters: every stage runs it
+
+
+@pytest.mark.parametrize("model_fn", [lambda: _gpt(4, "cpu"), CausalLM])
+@pytest.mark.parametrize("num_stages", [2, 3])
+def test_stages_run_in_a_chain_compute_the_model_forward(model_fn, num_stages) -> None:
+    torch.manual_seed(0)
+    model = model_fn()
+    tokens = torch.randint(0, 32, (2, 8))
+    expected = model(tokens)
+    layout = plan_stages(model, num_stages)
+    activation: tuple[torch.Tensor, ...] = (tokens,)
+    for stage in range(num_stages):
+        activation = (StageRunner(model, layout, stage)(*activation, pipeline_inputs=(tokens,)),)
+    torch.testing.assert_close(activation[0], expected, rtol=0, atol=0)
+    assert model(tokens).equal(expected), "the views must leave the model itself unchanged"
+
+
+def test_a_view_shares_the_model_s_own_modules() -> None:
+    model = _gpt(4, "cpu")
+    runner = StageRunner(model, plan_stages(model, 2), 1)
+    assert runner.view.blocks[3] is model.blocks[3]
+    assert runner.view.blocks[2].block is model.blocks[2]  # the stage's first block reads what it receives
+    assert runner.view.head is model.head
+    assert {id(p) for p in runner.parameters()} == {
+        id(p) for name, p in model.named_parameters() if not name.startswith(("blocks.0.", "blocks.1.", "token", "pos"))
+    } | {id(model.head.weight)}
+
+
+@pytest.mark.parametrize(
+    "points, message",
+    [
+        (
+            ["model.blocks.9"],
+            r"unknown pipeline split point 'model.blocks.9': split points name blocks of model.blocks",
+        ),
+        (["model.norm"], r"pipeline split point 'model.norm' is not a block of an nn.ModuleList"),
+        (["model.blocks.0"], r"must name blocks in increasing order, after the first"),
+    ],
+)
+def test_split_points_that_cannot_work(points, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        plan_stages(_gpt(4), len(points) + 1, points, prefix="model.")
+
+
+def test_more_stages_than_blocks() -> None:
+    with pytest.raises(ConfigError, match=r"4 pipeline stages but the model has 2 blocks \(model.blocks\)"):
+        plan_stages(_gpt(2), 4, prefix="model.")
+
+
+def test_parameters_held_beside_the_blocks_are_refused() -> None:
+    model = _gpt(2)
+    model.scale = nn.Parameter(torch.ones(1, device="meta"))
+    with pytest.raises(ConfigError, match=r"GPT \(the pipelined module\) holds parameters of its own"):
+        plan_stages(model, 2)
+
+
+def test_schedules_by_name_and_stage_placement() -> None:
+    assert schedule_class("GPipe").__name__ == "ScheduleGPipe"
+    assert schedule_class("interleaved_1f1b").__name__ == "ScheduleInterleaved1F1B"
+    assert schedule_class("ZBV-zero-bubble").__name__ == "ScheduleZBVZeroBubble"
+    assert stage_indices(1, 4, 2, schedule_class("interleaved_1f1b")) == [1, 5]
+    assert stage_indices(1, 4, 2, schedule_class("zbv_zero_bubble")) == [1, 6]
+    with pytest.raises(StrategyError, match=r"unknown pipeline_schedule 'chimera'; torch.distributed.pipelining has"):
+        ModelParallelStrategy(pipeline_parallel_size=2, pipeline_schedule="chimera")
+
+
+def test_options_that_do_not_fit_the_schedule() -> None:
+    with pytest.raises(StrategyError, match=r"'interleaved_1f1b' runs several stages per rank"):
+        ModelParallelStrategy(
+            pipeline_parallel_size=2, pipeline_schedule="interleaved_1f1b", pipeline_split_points=["a.1"]
+        )
+    with pytest.raises(StrategyError, match=r"'1f1b' runs one stage per rank but pipeline_split_points makes 2"):
+        ModelParallelStrategy(pipeline_parallel_size=2, pipeline_split_points=["a.1", "a.2", "a.3"])
+    with pytest.raises(StrategyError, match=r"microbatches must be a whole number >= 1, got 0"):
+        ModelParallelStrategy(pipeline_parallel_size=2, microbatches=0)
+
+
+def _loader(batch_size: int) -> DataLoader:
+    tokens = torch.zeros(16, 8, dtype=torch.long)
+    return DataLoader(TensorDataset(tokens, tokens), batch_size=batch_size)
+
+
+def _fit(strategy: ModelParallelStrategy, n_layer: int = 2, batch_size: int = 4, devices: int = 2) -> None:
+    module = GPTModule(GPTConfig(n_layer=n_layer, n_head=2, d_model=16, seq_len=8))
+    Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=1).fit(module, _loader(batch_size))
+
+
+def test_bad_input_is_refused_before_any_process_starts() -> None:
+    """(A batch that does not divide into the micro-batches is refused once the processes start, before
+    training: tests/distributed/test_pipeline_parallel.py.)"""
+    with pytest.raises(ConfigError, match=r"unknown pipeline split point 'model.blocks.7'"):
+        _fit(ModelParallelStrategy(pipeline_parallel_size=2, pipeline_split_points=["model.blocks.7"]))
+    with pytest.raises(ConfigError, match=r"4 pipeline stages but the model has 2 blocks"):
+        _fit(ModelParallelStrategy(pipeline_parallel_size=2, pipeline_schedule="interleaved_1f1b"))
+    with pytest.raises(StrategyError, match=r"pipeline_parallel_size=2 does not divide the 3 ranks"):
+        _fit(ModelParallelStrategy(pipeline_parallel_size=2), devices=3)
+
+
+def test_a_module_without_the_pipeline_contract_is_refused() -> None:
+    class OwnStep(GPTModule):
+        pipeline_inputs = None
+
+        def training_step(self, batch, batch_idx):
+            return self.pipeline_loss(self(batch[0]), batch[1])
+
+    with pytest.raises(
+        ConfigError, match=r"needs OwnStep to define pipeline_inputs\(batch\) .*missing: pipeline_inputs"
+    ):
+        Trainer(accelerator="cpu", devices=2, strategy=ModelParallelStrategy(pipeline_parallel_size=2)).fit(
+            OwnStep(GPTConfig(n_layer=2, n_head=2, d_model=16, seq_len=8)), _loader(4)
+        )
+
+
+def test_pipeline_parallelism_asked_of_other_strategies() -> None:
+    with pytest.raises(StrategyError, match=r"strategy 'fsdp' has no pipeline parallelism .*strategy='model_parallel'"):
+        create_strategy("fsdp", pipeline_parallel_size=2)
+    with pytest.raises(ConfigError, match=r"asks for pipeline parallelism .*deepspeed PipelineModule.*model_parallel"):
+        check_config({"pipeline": {"stages": 2}, "zero_optimization": {"stage": 1}})
+
+
+def test_the_default_steps_of_the_contract_train_without_pipeline_parallelism() -> None:
+    torch.manual_seed(0)
+    module = GPTModule(GPTConfig(n_layer=2, n_head=2, d_model=16, seq_len=8))
+    module.configure_model()
+    module.model = module.model.to_empty(device="cpu")
+    module.model.init_weights()
+    tokens = torch.randint(0, 256, (2, 8))
+    loss = module.training_step((tokens, tokens), 0)
+    expected = nn.functional.cross_entropy(module.model(tokens).reshape(-1, 256), tokens.reshape(-1))
+    assert loss.item() == pytest.approx(expected.item())
+    assert module.pipelined_model()[0] == "model"
