@@ -76,6 +76,24 @@ def test_two_stages_times_two_data_parallel_ranks_match_one_process(tmp_path):
     assert set(held[0]) == set(held[1]) and set(held[2]) == set(held[3])  # each stage on two ranks
 
 
+@pytest.mark.parametrize(
+    "tensor_parallel",
+    [{"tensor_parallel_size": 2}, {"tensor_parallel_size": 2, "sequence_parallel": True, "loss_parallel": True}],
+    ids=["tp2", "tp2-sequence-parallel-loss-parallel"],
+)
+def test_two_stages_times_two_tensor_parallel_ranks_match_one_process(single, tmp_path, tensor_parallel):
+    """pp 2 x tensor 2 on 4 processes: the GPT example's plan splits each stage's layers over 2 ranks that
+    read the same batch. With sequence parallelism the stages exchange sequence-split DTensors; with
+    loss_parallel the last stage's loss comes from vocabulary-split logits."""
+    expected, whole = single
+    run = run_script(SCRIPT, tmp_path, *_pipeline("1f1b", **tensor_parallel), "--devices", "4")
+    result = assert_ok(run).result()
+    assert result["mesh"] == {"pp": 2, "dp_replicate": 1, "dp_shard": 1, "tp": 2}
+    assert result["losses"] == pytest.approx(expected["losses"], abs=1e-5)
+    assert result["grad_norms"] == pytest.approx(expected["grad_norms"], rel=1e-5)
+    _assert_same_weights(_weights(tmp_path, 4), whole)
+
+
 def test_accumulation_and_validation_match_one_process(tmp_path):
     options = ("--accumulate", "2", "--batch-size", "4", "--val-check-interval", "5", "--max-steps", "6")
     one = assert_ok(run_script(SCRIPT, tmp_path / "one", *options)).result()

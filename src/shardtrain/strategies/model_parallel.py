@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -29,6 +29,7 @@ from shardtrain.strategies.activation_checkpoint import apply_activation_checkpo
 from shardtrain.strategies.base import Strategy, TrainingSettings
 from shardtrain.strategies.capabilities import BackwardSyncControl, DistributedCheckpointState, ShardedGradients
 from shardtrain.strategies.fsdp import fsdp_mixed_precision, no_gradient_sync
+from shardtrain.strategies.model_parallel_layout import Size, model_parallel_layout
 from shardtrain.strategies.model_parallel_memory import model_parallel_memory
 from shardtrain.strategies.materialize import has_meta_tensors, materialize, meta_init_context
 from shardtrain.strategies.pipeline import Pipeline
@@ -49,8 +50,6 @@ from shardtrain.strategies.tp_plan import (
 )
 
 log = logging.getLogger(__name__)
-
-Size = int | Literal["auto"]
 
 
 class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, BackwardSyncControl, Strategy):
@@ -152,48 +151,15 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
 
     # ------------------------------------------------------------------ layout
     def parallel_dims(self, world_size: int, local_world_size: int) -> ParallelDims:
-        """``(pp, dp_shard, tp)`` from the sizes, ``"auto"`` resolved as the constructor says (over the ranks of
-        one pipeline stage)."""
-        pp = self.pipeline.size
-        if world_size % pp:
-            raise StrategyError(
-                f"pipeline_parallel_size={pp} does not divide the {world_size} ranks of the run (devices x num_nodes); "
-                f"choose a pipeline_parallel_size that divides {world_size}"
-            )
-        world_size, local_world_size = world_size // pp, max(1, local_world_size // pp)
-        dp, tp = self.data_parallel_size, self.tensor_parallel_size
-        if tp == "auto" and dp == "auto":
-            tp = local_world_size if pp == 1 else 1  # with pipeline stages: data parallel over what they leave
-        elif tp == "auto":
-            if world_size % dp:
-                raise StrategyError(
-                    f"data_parallel_size={dp} does not divide the {world_size} ranks of the run (devices x num_nodes); "
-                    f"choose a data_parallel_size that divides {world_size}"
-                )
-            tp = world_size // dp
-        if world_size % tp:
-            raise StrategyError(
-                f"tensor_parallel_size={tp} does not divide the {world_size} ranks of the run (devices x num_nodes); "
-                f"choose a tensor_parallel_size that divides {world_size}"
-            )
-        if dp == "auto":
-            dp = world_size // tp
-        if dp * tp != world_size:
-            raise StrategyError(
-                f"data_parallel_size={dp} x tensor_parallel_size={tp} = {dp * tp}, but the run has {world_size} ranks "
-                f"(devices x num_nodes); choose sizes whose product is {world_size}"
-            )
-        if self.cpu_offload and dp == 1:
-            raise StrategyError(
-                "cpu_offload is FSDP's offload, which needs data_parallel_size > 1; with every rank in one "
-                f"tensor-parallel group (tensor_parallel_size={tp}) leave it out, or lower tensor_parallel_size"
-            )
-        if pp > 1 and tp > 1:
-            raise StrategyError(
-                f"pipeline_parallel_size={pp} with tensor_parallel_size={tp}: pipeline parallelism does not compose "
-                "with tensor parallelism yet (it does with data parallelism: FSDP over each stage)"
-            )
-        return ParallelDims(world_size=world_size * pp, dp_shard=dp, tp=tp, pp=pp)
+        """``(pp, dp_shard, tp)`` from the sizes, ``"auto"`` resolved as the constructor says."""
+        return model_parallel_layout(
+            world_size,
+            local_world_size,
+            dp=self.data_parallel_size,
+            tp=self.tensor_parallel_size,
+            pp=self.pipeline.size,
+            cpu_offload=self.cpu_offload,
+        )
 
     def configure_training(self, settings: TrainingSettings) -> None:
         """Under pipeline parallelism, the loader's batch size must divide into the micro-batches."""
@@ -287,15 +253,18 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
         if self.layout.pp > 1:
             shard = self._fully_shard_stage if self.layout.data_parallel_size > 1 else None
             self._pipeline = self.pipeline.build(
-                user_module, self.device_mesh, self.device, self.training.accumulate_grad_batches, shard
+                user_module,
+                self.device_mesh,
+                self.device,
+                self.training.accumulate_grad_batches,
+                shard=shard,
+                parallelize=self._apply_tensor_parallel,
             )
             return PipelineRouter(module, self._pipeline)
         meta = has_meta_tensors(module)
         if not meta and not self.cpu_offload:
             module.to(self.device)
-        if self.layout.tp > 1 and not is_tensor_parallel(user_module):
-            check_head_counts(user_module, self.layout.tp)
-            apply_plan(self._plan(user_module, self.layout.tp), self.device_mesh["tp"])
+        self._apply_tensor_parallel(user_module)
         if self.activation_checkpointing_policy is not None:
             apply_activation_checkpointing(user_module, self.activation_checkpointing_policy)
         if self.layout.data_parallel_size > 1 and not any(isinstance(m, FSDPModule) for m in user_module.modules()):
@@ -309,6 +278,12 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
             units = units_of(user_module, self.auto_wrap_policy) if self._fsdp_root is None else []
             materialize(module, torch.device("cpu") if self.cpu_offload else self.device, units)
         return module
+
+    def _apply_tensor_parallel(self, user_module: nn.Module) -> None:
+        assert self.layout is not None
+        if self.layout.tp > 1 and not is_tensor_parallel(user_module):
+            check_head_counts(user_module, self.layout.tp)
+            apply_plan(self._plan(user_module, self.layout.tp), self.device_mesh["tp"])
 
     def _fsdp_options(self) -> dict[str, Any]:
         return dict(

@@ -152,7 +152,8 @@ class Pipeline:
             self.sync_tied_gradients()
         if not losses:
             return torch.zeros((), device=self.stages[0].device)
-        total = torch.stack([loss.detach().float() for loss in losses]).sum()
+        whole = [loss.full_tensor() if hasattr(loss, "full_tensor") else loss for loss in losses]  # loss_parallel's
+        total = torch.stack([loss.detach().float() for loss in whole]).sum()
         # Training losses were divided by microbatches x accumulate for backward; evaluation's were not.
         mean = total * self.accumulate if train else total / self.microbatches
         return mean * self.size
@@ -195,6 +196,8 @@ class Pipeline:
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
             grad = param.grad
+            if hasattr(grad, "placements") and grad.placements != param.placements:  # e.g. an embedding's Replicate
+                grad = param.grad = grad.redistribute(param.device_mesh, param.placements)
             dist.all_reduce(grad.to_local() if hasattr(grad, "to_local") else grad, group=tie.group)
 
     def renamed_for_checkpoint(self, state: dict[str, Any], *, loading: bool = False) -> dict[str, Any]:

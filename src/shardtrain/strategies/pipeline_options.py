@@ -103,10 +103,12 @@ class PipelineOptions:
         mesh: "DeviceMesh",
         device: torch.device,
         accumulate: int,
+        *,
         shard: Callable[[nn.Module, list[nn.Module]], None] | None = None,
+        parallelize: Callable[[nn.Module], None] | None = None,
     ) -> Pipeline:
-        """This rank's stages of ``module`` and their schedule (at set-up, in every process); ``shard(stage,
-        blocks)`` applies FSDP to a stage."""
+        """This rank's stages of ``module`` and their schedule (at set-up, in every process); ``parallelize(module)``
+        applies tensor parallelism to the whole (meta-device) module first, ``shard(stage, blocks)`` FSDP to a stage."""
         from shardtrain.strategies.pipeline_setup import build_pipeline, check_contract
 
         check_contract(module)
@@ -121,4 +123,5 @@ class PipelineOptions:
             split_points=self.split_points,
             accumulate=accumulate,
             shard=shard,
+            parallelize=parallelize,
         )

@@ -63,16 +63,20 @@ def build_pipeline(
     split_points: Sequence[str] | None,
     accumulate: int,
     shard: Callable[[nn.Module, list[nn.Module]], None] | None = None,
+    parallelize: Callable[[nn.Module], None] | None = None,
 ) -> Pipeline:
     """This rank's stages of ``module`` (a meta-device or real ``TrainModule``) and their schedule.
 
-    ``shard(runner, blocks)``, when given, shards a stage over the data-parallel ranks (FSDP) before its
-    tensors are made real."""
+    ``parallelize(module)``, when given, splits layers over the tensor-parallel ranks (on the whole model:
+    it is still on the meta device); ``shard(runner, blocks)`` shards a stage over the data-parallel ranks
+    (FSDP). Both run before any tensor is made real."""
     name, model = pipelined_model(module)
     layout = plan_stages(model, num_stages, split_points, prefix=f"{name}.")
     pp_mesh = mesh["pp"]
     indices = stage_indices(pp_mesh.get_local_rank(), pp_mesh.size(), stages_per_rank, schedule)
     owned_names = {owned for index in indices for owned in layout.owned(index)}
+    if parallelize is not None:  # before the views copy the modules' hooks
+        parallelize(module)
     ties = _tied_across_stages(module, name, layout, owned_names, (schedule, stages_per_rank), mesh)
     runners = [(index, StageRunner(model, layout, index)) for index in indices]
     shared = shared_parameters(module)  # before FSDP replaces a tied parameter by one stage's shards
