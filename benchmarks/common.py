@@ -61,6 +61,9 @@ def benchmark_arguments(parser: argparse.ArgumentParser | None = None) -> argpar
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--stage", type=int, default=2, help="DeepSpeed ZeRO stage")
     parser.add_argument("--tensor-parallel", type=int, default=1, help="ranks per tensor-parallel group")
+    parser.add_argument("--pipeline-parallel", type=int, default=1, help="pipeline stages (one per rank)")
+    parser.add_argument("--microbatches", type=int, default=None, help="pipeline micro-batches per batch")
+    parser.add_argument("--schedule", default="1f1b", help="pipeline schedule (torch.distributed.pipelining)")
     return parser.parse_args()
 
 
@@ -131,7 +134,7 @@ def finish(args: argparse.Namespace, timer: StepTimer, config: GPTConfig, extra:
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    batches = world // args.tensor_parallel  # the ranks of a tensor-parallel group share one batch
+    batches = world // (args.tensor_parallel * args.pipeline_parallel)  # a TP group's or pipeline's ranks share one
     write_result(
         Path(args.out), rank, timer.times, args.warmup, args.batch_size * batches * config.seq_len, extra or {}
     )

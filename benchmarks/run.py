@@ -50,6 +50,11 @@ CONFIGS = {
     "zero3": (["reference_deepspeed.py", "--stage", "3"], ["--strategy", "deepspeed", "--stage", "3"]),
     # Tensor parallel in groups of 2: TP alone on 2 processes, data 2 x tensor 2 on 4 (--devices 4).
     "tp": (["reference_tp.py", "--tensor-parallel", "2"], ["--strategy", "model_parallel", "--tensor-parallel", "2"]),
+    # Two pipeline stages, one per process (1F1B, 4 micro-batches of 2 sequences: --batch-size 8).
+    "pp": (
+        ["reference_pp.py", "--pipeline-parallel", "2", "--microbatches", "4"],
+        ["--strategy", "model_parallel", "--pipeline-parallel", "2", "--microbatches", "4"],
+    ),
 }
 
 #: MALLOC_MMAP_THRESHOLD_ pins glibc's threshold, so that CPU RSS tracks live tensors rather than

@@ -43,6 +43,12 @@ def strategy():
     checkpointed = {"Block"} if args.activation_checkpointing else None
     if args.strategy == "fsdp":
         return FSDPStrategy(activation_checkpointing_policy=checkpointed)
+    if args.strategy == "model_parallel" and args.pipeline_parallel > 1:
+        return ModelParallelStrategy(
+            pipeline_parallel_size=args.pipeline_parallel,
+            pipeline_schedule=args.schedule,
+            microbatches=args.microbatches,
+        )
     if args.strategy == "model_parallel":
         return ModelParallelStrategy(tensor_parallel_size=args.tensor_parallel)
     if args.strategy == "deepspeed":

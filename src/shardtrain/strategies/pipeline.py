@@ -122,6 +122,7 @@ class Pipeline:
         self.has_last = any(stage.is_last for stage in self.stages)
         self.accumulate = 1
         self._shape: tuple[tuple[int, ...], ...] | None = None
+        self._held: list[tuple[TiedParameter, nn.Parameter]] | None = None
         stages: Any = self.stages if is_multi_stage(schedule) else self.stages[0]
         self.schedule = schedule(stages, n_microbatches=microbatches, loss_fn=self._loss, scale_grads=False)
 
@@ -186,13 +187,16 @@ class Pipeline:
             )
 
     # ------------------------------------------------------------------ gradients
+    def _held_ties(self) -> list[tuple[TiedParameter, nn.Parameter]]:
+        """The tied parameters this rank holds a copy of, looked up once (set-up has put them in place)."""
+        if self._held is None:
+            named = dict(self.module.named_parameters(remove_duplicate=False))
+            self._held = [(tie, named[tie.held[0]]) for tie in self.ties if tie.held]
+        return self._held
+
     def sync_tied_gradients(self) -> None:
         """Sum, over the ranks that hold a copy, the gradients of parameters that several stages share."""
-        named = dict(self.module.named_parameters(remove_duplicate=False))
-        for tie in self.ties:
-            if not tie.held:
-                continue
-            param = named[tie.held[0]]
+        for tie, param in self._held_ties():
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
             grad = param.grad
@@ -218,9 +222,8 @@ class Pipeline:
 
     def counted_in_norm(self, parameters: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """``parameters`` without the copies of tied parameters that another stage counts."""
-        named = dict(self.module.named_parameters(remove_duplicate=False))
-        skip = {id(named[tie.held[0]]) for tie in self.ties if tie.held and tie.names[0] not in tie.held}
-        return [p for p in parameters if id(p) not in skip]
+        skip = {id(param) for tie, param in self._held_ties() if tie.names[0] not in tie.held}
+        return [p for p in parameters if id(p) not in skip] if skip else list(parameters)
 
     def combine_norms(self, local: torch.Tensor, norm_type: float) -> torch.Tensor:
         """The whole model's gradient norm from each rank's norm of the parameters its stages count."""
