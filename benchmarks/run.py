@@ -2,6 +2,7 @@
 
     python benchmarks/run.py                              # DDP, FSDP, FSDP + AC, ZeRO-2, ZeRO-3, TP; 38M GPT, 2 processes, 3 rounds
     python benchmarks/run.py --configs tp --devices 4      # FSDP x TP: data 2 x tensor 2
+    python benchmarks/run.py --configs pp --batch-size 8   # 2 pipeline stages (2 processes only), 4 micro-batches
     python benchmarks/run.py --scaling 1 2 4               # and FSDP, ZeRO-3 alone at 1, 2, 4 processes
     python benchmarks/run.py --model small --steps 6 --rounds 2   # a tiny model: a smoke test of the harness
     python benchmarks/run.py --model gpt1b --devices 1 --precision bf16-mixed --configs fsdp   # one GPU

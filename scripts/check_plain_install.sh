@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The plain install runs on two processes: a fresh virtual environment with only
 # `pip install torch==2.13.0 -e .` (no extras) trains the README's GPT example for 3 steps on
-# 2 processes under ddp, fsdp and model_parallel (tensor parallel over both). It catches a
+# 2 processes under ddp, fsdp, model_parallel (tensor parallel over both) and model_parallel with two
+# pipeline stages (examples/gpt/gpt_pipeline.yaml). It catches a
 # runtime dependency that only an extra brought in (numpy once did: torch's *_object
 # collectives need it).
 #
@@ -21,13 +22,17 @@ trap 'rm -rf "$work"' EXIT
 echo "[plain install] pip install ${torch_requirement:+$torch_requirement }-e . (into $work/venv)"
 "$work/venv/bin/python" -m pip install -q ${torch_requirement:+"$torch_requirement"} -e .
 
-for strategy in ddp fsdp model_parallel; do
+for strategy in ddp fsdp model_parallel pipeline; do
   echo "[plain install] shardtrain fit, GPT example, 2 processes, $strategy, 3 steps"
   start=$SECONDS
-  "$work/venv/bin/shardtrain" fit --config examples/gpt/gpt.yaml \
+  if [ "$strategy" = pipeline ]; then  # model_parallel with 2 pipeline stages: the example's own config
+    config=(--config examples/gpt/gpt_pipeline.yaml)
+  else
+    config=(--config examples/gpt/gpt.yaml --strategy.name "$strategy")
+  fi
+  "$work/venv/bin/shardtrain" fit "${config[@]}" \
     --trainer.max_steps 3 --trainer.limit_val_batches 0 --trainer.log_every_n_steps 1 \
-    --trainer.enable_progress_bar false --trainer.default_root_dir "$work/runs/$strategy" \
-    --strategy.name "$strategy"
+    --trainer.enable_progress_bar false --trainer.default_root_dir "$work/runs/$strategy"
   # The run must have trained, not only exited 0: the third step's loss is in the metrics.
   metrics="$work/runs/$strategy/metrics.csv"
   if ! "$work/venv/bin/python" - "$metrics" <<'PY'

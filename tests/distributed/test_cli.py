@@ -89,6 +89,39 @@ def test_a_tensor_parallel_yaml_run_with_its_plan_equals_the_fsdp_run(tmp_path):
     assert [tp[s] for s in sorted(tp)] == pytest.approx([fsdp[s] for s in sorted(fsdp)], abs=1e-5)
 
 
+def test_the_gpt_example_s_pipeline_config_trains_and_validates_as_fsdp_does(tmp_path):
+    """examples/gpt/gpt_pipeline.yaml, shrunk to 4 steps of a small model (4 blocks of width 32, sequences
+    of 32): the same training and validation losses as the same config under FSDP."""
+    pipeline = ROOT / "examples" / "gpt" / "gpt_pipeline.yaml"
+    small = ["--trainer.max_steps", "4", "--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "2"]
+    small += ["--trainer.log_every_n_steps", "1", "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false"]
+    small += ["--model.init_args.config", "{n_layer: 4, n_head: 2, d_model: 32, seq_len: 32}"]
+    small += ["--data.init_args.seq_len", "32", "--data.init_args.shuffle", "false"]
+    out = _cli("fit", "--config", pipeline, *small, "--trainer.default_root_dir", tmp_path / "pp").stdout
+    assert "pipeline_parallel_size=2, pipeline_schedule='1f1b') over 2 processes" in out
+    assert "parameters on rank 0, which holds only its own pipeline stages" in out
+    _cli(
+        "fit",
+        "--config",
+        pipeline,
+        *small,
+        "--strategy",
+        "{name: fsdp}",
+        "--data.init_args.batch_size",  # 2 data-parallel ranks x 4: the 8 the pipeline reads as one batch
+        "4",
+        "--trainer.default_root_dir",
+        tmp_path / "fsdp",
+    )
+    pp, fsdp = _losses(tmp_path / "pp"), _losses(tmp_path / "fsdp")
+    assert sorted(pp) == [1, 2, 3, 4]
+    assert [pp[s] for s in sorted(pp)] == pytest.approx([fsdp[s] for s in sorted(fsdp)], abs=1e-5)
+    val = [
+        [float(r["val_loss"]) for r in csv.DictReader(open(d / "metrics.csv")) if r.get("val_loss")]
+        for d in (tmp_path / "pp", tmp_path / "fsdp")
+    ]
+    assert len(val[0]) == 1 and val[0] == pytest.approx(val[1], abs=1e-5)
+
+
 def test_bad_config_exits_with_the_message(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("trainer: {max_step: 3}\nmodel: {class_path: examples.gpt.model.GPTModule}\n")

@@ -94,10 +94,11 @@ def test_two_stages_times_two_tensor_parallel_ranks_match_one_process(single, tm
     _assert_same_weights(_weights(tmp_path, 4), whole)
 
 
-def test_accumulation_and_validation_match_one_process(tmp_path):
+def test_accumulation_validation_and_activation_checkpointing_match_one_process(tmp_path):
     options = ("--accumulate", "2", "--batch-size", "4", "--val-check-interval", "5", "--max-steps", "6")
     one = assert_ok(run_script(SCRIPT, tmp_path / "one", *options)).result()
-    two = assert_ok(run_script(SCRIPT, tmp_path / "two", *_pipeline("1f1b", microbatches=4), *options)).result()
+    checkpointed = _pipeline("1f1b", microbatches=4, activation_checkpointing_policy=["Block"])
+    two = assert_ok(run_script(SCRIPT, tmp_path / "two", *checkpointed, *options)).result()
     assert len(two["val_losses"]) == 2
     assert two["val_losses"] == pytest.approx(one["val_losses"], abs=1e-5)  # the schedule's forward-only eval
     assert two["losses"] == pytest.approx(one["losses"], abs=1e-5)

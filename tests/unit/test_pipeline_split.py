@@ -105,7 +105,7 @@ def test_stages_run_in_a_chain_compute_the_model_forward(model_fn, num_stages) -
 def test_a_view_shares_the_model_s_own_modules() -> None:
     model = _gpt(4, "cpu")
     runner = StageRunner(model, plan_stages(model, 2), 1)
-    assert runner.view.blocks[3] is model.blocks[3]
+    assert runner.view.blocks[3].block is model.blocks[3]
     assert runner.view.blocks[2].block is model.blocks[2]  # the stage's first block reads what it receives
     assert runner.view.head is model.head
     assert {id(p) for p in runner.parameters()} == {
@@ -134,6 +134,25 @@ def test_more_stages_than_blocks() -> None:
         plan_stages(_gpt(2), 4, prefix="model.")
 
 
+class LateHead(CausalLM):
+    """The output layer registered before the backbone, though the forward runs it last."""
+
+    def __init__(self) -> None:
+        nn.Module.__init__(self)
+        self.lm_head = nn.Linear(8, 32, bias=False)
+        self.model = Backbone()
+
+
+def test_a_forward_that_runs_modules_out_of_their_registration_order_is_refused() -> None:
+    model = LateHead()
+    layout = plan_stages(model, 2)
+    assert layout.before == ("lm_head", "model.embed_tokens")
+    tokens = torch.randint(0, 32, (2, 8))
+    hidden = StageRunner(model, layout, 0)(tokens, pipeline_inputs=(tokens,))  # lm_head's copy on stage 0 never runs
+    with pytest.raises(ConfigError, match=r"a module registered before the blocks \(lm_head\) runs after them"):
+        StageRunner(model, layout, 1)(hidden, pipeline_inputs=(tokens,))
+
+
 def test_parameters_held_beside_the_blocks_are_refused() -> None:
     model = _gpt(2)
     model.scale = nn.Parameter(torch.ones(1, device="meta"))
@@ -158,6 +177,10 @@ def test_options_that_do_not_fit_the_schedule() -> None:
         )
     with pytest.raises(StrategyError, match=r"'1f1b' runs one stage per rank but pipeline_split_points makes 2"):
         ModelParallelStrategy(pipeline_parallel_size=2, pipeline_split_points=["a.1", "a.2", "a.3"])
+    with pytest.raises(
+        StrategyError, match=r"'1f1b' needs at least one micro-batch per stage: microbatches=1 is fewer"
+    ):
+        ModelParallelStrategy(pipeline_parallel_size=2, microbatches=1)
     with pytest.raises(StrategyError, match=r"microbatches must be a whole number >= 1, got 0"):
         ModelParallelStrategy(pipeline_parallel_size=2, microbatches=0)
 

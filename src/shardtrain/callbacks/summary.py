@@ -50,6 +50,9 @@ def count_parameters(module: torch.nn.Module) -> tuple[int, int]:
 def summary_lines(trainer: "Trainer", module: "TrainModule") -> list[str]:
     total, trainable = count_parameters(module)
     size = f"{_short(total)} parameters" + ("" if trainable == total else f" ({_short(trainable)} trainable)")
+    stages = trainer.engine.parallel_dims.pp
+    if stages > 1:  # counted with no collective: rank 0 holds only its own stage
+        size += " on rank 0, which holds only its own pipeline stages"
     env = trainer.engine.environment
     nodes = max(1, env.world_size // max(1, env.local_world_size))
     layout = f"{trainer.world_size} process{'es' if trainer.world_size != 1 else ''}" + (

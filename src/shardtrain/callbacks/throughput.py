@@ -17,6 +17,10 @@ over all ranks. The count sees split layers at their whole size (DTensor operati
 attention on a rank's own heads at its share, so it is short by (tp - 1)/tp of the attention
 scores' FLOPs (about 4% of the GPT example at sequence length 32 and tp=2; less at widths where
 the matrices dominate); give ``flops_per_batch`` for an exact figure.
+
+Under pipeline parallelism each rank holds only its stages, so every rank counts its stages' FLOPs,
+and one all-reduce over the pipeline group, once, adds them up to the model's. The count is of the
+second step (the first also runs the stages' shape inference), and timing starts after it.
 """
 
 from __future__ import annotations
@@ -87,14 +91,19 @@ class ThroughputMonitor(Callback):
         self._started = False
 
     def on_train_batch_start(self, trainer: "Trainer", module: "TrainModule", batch: Any, batch_idx: int) -> None:
-        if not trainer.is_global_zero:
+        if not trainer.is_global_zero and not _pipelined(trainer):  # each stage counts its own FLOPs
             return
-        if self._started:
+        if self._started and trainer.is_global_zero:
             # Counted at its start: a logging step's batch is inside the window its log closes.
             samples, tokens = batch_size_and_tokens(batch)
             self._meter.add(samples * trainer.engine.data_parallel_size, tokens * trainer.engine.data_parallel_size)
             self._batches += 1
-        elif self.count_flops and self.flops_per_batch is None and self._counter is None:  # the first batch
+        elif (
+            self.count_flops
+            and self.flops_per_batch is None
+            and self._counter is None
+            and trainer.global_step == _counting_step(trainer)
+        ):
             self._counter = TrainingFlopCounter()
             self._counter.start()
 
@@ -105,6 +114,12 @@ class ThroughputMonitor(Callback):
     def on_after_backward(self, trainer: "Trainer", module: "TrainModule") -> None:  # ends the count
         if self._counter is not None and self._counter.result is None:
             self.flops_per_batch = self._counter.finish().model
+            if _pipelined(trainer):  # the stages' counts add up to the model's, once, at the first step
+                import torch.distributed as dist
+
+                total = torch.tensor(float(self.flops_per_batch), dtype=torch.float64, device=trainer.engine.device)
+                dist.all_reduce(total, group=trainer.engine.device_mesh["pp"].get_group())
+                self.flops_per_batch = int(total.item())
 
     def on_exception(self, trainer: "Trainer", module: "TrainModule", exception: BaseException) -> None:
         if self._counter is not None and self._counter.result is None:
@@ -113,9 +128,9 @@ class ThroughputMonitor(Callback):
     def on_train_batch_end(
         self, trainer: "Trainer", module: "TrainModule", outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._started or not trainer.is_global_zero or trainer.global_step == 0:
+        if self._started or not trainer.is_global_zero or trainer.global_step <= _counting_step(trainer):
             return
-        # The first optimizer step (FLOP counting, warm-up) is not timed; one wait for the device, once.
+        # The steps up to FLOP counting (warm-up) are not timed; one wait for the device, once.
         if trainer.engine.device.type == "cuda":
             torch.cuda.synchronize(trainer.engine.device)
         self._meter = ThroughputMeter()
@@ -158,6 +173,16 @@ class ThroughputMonitor(Callback):
             shown = "mfu" if f"{PREFIX}mfu" in figures else "tokens_per_sec"
             if f"{PREFIX}{shown}" in figures:
                 trainer.progress_bar_metrics[shown] = figures[f"{PREFIX}{shown}"]
+
+
+def _pipelined(trainer: "Trainer") -> bool:
+    return trainer.engine.parallel_dims.pp > 1
+
+
+def _counting_step(trainer: "Trainer") -> int:
+    """The optimizer step whose first batch is counted: the first; under pipeline parallelism the second,
+    because the first also runs the stages' shape inference (a forward and a backward more)."""
+    return 1 if _pipelined(trainer) else 0
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -258,7 +258,7 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
                 self.device,
                 self.training.accumulate_grad_batches,
                 shard=shard,
-                parallelize=self._apply_tensor_parallel,
+                parallelize=self._parallelize_before_stages,
             )
             return PipelineRouter(module, self._pipeline)
         meta = has_meta_tensors(module)
@@ -278,6 +278,16 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
             units = units_of(user_module, self.auto_wrap_policy) if self._fsdp_root is None else []
             materialize(module, torch.device("cpu") if self.cpu_offload else self.device, units)
         return module
+
+    def _parallelize_before_stages(self, user_module: nn.Module) -> None:
+        """Under pipeline parallelism, on the whole meta-device model: tensor parallel, activation
+        checkpointing, compile (per block), in torchtitan's order; FSDP comes per stage."""
+        self._apply_tensor_parallel(user_module)
+        if self.activation_checkpointing_policy is not None:
+            apply_activation_checkpointing(user_module, self.activation_checkpointing_policy)
+        if self.compile:
+            for unit in units_of(user_module, self.auto_wrap_policy):
+                unit.compile(**self._compile_options())
 
     def _apply_tensor_parallel(self, user_module: nn.Module) -> None:
         assert self.layout is not None
@@ -353,9 +363,14 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
         return no_gradient_sync(module, enabled) if isinstance(module, FSDPModule) else contextlib.nullcontext()
 
     def __repr__(self) -> str:
+        pipeline = (
+            f", pipeline_parallel_size={self.pipeline.size}, pipeline_schedule={self.pipeline.schedule!r}"
+            if self.pipeline.size > 1
+            else ""
+        )
         return (
             f"ModelParallelStrategy(data_parallel_size={self.data_parallel_size!r}, "
-            f"tensor_parallel_size={self.tensor_parallel_size!r})"
+            f"tensor_parallel_size={self.tensor_parallel_size!r}{pipeline})"
         )
 
 

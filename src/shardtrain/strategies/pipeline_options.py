@@ -40,7 +40,12 @@ class PipelineOptions:
         except ConfigError as error:
             raise StrategyError(str(error)) from None
         if self.size > 1:
-            self.stages_per_rank  # noqa: B018 - raises for split points that do not fit the schedule
+            least = self.num_stages if self.schedule_class.__name__ in {"Schedule1F1B", "ScheduleDualPipeV"} else 1
+            if self.microbatches_per_step < least:  # torch raises this inside the processes; say it here
+                raise StrategyError(
+                    f"pipeline_schedule={self.schedule!r} needs at least one micro-batch per stage: microbatches="
+                    f"{self.microbatches} is fewer than the {least} stages; raise microbatches, or use 'gpipe'"
+                )
 
     @property
     def schedule_class(self) -> type:

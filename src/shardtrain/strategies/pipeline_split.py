@@ -182,10 +182,12 @@ class StageRunner(nn.Module):
         self.is_last = stage == layout.num_stages - 1
         self.received: torch.Tensor | None = None
         self.sent: torch.Tensor | None = None
+        self.started = self.finished = False  # the stage's first block has run; its last block has
         self.view = _stage_view(model, layout, stage, self)
 
     def forward(self, *received: torch.Tensor, pipeline_inputs: tuple[Any, ...]) -> Any:
         self.received = None if self.is_first else received[0]
+        self.started = self.finished = False
         try:
             output = self.view(*pipeline_inputs)
             if self.is_last:
@@ -204,23 +206,42 @@ class StageRunner(nn.Module):
 class _Feed(nn.Module):
     """Stands in for what runs before a stage: returns the activation the stage received."""
 
-    def __init__(self, runner: StageRunner) -> None:
+    def __init__(self, runner: StageRunner, name: str) -> None:
         super().__init__()
         self.__dict__["runner"] = runner  # not a submodule: no cycle in the module tree
+        self.name = name
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.runner.started:
+            raise ConfigError(
+                f"a module registered before the blocks ({self.name}) runs after them in the model's forward, so "
+                "pipeline stages cannot be cut by registration order; register it after the blocks (the order of "
+                "the attributes in __init__), or give the model a forward that runs in that order"
+            )
         return self.runner.received  # type: ignore[return-value]
 
 
 class _Pass(nn.Module):
     """Stands in for what runs after a stage: returns its first argument (the hidden state) unchanged."""
 
+    def __init__(self, runner: StageRunner, name: str) -> None:
+        super().__init__()
+        self.__dict__["runner"] = runner
+        self.name = name
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.runner.started:
+            raise ConfigError(
+                f"a module registered after the blocks ({self.name}) runs before them in the model's forward, so "
+                "pipeline stages cannot be cut by registration order; register it before the blocks (the order of "
+                "the attributes in __init__), or give the model a forward that runs in that order"
+            )
         return args[0] if args else next(iter(kwargs.values()))
 
 
 class _Boundary(nn.Module):
-    """A stage's first and/or last block: the first reads the received activation, the last's output is sent."""
+    """A stage's first and last block: the first marks that the blocks have started (stand-ins check the
+    order) and, after the first stage, reads the received activation; the last's output is sent on."""
 
     def __init__(self, block: nn.Module, runner: StageRunner, enter: bool, leave: bool) -> None:
         super().__init__()
@@ -230,6 +251,7 @@ class _Boundary(nn.Module):
         self.__dict__["runner"] = runner
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self.runner.started = True
         if self.enter:
             if args:
                 args = (self.runner.received, *args[1:])
@@ -265,21 +287,20 @@ def _stage_view(model: nn.Module, layout: StageLayout, stage: int, runner: Stage
     replacements: dict[str, nn.Module] = {}
     for name in layout.before:
         if not first:
-            replacements[name] = _Feed(runner)
+            replacements[name] = _Feed(runner, name)
     for name in layout.after:
         if not last:
-            replacements[name] = _Pass()
+            replacements[name] = _Pass(runner, name)
     blocks = model.get_submodule(layout.blocks)
     for index in range(len(blocks)):
         name = f"{layout.blocks}.{index}"
         if index < own.start:
-            replacements[name] = _Feed(runner)
+            replacements[name] = _Feed(runner, name)
         elif index >= own.stop:
-            replacements[name] = _Pass()
+            replacements[name] = _Pass(runner, name)
         elif index == own.start or index == own.stop - 1:
             enter, leave = index == own.start and not first, index == own.stop - 1 and not last
-            if enter or leave:
-                replacements[name] = _Boundary(blocks[index], runner, enter, leave)
+            replacements[name] = _Boundary(blocks[index], runner, enter, leave)
     return view_with(model, replacements)
 
 
