@@ -181,6 +181,8 @@ def test_options_that_do_not_fit_the_schedule() -> None:
         StrategyError, match=r"'1f1b' needs at least one micro-batch per stage: microbatches=1 is fewer"
     ):
         ModelParallelStrategy(pipeline_parallel_size=2, microbatches=1)
+    with pytest.raises(StrategyError, match=r"cpu_offload with pipeline_parallel_size > 1 is not supported yet"):
+        ModelParallelStrategy(pipeline_parallel_size=2, cpu_offload=True).parallel_dims(4, 4)
     with pytest.raises(StrategyError, match=r"microbatches must be a whole number >= 1, got 0"):
         ModelParallelStrategy(pipeline_parallel_size=2, microbatches=0)
 

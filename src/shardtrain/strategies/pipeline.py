@@ -76,12 +76,10 @@ def stage_indices(pp_rank: int, pp_size: int, stages_per_rank: int, schedule: ty
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TiedParameter:
-    """A parameter that modules on different stages share: its names (the first counts in the norm),
-    shape and dtype, and which of its names this rank holds."""
+    """A parameter that modules on different stages share: its names (the first counts in the norm), which
+    of them this rank holds, and the group of the ranks that hold a copy."""
 
     names: tuple[str, ...]
-    shape: tuple[int, ...]
-    dtype: torch.dtype
     held: tuple[str, ...]
     group: Any = None  # the ranks whose stages hold a copy (None on a rank that holds none)
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from shardtrain.errors import ConfigError, StrategyError
-from shardtrain.strategies.pipeline import Pipeline, is_multi_stage, schedule_class
+from shardtrain.strategies.pipeline import V_SHAPED, Pipeline, is_multi_stage, schedule_class
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -75,7 +75,7 @@ class PipelineOptions:
                 f"pipeline_schedule={self.schedule!r} runs one stage per rank but pipeline_split_points makes "
                 f"{per_rank} per rank; choose 'interleaved_1f1b', or give pipeline_parallel_size - 1 split points"
             )
-        if self.schedule_class.__name__ in {"ScheduleZBVZeroBubble", "ScheduleDualPipeV"} and per_rank != 2:
+        if self.schedule_class.__name__ in V_SHAPED and per_rank != 2:
             raise StrategyError(f"pipeline_schedule={self.schedule!r} runs exactly two stages per rank")
         return per_rank
 

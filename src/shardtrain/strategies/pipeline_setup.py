@@ -130,16 +130,11 @@ def _tied_across_stages(
         stages = {stage_of[part] for part in (_part_of(p, stage_of) for p in param_names) if part is not None}
         if len(stages) < 2:
             continue
-        first_owner, first_attr = owners[0]
-        param = first_owner._parameters[first_attr]
-        assert param is not None
         held = tuple(f"{name}.{p}" for p in param_names if _part_of(p, stage_of) in owned_names)
         holders = sorted({rank_of_stage[stage] for stage in stages})
         ties.append(
             TiedParameter(
                 names=tuple(f"{name}.{p}" for p in param_names),
-                shape=tuple(param.shape),
-                dtype=param.dtype,
                 held=held,
                 group=_group_of(mesh, holders) if len(holders) < pp else mesh["pp"].get_group(),
             )

@@ -182,12 +182,12 @@ class StageRunner(nn.Module):
         self.is_last = stage == layout.num_stages - 1
         self.received: torch.Tensor | None = None
         self.sent: torch.Tensor | None = None
-        self.started = self.finished = False  # the stage's first block has run; its last block has
+        self.started = False  # the stage's first block has run (the stand-ins check the model's order)
         self.view = _stage_view(model, layout, stage, self)
 
     def forward(self, *received: torch.Tensor, pipeline_inputs: tuple[Any, ...]) -> Any:
         self.received = None if self.is_first else received[0]
-        self.started = self.finished = False
+        self.started = False
         try:
             output = self.view(*pipeline_inputs)
             if self.is_last:
