@@ -173,6 +173,21 @@ class _full_parameters:
                 owner._parameters[name] = sharded
 
 
+def _make_real(owner: nn.Module, device: torch.device, real: dict[int, torch.Tensor]) -> None:
+    """Give ``owner``'s own meta parameters and buffers uninitialised storage on ``device``; ``real`` maps
+    a meta parameter to its real one, so that tied parameters stay one tensor."""
+    for name, param in owner._parameters.items():
+        if param is not None and param.is_meta:
+            if id(param) not in real:
+                real[id(param)] = nn.Parameter(
+                    torch.empty_like(param, device=device), requires_grad=param.requires_grad
+                )
+            owner._parameters[name] = real[id(param)]  # type: ignore[assignment]
+    for name, buffer in owner._buffers.items():
+        if buffer is not None and buffer.is_meta:
+            owner._buffers[name] = torch.empty_like(buffer, device=device)
+
+
 def materialize_in_units(
     module: nn.Module, device: torch.device, units: list[nn.Module], partition: Callable[[nn.Module], None]
 ) -> None:
@@ -187,22 +202,10 @@ def materialize_in_units(
     real: dict[int, torch.Tensor] = {}
     unit_ids = {id(unit) for unit in units}
 
-    def make_real(owner: nn.Module) -> None:
-        for name, param in owner._parameters.items():
-            if param is not None and param.is_meta:
-                if id(param) not in real:
-                    real[id(param)] = nn.Parameter(
-                        torch.empty_like(param, device=device), requires_grad=param.requires_grad
-                    )
-                owner._parameters[name] = real[id(param)]  # type: ignore[assignment]
-        for name, buffer in owner._buffers.items():
-            if buffer is not None and buffer.is_meta:
-                owner._buffers[name] = torch.empty_like(buffer, device=device)
-
     def visit(current: nn.Module) -> None:
         for child in current.children():
             visit(child)
-        make_real(current)
+        _make_real(current, device, real)
         reset = getattr(current, "reset_parameters", None)
         if callable(reset):
             reset()
@@ -254,15 +257,7 @@ def materialize_owned(
                 if isinstance(param, DTensor):
                     sharded_ties.append((owner, name, param))
                 owner._parameters[name] = tied_whole[tie]
-            elif param is not None and param.is_meta:
-                if id(param) not in real:
-                    real[id(param)] = nn.Parameter(
-                        torch.empty_like(param, device=device), requires_grad=param.requires_grad
-                    )
-                owner._parameters[name] = real[id(param)]  # type: ignore[assignment]
-        for name, buffer in owner._buffers.items():
-            if buffer is not None and buffer.is_meta:
-                owner._buffers[name] = torch.empty_like(buffer, device=device)
+        _make_real(owner, device, real)  # the rest (the tied ones are real now)
 
     def drop(root: nn.Module) -> None:
         kept = {
