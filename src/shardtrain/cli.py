@@ -8,7 +8,8 @@
     shardtrain print-config --config run.yaml                 # the resolved config, defaults included
     shardtrain estimate --config run.yaml [--devices 8 --num-nodes 4 --device-memory 80GiB --host-memory 1TiB]
                                           [--tensor-parallel 8 [--sequence-parallel]] [--json]
-    shardtrain consolidate CHECKPOINT OUT [--max-shard-size 5GiB] [--optimizer FILE]
+    shardtrain consolidate CHECKPOINT OUT [--format safetensors|hf] [--hf-config DIR] [--dtype bf16]
+                          [--max-shard-size 5GiB] [--optimizer FILE]
 
 Several machines without torchrun or SLURM: run the same command on every node with the same
 ``--num-nodes`` (the same as ``--trainer.num_nodes``), ``--main-address`` (node 0's address) and
@@ -28,6 +29,8 @@ import os
 import sys
 import tempfile
 from typing import Any, MutableMapping
+
+import torch
 
 from shardtrain.checkpoint.consolidate import consolidate, consolidate_optimizer
 from shardtrain.errors import ConfigError, ShardtrainError
@@ -245,8 +248,31 @@ def _consolidate(argv: list[str]) -> int:
         metavar="FILE",
         help="also write the optimizer state tensors to this .safetensors file",
     )
+    parser.add_argument(
+        "--format",
+        choices=("safetensors", "hf"),
+        default="safetensors",
+        help="safetensors: the weights as the checkpoint names them; hf: a directory transformers' from_pretrained loads",
+    )
+    parser.add_argument(
+        "--hf-config",
+        default=None,
+        metavar="DIR",
+        help="--format hf: the model directory the run started from (default: from the run's config.yaml)",
+    )
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="convert the weights")
     args = parser.parse_args(argv)
-    files = consolidate(args.checkpoint, args.output, key=args.key, max_shard_bytes=args.max_shard_size)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(args.dtype)
+    if args.format == "hf":
+        from shardtrain.hf.export import export_hf
+
+        files = export_hf(
+            args.checkpoint, args.output, config=args.hf_config, max_shard_bytes=args.max_shard_size, dtype=dtype
+        )
+    else:
+        files = consolidate(
+            args.checkpoint, args.output, key=args.key, max_shard_bytes=args.max_shard_size, dtype=dtype
+        )
     if args.optimizer:
         files.append(consolidate_optimizer(args.checkpoint, args.optimizer))
     for path in files:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -30,23 +30,32 @@ def consolidate(
     *,
     key: str | None = None,
     max_shard_bytes: int = 5 * 2**30,
+    names: Mapping[str, str] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> list[Path]:
     """Write the weights under ``key`` (default: the checkpoint's first module) to safetensors.
 
     ``output`` is a ``.safetensors`` file, or a directory when the weights exceed
     ``max_shard_bytes`` (then ``model-0000i-of-0000n.safetensors`` plus the index). Returns the files written.
+    ``names``: output name -> stored name (under ``key``) of the tensors to write, to rename or
+    leave some out (default: all, as stored). ``dtype``: convert floating-point tensors to it.
     """
     source = Path(checkpoint)
     meta = read_meta(source)
     key = key or (meta.get("modules") or ["module"])[0]
-    tensors = {
+    stored = {
         name[len(key) + 1 :]: info
         for name, info in _metadata(source).items()
         if name.startswith(key + ".") and isinstance(info, TensorStorageMetadata)
     }
-    if not tensors:
+    if not stored:
         raise CheckpointError(f"{source} holds no tensors under {key!r}; its modules are {meta.get('modules')}")
-    groups = _group_by_size(tensors, max_shard_bytes)
+    names = dict(names) if names is not None else {name: name for name in stored}
+    absent = [name for name in names.values() if name not in stored]
+    if absent:
+        raise CheckpointError(f"{source} holds no {', '.join(absent[:8])} under {key!r}")
+    tensors = {out: stored[name] for out, name in names.items()}
+    groups = _group_by_size(tensors, max_shard_bytes, dtype)
     target = Path(output)
     if len(groups) == 1 and target.suffix == ".safetensors":
         files = [target]
@@ -54,14 +63,14 @@ def consolidate(
         target.mkdir(parents=True, exist_ok=True)
         files = [target / f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
     weight_map: dict[str, str] = {}
-    for names, path in zip(groups, files):
-        chunk = {name: _read_tensor(source, f"{key}.{name}", tensors[name]) for name in names}
+    for group, path in zip(groups, files):
+        chunk = {name: _cast(_read_tensor(source, f"{key}.{names[name]}", tensors[name]), dtype) for name in group}
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(chunk, str(path), metadata={"format": "pt", "source": str(source)})
-        weight_map.update({name: path.name for name in names})
+        weight_map.update({name: path.name for name in group})
         del chunk
     if len(files) > 1 or target.is_dir():
-        total = sum(_bytes(info) for info in tensors.values())
+        total = sum(_bytes(info, dtype) for info in tensors.values())
         (target / INDEX_FILE).write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
         )
@@ -139,15 +148,23 @@ def _read_tensor(source: Path, name: str, info: TensorStorageMetadata) -> torch.
     return tensor
 
 
-def _bytes(info: TensorStorageMetadata) -> int:
-    return info.size.numel() * torch.empty((), dtype=info.properties.dtype).element_size()
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
-def _group_by_size(tensors: dict[str, TensorStorageMetadata], limit: int) -> list[list[str]]:
+def _bytes(info: TensorStorageMetadata, dtype: torch.dtype | None = None) -> int:
+    stored = info.properties.dtype
+    size = torch.empty((), dtype=dtype if dtype is not None and stored.is_floating_point else stored).element_size()
+    return info.size.numel() * size
+
+
+def _group_by_size(
+    tensors: dict[str, TensorStorageMetadata], limit: int, dtype: torch.dtype | None = None
+) -> list[list[str]]:
     groups: list[list[str]] = [[]]
     size = 0
     for name, info in tensors.items():
-        nbytes = _bytes(info)
+        nbytes = _bytes(info, dtype)
         if groups[-1] and size + nbytes > limit:
             groups.append([])
             size = 0

@@ -29,6 +29,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from shardtrain.errors import ConfigError
+from shardtrain.strategies.weight_source import load_attached_weights
 
 
 def has_meta_tensors(module: nn.Module) -> bool:
@@ -51,6 +52,7 @@ def materialize(module: nn.Module, device: torch.device, units: Sequence[nn.Modu
     for submodule, initialise in _initialisers(module):
         with _full_parameters(submodule, boundaries):
             initialise()
+    load_attached_weights(module)
     release_freed_host_memory()
 
 
@@ -195,24 +197,26 @@ def materialize_in_units(
 
     Modules are visited children first, exactly as ``materialize`` does (so a seeded model gets
     the same weights). Each module's meta tensors become real just before its
-    ``reset_parameters()``; once a unit (a block, then ``module`` itself for the rest) is
-    initialised, ``partition(unit)`` keeps only this rank's share. At most one unit, plus the
+    ``reset_parameters()`` (or a Hugging Face model's ``_init_weights``); once a unit (a block, then
+    ``module`` itself for the rest) is initialised, and its attached weights read
+    (``weight_source``), ``partition(unit)`` keeps only this rank's share. At most one unit, plus the
     root's own parameters, exists in full at any time. Tied parameters stay tied.
     """
+    check_initialisable(module)
+    owners: dict[int, Callable[[], None]] = {id(m): init for m, init in _initialisers(module)}
     real: dict[int, torch.Tensor] = {}
     unit_ids = {id(unit) for unit in units}
+    loaded: set[tuple[int, str]] = set()  # attached weights (a pretrained checkpoint) read before partitioning
 
-    def visit(current: nn.Module) -> None:
-        for child in current.children():
-            visit(child)
+    for current in _post_order(module):
         _make_real(current, device, real)
-        reset = getattr(current, "reset_parameters", None)
-        if callable(reset):
-            reset()
+        initialise = owners.get(id(current))
+        if initialise is not None:
+            initialise()
         if id(current) in unit_ids:
+            load_attached_weights(module, within=current, done=loaded)
             partition(current)
-
-    visit(module)
+    load_attached_weights(module, done=loaded)
     partition(module)
     release_freed_host_memory()
 
@@ -290,4 +294,5 @@ def materialize_owned(
         local = distribute_tensor(whole.detach(), sharded.device_mesh, sharded.placements, src_data_rank=None)
         owner._parameters[name] = nn.Parameter(local, requires_grad=sharded.requires_grad)
     drop(module)
+    load_attached_weights(module)
     release_freed_host_memory()

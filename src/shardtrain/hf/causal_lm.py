@@ -1,0 +1,84 @@
+"""A ready ``TrainModule`` for Hugging Face causal language models, for run configs without Python."""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any, Mapping
+
+import torch
+
+from shardtrain.errors import ConfigError
+from shardtrain.hf.pretrained import from_pretrained, require_transformers
+from shardtrain.module import TrainModule
+
+
+class CausalLM(TrainModule):
+    """Fine-tune (or train from a config) a transformers causal language model on its own loss.
+
+    Args:
+        model: a checkpoint directory (or a hub id in the local cache) for ``from_pretrained``.
+        config_overrides: config values to change, e.g. ``{attn_implementation: sdpa}``.
+        from_scratch: build the model from the checkpoint's config with fresh weights instead.
+        learning_rate, weight_decay, betas: AdamW's; weight decay applies to matrices only.
+        freeze: parameter-name patterns (``fnmatch``, e.g. ``"model.embed_tokens.*"``) kept fixed:
+            they get no gradient and the optimizer holds none of their state.
+
+    A batch is a dict with ``input_ids`` and ``labels`` (``-100`` where no loss is taken), as
+    ``TextData`` and transformers' collators give; ``attention_mask`` is passed on when present.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        config_overrides: Mapping[str, Any] | None = None,
+        from_scratch: bool = False,
+        learning_rate: float = 2e-5,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.95),
+        freeze: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.path = model
+        self.config_overrides = dict(config_overrides or {})
+        self.from_scratch = from_scratch
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.betas = tuple(betas)
+        self.freeze = list(freeze or [])
+        self.model: torch.nn.Module | None = None
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        if self.from_scratch:
+            transformers = require_transformers()
+            config = transformers.AutoConfig.from_pretrained(self.path, **self.config_overrides)
+            self.model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.get_default_dtype())
+        else:
+            self.model = from_pretrained(self.path, **self.config_overrides)
+        frozen = [n for n, p in self.model.named_parameters() if any(fnmatch.fnmatch(n, f) for f in self.freeze)]
+        if self.freeze and not frozen:
+            raise ConfigError(f"freeze={self.freeze} matches no parameter of {type(self.model).__name__}")
+        for name, parameter in self.model.named_parameters():
+            if name in frozen:
+                parameter.requires_grad_(False)
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels") if k in batch}
+        return self.model(**inputs).loss
+
+    def training_step(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self(batch)
+
+    def validation_step(self, batch: Mapping[str, torch.Tensor]) -> None:
+        self.log("val_loss", self(batch), prog_bar=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in trainable if p.dim() >= 2], "weight_decay": self.weight_decay},
+            {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(
+            [g for g in groups if g["params"]], lr=self.learning_rate, betas=self.betas, weight_decay=self.weight_decay
+        )

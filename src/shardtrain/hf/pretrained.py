@@ -1,0 +1,200 @@
+"""A pretrained Hugging Face model, built where the strategy builds layers and read straight into its shards.
+
+``from_pretrained(path)`` inside ``configure_model()`` builds the transformers model from its config.
+Under a sharding strategy (FSDP, tensor or pipeline parallelism, ZeRO-3 with delayed init) that is
+the meta device: nothing is read yet. The strategy lays the model out, initialises it (which also
+makes the buffers no checkpoint holds, such as rotary frequencies), and then each rank reads only
+the tensors, and parts of tensors, it holds, with PyTorch's DCP ``HuggingFaceStorageReader``
+(safetensors slices, no unpickling). Elsewhere (``single``, ``ddp``, ZeRO-1/2) the model is built on
+the device and read at once, as transformers does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from shardtrain.errors import CheckpointError, ConfigError, MissingDependencyError
+from shardtrain.strategies.materialize import materialize
+from shardtrain.strategies.weight_source import attach_weight_source
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def require_transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as error:
+        raise MissingDependencyError("transformers", "Hugging Face models", extra="hf") from error
+    return transformers
+
+
+def from_pretrained(path: str | os.PathLike, *, model_class: Any = None, **config_overrides: Any) -> nn.Module:
+    """A transformers model with the weights of the checkpoint at ``path``, for ``configure_model()``.
+
+    Args:
+        path: a directory holding ``config.json`` and ``*.safetensors`` (one file, or several with
+            ``model.safetensors.index.json``), or a hub id already in the Hugging Face cache
+            (``hf download ID`` first: ranks never download).
+        model_class: the transformers class to build (default: the config's ``architectures[0]``).
+        config_overrides: config values to change, e.g. ``attn_implementation="sdpa"`` or dropout.
+
+    Built in the parameter dtype of the run (a bf16 checkpoint gives fp32 weights under fp32
+    training). Raises ``CheckpointError`` naming the keys if the files do not hold exactly this
+    model's tensors.
+    """
+    transformers = require_transformers()
+    directory = resolve_checkpoint(path)
+    attn = config_overrides.pop("attn_implementation", None)
+    config = transformers.AutoConfig.from_pretrained(directory, **config_overrides)
+    if attn is not None:
+        config._attn_implementation = attn
+    cls = model_class or _architecture(transformers, config)
+    device = torch.empty(()).device  # where the strategy builds layers: the meta device under sharding
+    with torch.device("meta"):
+        model = cls._from_config(config, dtype=torch.get_default_dtype())
+    weights = HuggingFaceWeights(directory, model)
+    model.name_or_path = str(path)
+    if device.type == "meta":
+        attach_weight_source(model, weights)
+    else:
+        materialize(model, device)
+        weights.read_into(model.state_dict(keep_vars=True))
+    return model
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A local checkpoint directory, or a hub id's snapshot in the local Hugging Face cache."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return local
+    if local.exists() or str(path).count("/") > 1 or str(path).startswith((".", "/")):
+        raise CheckpointError(
+            f"{path} is not a directory holding a Hugging Face checkpoint (config.json, *.safetensors)"
+        )
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=str(path), local_files_only=True))
+    except Exception as error:
+        raise CheckpointError(
+            f"{path} is not a local directory, and the hub id is not in the Hugging Face cache: download it first "
+            f"(`hf download {path}`) or pass the directory; ranks never download"
+        ) from error
+
+
+def stored_tensor_names(directory: Path) -> dict[str, str]:
+    """Tensor name -> file, from the index of a multi-file checkpoint or the headers of its one file."""
+    index = directory / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: str(directory / file) for name, file in weight_map.items()}
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        pickled = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt*")]
+        raise CheckpointError(
+            f"{directory} holds no *.safetensors files"
+            + (f" (found {', '.join(pickled)}: pickle files are not loaded, since that runs code)" if pickled else "")
+            + "; save the model with save_pretrained(..., safe_serialization=True) or convert it to safetensors"
+        )
+    from safetensors import safe_open
+
+    names: dict[str, str] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            names.update(dict.fromkeys(f.keys(), str(file)))
+    return names
+
+
+class HuggingFaceWeights:
+    """The weights of a Hugging Face checkpoint directory, matched to a model's state-dict names.
+
+    Tied tensors (GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``) are stored once; every
+    name that shares the tensor reads the stored one. A checkpoint saved from the base model (keys
+    without the ``base_model_prefix``, as the original GPT-2 files) is read too.
+    """
+
+    def __init__(self, directory: Path, model: nn.Module) -> None:
+        self.directory = directory
+        stored = stored_tensor_names(directory)
+        prefix = getattr(model, "base_model_prefix", "")
+        groups: dict[int, list[str]] = {}
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            groups.setdefault(id(tensor), []).append(name)
+
+        def stored_name(name: str) -> str | None:
+            if name in stored:
+                return name
+            bare = name.removeprefix(f"{prefix}.") if prefix else name
+            return bare if bare in stored else None
+
+        self.stored_name: dict[str, str] = {}
+        missing: list[str] = []
+        for names in groups.values():
+            found = [stored_name(n) for n in names if stored_name(n) is not None]
+            if not found:
+                missing += [n for n in names if not _ignored(model, "_keys_to_ignore_on_load_missing", n)]
+                continue
+            self.stored_name.update(dict.fromkeys(names, found[0]))
+        unexpected = sorted(
+            set(stored)
+            - set(self.stored_name.values())
+            - {n for n in stored if _ignored(model, "_keys_to_ignore_on_load_unexpected", n)}
+        )
+        if missing or unexpected:
+            raise CheckpointError(
+                f"the checkpoint in {directory} does not hold {type(model).__name__}'s weights: "
+                + "; ".join(
+                    part
+                    for part in (
+                        f"missing {_some(missing)}" if missing else "",
+                        f"unexpected {_some(unexpected)}" if unexpected else "",
+                    )
+                    if part
+                )
+                + ". Check that the path and model_class are the checkpoint's model (its config.json 'architectures')"
+            )
+
+    def read_into(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy the stored values into ``tensors`` in place: a DTensor reads only its shard's slice."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+        rounds: list[dict[str, torch.Tensor]] = []  # a stored tensor read into two tensors (tied copies) twice
+        for name, tensor in tensors.items():
+            key = self.stored_name[name]
+            for state in rounds:
+                if key not in state or state[key] is tensor:
+                    state[key] = tensor
+                    break
+            else:
+                rounds.append({key: tensor})
+        with torch.no_grad():
+            for state in rounds:
+                dcp.load(state, storage_reader=HuggingFaceStorageReader(str(self.directory)), no_dist=True)
+
+
+def _architecture(transformers: Any, config: Any) -> Any:
+    names = getattr(config, "architectures", None) or []
+    for name in names:
+        if hasattr(transformers, name):
+            return getattr(transformers, name)
+    raise ConfigError(
+        f"the config names no transformers class (architectures={names}); pass model_class=, e.g. "
+        "transformers.AutoModelForCausalLM's class for this config"
+    )
+
+
+def _ignored(model: nn.Module, attribute: str, name: str) -> bool:
+    return any(re.search(pattern, name) for pattern in getattr(model, attribute, None) or ())
+
+
+def _some(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return f"{len(names)} keys ({shown}{', ...' if len(names) > limit else ''})"

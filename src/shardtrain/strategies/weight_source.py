@@ -1,0 +1,78 @@
+"""Weights a module brings from elsewhere (a pretrained checkpoint), read once its tensors have their layout.
+
+A module built on the meta device may carry a *weight source* (``attach_weight_source``): an object
+that fills named tensors in place from files, such as ``shardtrain.hf.from_pretrained``'s reader of
+a Hugging Face checkpoint. Strategies materialise the model as usual (random initialisation, which
+also makes the buffers no checkpoint holds, such as rotary frequencies) and then call
+``load_attached_weights``: each rank hands the source the tensors it holds, in their final layout
+(plain tensors, or the DTensor shards of FSDP and tensor parallelism), so that it reads only its
+own part. Under ZeRO-3, ``materialize_in_units`` calls it per unit, before DeepSpeed partitions it.
+
+Names are the source module's own ``state_dict`` names; tensors still on the meta device (another
+pipeline stage's) are not asked for.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+_ATTRIBUTE = "_shardtrain_weight_source"
+
+
+class WeightSource(Protocol):
+    """Fills a module's tensors from stored weights."""
+
+    def read_into(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy the stored values into ``tensors`` (names as the module's ``state_dict``), in place;
+        a ``DTensor`` receives only its local shard."""
+
+
+def attach_weight_source(module: nn.Module, source: WeightSource) -> None:
+    """Mark ``module``'s tensors as coming from ``source`` once the strategy has laid them out."""
+    object.__setattr__(module, _ATTRIBUTE, source)
+
+
+def has_weight_sources(root: nn.Module) -> bool:
+    return any(getattr(m, _ATTRIBUTE, None) is not None for m in root.modules())
+
+
+def load_attached_weights(root: nn.Module, within: nn.Module | None = None, done: set[str] | None = None) -> None:
+    """Fill the tensors of every module under ``root`` that carries a weight source.
+
+    ``within``: only the tensors of this submodule (a ZeRO-3 unit about to be partitioned), or of the
+    sourced modules inside it. ``done``: names already filled (per source module), skipped and extended.
+    """
+    within = within if within is not None else root
+    for sourced in [m for m in root.modules() if getattr(m, _ATTRIBUTE, None) is not None]:
+        prefix = _path_to(within, sourced)
+        if prefix is not None:  # a part of the model (a ZeRO-3 unit)
+            part = within
+        elif _path_to(sourced, within) is not None:  # the whole model is inside ``within``
+            prefix, part = "", sourced
+        else:
+            continue
+        tensors = {
+            name: tensor
+            for name, tensor in part.state_dict(prefix=prefix, keep_vars=True).items()
+            if not tensor.is_meta and _is_whole_or_sharded(tensor) and (done is None or (id(sourced), name) not in done)
+        }
+        if tensors:
+            getattr(sourced, _ATTRIBUTE).read_into(tensors)
+        if done is not None:
+            done.update((id(sourced), name) for name in tensors)
+
+
+def _path_to(module: nn.Module, ancestor: nn.Module) -> str | None:
+    """``module``'s state-dict prefix inside ``ancestor`` ('' for itself, 'a.b.'), or None if not inside it."""
+    for name, candidate in ancestor.named_modules(remove_duplicate=False):
+        if candidate is module:
+            return f"{name}." if name else ""
+    return None
+
+
+def _is_whole_or_sharded(tensor: torch.Tensor) -> bool:
+    """False for a parameter DeepSpeed has already partitioned (its data is an empty placeholder)."""
+    return not hasattr(tensor, "ds_id")

@@ -1,0 +1,60 @@
+"""Small Hugging Face checkpoints made locally (no hub), and the token batches the tests train on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+VOCAB, SEQ_LEN = 256, 32
+
+
+def save_llama(directory: Path, *, dtype: torch.dtype = torch.bfloat16, max_shard_size: str = "200KB") -> Path:
+    """A 2-layer Llama saved in bf16 over several files with an index (as large checkpoints are)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=SEQ_LEN,
+    )
+    LlamaForCausalLM(config).to(dtype).save_pretrained(directory, max_shard_size=max_shard_size)
+    return directory
+
+
+def save_gpt2(directory: Path) -> Path:
+    """A 2-layer GPT-2 (Conv1D layers, output layer tied to the embedding), one fp32 file, no dropout."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(1)
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=SEQ_LEN,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    GPT2LMHeadModel(config).save_pretrained(directory)
+    return directory
+
+
+def token_blocks(count: int = 64) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (count, SEQ_LEN), generator=torch.Generator().manual_seed(7))
+
+
+def reference_loss(directory: Path, rows: int) -> float:
+    """transformers' own loss of its own from_pretrained model on the first ``rows`` blocks."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    batch = token_blocks()[:rows]
+    with torch.no_grad():
+        return model(input_ids=batch, labels=batch).loss.item()
