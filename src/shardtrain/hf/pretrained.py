@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from shardtrain.checkpoint.sharded import _quiet_single_process
 from shardtrain.errors import CheckpointError, ConfigError, MissingDependencyError
 from shardtrain.strategies.materialize import materialize
 from shardtrain.strategies.weight_source import attach_weight_source
@@ -175,7 +176,7 @@ class HuggingFaceWeights:
                     break
             else:
                 rounds.append({key: tensor})
-        with torch.no_grad():
+        with torch.no_grad(), _quiet_single_process():
             for state in rounds:
                 dcp.load(state, storage_reader=HuggingFaceStorageReader(str(self.directory)), no_dist=True)
 
