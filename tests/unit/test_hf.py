@@ -70,3 +70,19 @@ def test_pickle_checkpoints_are_refused_and_missing_directories_named(tmp_path, 
         from_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match="not in the Hugging Face cache"):
         from_pretrained("nobody/no-such-model")
+
+
+def test_a_hub_id_resolves_to_its_snapshot_in_the_local_cache(gpt2, tmp_path, monkeypatch):
+    import shutil
+
+    import huggingface_hub
+
+    snapshot = tmp_path / "models--tiny--gpt2" / "snapshots" / "0123abcd"
+    shutil.copytree(gpt2, snapshot)
+    (tmp_path / "models--tiny--gpt2" / "refs").mkdir()
+    (tmp_path / "models--tiny--gpt2" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    model = from_pretrained("tiny/gpt2")
+    assert model.name_or_path == "tiny/gpt2"
+    expected = transformers.GPT2LMHeadModel.from_pretrained(gpt2)
+    assert torch.equal(model.transformer.h[0].attn.c_attn.weight, expected.transformer.h[0].attn.c_attn.weight)

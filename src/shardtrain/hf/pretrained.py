@@ -23,7 +23,7 @@ from torch import nn
 from shardtrain.checkpoint.sharded import _quiet_single_process
 from shardtrain.errors import CheckpointError, ConfigError, MissingDependencyError
 from shardtrain.strategies.materialize import materialize
-from shardtrain.strategies.weight_source import attach_weight_source
+from shardtrain.strategies.weight_source import attach_weight_source, detach_weight_source
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -62,11 +62,10 @@ def from_pretrained(path: str | os.PathLike, *, model_class: Any = None, **confi
         model = cls._from_config(config, dtype=torch.get_default_dtype())
     weights = HuggingFaceWeights(directory, model)
     model.name_or_path = str(path)
-    if device.type == "meta":
-        attach_weight_source(model, weights)
-    else:
+    attach_weight_source(model, weights)
+    if device.type != "meta":  # not a sharding strategy: read it all now
         materialize(model, device)
-        weights.read_into(model.state_dict(keep_vars=True))
+        detach_weight_source(model)
     return model
 
 
@@ -161,6 +160,9 @@ class HuggingFaceWeights:
                 )
                 + ". Check that the path and model_class are the checkpoint's model (its config.json 'architectures')"
             )
+
+    def reads(self, name: str) -> bool:
+        return name in self.stored_name
 
     def read_into(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy the stored values into ``tensors`` in place: a DTensor reads only its shard's slice."""

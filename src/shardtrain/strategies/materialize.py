@@ -29,7 +29,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from shardtrain.errors import ConfigError
-from shardtrain.strategies.weight_source import load_attached_weights
+from shardtrain.strategies.weight_source import load_attached_weights, modules_read_whole
 
 
 def has_meta_tensors(module: nn.Module) -> bool:
@@ -85,6 +85,7 @@ def check_initialisable(module: nn.Module) -> None:
 def _initialisers(module: nn.Module) -> Iterator[tuple[nn.Module, Callable[[], None]]]:
     """Children first, what initialises each module: its ``reset_parameters()``, or inside a Hugging Face
     model, that model's own ``_init_weights(module)`` (the initialisation ``from_config`` gives)."""
+    read_whole = modules_read_whole(module)  # a pretrained checkpoint fills them: no random values first
     owners: dict[int, nn.Module] = {}
     for submodule in module.modules():
         initialise = _hugging_face_initialiser(submodule)
@@ -92,6 +93,8 @@ def _initialisers(module: nn.Module) -> Iterator[tuple[nn.Module, Callable[[], N
             for inner in submodule.modules():
                 owners.setdefault(id(inner), submodule)
     for submodule in _post_order(module):
+        if id(submodule) in read_whole:
+            continue
         owner = owners.get(id(submodule))
         if owner is not None:
             yield submodule, functools.partial(owner._init_weights, submodule)

@@ -2,8 +2,9 @@
 
 A module built on the meta device may carry a *weight source* (``attach_weight_source``): an object
 that fills named tensors in place from files, such as ``shardtrain.hf.from_pretrained``'s reader of
-a Hugging Face checkpoint. Strategies materialise the model as usual (random initialisation, which
-also makes the buffers no checkpoint holds, such as rotary frequencies) and then call
+a Hugging Face checkpoint. Strategies materialise the model as usual, except that modules whose
+tensors all come from the source are not initialised (``modules_read_whole``); the others, and the
+buffers no checkpoint holds (rotary frequencies), are. Materialising then calls
 ``load_attached_weights``: each rank hands the source the tensors it holds, in their final layout
 (plain tensors, or the DTensor shards of FSDP and tensor parallelism), so that it reads only its
 own part. Under ZeRO-3, ``materialize_in_units`` calls it per unit, before DeepSpeed partitions it.
@@ -29,14 +30,37 @@ class WeightSource(Protocol):
         """Copy the stored values into ``tensors`` (names as the module's ``state_dict``), in place;
         a ``DTensor`` receives only its local shard."""
 
+    def reads(self, name: str) -> bool:
+        """Whether the tensor of this ``state_dict`` name comes from the stored weights."""
+
 
 def attach_weight_source(module: nn.Module, source: WeightSource) -> None:
     """Mark ``module``'s tensors as coming from ``source`` once the strategy has laid them out."""
     object.__setattr__(module, _ATTRIBUTE, source)
 
 
+def detach_weight_source(module: nn.Module) -> None:
+    if getattr(module, _ATTRIBUTE, None) is not None:
+        object.__delattr__(module, _ATTRIBUTE)
+
+
 def has_weight_sources(root: nn.Module) -> bool:
     return any(getattr(m, _ATTRIBUTE, None) is not None for m in root.modules())
+
+
+def modules_read_whole(root: nn.Module) -> set[int]:
+    """Ids of the modules under ``root`` whose own tensors all come from an attached source, so that
+    initialising them would be overwritten: materialising skips them (as transformers does)."""
+    found: set[int] = set()
+    for sourced in [m for m in root.modules() if getattr(m, _ATTRIBUTE, None) is not None]:
+        source = getattr(sourced, _ATTRIBUTE)
+        for name, module in sourced.named_modules():
+            prefix = f"{name}." if name else ""
+            own = [n for n, t in (*module._parameters.items(), *module._buffers.items()) if t is not None]
+            computed = module._non_persistent_buffers_set & set(module._buffers)  # e.g. rotary frequencies
+            if own and not computed and all(source.reads(prefix + n) for n in own):
+                found.add(id(module))
+    return found
 
 
 def load_attached_weights(root: nn.Module, within: nn.Module | None = None, done: set[str] | None = None) -> None:
