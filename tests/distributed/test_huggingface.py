@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from shardtrain.checkpoint.consolidate import load_weights
+from shardtrain.checkpoint.consolidate import consolidate_optimizer, load_weights
 from shardtrain.cli import main as shardtrain_cli
 from tests.distributed.hf_models import reference_loss, save_gpt2, save_llama
 from tests.distributed.runner import assert_ok, run_script
@@ -134,6 +134,11 @@ def test_frozen_parameters_stay_pretrained_and_a_resumed_run_continues_the_loss_
             "--resume", str(tmp_path / "first" / "checkpoints" / "step=2"),
         )
     ).result()  # fmt: skip
+    moments = load_file(
+        str(consolidate_optimizer(tmp_path / "first" / "checkpoints" / "step=2", tmp_path / "opt.safetensors"))
+    )
+    with_state = {name.removeprefix("state.").rsplit(".", 1)[0] for name in moments}
+    assert len(with_state) == 11 and not any(".embed_tokens." in n or ".layers.0." in n for n in with_state), with_state
     assert first["losses"] == pytest.approx(straight["losses"][:2], abs=1e-6)
     assert resumed["steps"] == [3, 4]
     assert resumed["losses"] == pytest.approx(straight["losses"][2:], abs=1e-6)

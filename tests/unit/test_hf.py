@@ -86,3 +86,13 @@ def test_a_hub_id_resolves_to_its_snapshot_in_the_local_cache(gpt2, tmp_path, mo
     assert model.name_or_path == "tiny/gpt2"
     expected = transformers.GPT2LMHeadModel.from_pretrained(gpt2)
     assert torch.equal(model.transformer.h[0].attn.c_attn.weight, expected.transformer.h[0].attn.c_attn.weight)
+
+
+def test_without_transformers_the_error_names_the_extra(monkeypatch, gpt2):
+    import sys
+
+    from shardtrain.errors import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # what a missing package looks like to import
+    with pytest.raises(MissingDependencyError, match=r"pip install 'shardtrain\[hf\]'"):
+        from_pretrained(gpt2)
