@@ -54,11 +54,24 @@ def modules_read_whole(root: nn.Module) -> set[int]:
     found: set[int] = set()
     for sourced in [m for m in root.modules() if getattr(m, _ATTRIBUTE, None) is not None]:
         source = getattr(sourced, _ATTRIBUTE)
+        stored: set[int] = set()  # modules with stored tensors of their own
         for name, module in sourced.named_modules():
             prefix = f"{name}." if name else ""
             own = [n for n, t in (*module._parameters.items(), *module._buffers.items()) if t is not None]
             computed = module._non_persistent_buffers_set & set(module._buffers)  # e.g. rotary frequencies
-            if own and not computed and all(source.reads(prefix + n) for n in own):
+            if computed:
+                continue
+            if own and all(source.reads(prefix + n) for n in own):
+                found.add(id(module))
+            if own:
+                stored.add(id(module))
+        # A module with no tensors of its own (a block, the model) initialises nothing that is not read,
+        # as long as every module below it with stored tensors is read whole; a module with computed
+        # buffers (rotary frequencies) is initialised on its own. Skipping also spares FSDP's gathers.
+        for module in sourced.modules():
+            if not any(t is not None for t in (*module._parameters.values(), *module._buffers.values())) and all(
+                id(m) in found for m in module.modules() if id(m) in stored
+            ):
                 found.add(id(module))
     return found
 
