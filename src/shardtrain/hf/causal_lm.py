@@ -62,6 +62,19 @@ class CausalLM(TrainModule):
         for name, parameter in self.model.named_parameters():
             if name in frozen:
                 parameter.requires_grad_(False)
+        self.model.config.use_cache = False  # training keeps no key-value cache (an export keeps the source's config)
+
+    # The pipeline contract (``model_parallel`` with ``pipeline_parallel_size``): the stages run the
+    # transformers model's own forward on the token ids; the last one computes the model's own loss.
+    pipeline_module = "model"
+
+    def pipeline_inputs(self, batch: Mapping[str, torch.Tensor]) -> tuple[tuple[torch.Tensor], torch.Tensor]:
+        return (batch["input_ids"],), batch["labels"]
+
+    def pipeline_loss(self, outputs: Any, labels: torch.Tensor) -> torch.Tensor:
+        # A ModelOutput (its logits come first without labels), or under pipeline parallelism the logits
+        logits = outputs if isinstance(outputs, torch.Tensor) else outputs[0]
+        return self.model.loss_function(logits, labels, vocab_size=self.model.config.vocab_size)
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels") if k in batch}

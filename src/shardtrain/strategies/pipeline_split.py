@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -173,6 +173,8 @@ class StageRunner(nn.Module):
     ``forward(*received, pipeline_inputs=...)``: the first stage receives the model's inputs, the
     others the previous stage's activation; every stage is also given the micro-batch's inputs
     (``pipeline_inputs``, a keyword the schedule splits like the arguments), to run the ``forward``.
+    The last stage returns the model's output; a mapping (transformers' ``ModelOutput``) as the
+    tuple of its tensors, since the schedule passes on only tensors.
     """
 
     def __init__(self, model: nn.Module, layout: StageLayout, stage: int) -> None:
@@ -190,8 +192,12 @@ class StageRunner(nn.Module):
         self.started = False
         try:
             output = self.view(*pipeline_inputs)
-            if self.is_last:
-                return output
+            if self.is_last:  # a mapping (transformers' ModelOutput): its tensors, in order, as the schedule needs
+                return (
+                    tuple(v for v in output.values() if isinstance(v, torch.Tensor))
+                    if isinstance(output, Mapping)
+                    else output
+                )
             sent, self.sent = self.sent, None
             if not isinstance(sent, torch.Tensor):
                 raise ConfigError(
