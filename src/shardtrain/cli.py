@@ -33,6 +33,7 @@ from typing import Any, MutableMapping
 import torch
 
 from shardtrain.checkpoint.consolidate import consolidate, consolidate_optimizer
+from shardtrain.checkpoint.pointer import resolve_checkpoint
 from shardtrain.errors import ConfigError, ShardtrainError
 from shardtrain.launch.environment import outside_launcher
 from shardtrain.memory import parse_memory_size
@@ -233,7 +234,9 @@ def _consolidate(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="shardtrain consolidate", description="export a sharded checkpoint's model weights to safetensors"
     )
-    parser.add_argument("checkpoint", help="a checkpoint directory (e.g. runs/checkpoints/step=1000)")
+    parser.add_argument(
+        "checkpoint", help="a checkpoint directory (e.g. runs/checkpoints/step=1000), or a `last` pointer file"
+    )
     parser.add_argument("output", help="model.safetensors, or a directory for several files with an index")
     parser.add_argument("--key", default=None, help="which module of the checkpoint (default: its first)")
     parser.add_argument(
@@ -262,6 +265,7 @@ def _consolidate(argv: list[str]) -> int:
     )
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="convert the weights")
     args = parser.parse_args(argv)
+    args.checkpoint = str(resolve_checkpoint(args.checkpoint))  # a `last` pointer: the checkpoint it names
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(args.dtype)
     if args.format == "hf":
         from shardtrain.hf.export import export_hf

@@ -69,11 +69,11 @@ def test_the_hf_finetune_example_trains_exports_and_generates(tmp_path):
     validation = [float(r["val_loss"]) for r in rows if r.get("val_loss")]
     assert len(validation) == 1 and validation[0] < losses[1] - 0.3
 
-    # The config's ModelCheckpoint saves at the end; `last` names it, but consolidate takes the directory.
+    # The config's ModelCheckpoint saves at the end; consolidate exports what the `last` pointer names.
     checkpoint = run / "checkpoints" / "step=6"
     assert (run / "checkpoints" / "last").read_text().strip() == "step=6"
     exported = tmp_path / "exported"
-    _run("-m", "shardtrain", "consolidate", checkpoint, exported, "--format", "hf")
+    _run("-m", "shardtrain", "consolidate", run / "checkpoints" / "last", exported, "--format", "hf")
     assert {"config.json", "tokenizer.json", "model.safetensors"} <= {p.name for p in exported.iterdir()}
 
     # The exported model holds exactly the checkpoint's trained weights, under transformers' names.
