@@ -216,8 +216,6 @@ def _config_from_checkpoint(argv: list[str]) -> list[str]:
         return argv
     from shardtrain.checkpoint import read_meta
 
-    from shardtrain.checkpoint.pointer import resolve_checkpoint
-
     path = resolve_checkpoint(argv[argv.index("--ckpt_path") + 1])
     stored = read_meta(path)["state"].get("trainer_config", {}).get("run")
     if stored is None:

@@ -13,7 +13,7 @@ import yaml
 from shardtrain.checkpoint.consolidate import _bytes, _metadata, consolidate
 from shardtrain.checkpoint.sharded import read_meta
 from shardtrain.errors import CheckpointError, ConfigError
-from shardtrain.hf.pretrained import _architecture, require_transformers, resolve_checkpoint
+from shardtrain.hf.pretrained import _architecture, require_transformers, resolve_model_directory
 
 #: Files besides the weights that a model directory carries and an export keeps.
 COMPANION_FILES = (
@@ -46,7 +46,7 @@ def export_hf(
     """
     transformers = require_transformers()
     source = Path(checkpoint)
-    model_dir = resolve_checkpoint(config if config is not None else _model_of_run(source))
+    model_dir = resolve_model_directory(config if config is not None else _model_of_run(source))
     hf_config = transformers.AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
         model = _architecture(transformers, hf_config)._from_config(hf_config)

@@ -51,7 +51,7 @@ def from_pretrained(path: str | os.PathLike, *, model_class: Any = None, **confi
     model's tensors.
     """
     transformers = require_transformers()
-    directory = resolve_checkpoint(path)
+    directory = resolve_model_directory(path)
     attn = config_overrides.pop("attn_implementation", None)
     config = transformers.AutoConfig.from_pretrained(directory, **config_overrides)
     if attn is not None:
@@ -69,7 +69,7 @@ def from_pretrained(path: str | os.PathLike, *, model_class: Any = None, **confi
     return model
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
+def resolve_model_directory(path: str | os.PathLike) -> Path:
     """A local checkpoint directory, or a hub id's snapshot in the local Hugging Face cache."""
     local = Path(path).expanduser()
     if local.is_dir():

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from shardtrain.datamodule import DataModule
 from shardtrain.errors import ConfigError
-from shardtrain.hf.pretrained import require_transformers, resolve_checkpoint
+from shardtrain.hf.pretrained import require_transformers, resolve_model_directory
 
 
 class TokenBlocks(Dataset):
@@ -67,7 +67,7 @@ class TextData(DataModule):
     def splits(self) -> tuple[TokenBlocks, TokenBlocks]:
         if self._splits is None:
             transformers = require_transformers()
-            tokenizer = transformers.AutoTokenizer.from_pretrained(resolve_checkpoint(self.tokenizer))
+            tokenizer = transformers.AutoTokenizer.from_pretrained(resolve_model_directory(self.tokenizer))
             separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
             ids: list[int] = []
             for document in self.documents():

@@ -76,11 +76,13 @@ def modules_read_whole(root: nn.Module) -> set[int]:
     return found
 
 
-def load_attached_weights(root: nn.Module, within: nn.Module | None = None, done: set[str] | None = None) -> None:
+def load_attached_weights(
+    root: nn.Module, within: nn.Module | None = None, done: set[tuple[int, str]] | None = None
+) -> None:
     """Fill the tensors of every module under ``root`` that carries a weight source.
 
     ``within``: only the tensors of this submodule (a ZeRO-3 unit about to be partitioned), or of the
-    sourced modules inside it. ``done``: names already filled (per source module), skipped and extended.
+    sourced modules inside it. ``done``: (id of the sourced module, name) already filled: skipped, and extended.
     """
     within = within if within is not None else root
     for sourced in [m for m in root.modules() if getattr(m, _ATTRIBUTE, None) is not None]:
