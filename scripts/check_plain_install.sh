@@ -2,7 +2,8 @@
 # The plain install runs on two processes: a fresh virtual environment with only
 # `pip install torch==2.13.0 -e .` (no extras) trains the README's GPT example for 3 steps on
 # 2 processes under ddp, fsdp, model_parallel (tensor parallel over both) and model_parallel with two
-# pipeline stages (examples/gpt/gpt_pipeline.yaml). It catches a
+# pipeline stages (examples/gpt/gpt_pipeline.yaml), and checks that shardtrain.hf without
+# transformers names the extra to install. It catches a
 # runtime dependency that only an extra brought in (numpy once did: torch's *_object
 # collectives need it).
 #
@@ -47,4 +48,21 @@ PY
   fi
   echo "[plain install] $strategy: 3 steps in $((SECONDS - start)) s"
 done
+# The optional extras stay optional: without transformers, shardtrain.hf imports and its use names the extra.
+if ! "$work/venv/bin/python" - <<'PY'
+import shardtrain.hf
+from shardtrain.errors import MissingDependencyError
+
+try:
+    shardtrain.hf.from_pretrained("any/model")
+except MissingDependencyError as error:
+    assert "pip install 'shardtrain[hf]'" in str(error), error
+else:
+    raise AssertionError("from_pretrained ran without transformers")
+PY
+then
+  echo "[plain install] FAILED: shardtrain.hf without transformers did not name the hf extra" >&2
+  exit 1
+fi
+echo "[plain install] shardtrain.hf without transformers: names the hf extra"
 echo "[plain install] passed"
