@@ -36,6 +36,7 @@ parser.add_argument("--max-steps", type=int, default=1)
 parser.add_argument("--freeze", nargs="*", default=[])
 parser.add_argument("--save", action="store_true", help="checkpoint at the end")
 parser.add_argument("--resume", default=None)
+parser.add_argument("--precision", default="32-true")
 parser.add_argument("--dump", action="store_true", help="the full trained weights to weights.safetensors")
 args = parser.parse_args()
 
@@ -45,6 +46,7 @@ trainer = Trainer(
     devices=args.devices,
     strategy=create_strategy(args.strategy, **json.loads(args.strategy_options)),
     max_steps=args.max_steps,
+    precision=args.precision,
     log_every_n_steps=1,
     default_root_dir=args.out,
     seed=1234,
