@@ -96,3 +96,15 @@ def test_without_transformers_the_error_names_the_extra(monkeypatch, gpt2):
     monkeypatch.setitem(sys.modules, "transformers", None)  # what a missing package looks like to import
     with pytest.raises(MissingDependencyError, match=r"pip install 'shardtrain\[hf\]'"):
         from_pretrained(gpt2)
+
+
+def test_other_shapes_and_a_class_of_another_model_are_refused_before_anything_is_read(llama, gpt2):
+    from shardtrain.errors import ConfigError
+
+    with pytest.raises(
+        CheckpointError,
+        match=r"shapes differ for 2 keys \(model\.embed_tokens\.weight: checkpoint \(256, 64\), model \(300, 64\)",
+    ):
+        from_pretrained(llama, vocab_size=300)
+    with pytest.raises(ConfigError, match=r"LlamaForCausalLM cannot be built from .*GPT2Config.*pass the model_class"):
+        from_pretrained(gpt2, model_class=transformers.LlamaForCausalLM)

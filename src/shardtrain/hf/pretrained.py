@@ -59,7 +59,13 @@ def from_pretrained(path: str | os.PathLike, *, model_class: Any = None, **confi
     cls = model_class or _architecture(transformers, config)
     device = torch.empty(()).device  # where the strategy builds layers: the meta device under sharding
     with torch.device("meta"):
-        model = cls._from_config(config, dtype=torch.get_default_dtype())
+        try:
+            model = cls._from_config(config, dtype=torch.get_default_dtype())
+        except (AttributeError, TypeError, ValueError) as error:
+            raise ConfigError(
+                f"{getattr(cls, '__name__', cls)} cannot be built from {directory}'s config "
+                f"({type(config).__name__}): {error}; pass the model_class of that config, or none"
+            ) from error
     weights = HuggingFaceWeights(directory, model)
     model.name_or_path = str(path)
     attach_weight_source(model, weights)
@@ -89,13 +95,13 @@ def resolve_model_directory(path: str | os.PathLike) -> Path:
         ) from error
 
 
-def stored_tensor_names(directory: Path) -> dict[str, str]:
-    """Tensor name -> file, from the index of a multi-file checkpoint or the headers of its one file."""
+def stored_tensor_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, from the safetensors headers (the files of the index, or the directory's)."""
     index = directory / INDEX_FILE
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: str(directory / file) for name, file in weight_map.items()}
-    files = sorted(directory.glob("*.safetensors"))
+        files = sorted({directory / file for file in json.loads(index.read_text())["weight_map"].values()})
+    else:
+        files = sorted(directory.glob("*.safetensors"))
     if not files:
         pickled = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt*")]
         raise CheckpointError(
@@ -105,11 +111,11 @@ def stored_tensor_names(directory: Path) -> dict[str, str]:
         )
     from safetensors import safe_open
 
-    names: dict[str, str] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     for file in files:
         with safe_open(str(file), framework="pt") as f:
-            names.update(dict.fromkeys(f.keys(), str(file)))
-    return names
+            shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+    return shapes
 
 
 class HuggingFaceWeights:
@@ -122,7 +128,7 @@ class HuggingFaceWeights:
 
     def __init__(self, directory: Path, model: nn.Module) -> None:
         self.directory = directory
-        stored = stored_tensor_names(directory)
+        stored = stored_tensor_shapes(directory)
         prefix = getattr(model, "base_model_prefix", "")
         groups: dict[int, list[str]] = {}
         for name, tensor in model.state_dict(keep_vars=True).items():
@@ -136,18 +142,22 @@ class HuggingFaceWeights:
 
         self.stored_name: dict[str, str] = {}
         missing: list[str] = []
+        mismatched: list[str] = []
+        shapes = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
         for names in groups.values():
             found = [stored_name(n) for n in names if stored_name(n) is not None]
             if not found:
                 missing += [n for n in names if not _ignored(model, "_keys_to_ignore_on_load_missing", n)]
                 continue
+            if stored[found[0]] != shapes[names[0]]:
+                mismatched.append(f"{names[0]}: checkpoint {stored[found[0]]}, model {shapes[names[0]]}")
             self.stored_name.update(dict.fromkeys(names, found[0]))
         unexpected = sorted(
             set(stored)
             - set(self.stored_name.values())
             - {n for n in stored if _ignored(model, "_keys_to_ignore_on_load_unexpected", n)}
         )
-        if missing or unexpected:
+        if missing or unexpected or mismatched:
             raise CheckpointError(
                 f"the checkpoint in {directory} does not hold {type(model).__name__}'s weights: "
                 + "; ".join(
@@ -155,6 +165,7 @@ class HuggingFaceWeights:
                     for part in (
                         f"missing {_some(missing)}" if missing else "",
                         f"unexpected {_some(unexpected)}" if unexpected else "",
+                        f"shapes differ for {_some(mismatched)}" if mismatched else "",
                     )
                     if part
                 )
