@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from shardtrain.checkpoint.sharded import _quiet_single_process, read_meta
+from shardtrain.checkpoint.safe_reader import load_tensors, read_metadata
+from shardtrain.checkpoint.sharded import read_meta
 from shardtrain.errors import CheckpointError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -138,13 +138,12 @@ def is_weights_file(path: str | os.PathLike) -> bool:
 
 
 def _metadata(source: Path) -> dict[str, Any]:
-    return dcp.FileSystemReader(source).read_metadata().state_dict_metadata
+    return read_metadata(source).state_dict_metadata
 
 
 def _read_tensor(source: Path, name: str, info: TensorStorageMetadata) -> torch.Tensor:
     tensor = torch.empty(info.size, dtype=info.properties.dtype)
-    with _quiet_single_process():
-        dcp.load({name: tensor}, storage_reader=dcp.FileSystemReader(source), no_dist=True)
+    load_tensors({name: tensor}, source, no_dist=True)
     return tensor
 
 

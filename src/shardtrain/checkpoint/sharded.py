@@ -13,25 +13,25 @@ rank 0 writes ``meta.json`` last, fsyncs it, and renames the directory into plac
 moment leaves either the previous checkpoint or a ``.partial`` directory that nothing loads; the
 next save into the same directory removes such leftovers (rank 0, with a printed note), except
 the ones that this process's asynchronous saves are still writing.
-Loading never unpickles: tensors come from DCP, everything else from JSON.
+Loading runs no code from the files: DCP's metadata and non-tensor entries are read by
+``checkpoint.safe_reader`` (restricted unpicklers), tensors by DCP (``weights_only``), the rest is JSON.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import threading
-import warnings
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterator
+from typing import Any, Callable, Collection
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.utils._pytree import tree_flatten_with_path, tree_map_only
 
+from shardtrain.checkpoint.safe_reader import load_tensors, quiet_single_process, read_metadata
 from shardtrain.errors import CheckpointError
 
 FORMAT_VERSION = 2
@@ -58,7 +58,7 @@ def save_sharded(
     """
     target, staging = _prepare(path, rank, barrier)
     try:
-        with _quiet_single_process():
+        with quiet_single_process():
             dcp.save(
                 tensors,
                 storage_writer=dcp.FileSystemWriter(staging, sync_files=True),
@@ -123,7 +123,7 @@ def save_sharded_async(
 
     def finish() -> None:
         try:
-            with _quiet_single_process():
+            with quiet_single_process():
                 dcp.save(
                     staged,
                     storage_writer=dcp.FileSystemWriter(staging, sync_files=True),
@@ -231,7 +231,7 @@ def load_sharded(path: str | os.PathLike, tensors: dict[str, Any], *, strict_pre
     match the requested ones exactly; differences are listed in the error.
     """
     directory = Path(path)
-    saved = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata
+    saved = read_metadata(directory).state_dict_metadata
     requested = _flatten(tensors)
     for prefix in strict_prefixes:
         wanted = {
@@ -254,20 +254,12 @@ def load_sharded(path: str | os.PathLike, tensors: dict[str, Any], *, strict_pre
     missing = sorted(key for key, value in requested.items() if isinstance(value, torch.Tensor) and key not in saved)
     if missing:
         raise CheckpointError(f"{directory} lacks {len(missing)} entries that this run needs, e.g. {missing[:5]}")
-    with _quiet_single_process():
-        dcp.load(tensors, storage_reader=dcp.FileSystemReader(directory), no_dist=not dist.is_initialized())
-
-
-@contextlib.contextmanager
-def _quiet_single_process() -> Iterator[None]:
-    """DCP warns that it 'assumes' a single process when there is no process group: that is intended."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-        yield
+    load_tensors(tensors, directory, no_dist=not dist.is_initialized())
 
 
 def saved_keys(path: str | os.PathLike) -> set[str]:
-    return set(dcp.FileSystemReader(Path(path)).read_metadata().state_dict_metadata)
+    """The DCP keys (``model.layer.weight``, ...) the checkpoint at ``path`` holds."""
+    return set(read_metadata(Path(path)).state_dict_metadata)
 
 
 def _check_match(directory: Path, prefix: str, requested: dict[str, tuple[int, ...]], saved: dict[str, Any]) -> None:

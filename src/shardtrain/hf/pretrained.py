@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from shardtrain.checkpoint.sharded import _quiet_single_process
+from shardtrain.checkpoint.safe_reader import SafeLoadPlanner, quiet_single_process
 from shardtrain.errors import CheckpointError, ConfigError, MissingDependencyError
 from shardtrain.strategies.materialize import materialize
 from shardtrain.strategies.weight_source import attach_weight_source, detach_weight_source
@@ -189,9 +189,14 @@ class HuggingFaceWeights:
                     break
             else:
                 rounds.append({key: tensor})
-        with torch.no_grad(), _quiet_single_process():
+        with torch.no_grad(), quiet_single_process():
             for state in rounds:
-                dcp.load(state, storage_reader=HuggingFaceStorageReader(str(self.directory)), no_dist=True)
+                dcp.load(
+                    state,
+                    storage_reader=HuggingFaceStorageReader(str(self.directory)),
+                    planner=SafeLoadPlanner(self.directory),
+                    no_dist=True,
+                )
 
 
 def _architecture(transformers: Any, config: Any) -> Any:
