@@ -32,3 +32,11 @@ fi
 
 echo "setup: pip install ${torch_requirement:+$torch_requirement }-e .[dev]"
 python -m pip install ${torch_requirement:+"$torch_requirement"} -e ".[dev]"
+
+# DeepSpeed compiles its C++ ops (communication, CPU Adam, async I/O, pinned memory) on first use:
+# minutes on 2 cores, once per machine. Build them here rather than inside the first test that runs
+# DeepSpeed (the tests stop at once, naming this step, when they are missing).
+if python -c "import deepspeed" >/dev/null 2>&1; then
+  echo "setup: building DeepSpeed's ops (once per machine; seconds when already built)"
+  python scripts/build_deepspeed_ops.py
+fi

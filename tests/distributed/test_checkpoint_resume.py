@@ -8,10 +8,9 @@ pytestmark = pytest.mark.distributed
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    return assert_ok(
-        run_script("train_gpt.py", tmp_path_factory.mktemp("full"), "--devices", "1", "--batch-size", "16")
-    ).result()
+def uninterrupted(reference_run):
+    """One process, global batch 16: the reference curve (run once a session, shared)."""
+    return reference_run("train_gpt.py", "--devices", "1", "--batch-size", "16")
 
 
 @pytest.mark.parametrize(

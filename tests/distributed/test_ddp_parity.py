@@ -8,11 +8,9 @@ pytestmark = pytest.mark.distributed
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
+def single(reference_run):
     """One process, global batch 16, no accumulation: the reference curve."""
-    return assert_ok(
-        run_script("train_gpt.py", tmp_path_factory.mktemp("single"), "--devices", "1", "--batch-size", "16")
-    ).result()
+    return reference_run("train_gpt.py", "--devices", "1", "--batch-size", "16")
 
 
 def test_ddp_matches_single_process(single, tmp_path):

@@ -19,10 +19,9 @@ TWO_RANKS = ("--devices", "2", "--batch-size", "8")
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    return assert_ok(
-        run_script("train_gpt.py", tmp_path_factory.mktemp("single"), "--devices", "1", "--batch-size", "16")
-    ).result()
+def single(reference_run):
+    """One process, global batch 16: the reference curve (run once a session, shared)."""
+    return reference_run("train_gpt.py", "--devices", "1", "--batch-size", "16")
 
 
 def _deepspeed(tmp_path, options: dict, *extra: str, timeout: float = 300):

@@ -96,5 +96,8 @@ def test_readme_set_up_commands_are_the_ones_ci_runs():
     ci = (ROOT / ".ci/run").read_text().splitlines()
     assert any(line.startswith(commands[1] + " ") or line == commands[1] for line in ci), "CI must run it literally"
     assert "bash scripts/check_plain_install.sh" in ci
+    full_suite = "python -m pytest tests --full"
+    assert any(line.startswith(full_suite) for line in ci), "CI must run the full suite"
+    assert f"`{full_suite}`" in readme, "the README must give the full suite's command"
     for guide in ("docs/quickstart.md", "README.md"):
         assert "bash scripts/setup.sh" in (ROOT / guide).read_text()
