@@ -26,8 +26,7 @@ import pytest
 import yaml
 
 import shardtrain
-from shardtrain import cli, config
-from shardtrain.errors import StrategyError
+from shardtrain import StrategyError, cli, config
 from shardtrain.strategies.registry import strategy_description, strategy_factory
 from shardtrain.trainer_arguments import TrainerArguments
 
