@@ -24,7 +24,11 @@ def uninterrupted(reference_run):
             ["--devices", "2", "--strategy", "ddp", "--batch-size", "8"],
             ["--devices", "2", "--strategy", "fsdp", "--batch-size", "8"],
         ),
-        (["--devices", "2", "--strategy", "fsdp", "--batch-size", "8"], ["--devices", "1", "--batch-size", "16"]),
+        pytest.param(
+            ["--devices", "2", "--strategy", "fsdp", "--batch-size", "8"],
+            ["--devices", "1", "--batch-size", "16"],
+            marks=pytest.mark.fast,
+        ),
         (["--devices", "1", "--batch-size", "16"], ["--devices", "2", "--strategy", "fsdp", "--batch-size", "8"]),
         (
             ["--devices", "2", "--strategy", "fsdp", "--batch-size", "8"],
@@ -78,7 +82,7 @@ def test_kill_9_in_the_middle_of_a_save_keeps_the_last_checkpoint(uninterrupted,
     assert resumed["losses"] == pytest.approx(uninterrupted["losses"][3:], abs=1e-5)
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "model_parallel"])
+@pytest.mark.parametrize("strategy", [pytest.param("fsdp", marks=pytest.mark.fast), "model_parallel"])
 def test_async_save_writes_what_sync_save_writes(tmp_path, strategy):
     import json
 

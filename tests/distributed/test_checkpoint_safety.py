@@ -20,7 +20,7 @@ def _saved(tmp_path, save_with):
 @pytest.mark.parametrize(
     "save_with, resume_with",
     [
-        (FSDP_2, ["--devices", "1", "--batch-size", "16"]),
+        pytest.param(FSDP_2, ["--devices", "1", "--batch-size", "16"], marks=pytest.mark.fast),
         (FSDP_2, ["--devices", "2", "--strategy", "ddp", "--batch-size", "8"]),
         (
             ["--devices", "2", "--strategy", "deepspeed_stage_3", "--batch-size", "8"],

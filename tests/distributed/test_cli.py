@@ -36,6 +36,7 @@ def _losses(directory):
     }
 
 
+@pytest.mark.fast
 def test_yaml_run_equals_python_run_and_resumes_without_a_config(tmp_path):
     out = _cli(
         "fit",

@@ -13,6 +13,7 @@ def single(reference_run):
     return reference_run("train_gpt.py", "--devices", "1", "--batch-size", "16")
 
 
+@pytest.mark.fast
 def test_ddp_matches_single_process(single, tmp_path):
     ddp = assert_ok(
         run_script("train_gpt.py", tmp_path, "--devices", "2", "--strategy", "ddp", "--batch-size", "8")

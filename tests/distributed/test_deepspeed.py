@@ -40,7 +40,7 @@ def _deepspeed(tmp_path, options: dict, *extra: str, timeout: float = 300):
     ).result()
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [1, pytest.param(2, marks=pytest.mark.fast), 3])
 def test_each_zero_stage_matches_one_process(single, tmp_path, stage):
     result = _deepspeed(tmp_path, {"stage": stage})
     assert (result["world_size"], result["zero_stage"]) == (2, stage)

@@ -214,6 +214,7 @@ def test_a_rank_killed_under_torchrun_max_restarts_resumes_from_the_last_commit(
     _assert_resumes_exactly(result, uninterrupted)
 
 
+@pytest.mark.fast
 def test_torchrun_reports_the_failing_rank_and_its_traceback(tmp_path):
     run = run_script("fail_rank.py", tmp_path, "--fail-rank", "1", torchrun=2, timeout=120)
     assert run.returncode != 0

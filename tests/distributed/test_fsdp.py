@@ -16,7 +16,7 @@ def single(reference_run):
 @pytest.mark.parametrize(
     "options",
     [
-        '{"sharding_strategy": "FULL_SHARD"}',
+        pytest.param('{"sharding_strategy": "FULL_SHARD"}', marks=pytest.mark.fast),
         '{"sharding_strategy": "SHARD_GRAD_OP"}',
         '{"sharding_strategy": "NO_SHARD"}',
         '{"cpu_offload": true}',

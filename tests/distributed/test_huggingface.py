@@ -46,7 +46,14 @@ CASES.append(("llama", "fsdp2-bf16-true"))
 LAYOUTS["fsdp2-bf16-true"] = (*LAYOUTS["fsdp2"], "--precision", "bf16-true")
 
 
-@pytest.mark.parametrize("model, layout", CASES, ids=[f"{m}-{layout}" for m, layout in CASES])
+FAST = {("llama", "fsdp2")}  # in the fast tier: a multi-file bf16 Llama read into FSDP shards
+
+
+@pytest.mark.parametrize(
+    "model, layout",
+    [pytest.param(m, layout, marks=[pytest.mark.fast] if (m, layout) in FAST else []) for m, layout in CASES],
+    ids=[f"{m}-{layout}" for m, layout in CASES],
+)
 def test_the_pretrained_models_own_first_batch_loss_is_the_first_training_loss(checkpoints, tmp_path, model, layout):
     # GPT-2 has no tensor-parallel plan (Conv1D layers), so it is not run under tp2. Under pp2 its output
     # layer, tied to the embedding, is on the second stage and the embedding on the first.

@@ -24,6 +24,7 @@ def test_engine_loop_from_plain_script(tmp_path):
     assert rank0["restored_step"] == 4
 
 
+@pytest.mark.fast
 def test_engine_loop_under_torchrun_matches_own_launcher(tmp_path):
     ours = _ranks(assert_ok(run_script("engine_loop.py", tmp_path / "ours")), 2)
     torchrun = _ranks(assert_ok(run_script("engine_loop.py", tmp_path / "torchrun", torchrun=2)), 2)
@@ -37,7 +38,7 @@ def test_engine_loop_four_processes(tmp_path):
     assert len({r["weights"] for r in ranks}) == 1
 
 
-@pytest.mark.parametrize("how", ["raise", "kill"])
+@pytest.mark.parametrize("how", [pytest.param("raise", marks=pytest.mark.fast), "kill"])
 def test_child_rank_failure_stops_the_run(tmp_path, how):
     start = time.monotonic()
     run = run_script("fail_rank.py", tmp_path, "--fail-rank", "1", "--how", how, timeout=120)

@@ -41,7 +41,7 @@ def single(tmp_path_factory):
     return run.result(), _weights(out, 1)[0]
 
 
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved_1f1b"])
+@pytest.mark.parametrize("schedule", ["gpipe", pytest.param("1f1b", marks=pytest.mark.fast), "interleaved_1f1b"])
 def test_two_stages_match_one_process(single, tmp_path, schedule):
     expected, whole = single
     result = assert_ok(run_script(SCRIPT, tmp_path, *_pipeline(schedule))).result()

@@ -277,12 +277,14 @@ def _cases(*, known_failures: dict | None = None) -> list:
     return cases
 
 
+@pytest.mark.fast
 def test_the_reference_run_clips_and_learns(reference):
     norms = [per_rank[0] for per_rank in reference["grad_norms"]]
     assert len(reference["losses"]) == STEPS and all(norm > MAX_NORM for norm in norms), norms
     assert reference["final_loss"] < reference["loss_at_save"] < reference["losses"][0]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(("processes", "name"), _cases())
 def test_losses_match_single(request, reference, processes, name):
     result = _result(request, processes, name, "losses", "final_loss")
@@ -290,6 +292,7 @@ def test_losses_match_single(request, reference, processes, name):
     assert result["final_loss"] == pytest.approx(reference["final_loss"], **TOLERANCE)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(("processes", "name"), _cases())
 def test_gradient_norms_match_single_on_every_rank(request, reference, processes, name):
     result = _result(request, processes, name, "grad_norms")
@@ -299,6 +302,7 @@ def test_gradient_norms_match_single_on_every_rank(request, reference, processes
         assert per_rank == pytest.approx([expected[step]] * processes, **TOLERANCE), f"step {step + 1}"
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(("processes", "name"), _cases(known_failures=KNOWN_BREAKS))
 def test_save_and_load_resume_the_uninterrupted_run(request, processes, name):
     result = _result(request, processes, name, "losses", "grad_norms", "loss_at_save", "resumed")
@@ -313,14 +317,17 @@ def test_save_and_load_resume_the_uninterrupted_run(request, processes, name):
     assert "error" not in result, result["error"]  # e.g. in the resumed run's teardown
 
 
+@pytest.mark.fast
 def test_single_refuses_two_processes(results_2):
     assert results_2["single"]["refused"].startswith("StrategyError: strategy 'single' runs one process")
 
 
+@pytest.mark.fast
 def test_every_strategy_runs_on_one_or_two_processes(results_1, results_2):
     assert [name for name in STRATEGIES if "refused" in results_1[name] and "refused" in results_2[name]] == []
 
 
+@pytest.mark.fast
 def test_the_toy_strategy_is_registered_by_name_only_while_its_test_needs_it():
     saved = dict(registry._REGISTRY)
     try:

@@ -47,6 +47,7 @@ def _assert_same_numbers(result, single):
     assert result["weight_checksum"] == pytest.approx(single["weight_checksum"], rel=1e-6)
 
 
+@pytest.mark.fast
 def test_tensor_parallel_matches_one_process(single, tmp_path):
     result = assert_ok(run_script("train_gpt.py", tmp_path, *TP2, "--throughput-monitor")).result()
     assert result["world_size"] == 2 and result["data_parallel_size"] == 1
@@ -132,6 +133,7 @@ def test_a_module_that_parallelises_itself_in_configure_model(single, tmp_path, 
     _assert_same_numbers(result, single)
 
 
+@pytest.mark.fast
 def test_data_2_by_tensor_2_with_accumulation_matches_one_process(single, tmp_path):
     options = ("--devices", "4", *TP2_OPTIONS, "--batch-size", "4", "--accumulate", "2", *CLIP)  # 2 x 4 x 2 = 16
     result = assert_ok(run_script("train_gpt.py", tmp_path, *options)).result()
