@@ -46,6 +46,7 @@ def test_fsdp_matches_single_process(single, tmp_path, options):
     assert result["weight_checksum"] == pytest.approx(single["weight_checksum"], rel=1e-5)
 
 
+@pytest.mark.fast
 def test_hybrid_shard_on_a_2x2_mesh(single, tmp_path):
     options = '{"sharding_strategy": "HYBRID_SHARD", "device_mesh": [2, 2]}'
     result = assert_ok(

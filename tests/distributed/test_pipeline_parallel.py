@@ -61,6 +61,7 @@ def test_two_stages_match_one_process(single, tmp_path, schedule):
     assert held[1]["model.head.weight"].equal(held[0]["model.token_embedding.weight"])
 
 
+@pytest.mark.fast
 def test_two_stages_times_two_data_parallel_ranks_match_one_process(tmp_path):
     """pp 2 x data 2 on 4 processes: FSDP shards each stage over its 2 data-parallel ranks, which read
     different halves of the global batch of 16 (the tied weight is summed between the stages' ranks that

@@ -89,7 +89,9 @@ def test_loss_parallel_computes_the_loss_from_logits_split_by_vocabulary(tmp_pat
     assert split["tied"] and split["logits_layout"] == ["S(2)"]  # (batch, seq, vocab / 2) per rank
 
 
-@pytest.mark.parametrize("loss_parallel", [False, True], ids=["gathered-logits", "loss-parallel"])
+@pytest.mark.parametrize(
+    "loss_parallel", [False, pytest.param(True, marks=pytest.mark.fast)], ids=["gathered-logits", "loss-parallel"]
+)
 def test_sequence_parallelism_matches_one_process(single, tmp_path, loss_parallel):
     """The GPT's ``sequence_parallel_tp_plan``: norms and the residual stream hold half the sequence
     per rank. Losses, clipped norms (split and replicated gradients together), weights and greedy
