@@ -23,10 +23,10 @@ from shardtrain.checkpoint import read_meta
 from shardtrain.checkpoint.consolidate import is_weights_file, load_weights
 from shardtrain.checkpoint.loader_position import LoaderPosition
 from shardtrain.checkpoint.pointer import point_last_at, resolve_checkpoint
-from shardtrain.engine import Engine
+from shardtrain.engine.engine import Engine
 
 if TYPE_CHECKING:
-    from shardtrain.trainer import Trainer
+    from shardtrain.trainer.trainer import Trainer
 
 
 class TrainerCheckpoints:

@@ -1,6 +1,6 @@
 """Memory estimation before anything is allocated, and the choice behind ``strategy="auto"``.
 
-Two steps, each in its own place. ``shardtrain.footprint`` measures the model on the meta device
+Two steps, each in its own place. ``shardtrain.estimate.footprint`` measures the model on the meta device
 (parameters, optimizer state, activations: a ``ModelFootprint``). Each registered strategy then
 says where it keeps those bytes, in its own ``estimate_memory(footprint)`` (the formulas live
 beside the strategies: ``strategies/replica_memory.py``, ``fsdp_memory.py``,
@@ -23,13 +23,13 @@ import torch
 from torch import nn
 
 from shardtrain.errors import ConfigError, MissingDependencyError
-from shardtrain.footprint import fresh_copy, measure_footprint
+from shardtrain.estimate.footprint import measure_footprint
 from shardtrain.memory import GIB, ModelFootprint, StrategyMemory, parse_memory_size
 from shardtrain.strategies import Strategy, available_strategies, create_strategy
-from shardtrain.strategies.deepspeed_memory import DEEPSPEED_NVME_SWAP_BUFFERS, DEEPSPEED_REDUCE_BUCKET
+from shardtrain.strategies.deepspeed.memory import DEEPSPEED_NVME_SWAP_BUFFERS, DEEPSPEED_REDUCE_BUCKET
 from shardtrain.strategies.fsdp import FSDPStrategy
 from shardtrain.strategies.registry import strategy_factory
-from shardtrain.strategies.tp_plan import Plan
+from shardtrain.parallel.tensor_parallel.plan import Plan
 
 __all__ = [
     "DEEPSPEED_NVME_SWAP_BUFFERS",
@@ -38,7 +38,6 @@ __all__ = [
     "MemoryEstimate",
     "ModelFootprint",
     "StrategyMemory",
-    "choose_strategy",
     "device_memory_bytes",
     "estimate_memory",
     "parse_memory_size",
@@ -202,7 +201,7 @@ def estimate_memory(
     The ``model_parallel`` row is for ``tensor_parallel_size`` ranks per tensor-parallel group (the
     rest of the run's ranks data parallel), split by ``tp_plan`` or the model's own plan (its
     ``sequence_parallel_tp_plan`` with ``sequence_parallel``, as ``ModelParallelStrategy``'s option); one rank's
-    share is measured on the meta device (``shardtrain.strategies.tp_share``). Default: the devices
+    share is measured on the meta device (``shardtrain.parallel.tensor_parallel.share``). Default: the devices
     of one node, where the model has a plan that fits them; otherwise there is no such row. A size
     given here must fit: a model without a plan, or head counts it does not divide, raise ``ConfigError``.
     """
@@ -300,14 +299,3 @@ def device_memory_bytes(device_type: str, local_world_size: int) -> tuple[int, i
     if device_type == "cuda":
         return torch.cuda.get_device_properties(0).total_memory, host_per_device
     return host_per_device, None  # on CPU, device memory is host memory
-
-
-def choose_strategy(
-    module: nn.Module, *, devices: int, num_nodes: int, precision: str, device_type: str, batch_size: int = 1
-) -> tuple[str, str]:
-    """``strategy="auto"``: the strategy this run should use, from the estimate and the real memory."""
-    estimate = estimate_memory(
-        fresh_copy(module), devices=devices, num_nodes=num_nodes, precision=precision, batch_size=batch_size
-    )
-    device_memory, host_memory = device_memory_bytes(device_type, devices)
-    return estimate.recommend(device_memory, host_memory)

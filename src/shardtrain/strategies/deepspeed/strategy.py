@@ -27,19 +27,18 @@ from torch.optim import Optimizer
 from shardtrain.errors import ConfigError, MissingDependencyError, StrategyError
 from shardtrain.memory import ModelFootprint, StrategyMemory
 from shardtrain.precision import Precision
-from shardtrain.strategies import deepspeed_state as state_io
-from shardtrain.strategies.activation_checkpoint import apply_activation_checkpointing
-from shardtrain.parallel_dims import ParallelDims
+from shardtrain.strategies.deepspeed import state as state_io
+from shardtrain.parallel.activation_checkpoint import apply_activation_checkpointing
+from shardtrain.parallel.dims import ParallelDims
 from shardtrain.strategies.base import Strategy, TrainingSettings, repoint_optimizer
 from shardtrain.strategies.capabilities import BackwardSyncControl
-from shardtrain.strategies.deepspeed_config import (
+from shardtrain.strategies.deepspeed.config import (
     DeepSpeedOptions,
-    TrainerSettings,
     build_config,
     offload_nvme_paths,
 )
-from shardtrain.strategies.deepspeed_memory import deepspeed_memory
-from shardtrain.strategies.deepspeed_runtime import (
+from shardtrain.strategies.deepspeed.memory import deepspeed_memory
+from shardtrain.strategies.deepspeed.runtime import (
     DeepSpeedPrecision,
     accumulation_boundary,
     describe_offload,
@@ -47,8 +46,8 @@ from shardtrain.strategies.deepspeed_runtime import (
     optimizer_for_deepspeed,
     require_async_io,
 )
-from shardtrain.strategies.materialize import has_meta_tensors
-from shardtrain.strategies.policy import ModulePolicy
+from shardtrain.parallel.materialize import has_meta_tensors
+from shardtrain.parallel.policy import ModulePolicy
 from shardtrain.strategies.registry import register_strategy
 
 log = logging.getLogger(__name__)
@@ -131,21 +130,21 @@ class DeepSpeedStrategy(BackwardSyncControl, Strategy):
     @property
     def config(self) -> dict[str, Any]:
         """The DeepSpeed config: the options, the user's config and the run's settings, assembled by
-        ``deepspeed_config.build_config`` when first read after a setting changed."""
+        ``config.build_config`` when first read after a setting changed."""
         inputs = (self.precision.name, repr(self.training), self.world_size, self._device_type)
         if self._config is None or self._config_inputs != inputs:
             self._config, self._config_inputs = self._build_config(), inputs
         return self._config
 
     def _build_config(self) -> dict[str, Any]:
-        trainer = TrainerSettings(
+        return build_config(
+            self.options,
+            self.user_config,
+            self.training,
             precision=self.precision.name,
-            micro_batch_size=self.training.micro_batch_size,
-            accumulate_grad_batches=self.training.accumulate_grad_batches,
-            gradient_clip_val=self.training.gradient_clip_val,
             world_size=self.world_size,
+            device_type=self._device_type,
         )
-        return build_config(self.options, self.user_config, trainer, device_type=self._device_type)
 
     @property
     def stage(self) -> int:
@@ -156,7 +155,7 @@ class DeepSpeedStrategy(BackwardSyncControl, Strategy):
         if offload_nvme_paths(self.config):
             require_async_io(device_type)
 
-    def parallel_dims(self, world_size: int, local_world_size: int) -> ParallelDims:
+    def make_parallel_dims(self, world_size: int, local_world_size: int) -> ParallelDims:
         """ZeRO partitions over every rank: all of them are data-parallel shard ranks."""
         return ParallelDims(world_size=world_size, dp_shard=world_size)
 

@@ -11,14 +11,16 @@ import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 from shardtrain.callbacks.base import Callback
 from shardtrain.errors import ConfigError
 from shardtrain.loggers import CSVLogger, Logger
-from shardtrain.nonfinite import check_choice
+from shardtrain.trainer.nonfinite import check_choice
 from shardtrain.preemption import Preemption
-from shardtrain.strategies import Strategy
+
+if TYPE_CHECKING:
+    from shardtrain.strategies import Strategy
 
 
 @dataclass(kw_only=True)
@@ -140,8 +142,9 @@ class TrainerArguments:
         names = ("accelerator", "devices", "num_nodes", "strategy", "precision", "timeout_seconds")
         return {name: getattr(self, name) for name in names}
 
-    def training_options(self) -> dict[str, Any]:
-        """What the loop tells the Engine (``Engine.configure_training``)."""
+    def training_settings(self) -> dict[str, Any]:
+        """The loop's training settings as the Engine takes them (``Engine.configure_training``, which makes
+        the strategy's ``TrainingSettings`` of them; the loop adds ``micro_batch_size`` once it has a loader)."""
         names = ("accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm")
         return {name: getattr(self, name) for name in names}
 

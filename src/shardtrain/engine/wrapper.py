@@ -19,7 +19,7 @@ from torch.optim import Optimizer
 from shardtrain.strategies.base import Strategy
 
 if TYPE_CHECKING:
-    from shardtrain.engine import Engine
+    from shardtrain.engine.engine import Engine
 
 STEP_METHODS = ("training_step", "validation_step", "test_step", "predict_step")
 _METHOD_KEY = "_shardtrain_method"

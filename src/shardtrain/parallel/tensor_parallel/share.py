@@ -5,7 +5,7 @@
 part of its DTensors, the larger part where a size does not divide), and makes its output the
 shape that rank computes: split where the style leaves it split, whole where the style gathers
 or sums it. Running a training step on the narrowed model then measures the rank's activations
-the way ``shardtrain.footprint`` measures any model's, from the real model code.
+the way ``shardtrain.estimate.footprint`` measures any model's, from the real model code.
 
 Sequence parallelism is followed from the styles' layouts: where a style cuts a whole input
 along a dimension (``PrepareModuleInput`` to ``Shard``, a ``RowwiseParallel`` whose output is
@@ -34,8 +34,8 @@ from torch.distributed.tensor.parallel import (
 )
 
 from shardtrain.errors import ConfigError
-from shardtrain.strategies.materialize import shared_parameters
-from shardtrain.strategies.tp_plan import FoundPlan, plan_targets
+from shardtrain.parallel.materialize import shared_parameters
+from shardtrain.parallel.tensor_parallel.plan import FoundPlan, plan_targets
 
 
 def narrow_to_one_rank(found: FoundPlan, tensor_parallel_size: int) -> list[str]:

@@ -27,7 +27,7 @@ from shardtrain.checkpoint.sharded import (
 from shardtrain.errors import CheckpointError
 from shardtrain.seed import restore_rng, rng_tensors
 from shardtrain.strategies.base import Strategy
-from shardtrain.wrapper import EngineModule, EngineOptimizer
+from shardtrain.engine.wrapper import EngineModule, EngineOptimizer
 
 
 class TrainingStateIO:

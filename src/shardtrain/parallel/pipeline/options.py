@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from shardtrain.errors import ConfigError, StrategyError
-from shardtrain.strategies.pipeline import V_SHAPED, Pipeline, is_multi_stage, schedule_class
+from shardtrain.parallel.materialize import build_on_meta, fresh_copy
+from shardtrain.parallel.pipeline.schedule import V_SHAPED, Pipeline, is_multi_stage, schedule_class
+from shardtrain.parallel.pipeline.stages import build_pipeline, check_contract, plan_for
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -90,9 +92,6 @@ class PipelineOptions:
 
     def check_module(self, module: nn.Module, pp: int, dtype: torch.dtype) -> None:
         """Before any process group: the module's contract, and its split on a trial build on the meta device."""
-        from shardtrain.footprint import build_on_meta, fresh_copy
-        from shardtrain.strategies.pipeline_setup import check_contract, plan_for
-
         check_contract(module)
         if pp != self.size:
             return
@@ -114,8 +113,6 @@ class PipelineOptions:
     ) -> Pipeline:
         """This rank's stages of ``module`` and their schedule (at set-up, in every process); ``parallelize(module)``
         applies tensor parallelism to the whole (meta-device) module first, ``shard(stage, blocks)`` FSDP to a stage."""
-        from shardtrain.strategies.pipeline_setup import build_pipeline, check_contract
-
         check_contract(module)
         return build_pipeline(
             module,

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from shardtrain.flops import recomputation_context
-from shardtrain.strategies.policy import ModulePolicy, describe, select_modules
+from shardtrain.parallel.policy import ModulePolicy, describe, select_modules
 
 log = logging.getLogger(__name__)
 

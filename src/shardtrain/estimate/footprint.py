@@ -24,10 +24,11 @@ from torch.utils._pytree import tree_map
 from shardtrain.errors import ConfigError
 from shardtrain.memory import ModelFootprint
 from shardtrain.precision import Precision
-from shardtrain.strategies.activation_checkpoint import apply_activation_checkpointing
-from shardtrain.strategies.policy import repeated_blocks
-from shardtrain.strategies.tp_plan import Plan, check_head_counts, find_plan
-from shardtrain.strategies.tp_share import narrow_to_one_rank
+from shardtrain.parallel.activation_checkpoint import apply_activation_checkpointing
+from shardtrain.parallel.materialize import build_on_meta
+from shardtrain.parallel.policy import repeated_blocks
+from shardtrain.parallel.tensor_parallel.plan import Plan, check_head_counts, find_plan
+from shardtrain.parallel.tensor_parallel.share import narrow_to_one_rank
 
 __all__ = ["ModelFootprint", "measure_footprint"]
 
@@ -153,53 +154,6 @@ def _measure(
         "activation_bytes": activations,
         "largest_unit_bytes": largest_unit,
     }
-
-
-def fresh_copy(module: nn.Module) -> Callable[[], nn.Module]:
-    """A factory of shallow copies of ``module`` for a trial build: ``configure_model()`` must run on the
-    user's module only once, for real, and a copy's layers do not become the module's."""
-
-    def factory() -> nn.Module:
-        clone = copy.copy(module)
-        clone.__dict__ = {
-            **module.__dict__,
-            "_modules": dict(module._modules),
-            "_parameters": dict(module._parameters),
-            "_buffers": dict(module._buffers),
-        }
-        return clone
-
-    factory.__name__ = type(module).__name__
-    return factory
-
-
-def build_on_meta(module: nn.Module | Callable[[], nn.Module], dtype: torch.dtype) -> nn.Module:
-    """``module`` (or what a factory returns) with ``configure_model()`` run on the meta device, in ``dtype``."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            model = module() if not isinstance(module, nn.Module) else module
-            configure = getattr(model, "configure_model", None)
-            if callable(configure):
-                configure()
-    except Exception as error:
-        where = (
-            getattr(model, "__class__", type(module)).__name__
-            if "model" in locals()
-            else getattr(module, "__name__", "the model factory")
-        )
-        raise ConfigError(
-            f"building {where} on the meta device failed: {type(error).__name__}: {error}. Every layer must be creatable without data (no .item(), no loading weights in configure_model)"
-        ) from error
-    finally:
-        torch.set_default_dtype(previous)
-    real = [name for name, p in model.named_parameters() if not p.is_meta]
-    if real:
-        raise ConfigError(
-            f"{type(model).__name__} created parameters outside the meta device (e.g. {real[:3]}); build layers in configure_model() or the factory"
-        )
-    return model
 
 
 def _optimizer_state_bytes(model: nn.Module) -> int:

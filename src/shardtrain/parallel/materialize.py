@@ -20,6 +20,7 @@ For a sharded parameter, the module's *full* tensor is created for the duration 
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import functools
 from typing import Any, Callable, Iterator, Sequence
@@ -29,7 +30,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from shardtrain.errors import ConfigError
-from shardtrain.strategies.weight_source import load_attached_weights, modules_read_whole
+from shardtrain.parallel.weight_source import load_attached_weights, modules_read_whole
 
 
 def has_meta_tensors(module: nn.Module) -> bool:
@@ -299,3 +300,50 @@ def materialize_owned(
     drop(module)
     load_attached_weights(module)
     release_freed_host_memory()
+
+
+def fresh_copy(module: nn.Module) -> Callable[[], nn.Module]:
+    """A factory of shallow copies of ``module`` for a trial build: ``configure_model()`` must run on the
+    user's module only once, for real, and a copy's layers do not become the module's."""
+
+    def factory() -> nn.Module:
+        clone = copy.copy(module)
+        clone.__dict__ = {
+            **module.__dict__,
+            "_modules": dict(module._modules),
+            "_parameters": dict(module._parameters),
+            "_buffers": dict(module._buffers),
+        }
+        return clone
+
+    factory.__name__ = type(module).__name__
+    return factory
+
+
+def build_on_meta(module: nn.Module | Callable[[], nn.Module], dtype: torch.dtype) -> nn.Module:
+    """``module`` (or what a factory returns) with ``configure_model()`` run on the meta device, in ``dtype``."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = module() if not isinstance(module, nn.Module) else module
+            configure = getattr(model, "configure_model", None)
+            if callable(configure):
+                configure()
+    except Exception as error:
+        where = (
+            getattr(model, "__class__", type(module)).__name__
+            if "model" in locals()
+            else getattr(module, "__name__", "the model factory")
+        )
+        raise ConfigError(
+            f"building {where} on the meta device failed: {type(error).__name__}: {error}. Every layer must be creatable without data (no .item(), no loading weights in configure_model)"
+        ) from error
+    finally:
+        torch.set_default_dtype(previous)
+    real = [name for name, p in model.named_parameters() if not p.is_meta]
+    if real:
+        raise ConfigError(
+            f"{type(model).__name__} created parameters outside the meta device (e.g. {real[:3]}); build layers in configure_model() or the factory"
+        )
+    return model

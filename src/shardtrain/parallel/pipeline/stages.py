@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from shardtrain.errors import ConfigError
-from shardtrain.strategies.materialize import has_meta_tensors, materialize_owned, shared_parameters
-from shardtrain.strategies.pipeline import Pipeline, TiedParameter, stage_indices
-from shardtrain.strategies.pipeline_split import StageLayout, StageRunner, keep_only, plan_stages
+from shardtrain.parallel.materialize import has_meta_tensors, materialize_owned, shared_parameters
+from shardtrain.parallel.pipeline.schedule import Pipeline, TiedParameter, stage_indices
+from shardtrain.parallel.pipeline.split import StageLayout, StageRunner, keep_only, plan_stages
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh

@@ -13,7 +13,9 @@ from typing import Any
 
 from torch import nn
 
+from shardtrain.estimate.table import device_memory_bytes, estimate_memory
 from shardtrain.launch.environment import ClusterEnvironment
+from shardtrain.parallel.materialize import fresh_copy
 
 AUTO = "auto"
 
@@ -33,8 +35,6 @@ def choose_for_module(
     module: nn.Module, environment: ClusterEnvironment, precision: str, device_type: str
 ) -> tuple[str, str]:
     """The registered strategy name for ``module`` on this run's layout, and why."""
-    from shardtrain.estimate import choose_strategy
-
     return choose_strategy(
         module,
         devices=environment.local_world_size,
@@ -42,3 +42,14 @@ def choose_for_module(
         precision=precision,
         device_type=device_type,
     )
+
+
+def choose_strategy(
+    module: nn.Module, *, devices: int, num_nodes: int, precision: str, device_type: str, batch_size: int = 1
+) -> tuple[str, str]:
+    """``strategy="auto"``: the strategy this run should use, from the estimate and the real memory."""
+    estimate = estimate_memory(
+        fresh_copy(module), devices=devices, num_nodes=num_nodes, precision=precision, batch_size=batch_size
+    )
+    device_memory, host_memory = device_memory_bytes(device_type, devices)
+    return estimate.recommend(device_memory, host_memory)

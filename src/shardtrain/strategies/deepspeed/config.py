@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from shardtrain.errors import ConfigError
+from shardtrain.strategies.base import TrainingSettings
 
 OffloadDevice = Literal["cpu", "nvme"]
 _OFFLOAD_DEVICES = ("cpu", "nvme")
@@ -45,17 +46,6 @@ class DeepSpeedOptions:
     allgather_bucket_size: int | None = None
     reduce_bucket_size: int | None = None
     overlap_comm: bool | None = None
-
-
-@dataclass(kw_only=True, slots=True)
-class TrainerSettings:
-    """What the training loop decides and DeepSpeed must agree with."""
-
-    precision: str = "32-true"
-    micro_batch_size: int | None = None
-    accumulate_grad_batches: int = 1
-    gradient_clip_val: float | None = None
-    world_size: int = 1
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -106,11 +96,14 @@ def check_options(options: DeepSpeedOptions) -> None:
 def build_config(
     options: DeepSpeedOptions,
     config: dict[str, Any] | str | os.PathLike | None,
-    trainer: TrainerSettings,
+    training: TrainingSettings,
     *,
+    precision: str = "32-true",
+    world_size: int = 1,
     device_type: str = "cpu",
 ) -> dict[str, Any]:
-    """The complete DeepSpeed config for this run (see the module docstring for precedence)."""
+    """The complete DeepSpeed config for this run (see the module docstring for precedence): the loop's
+    ``training`` settings, the run's ``precision`` and ``world_size`` decide the keys DeepSpeed must agree on."""
     check_options(options)
     result = user_config(config)
     zero = result.setdefault("zero_optimization", {})
@@ -142,7 +135,7 @@ def build_config(
             + ". Named options win; leave an option out to keep the file's value.",
             stacklevel=3,
         )
-    _write_trainer_settings(result, trainer)
+    _write_trainer_settings(result, training, precision, world_size)
     check_config(result)
     return result
 
@@ -178,7 +171,9 @@ def _offload(
         put(section, "pin_memory", options.pin_memory, f"zero_optimization.{key}.")
 
 
-def _write_trainer_settings(config: dict[str, Any], trainer: TrainerSettings) -> None:
+def _write_trainer_settings(
+    config: dict[str, Any], training: TrainingSettings, precision: str, world_size: int
+) -> None:
     replaced: list[str] = []
 
     def own(section: dict[str, Any], key: str, value: Any, where: str = "") -> None:
@@ -187,7 +182,7 @@ def _write_trainer_settings(config: dict[str, Any], trainer: TrainerSettings) ->
         section[key] = value
 
     micro = (
-        trainer.micro_batch_size
+        training.micro_batch_size
         or (
             config.get("train_micro_batch_size_per_gpu")
             if config.get("train_micro_batch_size_per_gpu") != "auto"
@@ -196,11 +191,11 @@ def _write_trainer_settings(config: dict[str, Any], trainer: TrainerSettings) ->
         or 1
     )
     own(config, "train_micro_batch_size_per_gpu", micro)
-    own(config, "gradient_accumulation_steps", trainer.accumulate_grad_batches)
-    config["train_batch_size"] = micro * trainer.accumulate_grad_batches * trainer.world_size
+    own(config, "gradient_accumulation_steps", training.accumulate_grad_batches)
+    config["train_batch_size"] = micro * training.accumulate_grad_batches * world_size
     # Always written: DeepSpeed's own default is to clip at 1.0, which would silently change training.
-    own(config, "gradient_clipping", float(trainer.gradient_clip_val or 0.0))
-    low = {"bf16-mixed": "bf16", "bf16-true": "bf16", "16-mixed": "fp16"}.get(trainer.precision)
+    own(config, "gradient_clipping", float(training.gradient_clip_val or 0.0))
+    low = {"bf16-mixed": "bf16", "bf16-true": "bf16", "16-mixed": "fp16"}.get(precision)
     for section_name in ("bf16", "fp16"):
         section = config.get(section_name)
         if isinstance(section, dict):

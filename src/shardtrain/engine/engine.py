@@ -28,21 +28,21 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-from shardtrain.checkpoint.state import TrainingStateIO
+from shardtrain.engine.checkpoint import TrainingStateIO
 from shardtrain.data import DeviceDataLoader, move_to_device, with_distributed_sampler
 from shardtrain.errors import ConfigError, RankFailedError
-from shardtrain.strategy_choice import choose_for_module, is_auto, provisional_strategy
+from shardtrain.estimate.auto import choose_for_module, is_auto, provisional_strategy
 from shardtrain.launch.environment import ClusterEnvironment
 from shardtrain.launch.failures import explain_failure
 from shardtrain.launch.processes import RunProcesses
-from shardtrain.parallel_dims import ParallelDims
+from shardtrain.parallel.dims import ParallelDims
 from shardtrain.precision import Precision
-from shardtrain.rank_agreement import check_ranks_built_the_same
+from shardtrain.engine.rank_agreement import check_ranks_built_the_same
 from shardtrain.seed import seed_everything
 from shardtrain.strategies import Strategy, create_strategy
 from shardtrain.strategies.base import TrainingSettings, optimizer_parameters, repoint_optimizer
 from shardtrain.strategies.capabilities import BackwardSyncControl
-from shardtrain.wrapper import EngineModule, EngineOptimizer, ForwardRouter
+from shardtrain.engine.wrapper import EngineModule, EngineOptimizer, ForwardRouter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -94,7 +94,9 @@ class Engine:
         strategy.configure_precision(self._precision_name)
         strategy.validate(self.world_size, self.accelerator)
         strategy.configure_training(self._training)
-        self.parallel_dims: ParallelDims = strategy.parallel_dims(self.world_size, self.environment.local_world_size)
+        self.parallel_dims: ParallelDims = strategy.make_parallel_dims(
+            self.world_size, self.environment.local_world_size
+        )
         self._mesh = None  # the mesh of another strategy's layout, if any, is not this one's
         return strategy
 

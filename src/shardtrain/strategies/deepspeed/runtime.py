@@ -18,9 +18,9 @@ from torch.optim import Optimizer
 
 from shardtrain.errors import MissingDependencyError
 from shardtrain.precision import Precision, _map_floating
-from shardtrain.strategies.deepspeed_config import offloads_optimizer
-from shardtrain.strategies.materialize import materialize, materialize_in_units
-from shardtrain.strategies.policy import repeated_blocks
+from shardtrain.strategies.deepspeed.config import offloads_optimizer
+from shardtrain.parallel.materialize import materialize, materialize_in_units
+from shardtrain.parallel.policy import repeated_blocks
 
 log = logging.getLogger("shardtrain.strategies.deepspeed")
 

@@ -22,7 +22,7 @@ import torch
 from shardtrain.errors import ConfigError, NonFiniteError
 
 if TYPE_CHECKING:
-    from shardtrain.engine import Engine
+    from shardtrain.engine.engine import Engine
 
 CHOICES = ("ignore", "stop", "skip")
 

@@ -11,32 +11,34 @@ import inspect
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader
 
 from shardtrain.callbacks import Callback
-from shardtrain.engine import Engine
+from shardtrain.engine.engine import Engine
 from shardtrain.errors import ConfigError
 from shardtrain.loggers import Logger
-from shardtrain.metrics import MetricCollector
+from shardtrain.trainer.metrics import MetricCollector
 from shardtrain.module import TrainModule, extract_loss
-from shardtrain.nonfinite import NonFiniteCheck
+from shardtrain.trainer.nonfinite import NonFiniteCheck
 from shardtrain.optimization import SchedulerConfig, parse_optimizers, step_schedulers
 from shardtrain.preemption import Preemption, StopAgreement
 from shardtrain.seed import seed_everything
-from shardtrain.strategies import Strategy
-from shardtrain.trainer_arguments import TrainerArguments, limited_batches, make_loggers
-from shardtrain.trainer_checkpoint import TrainerCheckpoints
-from shardtrain.trainer_validation import ValidationLoop
-from shardtrain.wrapper import EngineModule
+from shardtrain.trainer.arguments import TrainerArguments, limited_batches, make_loggers
+from shardtrain.trainer.checkpoint import TrainerCheckpoints
+from shardtrain.trainer.validation import ValidationLoop
+from shardtrain.engine.wrapper import EngineModule
+
+if TYPE_CHECKING:
+    from shardtrain.strategies import Strategy
 
 
 class Trainer:
     """Fit a :class:`TrainModule` on any strategy with one line of configuration.
 
-    Takes the keyword arguments of :class:`~shardtrain.trainer_arguments.TrainerArguments` (all
+    Takes the keyword arguments of :class:`~shardtrain.trainer.arguments.TrainerArguments` (all
     documented there), or one ``TrainerArguments`` object; every value is checked before
     anything starts. The arguments stay readable as attributes (``trainer.max_steps``).
     """
@@ -52,7 +54,7 @@ class Trainer:
         #: The run's config from ``shardtrain fit`` (its YAML, resolved), stored in checkpoints to resume from.
         self.run_config: dict[str, Any] | None = None
         self.engine = Engine(**args.engine_options())
-        self.engine.configure_training(**args.training_options())
+        self.engine.configure_training(**args.training_settings())
         self.default_root_dir = Path(args.default_root_dir)
         self.max_epochs = args.epochs_limit
         self.preemption: Preemption | None = Preemption() if args.preemption is True else (args.preemption or None)
@@ -128,7 +130,7 @@ class Trainer:
             val_loader = self._loader(val_dataloaders, module, "val_dataloader", required=False)
             self.estimated_stepping_batches = self.args.stepping_batches(train_loader)
             self.engine.configure_training(
-                **self.args.training_options(), micro_batch_size=getattr(train_loader, "batch_size", None)
+                **self.args.training_settings(), micro_batch_size=getattr(train_loader, "batch_size", None)
             )
             self._setup(module, "fit")
             self.nonfinite.refuse_what_cannot_be_done(self.engine.can_skip_optimizer_step, self._loss_scaling())

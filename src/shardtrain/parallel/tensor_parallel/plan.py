@@ -69,7 +69,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from shardtrain.errors import ConfigError
-from shardtrain.strategies.materialize import shared_parameters
+from shardtrain.parallel.materialize import shared_parameters
 
 log = logging.getLogger(__name__)
 

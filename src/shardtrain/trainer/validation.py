@@ -8,10 +8,10 @@ from typing import Any, Callable
 import torch
 
 from shardtrain.errors import ConfigError
-from shardtrain.metrics import MetricCollector
+from shardtrain.trainer.metrics import MetricCollector
 from shardtrain.module import TrainModule
-from shardtrain.trainer_arguments import limited_batches
-from shardtrain.wrapper import EngineModule
+from shardtrain.trainer.arguments import limited_batches
+from shardtrain.engine.wrapper import EngineModule
 
 
 class ValidationLoop:
