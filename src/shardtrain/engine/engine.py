@@ -42,7 +42,7 @@ from shardtrain.seed import seed_everything
 from shardtrain.strategies import Strategy, create_strategy
 from shardtrain.strategies.base import TrainingSettings, optimizer_parameters, repoint_optimizer
 from shardtrain.strategies.capabilities import BackwardSyncControl
-from shardtrain.engine.wrapper import EngineModule, EngineOptimizer, ForwardRouter
+from shardtrain.engine.wrapper import EngineModule, EngineOptimizer, ForwardRouter, optimizer_step
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -250,7 +250,7 @@ class Engine:
         self._modules.append(module)
         self._module_of_optimizer.update({id(optimizer): module for optimizer in optimizers})
         return EngineModule(forward_module, module, self.strategy), [
-            EngineOptimizer(optimizer, self) for optimizer in optimizers
+            EngineOptimizer(optimizer, self.strategy) for optimizer in optimizers
         ]
 
     def setup_module(self, module: nn.Module) -> EngineModule:
@@ -260,7 +260,7 @@ class Engine:
     def setup_optimizers(self, *optimizers: Optimizer) -> list[EngineOptimizer]:
         self._require_launched("setup")
         self.precision.grad_scaler(self.device.type)
-        return [EngineOptimizer(self.strategy.setup_optimizer(optimizer), self) for optimizer in optimizers]
+        return [EngineOptimizer(self.strategy.setup_optimizer(optimizer), self.strategy) for optimizer in optimizers]
 
     def setup_dataloaders(self, *loaders: DataLoader, use_distributed_sampler: bool = True, seed: int = 0) -> Any:
         """Give each data-parallel rank its share of the data and move batches to the device."""
@@ -347,9 +347,7 @@ class Engine:
 
     def step(self, *optimizers: Optimizer) -> None:
         """Step the given optimizers (what ``optimizer.step()`` on a set-up optimizer does)."""
-        for optimizer in optimizers:
-            self.strategy.optimizer_step(optimizer.optimizer if isinstance(optimizer, EngineOptimizer) else optimizer)
-        self.precision.update()
+        optimizer_step(self.strategy, *optimizers)
 
     # ------------------------------------------------------------------ collectives
     def all_reduce(self, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:

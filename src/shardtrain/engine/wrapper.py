@@ -11,15 +11,12 @@ call of the wrapped ``forward``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from torch import nn
 from torch.optim import Optimizer
 
 from shardtrain.strategies.base import Strategy
-
-if TYPE_CHECKING:
-    from shardtrain.engine.engine import Engine
 
 STEP_METHODS = ("training_step", "validation_step", "test_step", "predict_step")
 _METHOD_KEY = "_shardtrain_method"
@@ -95,17 +92,18 @@ class EngineModule(nn.Module):
 
 
 class EngineOptimizer:
-    """The user's optimizer with ``step()`` routed through the Engine (loss scaling, DeepSpeed).
+    """The user's optimizer with ``step()`` routed through the strategy (loss scaling, DeepSpeed).
 
     It is an instance of the user's optimizer class, sharing its parameter groups and state, so
-    LR schedulers can be built on it.
+    LR schedulers can be built on it. Like ``EngineModule`` (and Lightning Fabric's ``_FabricOptimizer``)
+    it holds the strategy, not the Engine.
     """
 
-    def __init__(self, optimizer: Optimizer, engine: "Engine") -> None:
+    def __init__(self, optimizer: Optimizer, strategy: Strategy) -> None:
         self.__dict__ = {k: v for k, v in optimizer.__dict__.items() if k not in ("step", "__del__")}
         self.__class__ = type("Engine" + type(optimizer).__name__, (EngineOptimizer, type(optimizer)), {})
         self._optimizer = optimizer
-        self._engine = engine
+        self._strategy = strategy
 
     @property
     def optimizer(self) -> Optimizer:
@@ -114,13 +112,20 @@ class EngineOptimizer:
     def step(self, closure: Callable[[], Any] | None = None) -> None:  # type: ignore[override]
         if closure is not None:
             closure()
-        self._engine.step(self._optimizer)
+        optimizer_step(self._strategy, self._optimizer)
 
     def zero_grad(self, set_to_none: bool = True) -> None:  # type: ignore[override]
-        self._engine.strategy.optimizer_zero_grad(self._optimizer, set_to_none)
+        self._strategy.optimizer_zero_grad(self._optimizer, set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
         return self._optimizer.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._optimizer.load_state_dict(state_dict)
+
+
+def optimizer_step(strategy: Strategy, *optimizers: Optimizer) -> None:
+    """Step ``optimizers`` as ``strategy`` does, then update the loss scale once (``Engine.step``, ``optimizer.step()``)."""
+    for optimizer in optimizers:
+        strategy.optimizer_step(optimizer.optimizer if isinstance(optimizer, EngineOptimizer) else optimizer)
+    strategy.precision.update()
