@@ -118,7 +118,7 @@ class Engine:
 
     @property
     def device_mesh(self) -> Any:
-        """The run's ``DeviceMesh``, named by ``parallel_dims.MESH_DIMS`` (built on first use; every rank must ask)."""
+        """The run's ``DeviceMesh``, named by ``parallel.dims.MESH_DIMS`` (built on first use; every rank must ask)."""
         self._require_launched("device_mesh")
         if self._mesh is None:
             self._mesh = self.parallel_dims.build_mesh(self.device.type)

@@ -51,7 +51,7 @@ def measure_footprint(
     """Parameters, optimizer state and activations of ``module`` (see ``shardtrain.estimate_memory`` for the arguments).
 
     With ``tensor_parallel_size`` above 1 the footprint's ``tensor_parallel`` holds the same measures of
-    one tensor-parallel rank's share, split by ``tp_plan`` or the model's own plan (``tp_plan.find_plan``;
+    one tensor-parallel rank's share, split by ``tp_plan`` or the model's own plan (``parallel.tensor_parallel.plan.find_plan``;
     its sequence-parallel plan with ``sequence_parallel``). ``None``: the devices of one node, where
     that is above 1 and the model has a plan that fits them (else no share, and no error).
 

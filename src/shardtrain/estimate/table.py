@@ -1,10 +1,10 @@
-"""Memory estimation before anything is allocated, and the choice behind ``strategy="auto"``.
+"""Memory estimation before anything is allocated: a row per registered strategy (``auto`` chooses from it).
 
 Two steps, each in its own place. ``shardtrain.estimate.footprint`` measures the model on the meta device
 (parameters, optimizer state, activations: a ``ModelFootprint``). Each registered strategy then
 says where it keeps those bytes, in its own ``estimate_memory(footprint)`` (the formulas live
-beside the strategies: ``strategies/replica_memory.py``, ``fsdp_memory.py``,
-``deepspeed_memory.py``; docs/memory.md has them as tables). This module asks every registered
+beside the strategies: ``replica_memory`` in ``strategies/ddp.py``, ``fsdp_memory`` in ``fsdp.py``,
+``strategies/deepspeed/memory.py``; docs/memory.md has them as tables). This module asks every registered
 strategy for its row, orders the rows, and adds the few comparison-only rows.
 
 ``str(estimate)`` is the table a person reads; ``strategy="auto"`` uses ``recommend``.

@@ -4,7 +4,7 @@
 ``pp, dp_replicate, dp_shard, cp, tp`` (tensor parallel innermost, so that its ranks are
 neighbours on one node; pipeline outermost, as in torchtitan's ``parallel_dims.py``).
 
-A strategy says which degrees it uses (``Strategy.parallel_dims``): DDP replicates over every
+A strategy says which degrees it uses (``Strategy.make_parallel_dims``): DDP replicates over every
 rank, FSDP's ``FULL_SHARD`` shards over every rank, ``HYBRID_SHARD`` is ``dp_replicate x
 dp_shard``, ``NO_SHARD`` is ``dp_replicate``. The Engine checks the degrees against the world
 size before any process starts, then builds the device mesh once, on first use, and hands it

@@ -2,7 +2,7 @@
 
 The run's ranks form a ``(dp_shard, tp)`` mesh, tensor parallel innermost so that a tensor-
 parallel group is neighbouring ranks (one node). Within a group, the layers a plan names are
-split with PyTorch's DTensor tensor parallelism (``parallelize_module``; see ``tp_plan``); over
+split with PyTorch's DTensor tensor parallelism (``parallelize_module``; see ``parallel.tensor_parallel.plan``); over
 the data-parallel dimension, FSDP2 (``fully_shard``) shards what the group holds. Every rank of a
 tensor-parallel group reads the same batch. The order follows torchtitan: tensor parallel,
 activation checkpointing, FSDP per block then the root, then delayed initialisation.

@@ -1,6 +1,6 @@
 """Pipeline parallelism on PyTorch's ``torch.distributed.pipelining``: one rank's stages and schedule.
 
-The stages are cut from the user's unchanged model (``pipeline_split``); the schedules are
+The stages are cut from the user's unchanged model (``split``); the schedules are
 PyTorch's (``PipelineStage``, ``ScheduleGPipe``, ``Schedule1F1B``, ``ScheduleInterleaved1F1B``,
 the zero-bubble ones), chosen by name. ``Pipeline`` is what ``ModelParallelStrategy`` holds
 when ``pipeline_parallel_size > 1``: it runs a step's micro-batches through the schedule and

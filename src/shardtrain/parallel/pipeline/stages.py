@@ -3,7 +3,7 @@ what the Engine calls in place of the model's ``forward``.
 
 The order, for each rank: find the pipelined model (the ``TrainModule``'s child that holds the
 largest ``nn.ModuleList``, or the one its ``pipeline_module`` attribute names); divide it into
-stages (``pipeline_split``); initialise, in one process's order, only what this rank's stages own
+stages (``split``); initialise, in one process's order, only what this rank's stages own
 (``materialize_owned``); keep only those modules in the model; build a ``StageRunner`` per stage
 and PyTorch's schedule over them (``Pipeline``).
 """

@@ -14,7 +14,7 @@ along a dimension (``PrepareModuleInput`` to ``Shard``, a ``RowwiseParallel`` wh
 ``SequenceParallel`` norms between them then run on the share's cut tensors, as the real ones run
 on their local shards. Styles other than PyTorch's ``ColwiseParallel``, ``RowwiseParallel``,
 ``SequenceParallel`` and ``PrepareModuleInput`` are refused (no estimate).
-Nothing here runs in training; ``tp_plan.apply_plan`` does the real split.
+Nothing here runs in training; ``plan.apply_plan`` does the real split.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ DeepSpeed is an optional extra (``pip install 'shardtrain[deepspeed]'``). The ap
 order: delayed initialisation (ZeRO-3: each block is initialised and partitioned in turn, so the
 whole model never exists on one rank), activation checkpointing from a policy, the optimizer
 from ``configure_optimizers()`` (DeepSpeed's CPU Adam in its place when the optimizer state is
-offloaded), then ``deepspeed.initialize``. Its config comes from ``deepspeed_config``, its
-run-time pieces from ``deepspeed_runtime``; checkpoints use the common format (``deepspeed_state``).
+offloaded), then ``deepspeed.initialize``. Its config comes from ``config``, its
+run-time pieces from ``runtime``; checkpoints use the common format (``state``).
 ``no_backward_sync`` marks DeepSpeed's accumulation boundary; ``backward`` is DeepSpeed's (given a
 loss already divided by the accumulation steps, as for any strategy); its optimizer step also
 clips by norm, so the norm is known only after it.
