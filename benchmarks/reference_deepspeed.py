@@ -5,7 +5,7 @@ DeepSpeed's own ``bf16`` section. At stage 3 the model is built under ``deepspee
 as DeepSpeed recommends for large models.
 
 The config is the one shardtrain's ``DeepSpeedStrategy`` builds for the same run
-(``shardtrain.strategies.deepspeed_config.build_config``): the same keys and values, written out
+(``shardtrain.strategies.deepspeed.config.build_config``): the same keys and values, written out
 by hand here. Both sides record the dict they gave ``deepspeed.initialize``, and ``run.py``
 reports whether the two were equal.
 """

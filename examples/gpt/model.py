@@ -108,7 +108,7 @@ def _init_linear(layer: nn.Linear, std: float) -> None:
 
 class GPT(nn.Module):
     #: How tensor parallelism splits this model (``strategy="model_parallel"`` reads it; see
-    #: ``shardtrain.strategies.tp_plan``). Attention heads and the MLP's hidden units are split
+    #: ``shardtrain.parallel.tensor_parallel.plan``). Attention heads and the MLP's hidden units are split
     #: between the ranks: ``colwise`` layers produce a rank's share, ``rowwise`` ones sum the
     #: shares. The vocabulary is split in the embedding and the tied output layer (both keep rows
     #: of the one weight), and the logits are gathered whole for the loss.

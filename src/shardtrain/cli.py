@@ -144,7 +144,7 @@ def apply_node_flags(argv: list[str], environ: MutableMapping[str, str] = os.env
 def _estimate(argv: list[str]) -> int:
     """Per-device memory of the config's model under every strategy, what fits, and the pick."""
     from shardtrain import config as run_config
-    from shardtrain.estimate import device_memory_bytes, estimate_memory
+    from shardtrain.estimate.table import device_memory_bytes, estimate_memory
 
     layout = argparse.ArgumentParser(prog="shardtrain estimate", add_help=False)
     layout.add_argument("--devices", type=int, default=None)

@@ -53,8 +53,8 @@ from shardtrain.loggers import Logger
 from shardtrain.module import TrainModule
 from shardtrain.strategies import available_strategies, create_strategy
 from shardtrain.strategies.registry import strategy_factory
-from shardtrain.trainer import Trainer
-from shardtrain.trainer_arguments import TrainerArguments
+from shardtrain.trainer.trainer import Trainer
+from shardtrain.trainer.arguments import TrainerArguments
 
 _TRAINER_SKIP = {"strategy"}
 

@@ -1,7 +1,7 @@
 """Memory figures as plain values: sizes as people write them, what a model holds, what one device needs.
 
 A strategy's memory formula (``Strategy.estimate_memory``) takes a ``ModelFootprint`` and returns
-a ``StrategyMemory``; ``shardtrain.footprint`` measures the first, ``shardtrain.estimate`` collects
+a ``StrategyMemory``; ``shardtrain.estimate.footprint`` measures the first, ``shardtrain.estimate`` collects
 the second over every registered strategy. This module imports neither torch nor the strategies,
 so all of them import it without cycles.
 """
@@ -55,7 +55,7 @@ class ModelFootprint:
         devices: devices (processes) per node.
         num_nodes: nodes.
         tensor_parallel_size: 1 for a whole model; above 1, the byte figures are one tensor-parallel
-            rank's share (``shardtrain.strategies.tp_share``).
+            rank's share (``shardtrain.parallel.tensor_parallel.share``).
         tensor_parallel: the same measures of one rank's share, when the estimate is for tensor
             parallelism (``estimate_memory(tensor_parallel_size=...)``); else ``None``.
     """

@@ -14,7 +14,7 @@ from shardtrain.errors import TrainingStepError
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-    from shardtrain.trainer import Trainer
+    from shardtrain.trainer.trainer import Trainer
 
 StepOutput = torch.Tensor | Mapping[str, Any]
 
@@ -143,7 +143,7 @@ class TrainModule(nn.Module):
     def device_mesh(self) -> "DeviceMesh | None":
         """The run's device mesh, for ``configure_model()`` to parallelise the model itself (Lightning's
         contract): ``self.device_mesh["tp"]`` for tensor parallelism, ``["dp_shard"]`` for FSDP (see
-        ``shardtrain.parallel_dims``). None when the module is not attached to a launched Trainer, or its
+        ``shardtrain.parallel.dims``). None when the module is not attached to a launched Trainer, or its
         strategy runs without a process group (``single``)."""
         if self._trainer is None or not (dist.is_available() and dist.is_initialized()):
             return None

@@ -3,7 +3,7 @@
 import pytest
 
 from examples.gpt.model import GPTConfig, GPTModule
-from shardtrain.estimate import DEEPSPEED_REDUCE_BUCKET, estimate_memory
+from shardtrain.estimate.table import DEEPSPEED_REDUCE_BUCKET, estimate_memory
 from tests.distributed.runner import assert_ok, run_script
 
 pytestmark = pytest.mark.distributed

@@ -8,13 +8,20 @@ import pytest
 
 from shardtrain import Trainer
 from shardtrain.errors import ConfigError, MissingDependencyError
-from shardtrain.strategies.deepspeed_config import DeepSpeedOptions, TrainerSettings, build_config
+from shardtrain.strategies.base import TrainingSettings
+from shardtrain.strategies.deepspeed.config import DeepSpeedOptions, build_config
 
 pytest.importorskip("deepspeed", reason="install the extra: pip install 'shardtrain[deepspeed]'")
 
 
-def _build(options=None, config=None, **trainer):
-    return build_config(DeepSpeedOptions(**(options or {})), config, TrainerSettings(**trainer))
+def _build(options=None, config=None, precision="32-true", world_size=1, **training):
+    return build_config(
+        DeepSpeedOptions(**(options or {})),
+        config,
+        TrainingSettings(**training),
+        precision=precision,
+        world_size=world_size,
+    )
 
 
 def test_the_trainer_settings_are_written_for_the_user():

@@ -9,7 +9,7 @@ from torch import nn
 
 from examples.gpt.model import GPTConfig, GPTModule
 from shardtrain import ConfigError, TrainModule
-from shardtrain.estimate import estimate_memory, parse_memory_size
+from shardtrain.estimate.table import estimate_memory, parse_memory_size
 
 
 def test_a_7b_model_is_estimated_without_allocating_it():
@@ -105,7 +105,7 @@ def test_zero_rows_are_the_registered_deepspeed_strategies():
 
 
 def test_zero_rows_follow_where_deepspeed_keeps_the_bytes():
-    from shardtrain.estimate import DEEPSPEED_REDUCE_BUCKET
+    from shardtrain.estimate.table import DEEPSPEED_REDUCE_BUCKET
 
     config = GPTConfig(n_layer=2, d_model=64, n_head=2, seq_len=32)
     n = config.num_parameters
@@ -270,7 +270,7 @@ def test_a_strategy_without_a_formula_is_left_out(registered):
 
 def test_each_row_is_its_strategys_own_formula():
     from shardtrain import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
-    from shardtrain.footprint import measure_footprint
+    from shardtrain.estimate.footprint import measure_footprint
 
     estimate = estimate_memory(GPTModule(SMALL), devices=4, num_nodes=2, batch_size=2)
     footprint = measure_footprint(GPTModule(SMALL), devices=4, num_nodes=2, batch_size=2)
@@ -293,7 +293,7 @@ def test_each_row_is_its_strategys_own_formula():
 def test_deepspeed_rows_come_from_the_strategys_config():
     pytest.importorskip("deepspeed", reason="install the extra: pip install 'shardtrain[deepspeed]'")
     from shardtrain import DeepSpeedStrategy
-    from shardtrain.footprint import measure_footprint
+    from shardtrain.estimate.footprint import measure_footprint
 
     estimate = estimate_memory(GPTModule(SMALL), devices=4)
     footprint = measure_footprint(GPTModule(SMALL), devices=4)
@@ -306,9 +306,9 @@ def test_deepspeed_rows_come_from_the_strategys_config():
 
 def test_one_memory_size_parser():
     import shardtrain.cli
-    import shardtrain.estimate
+    import shardtrain.estimate.table
     import shardtrain.memory
 
-    assert shardtrain.estimate.parse_memory_size is shardtrain.memory.parse_memory_size
+    assert shardtrain.estimate.table.parse_memory_size is shardtrain.memory.parse_memory_size
     assert shardtrain.cli.parse_memory_size is shardtrain.memory.parse_memory_size  # consolidate --max-shard-size
-    assert shardtrain.estimate.StrategyMemory is shardtrain.memory.StrategyMemory
+    assert shardtrain.estimate.table.StrategyMemory is shardtrain.memory.StrategyMemory

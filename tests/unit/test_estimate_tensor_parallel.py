@@ -13,9 +13,9 @@ from torch import nn
 
 from examples.gpt.model import GPT, GPTConfig, GPTModule
 from shardtrain import ConfigError, TrainModule
-from shardtrain.estimate import estimate_memory
-from shardtrain.footprint import measure_footprint
-from shardtrain.strategies.tp_plan import FoundPlan, plan_targets
+from shardtrain.estimate.table import estimate_memory
+from shardtrain.estimate.footprint import measure_footprint
+from shardtrain.parallel.tensor_parallel.plan import FoundPlan, plan_targets
 
 CONFIG = GPTConfig(n_layer=2, d_model=64, n_head=4, seq_len=32, vocab_size=256)
 
@@ -207,8 +207,8 @@ def test_sequence_parallelism_keeps_the_norms_activations_cut_and_the_logits_who
     per_norm = 4 * (b * s * d + 2 * b * s)
     assert plain.activation_bytes - sequence.activation_bytes == (2 * CONFIG.n_layer + 1) * per_norm // 2
 
-    from shardtrain.strategies.tp_plan import find_plan
-    from shardtrain.strategies.tp_share import narrow_to_one_rank
+    from shardtrain.parallel.tensor_parallel.plan import find_plan
+    from shardtrain.parallel.tensor_parallel.share import narrow_to_one_rank
 
     module = GPTModule(CONFIG)
     with torch.device("meta"):

@@ -14,7 +14,7 @@ from shardtrain.flops import (
     peak_flops,
     table_peak_flops,
 )
-from shardtrain.strategies.activation_checkpoint import apply_activation_checkpointing
+from shardtrain.parallel.activation_checkpoint import apply_activation_checkpointing
 
 
 def test_two_linear_layers_count_exactly():

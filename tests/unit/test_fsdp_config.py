@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from shardtrain import ConfigError, FSDPStrategy, StrategyError, Trainer
-from shardtrain.strategies.policy import policy_matcher, repeated_blocks, select_modules
+from shardtrain.parallel.policy import policy_matcher, repeated_blocks, select_modules
 
 
 def test_lightning_names_and_enum_are_accepted():
@@ -71,7 +71,7 @@ def test_default_wrap_is_the_largest_module_list():
 
 
 def test_materialize_keeps_tied_weights_tied():
-    from shardtrain.strategies.materialize import materialize
+    from shardtrain.parallel.materialize import materialize
 
     with torch.device("meta"):
         embed = nn.Embedding(10, 4)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from shardtrain.errors import CheckpointError
-from shardtrain.strategies.weight_source import has_weight_sources
+from shardtrain.parallel.weight_source import has_weight_sources
 from tests.distributed.hf_models import save_gpt2, save_llama, token_blocks
 
 transformers = pytest.importorskip("transformers", reason="install the extra: pip install 'shardtrain[hf]'")

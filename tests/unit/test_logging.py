@@ -5,7 +5,7 @@ import csv
 import torch
 
 from shardtrain import CSVLogger
-from shardtrain.metrics import MetricCollector
+from shardtrain.trainer.metrics import MetricCollector
 
 
 def test_csv_logger_widens_header(tmp_path):

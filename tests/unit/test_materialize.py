@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from shardtrain.errors import ConfigError
-from shardtrain.strategies.materialize import materialize
+from shardtrain.parallel.materialize import materialize
 
 
 class Scale(nn.Module):

@@ -10,7 +10,7 @@ from examples.gpt.model import GPT, GPTConfig, GPTModule
 from shardtrain import ModelParallelStrategy, Trainer
 from shardtrain.errors import ConfigError, StrategyError
 from shardtrain.strategies import create_strategy
-from shardtrain.strategies.tp_plan import check_plan, matching_modules
+from shardtrain.parallel.tensor_parallel.plan import check_plan, matching_modules
 
 
 @pytest.mark.parametrize(
@@ -23,7 +23,7 @@ from shardtrain.strategies.tp_plan import check_plan, matching_modules
     ],
 )
 def test_sizes_and_auto(options, world, local, expected) -> None:
-    dims = ModelParallelStrategy(**options).parallel_dims(world, local)
+    dims = ModelParallelStrategy(**options).make_parallel_dims(world, local)
     assert (dims.data_parallel_size, dims.tp) == expected
     assert dims.mesh_dims() == {
         "dp_replicate": 1,
@@ -36,7 +36,7 @@ def test_a_tensor_parallel_size_that_does_not_divide_the_run_is_refused_before_a
     with pytest.raises(StrategyError, match=r"tensor_parallel_size=2 does not divide the 3 ranks of the run"):
         Trainer(accelerator="cpu", devices=3, strategy=ModelParallelStrategy(tensor_parallel_size=2))
     with pytest.raises(StrategyError, match=r"data_parallel_size=3 x tensor_parallel_size=2 = 6, but the run has 4"):
-        ModelParallelStrategy(data_parallel_size=3, tensor_parallel_size=2).parallel_dims(4, 4)
+        ModelParallelStrategy(data_parallel_size=3, tensor_parallel_size=2).make_parallel_dims(4, 4)
     with pytest.raises(StrategyError, match=r"tensor_parallel_size must be a whole number >= 1 or 'auto', got 0"):
         ModelParallelStrategy(tensor_parallel_size=0)
 
@@ -139,7 +139,7 @@ def test_the_sequence_parallel_style_names_are_pytorchs_styles_with_these_layout
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel
 
-    from shardtrain.strategies.tp_plan import make_style, sequence_splits
+    from shardtrain.parallel.tensor_parallel.plan import make_style, sequence_splits
 
     split, gather = make_style("split_sequence", "t"), make_style("gather_sequence", "t")
     assert isinstance(split, PrepareModuleInput) and isinstance(gather, PrepareModuleInput)
@@ -157,7 +157,7 @@ def test_the_sequence_parallel_style_names_are_pytorchs_styles_with_these_layout
 
 
 def test_sequence_parallel_reads_the_models_own_sequence_parallel_plan() -> None:
-    from shardtrain.strategies.tp_plan import find_plan
+    from shardtrain.parallel.tensor_parallel.plan import find_plan
 
     module = GPTModule(GPTConfig(n_layer=1, n_head=2, d_model=16, seq_len=8))
     module.configure_model()
@@ -191,7 +191,7 @@ def test_sequence_parallel_on_a_model_without_a_sequence_parallel_plan_is_refuse
 def test_loss_parallel_keeps_a_sequence_parallel_output_layers_split_input() -> None:
     from torch.distributed.tensor import Shard
 
-    from shardtrain.strategies.tp_plan import FoundPlan, with_split_logits
+    from shardtrain.parallel.tensor_parallel.plan import FoundPlan, with_split_logits
 
     module = GPT(GPTConfig(n_layer=1, n_head=2, d_model=16, seq_len=8))
     head = with_split_logits(FoundPlan(module, dict(GPT.sequence_parallel_tp_plan), "t")).patterns["head"]

@@ -6,7 +6,7 @@ import pytest
 
 from shardtrain import Engine
 from shardtrain.errors import ConfigError, StrategyError
-from shardtrain.parallel_dims import ParallelDims
+from shardtrain.parallel.dims import ParallelDims
 from shardtrain.strategies import FSDPStrategy
 
 

@@ -11,9 +11,9 @@ from examples.gpt.model import GPT, GPTConfig, GPTModule
 from shardtrain import ModelParallelStrategy, Trainer
 from shardtrain.errors import ConfigError, StrategyError
 from shardtrain.strategies import create_strategy
-from shardtrain.strategies.deepspeed_config import check_config
-from shardtrain.strategies.pipeline import schedule_class, stage_indices
-from shardtrain.strategies.pipeline_split import StageRunner, plan_stages
+from shardtrain.strategies.deepspeed.config import check_config
+from shardtrain.parallel.pipeline.schedule import schedule_class, stage_indices
+from shardtrain.parallel.pipeline.split import StageRunner, plan_stages
 
 
 def _gpt(n_layer: int = 4, device: str = "meta") -> GPT:
@@ -182,7 +182,7 @@ def test_options_that_do_not_fit_the_schedule() -> None:
     ):
         ModelParallelStrategy(pipeline_parallel_size=2, microbatches=1)
     with pytest.raises(StrategyError, match=r"cpu_offload with pipeline_parallel_size > 1 is not supported yet"):
-        ModelParallelStrategy(pipeline_parallel_size=2, cpu_offload=True).parallel_dims(4, 4)
+        ModelParallelStrategy(pipeline_parallel_size=2, cpu_offload=True).make_parallel_dims(4, 4)
     with pytest.raises(StrategyError, match=r"microbatches must be a whole number >= 1, got 0"):
         ModelParallelStrategy(pipeline_parallel_size=2, microbatches=0)
 

@@ -8,7 +8,7 @@ if TYPE_CHECKING:
     from torch.optim import Optimizer
 
     from shardtrain.module import TrainModule
-    from shardtrain.trainer import Trainer
+    from shardtrain.trainer.trainer import Trainer
 
 
 class Callback:

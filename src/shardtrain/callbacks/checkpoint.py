@@ -16,7 +16,7 @@ from shardtrain.errors import ConfigError
 
 if TYPE_CHECKING:
     from shardtrain.module import TrainModule
-    from shardtrain.trainer import Trainer
+    from shardtrain.trainer.trainer import Trainer
 
 
 class ModelCheckpoint(Callback):

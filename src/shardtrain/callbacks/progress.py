@@ -18,7 +18,7 @@ from shardtrain.callbacks.base import Callback
 
 if TYPE_CHECKING:
     from shardtrain.module import TrainModule
-    from shardtrain.trainer import Trainer
+    from shardtrain.trainer.trainer import Trainer
 
 
 def batch_size_and_tokens(batch: Any) -> tuple[int, int]:

@@ -18,7 +18,7 @@ from shardtrain.callbacks.base import Callback
 
 if TYPE_CHECKING:
     from shardtrain.module import TrainModule
-    from shardtrain.trainer import Trainer
+    from shardtrain.trainer.trainer import Trainer
 
 PREFIX = "[shardtrain]"
 

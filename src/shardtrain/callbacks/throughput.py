@@ -36,7 +36,7 @@ from shardtrain.flops import TrainingFlopCounter, peak_flops
 
 if TYPE_CHECKING:
     from shardtrain.module import TrainModule
-    from shardtrain.trainer import Trainer
+    from shardtrain.trainer.trainer import Trainer
 
 PREFIX = "throughput/"
 

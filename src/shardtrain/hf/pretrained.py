@@ -22,8 +22,8 @@ from torch import nn
 
 from shardtrain.checkpoint.safe_reader import SafeLoadPlanner, quiet_single_process
 from shardtrain.errors import CheckpointError, ConfigError, MissingDependencyError
-from shardtrain.strategies.materialize import materialize
-from shardtrain.strategies.weight_source import attach_weight_source, detach_weight_source
+from shardtrain.parallel.materialize import materialize
+from shardtrain.parallel.weight_source import attach_weight_source, detach_weight_source
 
 INDEX_FILE = "model.safetensors.index.json"
 

@@ -217,3 +217,9 @@ def find_free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def threads_per_process(local_world_size: int) -> int:
+    """CPU threads for each of ``local_world_size`` processes on one machine: ``OMP_NUM_THREADS``
+    when set, else the machine's cores shared out (the launcher gives its children the same)."""
+    return int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // local_world_size))

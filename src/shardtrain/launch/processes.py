@@ -7,13 +7,12 @@ starts the local processes when no launcher did (``subprocess_launcher``).
 
 from __future__ import annotations
 
-import os
 from typing import Literal
 
 import torch
 
 from shardtrain.errors import ConfigError
-from shardtrain.launch.environment import ClusterEnvironment, detect_environment
+from shardtrain.launch.environment import ClusterEnvironment, detect_environment, threads_per_process
 from shardtrain.launch.subprocess_launcher import launch_local_processes
 
 
@@ -26,12 +25,6 @@ def resolve_accelerator(accelerator: str) -> str:
     if accelerator in ("cuda", "gpu") and not torch.cuda.is_available():
         raise ConfigError("accelerator='cuda' but no CUDA device is available; use accelerator='cpu' or 'auto'")
     return "cuda" if accelerator == "gpu" else accelerator
-
-
-def threads_per_process(local_world_size: int) -> int:
-    """CPU threads for each of ``local_world_size`` processes on one machine: ``OMP_NUM_THREADS``
-    when set, else the machine's cores shared out (the launcher gives its children the same)."""
-    return int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // local_world_size))
 
 
 class RunProcesses:

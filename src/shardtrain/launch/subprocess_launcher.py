@@ -34,7 +34,7 @@ import threading
 import time
 from typing import Sequence
 
-from shardtrain.launch.environment import ClusterEnvironment, find_free_port
+from shardtrain.launch.environment import ClusterEnvironment, find_free_port, threads_per_process
 from shardtrain.preemption import EXIT_CODE_PREEMPTED
 
 log = logging.getLogger(__name__)
@@ -76,8 +76,6 @@ class SubprocessLauncher:
 
     def launch(self) -> dict[str, str]:
         """Start the children; returns the rank-layout variables now set in this process's environment."""
-        from shardtrain.launch.processes import threads_per_process  # here: that module imports this one
-
         env = self.environment
         node_rank = int(os.environ.get("NODE_RANK", env.node_rank))
         port = env.main_port or find_free_port()

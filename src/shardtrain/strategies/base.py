@@ -29,10 +29,10 @@ from shardtrain.errors import ConfigError
 from shardtrain.launch.environment import ClusterEnvironment
 from shardtrain.launch.process_group import init_process_group
 from shardtrain.memory import ModelFootprint, StrategyMemory
-from shardtrain.parallel_dims import ParallelDims
+from shardtrain.parallel.dims import ParallelDims
 from shardtrain.precision import Precision
 from shardtrain.strategies.capabilities import BackwardSyncControl
-from shardtrain.strategies.materialize import has_meta_tensors, materialize
+from shardtrain.parallel.materialize import has_meta_tensors, materialize
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -66,20 +66,21 @@ class Strategy(abc.ABC):
         self.precision: Precision = self.make_precision("32-true")
         self.timeout: timedelta = timedelta(minutes=30)
         self.training = TrainingSettings()
-        self.layout: ParallelDims | None = None
+        #: The run's parallel dims (the mesh's degrees), what ``make_parallel_dims`` returned; set by ``connect``.
+        self.parallel_dims: ParallelDims | None = None
         self._mesh_source: Callable[[], "DeviceMesh"] | None = None
 
     # ---------------------------------------------------------------- set-up, before any process starts
     def validate(self, world_size: int, device_type: str) -> None:
         """Reject options that cannot work, before any process is started."""
 
-    def parallel_dims(self, world_size: int, local_world_size: int) -> ParallelDims:
-        """The degrees this strategy lays the run out with; by default every rank is a data-parallel
+    def make_parallel_dims(self, world_size: int, local_world_size: int) -> ParallelDims:
+        """The parallel dims (degrees) this strategy lays the run out with; by default every rank is a data-parallel
         replica (DDP). Raise ``ConfigError`` for a layout the strategy cannot use."""
         return ParallelDims(world_size=world_size, dp_replicate=world_size, dp_shard=1)
 
-    def check_module(self, module: nn.Module, layout: ParallelDims) -> None:
-        """Reject a model this strategy cannot train on ``layout``, before any process group: from what
+    def check_module(self, module: nn.Module, parallel_dims: ParallelDims) -> None:
+        """Reject a model this strategy cannot train on ``parallel_dims``, before any process group: from what
         the module says of itself (its config), since ``configure_model()`` has not built it yet."""
 
     def make_precision(self, name: str | int) -> Precision:
@@ -100,17 +101,19 @@ class Strategy(abc.ABC):
         environment: ClusterEnvironment,
         device: torch.device,
         timeout: timedelta,
-        layout: ParallelDims | None = None,
+        parallel_dims: ParallelDims | None = None,
         mesh: Callable[[], "DeviceMesh"] | None = None,
     ) -> None:
         """Bind the strategy to this process's place in the run (called once per process).
 
-        ``mesh`` builds (once, on first call) the device mesh of ``layout``; the Engine owns both.
+        ``mesh`` builds (once, on first call) the device mesh of ``parallel_dims``; the Engine owns both.
         """
         self.environment = environment
         self.device = device
         self.timeout = timeout
-        self.layout = layout or self.parallel_dims(environment.world_size, environment.local_world_size)
+        self.parallel_dims = parallel_dims or self.make_parallel_dims(
+            environment.world_size, environment.local_world_size
+        )
         self._mesh_source = mesh
 
     def setup_environment(self) -> None:
@@ -122,10 +125,10 @@ class Strategy(abc.ABC):
 
     @property
     def device_mesh(self) -> "DeviceMesh":
-        """The run's device mesh, named by ``shardtrain.parallel_dims.MESH_DIMS`` (built on first use)."""
+        """The run's device mesh, named by ``shardtrain.parallel.dims.MESH_DIMS`` (built on first use)."""
         if self._mesh_source is None:
-            assert self.layout is not None, "connect() first"
-            mesh = self.layout.build_mesh(self.device.type)
+            assert self.parallel_dims is not None, "connect() first"
+            mesh = self.parallel_dims.build_mesh(self.device.type)
             self._mesh_source = lambda: mesh
         return self._mesh_source()
 

@@ -16,7 +16,6 @@ from shardtrain.memory import ModelFootprint, StrategyMemory
 from shardtrain.strategies.base import Strategy
 from shardtrain.strategies.capabilities import BackwardSyncControl, DistributedCheckpointState, ReplicatedGradients
 from shardtrain.strategies.registry import register_strategy
-from shardtrain.strategies.replica_memory import replica_memory
 
 
 class DDPStrategy(ReplicatedGradients, DistributedCheckpointState, BackwardSyncControl, Strategy):
@@ -68,6 +67,20 @@ class DDPStrategy(ReplicatedGradients, DistributedCheckpointState, BackwardSyncC
 
     def __repr__(self) -> str:
         return f"DDPStrategy({', '.join(f'{k}={v!r}' for k, v in self.ddp_kwargs.items())})"
+
+
+def replica_memory(footprint: ModelFootprint, *, name: str = "ddp") -> StrategyMemory:
+    """Per-device bytes when each device holds the whole model (``single`` and ``ddp``): all parameters,
+    gradients and optimizer state, and its own activations; nothing gathered or offloaded. The row is
+    labelled ``name``."""
+    return StrategyMemory(
+        strategy=name,
+        parameters=footprint.parameter_bytes,
+        gradients=footprint.gradient_bytes,
+        optimizer=footprint.optimizer_bytes,
+        activations=footprint.activation_bytes,
+        working=0,
+    )
 
 
 register_strategy("ddp", DDPStrategy, "data parallel: full replica per rank, gradients all-reduced")

@@ -18,17 +18,18 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 
 from shardtrain.errors import StrategyError
 from shardtrain.memory import ModelFootprint, StrategyMemory
-from shardtrain.parallel_dims import ParallelDims
-from shardtrain.strategies.activation_checkpoint import apply_activation_checkpointing
+from shardtrain.parallel.dims import ParallelDims
+from shardtrain.parallel.activation_checkpoint import apply_activation_checkpointing
+from shardtrain.parallel.compile import compile_options
+from shardtrain.parallel.fsdp import apply_fsdp, mixed_precision_policy, no_backward_sync
 from shardtrain.strategies.base import Strategy
 from shardtrain.strategies.capabilities import BackwardSyncControl, DistributedCheckpointState, ShardedGradients
-from shardtrain.strategies.fsdp_memory import fsdp_memory
-from shardtrain.strategies.materialize import has_meta_tensors, materialize, meta_init_context
-from shardtrain.strategies.policy import ModulePolicy, describe, units_of
+from shardtrain.parallel.materialize import has_meta_tensors, materialize, meta_init_context
+from shardtrain.parallel.policy import ModulePolicy, describe, units_of
 from shardtrain.strategies.registry import register_strategy
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ class FSDPStrategy(ShardedGradients, DistributedCheckpointState, BackwardSyncCon
         self._root: FSDPModule | None = None
 
     # ------------------------------------------------------------------ layout and mesh
-    def parallel_dims(self, world_size: int, local_world_size: int) -> ParallelDims:
+    def make_parallel_dims(self, world_size: int, local_world_size: int) -> ParallelDims:
         """FULL_SHARD and SHARD_GRAD_OP shard over every rank; NO_SHARD replicates; HYBRID_SHARD is
         ``device_mesh`` = (replicate, shard), by default (nodes, devices per node)."""
         if self.sharding_strategy == "NO_SHARD":
@@ -129,8 +130,8 @@ class FSDPStrategy(ShardedGradients, DistributedCheckpointState, BackwardSyncCon
         """What FSDP shards over: the run's ``dp_shard`` sub-mesh, or ``("dp_replicate", "dp_shard")``
         when there are replicas (HYBRID_SHARD, NO_SHARD); a ``DeviceMesh`` given by the user as is."""
         if self._mesh is None:
-            assert self.layout is not None, "connect() first"
-            replicated = self.layout.dp_replicate > 1
+            assert self.parallel_dims is not None, "connect() first"
+            replicated = self.parallel_dims.dp_replicate > 1
             self._mesh = self.device_mesh["dp_replicate", "dp_shard"] if replicated else self.device_mesh["dp_shard"]
         return self._mesh
 
@@ -143,7 +144,7 @@ class FSDPStrategy(ShardedGradients, DistributedCheckpointState, BackwardSyncCon
 
     def mixed_precision_policy(self) -> MixedPrecisionPolicy:
         """bf16-mixed: bf16 all-gather and compute, fp32 gradient reduction, fp32 master weights."""
-        return self.mixed_precision or fsdp_mixed_precision(self.precision.name)
+        return self.mixed_precision or mixed_precision_policy(self.precision.name)
 
     def setup_module(self, module: nn.Module) -> nn.Module:
         user_module = getattr(module, "module", module)
@@ -151,25 +152,19 @@ class FSDPStrategy(ShardedGradients, DistributedCheckpointState, BackwardSyncCon
         if self.activation_checkpointing_policy is not None:
             apply_activation_checkpointing(user_module, self.activation_checkpointing_policy)
         units = units_of(user_module, self.auto_wrap_policy)
-        options: dict[str, Any] = dict(
-            mesh=self.mesh(),
-            reshard_after_forward=self.sharding_strategy not in ("SHARD_GRAD_OP",),
-            mp_policy=self.mixed_precision_policy(),
-            # Pinned host memory speeds up copies to a GPU; without one there is nothing to pin for.
-            offload_policy=CPUOffloadPolicy(pin_memory=self.device.type == "cuda")
-            if self.cpu_offload
-            else OffloadPolicy(),
-        )
         meta = has_meta_tensors(module)
         if not meta and not self.cpu_offload:
             module.to(self.device)
-        for unit in reversed(units):  # innermost first: a unit nested in another is sharded before its parent
-            if self.compile:
-                unit.compile(**(self.compile if isinstance(self.compile, dict) else {}))
-            fully_shard(unit, **options)
-        # The root keeps its parameters unsharded from the end of forward to the start of backward,
-        # which needs them at once (FSDP2's own default for a root): no second all-gather per step.
-        self._root = fully_shard(module, **{**options, "reshard_after_forward": False})
+        self._root = apply_fsdp(
+            module,
+            units,
+            mesh=self.mesh(),
+            mp_policy=self.mixed_precision_policy(),
+            cpu_offload=self.cpu_offload,
+            device=self.device,
+            reshard_after_forward=self.sharding_strategy != "SHARD_GRAD_OP",
+            compile=compile_options(self.compile),
+        )
         if meta:
             materialize(module, torch.device("cpu") if self.cpu_offload else self.device)
         log.info(
@@ -182,7 +177,7 @@ class FSDPStrategy(ShardedGradients, DistributedCheckpointState, BackwardSyncCon
         return module
 
     def no_backward_sync(self, module: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
-        return no_gradient_sync(module, enabled) if isinstance(module, FSDPModule) else contextlib.nullcontext()
+        return no_backward_sync(module, enabled)
 
     def estimate_memory(self, footprint: ModelFootprint) -> StrategyMemory | None:
         """Sharded as ``sharding_strategy`` says, offloaded with ``cpu_offload`` (``fsdp_memory``)."""
@@ -198,26 +193,61 @@ class FSDPStrategy(ShardedGradients, DistributedCheckpointState, BackwardSyncCon
         return f"FSDPStrategy(sharding_strategy={self.sharding_strategy!r}, cpu_offload={self.cpu_offload})"
 
 
-def fsdp_mixed_precision(precision: str) -> MixedPrecisionPolicy:
-    """FSDP2's policy for a precision name: mixed precisions compute in 16 bits, reduce in fp32."""
-    if precision == "bf16-mixed":
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    if precision == "16-mixed":
-        return MixedPrecisionPolicy(param_dtype=torch.float16, reduce_dtype=torch.float32)
-    return MixedPrecisionPolicy()
+def fsdp_memory(
+    footprint: ModelFootprint,
+    *,
+    sharding_strategy: str = "FULL_SHARD",
+    cpu_offload: bool = False,
+    shard_ranks: int | None = None,
+    name: str = "fsdp",
+) -> StrategyMemory:
+    """Per-device bytes under FSDP2, the row labelled ``name``.
+
+    Parameters, gradients and optimizer state are split over the ranks that shard them: all ranks
+    (``FULL_SHARD``, ``SHARD_GRAD_OP``), the ranks of one node (``HYBRID_SHARD``) or none
+    (``NO_SHARD``, a replica like DDP). While a unit runs, its parameters are gathered whole: the
+    running unit and the prefetched next one (2U, U the largest unit), or under ``SHARD_GRAD_OP``
+    every unit's, kept gathered from forward to backward. With ``cpu_offload`` the shards live in
+    host memory and only the gathered units are on the device. Checked against real 2-rank runs
+    (``tests/distributed/test_estimate_vs_measured.py``); see docs/memory.md.
+
+    ``shard_ranks`` is the shard size of a ``HYBRID_SHARD`` mesh (default: the devices of a node).
+    """
+    ranks = _shard_ranks(footprint, sharding_strategy, shard_ranks)
+    P, G, Opt = footprint.parameter_bytes, footprint.gradient_bytes, footprint.optimizer_bytes
+    gathered = 2 * footprint.largest_unit_bytes  # the unit running plus the next one being gathered (prefetch)
+    if cpu_offload:
+        # Units are copied to the device to run, even on one rank; under SHARD_GRAD_OP all of them stay there.
+        working = P if sharding_strategy == "SHARD_GRAD_OP" else gathered
+        return StrategyMemory(
+            strategy=name,
+            parameters=0,
+            gradients=0,
+            optimizer=0,
+            activations=footprint.activation_bytes,
+            working=working,
+            host_per_device=(P + G + Opt) // ranks,
+        )
+    if sharding_strategy == "SHARD_GRAD_OP":
+        working = P - P // ranks  # the other ranks' parameters, kept gathered between forward and backward
+    else:
+        working = gathered if ranks > 1 else 0  # one rank holds every parameter already: nothing to gather
+    return StrategyMemory(
+        strategy=name,
+        parameters=P // ranks,
+        gradients=G // ranks,
+        optimizer=Opt // ranks,
+        activations=footprint.activation_bytes,
+        working=working,
+    )
 
 
-@contextlib.contextmanager
-def no_gradient_sync(module: FSDPModule, enabled: bool):
-    """Accumulate unsharded gradients locally (no reduce-scatter) while ``enabled``."""
-    if not enabled:
-        yield
-        return
-    module.set_requires_gradient_sync(False)
-    try:
-        yield
-    finally:
-        module.set_requires_gradient_sync(True)
+def _shard_ranks(footprint: ModelFootprint, sharding_strategy: str, shard_ranks: int | None) -> int:
+    if sharding_strategy == "NO_SHARD":
+        return 1
+    if sharding_strategy == "HYBRID_SHARD":
+        return shard_ranks or footprint.devices
+    return footprint.world_size
 
 
 register_strategy("fsdp", FSDPStrategy, "FSDP2: parameters, gradients and optimizer state sharded over ranks")

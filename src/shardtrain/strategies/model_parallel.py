@@ -2,7 +2,7 @@
 
 The run's ranks form a ``(dp_shard, tp)`` mesh, tensor parallel innermost so that a tensor-
 parallel group is neighbouring ranks (one node). Within a group, the layers a plan names are
-split with PyTorch's DTensor tensor parallelism (``parallelize_module``; see ``tp_plan``); over
+split with PyTorch's DTensor tensor parallelism (``parallelize_module``; see ``parallel.tensor_parallel.plan``); over
 the data-parallel dimension, FSDP2 (``fully_shard``) shards what the group holds. Every rank of a
 tensor-parallel group reads the same batch. The order follows torchtitan: tensor parallel,
 activation checkpointing, FSDP per block then the root, then delayed initialisation.
@@ -14,30 +14,31 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Iterable, Iterator
+from dataclasses import replace
+from typing import Any, Iterable, Iterator, Literal
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from shardtrain.errors import ConfigError, StrategyError
 from shardtrain.memory import ModelFootprint, StrategyMemory
-from shardtrain.parallel_dims import ParallelDims
-from shardtrain.strategies.activation_checkpoint import apply_activation_checkpointing
+from shardtrain.parallel.dims import ParallelDims
+from shardtrain.parallel.activation_checkpoint import apply_activation_checkpointing
+from shardtrain.parallel.compile import apply_compile, compile_options
+from shardtrain.parallel.fsdp import apply_fsdp, mixed_precision_policy, no_backward_sync
 from shardtrain.strategies.base import Strategy, TrainingSettings
 from shardtrain.strategies.capabilities import BackwardSyncControl, DistributedCheckpointState, ShardedGradients
-from shardtrain.strategies.fsdp import fsdp_mixed_precision, no_gradient_sync
-from shardtrain.strategies.model_parallel_layout import Size, model_parallel_layout
-from shardtrain.strategies.model_parallel_memory import model_parallel_memory
-from shardtrain.strategies.materialize import has_meta_tensors, materialize, meta_init_context
-from shardtrain.strategies.pipeline import Pipeline
-from shardtrain.strategies.pipeline_options import PipelineOptions
-from shardtrain.strategies.pipeline_setup import PipelineRouter
-from shardtrain.strategies.policy import ModulePolicy, describe, units_of
+from shardtrain.strategies.fsdp import fsdp_memory
+from shardtrain.parallel.materialize import build_on_meta, fresh_copy, has_meta_tensors, materialize, meta_init_context
+from shardtrain.parallel.pipeline.schedule import Pipeline
+from shardtrain.parallel.pipeline.options import PipelineOptions
+from shardtrain.parallel.pipeline.stages import PipelineRouter
+from shardtrain.parallel.policy import ModulePolicy, describe, units_of
 from shardtrain.strategies.registry import register_strategy
-from shardtrain.strategies.tp_plan import (
+from shardtrain.parallel.tensor_parallel.plan import (
     FoundPlan,
     Plan,
     apply_plan,
@@ -51,6 +52,8 @@ from shardtrain.strategies.tp_plan import (
 
 log = logging.getLogger(__name__)
 
+Size = int | Literal["auto"]
+
 
 class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, BackwardSyncControl, Strategy):
     """Tensor parallelism within groups of ranks, FSDP2 across them.
@@ -62,7 +65,7 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
             node when ``data_parallel_size`` is ``"auto"`` too (Lightning's default), else what
             ``data_parallel_size`` leaves. Head counts must divide by it.
         tp_plan: module-name patterns (``*`` for one part of a name) to style names (``"colwise"``,
-            ``"rowwise"``, ...; see ``shardtrain.strategies.tp_plan``) or ``ParallelStyle`` objects,
+            ``"rowwise"``, ...; see ``shardtrain.parallel.tensor_parallel.plan``) or ``ParallelStyle`` objects,
             relative to the ``TrainModule``. Default: the model's own plan (a Hugging Face model's
             ``base_model_tp_plan``, or a ``tp_plan`` attribute). Not used when ``configure_model()``
             parallelises the model itself from ``self.device_mesh``.
@@ -150,9 +153,9 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
         self._pipeline: Pipeline | None = None
 
     # ------------------------------------------------------------------ layout
-    def parallel_dims(self, world_size: int, local_world_size: int) -> ParallelDims:
+    def make_parallel_dims(self, world_size: int, local_world_size: int) -> ParallelDims:
         """``(pp, dp_shard, tp)`` from the sizes, ``"auto"`` resolved as the constructor says."""
-        return model_parallel_layout(
+        return model_parallel_dims(
             world_size,
             local_world_size,
             dp=self.data_parallel_size,
@@ -171,23 +174,21 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
             )
         super().configure_training(settings)
 
-    def check_module(self, module: nn.Module, layout: ParallelDims) -> None:
+    def check_module(self, module: nn.Module, parallel_dims: ParallelDims) -> None:
         """Before any process group: head counts divide by the tensor-parallel degree, and the plan
         (found on a trial build of the model on the meta device) names existing modules with known styles."""
-        check_head_counts(module, layout.tp)
-        if layout.pp > 1:
-            self.pipeline.check_module(module, layout.pp, self.precision.parameter_dtype)
-        if layout.tp == 1:
+        check_head_counts(module, parallel_dims.tp)
+        if parallel_dims.pp > 1:
+            self.pipeline.check_module(module, parallel_dims.pp, self.precision.parameter_dtype)
+        if parallel_dims.tp == 1:
             return
-        from shardtrain.footprint import build_on_meta, fresh_copy
-
         try:
             built = build_on_meta(fresh_copy(module), self.precision.parameter_dtype)
         except ConfigError:
             return  # e.g. configure_model() parallelises from self.device_mesh: checked at set-up instead
         if not is_tensor_parallel(built):
-            check_head_counts(built, layout.tp)
-            plan_targets(self._plan(built, layout.tp))
+            check_head_counts(built, parallel_dims.tp)
+            plan_targets(self._plan(built, parallel_dims.tp))
 
     def _plan(self, user_module: nn.Module, tensor_parallel_size: int) -> FoundPlan:
         found = find_plan(user_module, self.tp_plan, self.sequence_parallel)
@@ -215,7 +216,7 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
             tp = share.tensor_parallel_size
         else:
             try:
-                tp = self.parallel_dims(footprint.world_size, footprint.devices).tp
+                tp = self.make_parallel_dims(footprint.world_size, footprint.devices).tp
             except StrategyError:
                 return None  # sizes that do not fit this layout: no row
         if self.cpu_offload and tp == footprint.world_size:
@@ -247,11 +248,11 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
         return (loss.full_tensor() if isinstance(loss, DTensor) else loss), outputs  # loss_parallel's replicated loss
 
     def setup_module(self, module: nn.Module) -> nn.Module:
-        assert self.layout is not None, "connect() first"
+        assert self.parallel_dims is not None, "connect() first"
         user_module = getattr(module, "module", module)
         module = self.precision.convert_module(module)
-        if self.layout.pp > 1:
-            shard = self._fully_shard_stage if self.layout.data_parallel_size > 1 else None
+        if self.parallel_dims.pp > 1:
+            shard = self._fully_shard_stage if self.parallel_dims.data_parallel_size > 1 else None
             self._pipeline = self.pipeline.build(
                 user_module,
                 self.device_mesh,
@@ -267,11 +268,12 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
         self._apply_tensor_parallel(user_module)
         if self.activation_checkpointing_policy is not None:
             apply_activation_checkpointing(user_module, self.activation_checkpointing_policy)
-        if self.layout.data_parallel_size > 1 and not any(isinstance(m, FSDPModule) for m in user_module.modules()):
+        if self.parallel_dims.data_parallel_size > 1 and not any(
+            isinstance(m, FSDPModule) for m in user_module.modules()
+        ):
             self._fully_shard(module, user_module)
-        elif self.compile:
-            for unit in units_of(user_module, self.auto_wrap_policy):
-                unit.compile(**self._compile_options())
+        else:
+            apply_compile(units_of(user_module, self.auto_wrap_policy), self._compile_options())
         if isinstance(module, FSDPModule):
             self._fsdp_root = module
         if meta:  # one block at a time: FSDP's units, or under tensor parallelism alone the same blocks
@@ -285,59 +287,50 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
         self._apply_tensor_parallel(user_module)
         if self.activation_checkpointing_policy is not None:
             apply_activation_checkpointing(user_module, self.activation_checkpointing_policy)
-        if self.compile:
-            for unit in units_of(user_module, self.auto_wrap_policy):
-                unit.compile(**self._compile_options())
+        apply_compile(units_of(user_module, self.auto_wrap_policy), self._compile_options())
 
     def _apply_tensor_parallel(self, user_module: nn.Module) -> None:
-        assert self.layout is not None
-        if self.layout.tp > 1 and not is_tensor_parallel(user_module):
-            check_head_counts(user_module, self.layout.tp)
-            apply_plan(self._plan(user_module, self.layout.tp), self.device_mesh["tp"])
+        assert self.parallel_dims is not None
+        if self.parallel_dims.tp > 1 and not is_tensor_parallel(user_module):
+            check_head_counts(user_module, self.parallel_dims.tp)
+            apply_plan(self._plan(user_module, self.parallel_dims.tp), self.device_mesh["tp"])
 
-    def _fsdp_options(self) -> dict[str, Any]:
-        return dict(
+    def _apply_fsdp(self, root: nn.Module, units: list[nn.Module], **options: Any) -> FSDPModule:
+        """FSDP over the data-parallel dimension (``dp_shard``), as ``apply_fsdp`` applies it for every strategy."""
+        return apply_fsdp(
+            root,
+            units,
             mesh=self.device_mesh["dp_shard"],
-            mp_policy=self.mixed_precision or fsdp_mixed_precision(self.precision.name),
-            offload_policy=CPUOffloadPolicy(pin_memory=self.device.type == "cuda")
-            if self.cpu_offload
-            else OffloadPolicy(),
+            mp_policy=self.mixed_precision or mixed_precision_policy(self.precision.name),
+            cpu_offload=self.cpu_offload,
+            device=self.device,
+            **options,
         )
 
     def _fully_shard_stage(self, runner: nn.Module, blocks: list[nn.Module]) -> None:
         """FSDP over a pipeline stage: each block, then the stage (its pieces) as the root. Parameters stay
         gathered from a micro-batch's forward to its backward (torchtitan's choice under pipelining: each
-        micro-batch would gather them again)."""
-        options = self._fsdp_options()
-        for block in reversed(blocks):
-            fully_shard(block, **options, reshard_after_forward=False)
-        self._fsdp_root = fully_shard(runner, **options, reshard_after_forward=False)
+        micro-batch would gather them again). The blocks were compiled before the model was split."""
+        self._fsdp_root = self._apply_fsdp(runner, blocks, reshard_after_forward=False)
 
     def _fully_shard(self, module: nn.Module, user_module: nn.Module) -> None:
-        options = self._fsdp_options()
-        mesh = options["mesh"]
         units = units_of(user_module, self.auto_wrap_policy)
-        for unit in reversed(units):
-            if self.compile:
-                unit.compile(**self._compile_options())
-            fully_shard(unit, **options)
-        self._fsdp_root = fully_shard(module, **options, reshard_after_forward=False)
-        if self.layout is not None and self.layout.tp > 1:
+        self._fsdp_root = self._apply_fsdp(module, units, compile=self._compile_options())
+        if self.parallel_dims is not None and self.parallel_dims.tp > 1:
             # Parameters the plan split live on the 2-D (dp_shard, tp) mesh; a flattened copy of it lets
             # DTensor reduce their gradient norm in one all-reduce rather than one per dimension.
             self.device_mesh["dp_shard", "tp"]._flatten("dp_shard_tp")
         log.info(
-            "FSDP over data_parallel_size=%d: %d units (%s) and the root", mesh.size(), len(units), describe(units)
+            "FSDP over data_parallel_size=%d: %d units (%s) and the root",
+            self.device_mesh["dp_shard"].size(),
+            len(units),
+            describe(units),
         )
 
-    def _compile_options(self) -> dict[str, Any]:
-        """``torch.compile``'s options: the user's, over ``dynamic=False`` under tensor parallelism. DTensor
-        activations with symbolic shapes fail in sharding propagation (torch 2.13: "unhashable type:
-        non-nested SymInt", a norm on a sequence-split DTensor); each new input shape compiles again instead."""
-        options = dict(self.compile) if isinstance(self.compile, dict) else {}
-        if self.layout is not None and self.layout.tp > 1:
-            options.setdefault("dynamic", False)
-        return options
+    def _compile_options(self) -> dict[str, Any] | None:
+        """The user's ``compile`` options, with ``dynamic=False`` under tensor parallelism (``compile_options``)."""
+        tensor_parallel = self.parallel_dims is not None and self.parallel_dims.tp > 1
+        return compile_options(self.compile, tensor_parallel=tensor_parallel)
 
     def gradient_norm(self, parameters: Iterable[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor | None:
         """Over every stage too: each rank's norm of what its stages count, combined over the pipeline group."""
@@ -360,7 +353,7 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
 
     def no_backward_sync(self, module: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
         """Data-parallel gradient reduction can wait; tensor-parallel collectives are part of each pass."""
-        return no_gradient_sync(module, enabled) if isinstance(module, FSDPModule) else contextlib.nullcontext()
+        return no_backward_sync(module, enabled)
 
     def __repr__(self) -> str:
         pipeline = (
@@ -378,6 +371,76 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
 def _both(first: contextlib.AbstractContextManager, second: contextlib.AbstractContextManager) -> Iterator[None]:
     with first, second:
         yield
+
+
+def model_parallel_dims(
+    world_size: int, local_world_size: int, *, dp: Size, tp: Size, pp: int, cpu_offload: bool
+) -> ParallelDims:
+    """``(pp, dp_shard, tp)`` for a run of ``world_size`` ranks (``local_world_size`` per node).
+
+    The pipeline takes ``pp`` groups of ranks; within each, ``"auto"`` sizes resolve as Lightning's
+    ``ModelParallelStrategy`` does (tensor parallel over one node's processes, data parallel over the
+    nodes) or, with pipeline stages, data parallel over every rank they leave.
+    """
+    if world_size % pp:
+        raise StrategyError(
+            f"pipeline_parallel_size={pp} does not divide the {world_size} ranks of the run (devices x num_nodes); "
+            f"choose a pipeline_parallel_size that divides {world_size}"
+        )
+    ranks, local = world_size // pp, max(1, local_world_size // pp)
+    where = "the run" if pp == 1 else f"each of the {pp} pipeline stages"
+    if tp == "auto" and dp == "auto":
+        tp = local if pp == 1 else 1
+    elif tp == "auto":
+        if ranks % dp:
+            raise StrategyError(
+                f"data_parallel_size={dp} does not divide the {ranks} ranks of {where} (devices x num_nodes"
+                f"{'' if pp == 1 else ' / pipeline_parallel_size'}); choose a data_parallel_size that divides {ranks}"
+            )
+        tp = ranks // dp
+    if ranks % tp:
+        raise StrategyError(
+            f"tensor_parallel_size={tp} does not divide the {ranks} ranks of {where} (devices x num_nodes"
+            f"{'' if pp == 1 else ' / pipeline_parallel_size'}); choose a tensor_parallel_size that divides {ranks}"
+        )
+    if dp == "auto":
+        dp = ranks // tp
+    if dp * tp != ranks:
+        raise StrategyError(
+            f"data_parallel_size={dp} x tensor_parallel_size={tp} = {dp * tp}, but {where} has {ranks} ranks "
+            f"(devices x num_nodes{'' if pp == 1 else ' / pipeline_parallel_size'}); choose sizes whose product is {ranks}"
+        )
+    if cpu_offload and pp > 1:
+        raise StrategyError(
+            "cpu_offload with pipeline_parallel_size > 1 is not supported yet (FSDP's offload of pipeline stages is "
+            "untested); leave cpu_offload out, or use more pipeline stages to fit the model"
+        )
+    if cpu_offload and dp == 1:
+        raise StrategyError(
+            "cpu_offload is FSDP's offload, which needs data_parallel_size > 1; with every rank in one "
+            f"tensor-parallel group (tensor_parallel_size={tp}) leave it out, or lower tensor_parallel_size"
+        )
+    return ParallelDims(world_size=world_size, dp_shard=dp, tp=tp, pp=pp)
+
+
+def model_parallel_memory(
+    footprint: ModelFootprint, *, tensor_parallel_size: int, cpu_offload: bool = False, name: str = "model_parallel"
+) -> StrategyMemory | None:
+    """Per-device bytes at ``tensor_parallel_size`` (data parallelism: the rest of the run's ranks);
+    ``None`` when the footprint has no share measured at that degree.
+
+    FSDP's formula over one tensor-parallel rank's share: tensor parallelism splits what a plan names
+    among the ``tp`` ranks of a group; the estimate measures that share on the meta device
+    (``ModelFootprint.tensor_parallel``, see ``parallel.tensor_parallel.share``). FSDP then shards the
+    share over the ``dp`` data-parallel ranks exactly as ``fsdp_memory`` shards a whole model over all
+    ranks: each device holds ``1/dp`` of the share's states, gathers two of its units while they run
+    (none when ``dp`` is 1), and keeps its own activations."""
+    share = footprint.tensor_parallel
+    if share is None or share.tensor_parallel_size != tensor_parallel_size:
+        return None
+    data_parallel = footprint.world_size // tensor_parallel_size
+    # FULL_SHARD over the data-parallel ranks: the formula's "all ranks" are those.
+    return fsdp_memory(replace(share, devices=data_parallel, num_nodes=1), cpu_offload=cpu_offload, name=name)
 
 
 register_strategy(

@@ -9,7 +9,7 @@ from shardtrain.memory import ModelFootprint, StrategyMemory
 from shardtrain.strategies.base import Strategy
 from shardtrain.strategies.capabilities import DistributedCheckpointState, ReplicatedGradients
 from shardtrain.strategies.registry import register_strategy
-from shardtrain.strategies.replica_memory import replica_memory
+from shardtrain.strategies.ddp import replica_memory
 
 
 class SingleDeviceStrategy(ReplicatedGradients, DistributedCheckpointState, Strategy):

@@ -1,0 +1,112 @@
+"""The Trainer's checkpoints: where they go, what ``last`` names, and saving and restoring a training state.
+
+A checkpoint holds the module, optimizers, LR schedulers, loss scaler, callbacks' state, every
+rank's RNG state and the loop position (global step, epoch, batches seen in the epoch), so that
+a resumed run continues at the next batch it would have trained on. The Trainer says what the
+state is; this collaborator stores it through ``Engine.save``/``Engine.load`` (a sharded DCP
+directory, committed atomically) and keeps ``<default_root_dir>/checkpoints/last`` pointing at
+the newest one.
+
+Where the data continues: ``batches_seen_in_epoch`` is enough for map-style datasets (the
+sampler's order is seeded per epoch, and the batches before it are skipped by index, see
+``shardtrain.data``). A train loader with its own ``state_dict`` (torchdata's
+``StatefulDataLoader``) is saved too (``checkpoint.loader_position``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from shardtrain.checkpoint import read_meta
+from shardtrain.checkpoint.consolidate import is_weights_file, load_weights
+from shardtrain.checkpoint.loader_position import LoaderPosition
+from shardtrain.checkpoint.pointer import point_last_at, resolve_checkpoint
+from shardtrain.engine.engine import Engine
+
+if TYPE_CHECKING:
+    from shardtrain.trainer.trainer import Trainer
+
+
+class TrainerCheckpoints:
+    """Saves and restores the Trainer's state under ``<root_dir>/checkpoints``."""
+
+    def __init__(self, engine: Engine, root_dir: Path) -> None:
+        self.engine = engine
+        self.directory = root_dir / "checkpoints"
+        #: (global step, path) of the latest save, so that a preemption right after it does not save twice.
+        self.last_saved: tuple[int, Path] | None = None
+
+    def save(self, state: dict[str, Any], step: int, path: str | os.PathLike | None, asynchronous: bool) -> Path:
+        """Save ``state`` at ``path`` (default ``step=<step>``); ``last`` names it once committed."""
+        target = Path(path) if path is not None else self.directory / f"step={step}"
+        directory = self.directory
+        self.engine.save(
+            target, state, asynchronous=asynchronous, on_commit=lambda committed: point_last_at(directory, committed)
+        )
+        self.last_saved = (step, target)
+        return target
+
+    def resolve(self, ckpt_path: str | os.PathLike) -> Path | None:
+        """The checkpoint ``ckpt_path`` names; None for ``"last"`` before any save (said on rank 0)."""
+        path = resolve_checkpoint(ckpt_path, self.directory)
+        if path is None and self.engine.is_global_zero:
+            # The same command starts a job and its restarts (torchrun --max-restarts, a requeued
+            # SLURM job): the first attempt has nothing to resume from. Lightning does the same.
+            print(
+                f"[shardtrain] ckpt_path='last' but no checkpoint was saved in {self.directory} yet; training starts from the beginning",
+                flush=True,
+            )
+        return path
+
+    def state_of(self, trainer: "Trainer") -> dict[str, Any]:
+        """What a checkpoint of ``trainer`` holds, read from its public attributes; loading fills it in place."""
+        state: dict[str, Any] = {
+            "module": trainer.model,
+            "optimizers": list(trainer.optimizers),
+            "lr_schedulers": [config.scheduler for config in trainer.lr_schedulers],
+            "loop": {
+                "global_step": trainer.global_step,
+                "current_epoch": trainer.current_epoch,
+                "batches_seen_in_epoch": trainer.batches_seen_in_epoch,
+            },
+            "callbacks": {callback.state_key: callback.state_dict() for callback in trainer.callbacks},
+            "trainer_config": {
+                **trainer.args.to_json(),
+                "strategy": repr(self.engine.strategy),
+                "world_size": self.engine.world_size,
+                **({"run": trainer.run_config} if trainer.run_config is not None else {}),
+            },
+        }
+        scaler = self.engine.precision.grad_scaler(self.engine.device.type)
+        if scaler is not None:
+            state["grad_scaler"] = scaler
+        loader = trainer.train_loader
+        if loader is not None and loader.position() is not None:
+            state["train_dataloader"] = LoaderPosition(loader, self.engine.global_rank, self.engine.world_size)
+        return state
+
+    def restore(self, path: Path, trainer: "Trainer") -> dict[str, Any] | None:
+        """Load ``path`` into ``trainer``: its model, optimizers, schedulers, callbacks and loop position;
+        returns the loaded state. Consolidated weights (safetensors) only initialise the model (the
+        run starts at step 0): then None."""
+        state = self.state_of(trainer)
+        if is_weights_file(path):
+            self.engine.load_weights(state["module"], load_weights(path))
+            return None
+        saved = read_meta(path)["state"]
+        for optional in ("grad_scaler", "train_dataloader"):
+            # Saved under another precision (no loss scaling: the scaler starts fresh), or with a
+            # plain loader (the data loader reads up to the position): not in this checkpoint.
+            if optional in state and optional not in saved:
+                del state[optional]
+        self.engine.load(path, state)
+        for callback in trainer.callbacks:
+            if callback.state_key in state["callbacks"]:
+                callback.load_state_dict(state["callbacks"][callback.state_key])
+        loop = state["loop"]
+        trainer.global_step = loop["global_step"]
+        trainer.current_epoch = loop["current_epoch"]
+        trainer.batches_seen_in_epoch = loop["batches_seen_in_epoch"]
+        return state

@@ -1,0 +1,401 @@
+"""The Trainer: the training loop, with accumulation, clipping, validation, logging and callbacks.
+
+It knows nothing of strategies: every device, sharding and precision decision goes through the
+:class:`~shardtrain.engine.Engine` it owns. ``batch_size`` of a DataLoader is per process, as in
+Lightning: the global batch is ``batch_size * world_size * accumulate_grad_batches``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from shardtrain.callbacks import Callback
+from shardtrain.engine.engine import Engine
+from shardtrain.errors import ConfigError
+from shardtrain.loggers import Logger
+from shardtrain.trainer.metrics import MetricCollector
+from shardtrain.module import TrainModule, extract_loss
+from shardtrain.trainer.nonfinite import NonFiniteCheck
+from shardtrain.optimization import SchedulerConfig, parse_optimizers, step_schedulers
+from shardtrain.preemption import Preemption, StopAgreement
+from shardtrain.seed import seed_everything
+from shardtrain.trainer.arguments import TrainerArguments, limited_batches, make_loggers
+from shardtrain.trainer.checkpoint import TrainerCheckpoints
+from shardtrain.trainer.validation import ValidationLoop
+from shardtrain.engine.wrapper import EngineModule
+
+if TYPE_CHECKING:
+    from shardtrain.strategies import Strategy
+
+
+class Trainer:
+    """Fit a :class:`TrainModule` on any strategy with one line of configuration.
+
+    Takes the keyword arguments of :class:`~shardtrain.trainer.arguments.TrainerArguments` (all
+    documented there), or one ``TrainerArguments`` object; every value is checked before
+    anything starts. The arguments stay readable as attributes (``trainer.max_steps``).
+    """
+
+    def __init__(self, arguments: TrainerArguments | None = None, /, **options: Any) -> None:
+        unknown = sorted(set(options) - set(TrainerArguments.names()))
+        if unknown:
+            raise ConfigError(
+                f"Trainer got unknown arguments {unknown}; it takes: {', '.join(TrainerArguments.names())}"
+            )
+        args = TrainerArguments(**{**(vars(arguments) if arguments is not None else {}), **options})
+        self.args = args
+        #: The run's config from ``shardtrain fit`` (its YAML, resolved), stored in checkpoints to resume from.
+        self.run_config: dict[str, Any] | None = None
+        self.engine = Engine(**args.engine_options())
+        self.engine.configure_training(**args.training_settings())
+        self.default_root_dir = Path(args.default_root_dir)
+        self.max_epochs = args.epochs_limit
+        self.preemption: Preemption | None = Preemption() if args.preemption is True else (args.preemption or None)
+        self._stop = StopAgreement(self.preemption)
+        self.nonfinite = NonFiniteCheck(args.on_nonfinite)
+        self.callbacks: list[Callback] = args.callback_list()
+        self.loggers: list[Logger] = make_loggers(args.logger, self.default_root_dir)
+        self.checkpoints = TrainerCheckpoints(self.engine, self.default_root_dir)
+        self.validation = ValidationLoop(
+            args.val_check_interval, args.check_val_every_n_epoch, args.limit_val_batches, self._call, self._log
+        )
+        self.global_step = 0
+        self.current_epoch = 0
+        self.batches_seen_in_epoch = 0
+        self.callback_metrics: dict[str, float] = {}
+        self.progress_bar_metrics: dict[str, float] = {}
+        self.should_stop = False
+        self.estimated_stepping_batches: int | float = math.inf
+        self.module: TrainModule | None = None
+        self.model: EngineModule | None = None
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self.lr_schedulers: list[SchedulerConfig] = []
+        self.train_loader: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        """The arguments as attributes: ``trainer.max_steps``, ``trainer.accumulate_grad_batches``, ..."""
+        args = self.__dict__.get("args")
+        if args is not None and name in TrainerArguments.names():
+            return getattr(args, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def strategy(self) -> Strategy:
+        return self.engine.strategy
+
+    global_rank = property(lambda self: self.engine.global_rank)
+    world_size = property(lambda self: self.engine.world_size)
+
+    is_global_zero = property(lambda self: self.engine.is_global_zero)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.checkpoints.directory
+
+    def init_module(self) -> Any:
+        """Context for building a model outside ``configure_model`` where the strategy wants it."""
+        self.engine.launch()
+        return self.engine.init_module()
+
+    def fit(
+        self,
+        module: TrainModule,
+        train_dataloaders: DataLoader | None = None,
+        val_dataloaders: DataLoader | None = None,
+        ckpt_path: str | os.PathLike | None = None,
+    ) -> None:
+        """Train ``module``; resume from ``ckpt_path`` (a checkpoint, consolidated weights, or ``"last"``).
+        Raises :class:`~shardtrain.preemption.Preempted` (exit code 75) on every rank after saving a
+        checkpoint when a preemption signal arrived (see ``preemption``)."""
+        self._stop.install()
+        try:
+            self._attach(module, "fit")
+            self.engine.check_module(module)  # before any process group: e.g. heads that TP cannot split
+            self.engine.launch()
+        except BaseException:
+            self._stop.uninstall()
+            raise
+        try:
+            self.engine.choose_strategy(module)  # strategy="auto": first, as the layout decides each rank's data
+            train_loader = self._loader(train_dataloaders, module, "train_dataloader", required=True)
+            self.train_loader = train_loader  # a StatefulDataLoader's position goes into checkpoints
+            val_loader = self._loader(val_dataloaders, module, "val_dataloader", required=False)
+            self.estimated_stepping_batches = self.args.stepping_batches(train_loader)
+            self.engine.configure_training(
+                **self.args.training_settings(), micro_batch_size=getattr(train_loader, "batch_size", None)
+            )
+            self._setup(module, "fit")
+            self.nonfinite.refuse_what_cannot_be_done(self.engine.can_skip_optimizer_step, self._loss_scaling())
+            if ckpt_path is not None:
+                self._restore(ckpt_path)
+            self._call("on_fit_start")
+            self._train(train_loader, val_loader)
+            self._call("on_fit_end")
+        except BaseException as exception:
+            self._call("on_exception", exception)
+            peer_failure = self.engine.explain_failure(exception)
+            if peer_failure is not None:
+                raise peer_failure from exception
+            raise
+        finally:
+            self._stop.uninstall()
+            self.engine.wait_for_checkpoint()
+            for logger in self._rank_zero_loggers():
+                logger.finalize()
+            self._teardown(module, "fit")
+
+    def validate(self, module: TrainModule, dataloaders: DataLoader | None = None) -> list[dict[str, float]]:
+        """Run the validation loop once; returns the metrics averaged over batches and ranks."""
+        self._attach(module, "validate")
+        self.engine.check_module(module)
+        self.engine.launch()
+        try:
+            self._setup(module, "validate")
+            loader = self._loader(dataloaders, module, "val_dataloader", required=True)
+            metrics = self.validation.run(self.model, module, loader)
+            for logger in self._rank_zero_loggers():
+                logger.finalize()
+        finally:
+            self._teardown(module, "validate")
+        return [metrics]
+
+    def _teardown(self, module: TrainModule, stage: str) -> None:
+        """Every callback's ``teardown(trainer, module, stage)``, then the engine's, as Lightning does; the
+        set-up model stays readable (``save_checkpoint()`` after ``fit`` works)."""
+        try:
+            for callback in self.callbacks:
+                callback.teardown(self, module, stage)
+        finally:
+            self.engine.teardown()
+
+    # ------------------------------------------------------------------ set-up
+    def _attach(self, module: TrainModule, stage: str) -> None:
+        if not isinstance(module, TrainModule):
+            raise ConfigError(f"Trainer.{stage} takes a shardtrain.TrainModule, got {type(module).__name__}")
+        module._trainer = self
+
+    def _setup(self, module: TrainModule, stage: str) -> None:
+        """Set the model up once (a later stage on the same module reuses it); callbacks' ``setup`` runs every stage."""
+        if not (self.module is module and self.model is not None):
+            self._set_up_model(module, stage)
+        for callback in self.callbacks:
+            callback.setup(self, module, stage)
+
+    def _set_up_model(self, module: TrainModule, stage: str) -> None:
+        self.engine.choose_strategy(module)  # strategy="auto" (validate): from the model, before it is built
+        if self.args.seed is not None:
+            seed_everything(self.args.seed)
+        with self.engine.init_module():
+            module.configure_model()
+        self.module = module
+        if stage == "fit":
+
+            def configure_optimizers() -> list[torch.optim.Optimizer]:
+                optimizers, self.lr_schedulers = parse_optimizers(module.configure_optimizers())
+                return optimizers
+
+            self.model, self.optimizers = self.engine.setup_module_and_optimizers(module, configure_optimizers)
+        else:
+            self.model = self.engine.setup_module(module)
+
+    def _loader(self, given: DataLoader | None, module: TrainModule, hook: str, required: bool) -> Any:
+        loader = (
+            given if given is not None else (getattr(module, hook)() if callable(getattr(module, hook, None)) else None)
+        )
+        if loader is None:
+            if required:
+                raise ConfigError(
+                    f"no {hook.replace('_', ' ')}: pass it to the Trainer or define {type(module).__name__}.{hook}()"
+                )
+            return None
+        return self.engine.setup_dataloaders(loader, seed=self.args.seed or 0)
+
+    # ------------------------------------------------------------------ training
+    def _train(self, train_loader: Any, val_loader: Any) -> None:
+        assert self.model is not None
+        self.should_stop = self._reached_max_steps() or (
+            self.max_epochs is not None and self.current_epoch >= self.max_epochs
+        )
+        self._call("on_train_start")
+        while not self.should_stop:
+            self.model.train()
+            train_loader.set_epoch(self.current_epoch)
+            self._call("on_train_epoch_start")
+            if not self._train_epoch(train_loader, val_loader):
+                break  # stopped mid-epoch (max_steps or should_stop): the epoch is not over
+            self._call("on_train_epoch_end")
+            self.current_epoch += 1
+            self.batches_seen_in_epoch = 0
+            step_schedulers(self.lr_schedulers, "epoch", self.current_epoch, self.callback_metrics)
+            if self.max_epochs is not None and self.current_epoch >= self.max_epochs:
+                self.should_stop = True
+        self._call("on_train_end")
+
+    def _train_epoch(self, train_loader: Any, val_loader: Any) -> bool:
+        """Train until the epoch's data runs out (returns True) or training must stop (False)."""
+        try:
+            num_batches = limited_batches(len(train_loader), self.args.limit_train_batches)
+        except TypeError:
+            num_batches = math.inf
+        interval = self.validation.interval(num_batches)
+        accumulate = self.args.accumulate_grad_batches
+        collector = MetricCollector(mean_over_batches=False)
+        step_loss = torch.zeros((), device=self.engine.device)
+        start = self.batches_seen_in_epoch  # resuming mid-epoch: these batches were already trained on
+        train_loader.start_at(start)  # skipped by index, not loaded (see DeviceDataLoader)
+        for batch_idx, batch in enumerate(train_loader, start=start):
+            if batch_idx >= num_batches:
+                break
+            self._call("on_train_batch_start", batch, batch_idx)
+            is_last = batch_idx + 1 == num_batches
+            step_now = (batch_idx + 1) % accumulate == 0 or is_last
+            loss, outputs = self._training_micro_step(batch, batch_idx, sync=step_now)
+            step_loss += loss
+            collector.update(self.module.pop_logged())
+            self.batches_seen_in_epoch = batch_idx + 1
+            if step_now:
+                micro_batches = (batch_idx % accumulate) + 1
+                self._optimizer_step(collector, step_loss / micro_batches)
+                step_loss = torch.zeros((), device=self.engine.device)
+            self._call("on_train_batch_end", outputs, batch, batch_idx)
+            if (
+                val_loader is not None
+                and interval
+                and (batch_idx + 1) % interval == 0
+                and self.validation.epoch_due(self.current_epoch)
+            ):
+                self.validation.run(self.model, self.module, val_loader)
+            if self._stop.agreed and not self._reached_max_steps():  # on the last step, just finish
+                self._stop.stop(self.global_step, self.global_rank, self._checkpoint_for_stop)
+            if self._reached_max_steps() or self.should_stop:
+                self.should_stop = True
+                if self.batches_seen_in_epoch < num_batches:
+                    return False
+                break
+        if val_loader is not None and interval == 0 and self.validation.epoch_due(self.current_epoch):
+            self.validation.run(self.model, self.module, val_loader)
+        return True
+
+    def _training_micro_step(self, batch: Any, batch_idx: int, sync: bool) -> tuple[torch.Tensor, Any]:
+        def compute_loss() -> tuple[torch.Tensor, Any]:
+            outputs = self.model.training_step(*self.module._step_arguments("training_step", batch, batch_idx))
+            loss = extract_loss(outputs, type(self.module).__name__)
+            self._call("on_before_backward", loss)
+            return loss, outputs
+
+        loss, outputs = self.engine.forward_backward(self.model, compute_loss, synchronize=sync, batch=batch)
+        self._call("on_after_backward")
+        return loss, outputs
+
+    def _optimizer_step(self, collector: MetricCollector, step_loss: torch.Tensor) -> None:
+        for optimizer in self.optimizers:
+            self._call("on_before_optimizer_step", optimizer)
+        logged: dict[str, tuple[torch.Tensor, bool]] = {"train_loss": (step_loss, True)}
+        clip_val, clip_by = self.args.gradient_clip_val, self.args.gradient_clip_algorithm
+        norm = None
+        if clip_val is not None and clip_by == "norm":
+            norm = self.engine.clip_gradients(self.model, self.optimizers, max_norm=clip_val)
+            logged["train_grad_norm"] = (norm.detach(), False)
+        step_now = True
+        if self.nonfinite.mode != "ignore":
+            # The norm is not checked under loss scaling (an inf there is the GradScaler's business) or DeepSpeed (not known yet).
+            check_norm = self.engine.can_skip_optimizer_step and not self._loss_scaling()
+            if check_norm and norm is None:
+                norm = self.engine.gradient_norm(self.optimizers)
+            step_now = self.nonfinite.step_is_finite(
+                self.engine, self.global_step + 1, step_loss, norm if check_norm else None
+            )
+        if clip_val is not None and clip_by == "value":
+            self.engine.clip_gradients(self.model, self.optimizers, clip_val=clip_val)
+        if step_now:
+            self.engine.step(*self.optimizers)
+        for optimizer in self.optimizers:
+            self._call("on_before_zero_grad", optimizer)
+            optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        if step_now:
+            step_schedulers(self.lr_schedulers, "step", self.global_step, self.callback_metrics)
+        collector.update(logged)
+        if self.global_step % self.args.log_every_n_steps == 0 or self._reached_max_steps():
+            collector.update(
+                {_STOP_REQUESTED: (self._stop.flag(self.engine.device), False)}
+            )  # agreement rides on the logging all-reduce
+            self._log(collector, {"epoch": float(self.current_epoch)})
+            collector.reset()
+        elif self._stop.check_due(self.global_step):
+            self._stop.agreed = bool(self.engine.all_reduce(self._stop.flag(self.engine.device), "max").item())
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, path: str | os.PathLike | None = None, *, asynchronous: bool = False) -> Path:
+        """Save the training state as a sharded checkpoint directory (every rank must call this).
+
+        Each rank writes its own shards; the directory appears atomically once all have
+        finished, and ``<default_root_dir>/checkpoints/last`` then names it. Returns the path;
+        the default is ``<default_root_dir>/checkpoints/step=<N>``. With ``asynchronous=True``
+        the loop is blocked only while the state is copied to CPU memory; the files are written
+        and committed in the background (the next save and the end of ``fit`` wait for it).
+        """
+        if self.model is None:
+            raise RuntimeError("save_checkpoint() needs a module that has been set up by fit()")
+        state = self.checkpoints.state_of(self)
+        self._call("on_save_checkpoint", state)
+        return self.checkpoints.save(state, self.global_step, path, asynchronous)
+
+    def _restore(self, ckpt_path: str | os.PathLike) -> None:
+        path = self.checkpoints.resolve(ckpt_path)
+        state = self.checkpoints.restore(path, self) if path is not None else None
+        if state is None:
+            return
+        for logger in self._rank_zero_loggers():
+            if callable(getattr(logger, "log_resume", None)):  # CSVLogger: continue metrics.csv after a marker row
+                logger.log_resume(self.global_step)
+        self._call("on_load_checkpoint", state)
+
+    def _checkpoint_for_stop(self) -> Path:
+        """The checkpoint of this step: the one just saved, or a new one."""
+        self.engine.wait_for_checkpoint()
+        last = self.checkpoints.last_saved
+        return last[1] if last is not None and last[0] == self.global_step else self.save_checkpoint()
+
+    def _loss_scaling(self) -> bool:
+        return self.engine.precision.grad_scaler(self.engine.device.type) is not None
+
+    def _reached_max_steps(self) -> bool:
+        return 0 < self.args.max_steps <= self.global_step
+
+    # ------------------------------------------------------------------ logging and hooks
+    def _log(self, collector: MetricCollector, extra: dict[str, float]) -> dict[str, float]:
+        metrics = collector.compute(lambda t: self.engine.all_reduce(t, "mean"), self.engine.device)
+        if metrics.pop(_STOP_REQUESTED, 0.0) > 0:
+            self._stop.agreed = True
+        self.callback_metrics.update(metrics)
+        self.progress_bar_metrics.update({name: metrics[name] for name in collector.prog_bar if name in metrics})
+        if metrics and self.is_global_zero:
+            row = {**metrics, **extra}
+            for callback in self.callbacks:  # first: a callback may add figures to the row (ThroughputMonitor)
+                callback.on_log(self, row, self.global_step)
+            for logger in self.loggers:
+                logger.log_metrics(row, self.global_step)
+        return metrics
+
+    def _rank_zero_loggers(self) -> list[Logger]:
+        return self.loggers if self.is_global_zero else []
+
+    def _call(self, hook: str, *args: Any) -> None:
+        module_hook = getattr(self.module, hook, None)
+        if callable(module_hook) and hook.startswith("on_"):
+            module_hook(*args)
+        for callback in self.callbacks:
+            getattr(callback, hook)(self, self.module, *args)
+
+
+_STOP_REQUESTED = "_shardtrain/stop_requested"
+Trainer.__signature__ = inspect.signature(TrainerArguments)  # type: ignore[attr-defined]  # for help() and IDEs at run time
