@@ -70,4 +70,4 @@ class DDPStrategy(ReplicatedGradients, DistributedCheckpointState, BackwardSyncC
         return f"DDPStrategy({', '.join(f'{k}={v!r}' for k, v in self.ddp_kwargs.items())})"
 
 
-register_strategy("ddp", DDPStrategy, "data parallel: full replica per rank, gradients all-reduced")
+register_strategy("ddp", DDPStrategy, "data parallel: full replica per rank, gradients all-reduced", auto_priority=110)

@@ -220,10 +220,13 @@ def no_gradient_sync(module: FSDPModule, enabled: bool):
         module.set_requires_gradient_sync(True)
 
 
-register_strategy("fsdp", FSDPStrategy, "FSDP2: parameters, gradients and optimizer state sharded over ranks")
+register_strategy(
+    "fsdp", FSDPStrategy, "FSDP2: parameters, gradients and optimizer state sharded over ranks", auto_priority=200
+)
 register_strategy(
     "fsdp_cpu_offload",
     FSDPStrategy,
     "FSDP2 with parameters, gradients and optimizer state in CPU memory",
+    auto_priority=400,
     cpu_offload=True,
 )
