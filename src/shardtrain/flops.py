@@ -7,12 +7,14 @@
   what the device executed (for HFU).
 * :func:`peak_flops` gives the peak of a device for a compute dtype: a table of datasheet figures
   (dense, no sparsity) for CUDA GPUs, and a measured matmul rate (:func:`measure_matmul_flops`)
-  where the table has no entry, such as on CPU.
+  where the table has no entry; on CPU one process's share of the cores, measured alone
+  (:func:`cpu_peak_flops`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -58,36 +60,80 @@ def table_peak_flops(device_name: str, dtype: str) -> float | None:
 
 
 def measure_matmul_flops(
-    device: torch.device, dtype: torch.dtype = torch.float32, size: int | None = None, seconds: float = 0.3
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    size: int | None = None,
+    seconds: float | None = None,
+    threads: int | None = None,
 ) -> float:
-    """The best FLOP/s of repeated square matmuls on ``device``, this process's threads included.
+    """The best FLOP/s of square ``size`` matmuls on ``device`` in ``dtype`` over ``seconds``.
 
-    On CPU this is the practical peak MFU is measured against (run it in every process at once,
-    as training does, so that shared cores and memory bandwidth are accounted for).
+    On CPU each matmul is timed alone (512: about 3 ms on a core, shorter than a scheduler's time
+    slice) for two seconds, with ``threads`` threads (default: this process's), and the fastest
+    one counts: the rate when nothing else ran on the cores, which a training step's matmuls
+    cannot beat. Timing batches of calls over 0.3 s, as this did before, was pulled down by
+    whatever ran meanwhile (53-94 GFLOP/s on one core that reaches 96). See :func:`cpu_peak_flops`.
     """
-    n = size or (8192 if device.type == "cuda" else 512)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    out = torch.empty(n, n, device=device, dtype=dtype)
-    torch.mm(a, b, out=out)  # warm up
-    best = 0.0
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        for _ in range(4):
-            torch.mm(a, b, out=out)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - start))
-    return best
+    cpu = device.type == "cpu"
+    n = size or (512 if cpu else 8192)
+    repeats = 1 if cpu else 4
+    seconds = seconds if seconds is not None else (2.0 if cpu else 0.3)
+    previous_threads = torch.get_num_threads()
+    if cpu and threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        out = torch.empty(n, n, device=device, dtype=dtype)
+        torch.mm(a, b, out=out)  # warm up
+        best = 0.0
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            if not cpu:
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            for _ in range(repeats):
+                torch.mm(a, b, out=out)
+            if not cpu:
+                torch.cuda.synchronize(device)
+            best = max(best, repeats * 2 * n**3 / (time.perf_counter() - start))
+        return best
+    finally:
+        torch.set_num_threads(previous_threads)
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+def cpu_threads_per_device(local_world_size: int) -> int:
+    """The threads one process's matmuls can use at once: its own, at most its share of the cores."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(torch.get_num_threads(), cores // max(1, local_world_size)))
+
+
+def cpu_peak_flops(dtype: torch.dtype, local_world_size: int = 1) -> tuple[float, str]:
+    """(peak FLOP/s of one process of ``local_world_size`` on this machine, where it comes from).
+
+    A "device" on CPU is one process with its share of the cores. Its peak is a matmul in the
+    run's ``dtype`` with the process's threads (at most its share of the cores), measured while
+    the other processes are idle: :class:`~shardtrain.callbacks.ThroughputMonitor` lets one rank
+    measure while the others wait. Measured at the same time as the other ranks (or while other
+    programs run), the figure drops with whatever else shares the cores, and a later step, run
+    with the cores to itself, beats it: MFU above 1. Alone, the figure is the most a process can
+    get from its cores, so ``achieved / (peak x devices)`` stays below 1; the ranks' contention for
+    memory bandwidth shows as lower MFU, as it would against a datasheet.
+    """
+    threads = cpu_threads_per_device(local_world_size)
+    value = measure_matmul_flops(torch.device("cpu"), dtype, threads=threads)
+    plural = "s" if threads > 1 else ""
+    return value, f"measured cpu {dtype_name(dtype, torch.device('cpu'))} matmul, {threads} thread{plural}, alone"
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype, local_world_size: int = 1) -> tuple[float, str]:
     """(peak FLOP/s of one device for ``dtype``, where the figure comes from).
 
-    CUDA GPUs in :data:`GPU_PEAK_FLOPS` use the datasheet; anything else is measured.
+    CUDA GPUs in :data:`GPU_PEAK_FLOPS` use the datasheet; a CPU process its share of the cores
+    (:func:`cpu_peak_flops`); anything else is measured.
     """
     name = dtype_name(dtype, device)
     if device.type == "cuda":
@@ -95,6 +141,8 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
         tabled = table_peak_flops(device_name, name)
         if tabled is not None:
             return tabled, f"datasheet {device_name} {name}"
+    if device.type == "cpu":
+        return cpu_peak_flops(dtype, local_world_size)
     return measure_matmul_flops(device, dtype), f"measured {device.type} {name} matmul"
 
 

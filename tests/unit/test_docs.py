@@ -28,7 +28,7 @@ import yaml
 import shardtrain
 from shardtrain import StrategyError, cli, config
 from shardtrain.strategies.registry import strategy_description, strategy_factory
-from shardtrain.trainer_arguments import TrainerArguments
+from shardtrain.trainer.arguments import TrainerArguments
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Accepted by ``strategy=`` without being registered: it picks a registered strategy.

@@ -312,3 +312,75 @@ def test_one_memory_size_parser():
     assert shardtrain.estimate.table.parse_memory_size is shardtrain.memory.parse_memory_size
     assert shardtrain.cli.parse_memory_size is shardtrain.memory.parse_memory_size  # consolidate --max-shard-size
     assert shardtrain.estimate.table.StrategyMemory is shardtrain.memory.StrategyMemory
+
+
+# strategy="auto" walks the registered candidates (register_strategy(..., auto_priority=N)), lowest N first.
+def _replica_with_buffer():
+    """A toy plug-in: DDP that keeps a fixed 1 GiB buffer per device (its own formula)."""
+    from shardtrain import DDPStrategy
+
+    class ReplicaWithBuffer(DDPStrategy):
+        def estimate_memory(self, footprint):
+            row = super().estimate_memory(footprint)
+            return None if row is None else replace(row, working=row.working + 2**30)
+
+    return ReplicaWithBuffer
+
+
+def test_auto_picks_a_plugin_ahead_of_the_builtins_while_it_fits(registered):
+    from shardtrain.strategies.registry import auto_candidates, register_strategy
+
+    built_in = estimate_memory(GPTModule(SMALL), devices=2, batch_size=4)
+    ddp, fsdp = built_in.get("ddp").device_total, built_in.get("fsdp").device_total
+    assert auto_candidates() == ["single", "ddp", "fsdp", "model_parallel", "fsdp_cpu_offload"]
+    register_strategy("toy_buffered", _replica_with_buffer(), "registered by a test", auto_priority=50)
+    assert auto_candidates()[0] == "toy_buffered"
+    estimate = estimate_memory(GPTModule(SMALL), devices=2, batch_size=4)
+    toy = estimate.get("toy_buffered").device_total
+    assert toy == ddp + 2**30
+    name, reason = estimate.recommend(int(toy / 0.9) + 1)
+    assert name == "toy_buffered" and reason.startswith(f"toy_buffered: needs {toy / 2**30:.2f} GiB per device")
+    # It does not fit: the built-ins, in their order and with their messages, as before.
+    for memory in (int(toy / 0.9) - 1, 80 * 2**20, int((ddp + fsdp) / 2 / 0.9), 1):
+        assert estimate.recommend(memory) == built_in.recommend(memory)
+    assert estimate.recommend(int(toy / 0.9) - 1)[0] == "ddp"
+    assert estimate.recommend(int((ddp + fsdp) / 2 / 0.9))[0] == "fsdp"
+    assert estimate.recommend(1) == (
+        "fsdp_cpu_offload",
+        "nothing fits in 0.00 GiB per device; fsdp_cpu_offload needs the least device memory",
+    )
+
+
+def test_auto_tries_a_plugin_in_its_place_among_the_builtins(registered):
+    from shardtrain import FSDPStrategy
+    from shardtrain.strategies.registry import register_strategy
+
+    class HalfActivations(FSDPStrategy):
+        """A toy: FSDP that (it says) keeps half the activations."""
+
+        def estimate_memory(self, footprint):
+            row = super().estimate_memory(footprint)
+            return replace(row, activations=row.activations // 2)
+
+    register_strategy("toy_lean", HalfActivations, "registered by a test", auto_priority=150)  # after ddp, before fsdp
+    estimate = estimate_memory(GPTModule(SMALL), devices=2, batch_size=4)
+    ddp, lean = estimate.get("ddp").device_total, estimate.get("toy_lean").device_total
+    assert lean < estimate.get("fsdp").device_total < ddp
+    assert estimate.recommend(int(ddp / 0.9) + 1)[0] == "ddp"  # ahead of it: ddp still wins while it fits
+    assert estimate.recommend(int(lean / 0.9) + 1)[0] == "toy_lean"  # fsdp would fit too: the plug-in is tried first
+    assert estimate.recommend(1)[0] == "fsdp_cpu_offload"  # nothing fits: the last candidate
+
+
+def test_auto_skips_a_candidate_without_a_row_for_the_layout(registered):
+    from shardtrain.strategies.registry import register_strategy
+
+    def one_device_only():  # a factory, not a class: its formula can only be asked when auto runs
+        from shardtrain import SingleDeviceStrategy
+
+        return SingleDeviceStrategy()
+
+    register_strategy("toy_single", one_device_only, "registered by a test", auto_priority=1)
+    estimate = estimate_memory(GPTModule(SMALL), devices=2, batch_size=4)
+    assert "toy_single" not in {s.strategy for s in estimate.strategies}  # one device's formula, two devices here
+    assert estimate.recommend(80 * 2**30)[0] == "ddp"
+    assert estimate_memory(GPTModule(SMALL), batch_size=4).recommend(80 * 2**30)[0] == "toy_single"

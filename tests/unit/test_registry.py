@@ -1,11 +1,14 @@
 """Strategies by name, and third-party strategies found through the entry-point group."""
 
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
+import shardtrain
 from shardtrain import DDPStrategy, SingleDeviceStrategy, StrategyError, available_strategies
 from shardtrain.strategies import create_strategy, register_strategy
 from shardtrain.strategies import registry
@@ -79,6 +82,7 @@ def test_entry_point_plugin(tmp_path):
 
             class PipelineStrategy(DDPStrategy):
                 name = "my_pipeline"
+                auto_priority = 50  # a candidate of strategy="auto", tried first (DDP's memory formula)
             """
         )
     )
@@ -97,17 +101,44 @@ def test_entry_point_plugin(tmp_path):
         trainer = Trainer(accelerator="cpu", strategy="My_Pipeline")
         print(type(trainer.strategy).__name__, "my_pipeline" in available_strategies())
         print(type(Trainer(accelerator="cpu", strategy="ddp").strategy).__name__)
+        from shardtrain.strategies.registry import auto_candidates
+        print(auto_candidates())
         """
     )
     result = subprocess.run(
         [sys.executable, "-c", code],
-        env={"PYTHONPATH": str(tmp_path), "PATH": ""},
+        env={"PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(shardtrain.__file__).parents[1])]), "PATH": ""},
         capture_output=True,
         text=True,
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
-    first, second = result.stdout.split("\n")[:2]
+    first, second, candidates = result.stdout.split("\n")[:3]
     assert first == "PipelineStrategy True"
     assert second == "DDPStrategy", "a plug-in must not take over a built-in name"
+    assert candidates == str(["my_pipeline", "single", "ddp", "fsdp", "model_parallel", "fsdp_cpu_offload"])
     assert "strategy plug-in 'DDP' from my_plugin:PipelineStrategy is ignored" in result.stderr
+
+
+def test_auto_candidates_are_the_registrations_with_a_priority(restore_registry):
+    from shardtrain import Strategy
+    from shardtrain.strategies.registry import auto_candidates
+
+    assert auto_candidates() == ["single", "ddp", "fsdp", "model_parallel", "fsdp_cpu_offload"]
+    register_strategy("zz_first", DDPStrategy, auto_priority=0)
+    register_strategy("aa_tied", DDPStrategy, auto_priority=200)  # ties go by name
+    register_strategy("not_a_candidate", DDPStrategy)
+    assert auto_candidates() == ["zz_first", "single", "ddp", "aa_tied", "fsdp", "model_parallel", "fsdp_cpu_offload"]
+    with pytest.raises(StrategyError, match="'zz_first' is already registered"):
+        register_strategy("ZZ_first", DDPStrategy, auto_priority=1)  # a second registration is refused, priority or not
+
+    class NoFormula(SingleDeviceStrategy):
+        estimate_memory = Strategy.estimate_memory
+
+    with pytest.raises(StrategyError, match="'no_formula' .*cannot be a candidate.*no memory formula.*estimate_memory"):
+        register_strategy("no_formula", NoFormula, auto_priority=10)
+    with pytest.raises(StrategyError, match="auto_priority of strategy 'early' must be an integer"):
+        register_strategy("early", DDPStrategy, auto_priority=True)
+    assert "no_formula" not in available_strategies() and "early" not in available_strategies()
+    register_strategy("no_formula", NoFormula)  # selectable by name, just not by auto
+    assert "no_formula" not in auto_candidates()

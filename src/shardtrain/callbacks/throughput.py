@@ -58,8 +58,9 @@ class ThroughputMonitor(Callback):
 
     Args:
         peak_flops: the peak FLOP/s of one device. By default a datasheet figure for known CUDA
-            GPUs in the run's compute dtype, otherwise (CPU) a matmul measured at the start of
-            training in every process.
+            GPUs in the run's compute dtype; on CPU, a matmul in that dtype measured at the start
+            of training by rank 0, with its threads, while the other ranks wait (one process's
+            share of the cores, not depressed by the others: ``shardtrain.flops.cpu_peak_flops``).
         flops_per_batch: model FLOPs of one data-parallel rank's batch (forward and backward of the
             whole model); counted from the first batch if not given.
         count_flops: set False to report no FLOPs or MFU (nothing is counted then).
@@ -85,9 +86,8 @@ class ThroughputMonitor(Callback):
         self._started = False
 
     def on_train_start(self, trainer: "Trainer", module: "TrainModule") -> None:
-        if self.count_flops and self.peak_flops is None:  # every rank measures at once, as they train
-            dtype = trainer.engine.precision.compute_dtype
-            self.peak_flops, self.peak_source = peak_flops(trainer.engine.device, dtype)
+        if self.count_flops and self.peak_flops is None:
+            self.peak_flops, self.peak_source = _measure_peak(trainer)
         self._started = False
 
     def on_train_batch_start(self, trainer: "Trainer", module: "TrainModule", batch: Any, batch_idx: int) -> None:
@@ -173,6 +173,23 @@ class ThroughputMonitor(Callback):
             shown = "mfu" if f"{PREFIX}mfu" in figures else "tokens_per_sec"
             if f"{PREFIX}{shown}" in figures:
                 trainer.progress_bar_metrics[shown] = figures[f"{PREFIX}{shown}"]
+
+
+def _measure_peak(trainer: "Trainer") -> tuple[float, str]:
+    """The peak of one device. A GPU's is its own (datasheet, or measured on it by each rank). On
+    CPU the ranks share the cores, so rank 0 measures while the others wait (in the all-reduce that
+    hands its figure to every rank): a figure measured while the other ranks also ran would be
+    lower than what a step, with the cores to itself, reaches (``shardtrain.flops.cpu_peak_flops``)."""
+    engine = trainer.engine
+    dtype = engine.precision.compute_dtype
+    if engine.device.type != "cpu":
+        return peak_flops(engine.device, dtype)
+    engine.barrier()  # every rank is done with set-up: the cores are rank 0's
+    value, source = (
+        peak_flops(engine.device, dtype, engine.environment.local_world_size) if trainer.is_global_zero else (0.0, "")
+    )
+    shared = engine.all_reduce(torch.tensor([value], dtype=torch.float64, device=engine.device), op="max")
+    return float(shared.item()), source or "measured cpu matmul on rank 0, alone"
 
 
 def _pipelined(trainer: "Trainer") -> bool:

@@ -2,9 +2,10 @@
 
 Before any process starts, ``auto`` stands for ``ddp`` (several processes) or ``single`` (one),
 so that processes can be launched; when the model is set up, ``Engine.choose_strategy`` asks
-``choose_for_module``, which estimates the model's memory on the meta device and picks DDP while
-a replica fits, else FSDP, else tensor parallelism with FSDP where the model has a plan, else FSDP
-with CPU offload (``MemoryEstimate.recommend``).
+``choose_for_module``, which estimates the model's memory on the meta device and picks the first
+registered auto candidate (``register_strategy(..., auto_priority=N)``, lowest first) whose estimate
+fits (``MemoryEstimate.recommend``). With the built-ins alone: DDP while a replica fits, else FSDP,
+else tensor parallelism with FSDP where the model has a plan, else FSDP with CPU offload.
 """
 
 from __future__ import annotations

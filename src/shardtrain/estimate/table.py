@@ -7,7 +7,8 @@ beside the strategies: ``replica_memory`` in ``strategies/ddp.py``, ``fsdp_memor
 ``strategies/deepspeed/memory.py``; docs/memory.md has them as tables). This module asks every registered
 strategy for its row, orders the rows, and adds the few comparison-only rows.
 
-``str(estimate)`` is the table a person reads; ``strategy="auto"`` uses ``recommend``.
+``str(estimate)`` is the table a person reads; ``strategy="auto"`` uses ``recommend``, which walks
+the strategies registered as auto candidates (``register_strategy(..., auto_priority=N)``) in order.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from shardtrain.memory import GIB, ModelFootprint, StrategyMemory, parse_memory_
 from shardtrain.strategies import Strategy, available_strategies, create_strategy
 from shardtrain.strategies.deepspeed.memory import DEEPSPEED_NVME_SWAP_BUFFERS, DEEPSPEED_REDUCE_BUCKET
 from shardtrain.strategies.fsdp import FSDPStrategy
-from shardtrain.strategies.registry import strategy_factory
 from shardtrain.parallel.tensor_parallel.plan import Plan
+from shardtrain.strategies.registry import auto_candidates, strategy_factory
 
 __all__ = [
     "DEEPSPEED_NVME_SWAP_BUFFERS",
@@ -107,27 +108,41 @@ class MemoryEstimate:
     def recommend(
         self, device_memory: int, host_memory_per_device: int | None = None, headroom: float = 0.9
     ) -> tuple[str, str]:
-        """The strategy ``strategy="auto"`` picks, and why: DDP while it fits (fastest), else FSDP, else
-        tensor parallelism with FSDP (``model_parallel``, where the model has a plan: it splits
-        activations too), else FSDP with CPU offload.
+        """The strategy ``strategy="auto"`` picks, and why: the first candidate whose row fits.
+
+        The candidates are the names registered with ``auto_priority``, lowest first
+        (``shardtrain.strategies.registry.auto_candidates``); one without a row here (no formula,
+        or none for this layout) is skipped. The built-ins give DDP (``single`` on one device)
+        while it fits (fastest), else FSDP, else tensor parallelism with FSDP (``model_parallel``,
+        where the model has a plan: it splits activations too), else FSDP with CPU offload, which
+        is also the pick when nothing fits: the last candidate is the leanest.
 
         The DeepSpeed rows are never picked: FSDP covers the same memory range without an optional
         dependency, and DeepSpeed's whole reduce bucket makes its rows larger for small models. Name
         a ``deepspeed_stage_*`` strategy to use one."""
         world = self.devices * self.num_nodes
-        first = "ddp" if world > 1 else "single"
-        estimated = {s.strategy for s in self.strategies}
-        order = [name for name in (first, "fsdp", "model_parallel", "fsdp_cpu_offload") if name in estimated]
+        rows = {s.strategy: s for s in self.strategies if s.available}
+        order = []
+        for name in auto_candidates():
+            if name in rows:
+                order.append(name)
+            else:
+                log.debug("strategy=auto: candidate %r has no memory estimate for this layout; skipped", name)
+        if not order:
+            raise ConfigError(
+                "strategy='auto' has no candidate with a memory estimate for this layout "
+                f"({world} device(s)); name a strategy, or register one with auto_priority"
+            )
         for name in order:
-            figures = self.get(name)
+            figures = rows[name]
             if figures.fits(device_memory, host_memory_per_device, headroom):
                 return name, (
                     f"{name}: needs {figures.device_total / GIB:.2f} GiB per device of {device_memory / GIB:.2f} GiB"
                     f" ({self.parameters / 1e6:.1f}M parameters, {world} device(s))"
                 )
         return (
-            "fsdp_cpu_offload",
-            f"nothing fits in {device_memory / GIB:.2f} GiB per device; fsdp_cpu_offload needs the least device memory",
+            order[-1],
+            f"nothing fits in {device_memory / GIB:.2f} GiB per device; {order[-1]} needs the least device memory",
         )
 
     def table(self) -> str:

@@ -83,4 +83,4 @@ def replica_memory(footprint: ModelFootprint, *, name: str = "ddp") -> StrategyM
     )
 
 
-register_strategy("ddp", DDPStrategy, "data parallel: full replica per rank, gradients all-reduced")
+register_strategy("ddp", DDPStrategy, "data parallel: full replica per rank, gradients all-reduced", auto_priority=110)

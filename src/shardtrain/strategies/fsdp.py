@@ -250,10 +250,13 @@ def _shard_ranks(footprint: ModelFootprint, sharding_strategy: str, shard_ranks:
     return footprint.world_size
 
 
-register_strategy("fsdp", FSDPStrategy, "FSDP2: parameters, gradients and optimizer state sharded over ranks")
+register_strategy(
+    "fsdp", FSDPStrategy, "FSDP2: parameters, gradients and optimizer state sharded over ranks", auto_priority=200
+)
 register_strategy(
     "fsdp_cpu_offload",
     FSDPStrategy,
     "FSDP2 with parameters, gradients and optimizer state in CPU memory",
+    auto_priority=400,
     cpu_offload=True,
 )

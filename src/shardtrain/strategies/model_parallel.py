@@ -447,4 +447,5 @@ register_strategy(
     "model_parallel",
     ModelParallelStrategy,
     "tensor parallel within groups of ranks (DTensor), FSDP2 across them, pipeline stages: 1-D, 2-D or pipelined",
+    auto_priority=300,
 )

@@ -13,6 +13,18 @@ Names are case-insensitive: every function here lower-cases the name it is given
 unless ``override=True`` says the replacement is deliberate (as Lightning's registry does). A
 plug-in never takes over a name that is already registered (the built-ins register on import,
 before plug-ins are looked up); it is skipped with a warning.
+
+``strategy="auto"`` chooses among the registrations that say so: ``auto_priority=N`` makes a name a
+candidate, and ``auto`` walks the candidates from the lowest ``N`` up (ties by name), picking the
+first whose ``estimate_memory`` row fits the device (``MemoryEstimate.recommend``); when none fits,
+the last candidate is picked, so candidates go from fastest to leanest. The built-ins are
+``single`` 100 / ``ddp`` 110 (each has a row only for its own world size), ``fsdp`` 200,
+``model_parallel`` 300 (a row only where the model has a plan) and ``fsdp_cpu_offload`` 400; a
+plug-in takes a place between them, e.g. ``auto_priority=50`` to be tried first. A candidate
+needs a memory formula: a ``Strategy`` subclass that does not override ``estimate_memory`` is
+refused at registration; a factory that is not a class is checked when ``auto`` runs (no row: not
+a candidate, logged). An entry-point plug-in is a candidate when the object it names has an
+integer ``auto_priority`` attribute.
 """
 
 from __future__ import annotations
@@ -33,6 +45,8 @@ class _Registration:
     factory: Callable[..., Strategy]
     defaults: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    #: Where ``strategy="auto"`` tries this name (lowest first); ``None``: never chosen by ``auto``.
+    auto_priority: int | None = None
 
 
 _REGISTRY: dict[str, _Registration] = {}
@@ -45,11 +59,23 @@ def _key(name: str) -> str:
 
 
 def register_strategy(
-    name: str, factory: Callable[..., Strategy], description: str = "", *, override: bool = False, **defaults: Any
+    name: str,
+    factory: Callable[..., Strategy],
+    description: str = "",
+    *,
+    override: bool = False,
+    auto_priority: int | None = None,
+    **defaults: Any,
 ) -> None:
     """Make ``strategy=name`` (any case) build ``factory(**defaults)``; ``defaults`` let one class serve several aliases.
 
-    Raises ``StrategyError`` if ``name`` is taken, unless ``override=True`` replaces it on purpose.
+    ``auto_priority``: make the name a candidate of ``strategy="auto"``, tried in ascending order
+    (built-ins: ``single`` 100, ``ddp`` 110, ``fsdp`` 200, ``model_parallel`` 300,
+    ``fsdp_cpu_offload`` 400); the first candidate whose memory estimate fits is chosen.
+
+    Raises ``StrategyError`` if ``name`` is taken, unless ``override=True`` replaces it on purpose,
+    and if ``auto_priority`` is not an integer or is given for a strategy class without its own
+    ``estimate_memory`` (``auto`` could never see it fit).
     """
     key = _key(name)
     if key in _REGISTRY and not override:
@@ -58,7 +84,27 @@ def register_strategy(
             f"strategy name {key!r} is already registered ({_describe(taken)}); choose another name, "
             "or pass override=True to register_strategy() to replace it"
         )
-    _REGISTRY[key] = _Registration(factory, defaults, description)
+    _check_auto_priority(key, factory, auto_priority)
+    _REGISTRY[key] = _Registration(factory, defaults, description, auto_priority)
+
+
+def auto_candidates() -> list[str]:
+    """The names ``strategy="auto"`` may choose, in the order it tries them (``auto_priority``, then name)."""
+    _load_entry_points()
+    ranked = [(r.auto_priority, key) for key, r in _REGISTRY.items() if r.auto_priority is not None]
+    return [key for _, key in sorted(ranked)]
+
+
+def _check_auto_priority(key: str, factory: Callable[..., Strategy], auto_priority: int | None) -> None:
+    if auto_priority is None:
+        return
+    if not isinstance(auto_priority, int) or isinstance(auto_priority, bool):
+        raise StrategyError(f"auto_priority of strategy {key!r} must be an integer or None, got {auto_priority!r}")
+    if isinstance(factory, type) and getattr(factory, "estimate_memory", None) is Strategy.estimate_memory:
+        raise StrategyError(
+            f"strategy {key!r} ({_describe_factory(factory)}) cannot be a candidate of strategy='auto': it has no "
+            "memory formula; override Strategy.estimate_memory(footprint), or register it without auto_priority"
+        )
 
 
 def available_strategies() -> list[str]:
@@ -113,7 +159,10 @@ def _lookup(name: str) -> _Registration:
 
 
 def _describe(registration: _Registration) -> str:
-    factory = registration.factory
+    return _describe_factory(registration.factory)
+
+
+def _describe_factory(factory: Callable[..., Strategy]) -> str:
     return getattr(factory, "__qualname__", None) or repr(factory)
 
 
@@ -141,4 +190,10 @@ def _load_entry_points() -> None:
                 f"could not load strategy {entry_point.name!r} from {entry_point.value}: {error}", stacklevel=3
             )
             continue
-        _REGISTRY[key] = _Registration(factory, {}, f"from {entry_point.value}")
+        auto_priority = getattr(factory, "auto_priority", None)
+        try:
+            _check_auto_priority(key, factory, auto_priority)
+        except StrategyError as error:  # selectable by name, but not by auto
+            warnings.warn(f"strategy plug-in {entry_point.name!r}: {error}", stacklevel=3)
+            auto_priority = None
+        _REGISTRY[key] = _Registration(factory, {}, f"from {entry_point.value}", auto_priority)

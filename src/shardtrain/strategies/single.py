@@ -31,4 +31,4 @@ class SingleDeviceStrategy(ReplicatedGradients, DistributedCheckpointState, Stra
         return replica_memory(footprint, name=self.name) if footprint.world_size == 1 else None
 
 
-register_strategy("single", SingleDeviceStrategy, "one process, one device")
+register_strategy("single", SingleDeviceStrategy, "one process, one device", auto_priority=100)
