@@ -121,6 +121,12 @@ def test_hooks_that_are_called_are_not_refused(tmp_path):
     calls = []
 
     class Everything(Regression):
+        def prepare_data(self):
+            calls.append(("prepare_data",))
+
+        def configure_callbacks(self):
+            return [Seen()]
+
         def setup(self, stage):
             calls.append(("setup", stage))
 
@@ -144,6 +150,10 @@ def test_hooks_that_are_called_are_not_refused(tmp_path):
             calls.append(("lr_scheduler_step", metric))
             super().lr_scheduler_step(scheduler, metric)
 
+    class Seen(Callback):
+        def on_train_start(self, trainer, module):
+            calls.append(("callback from configure_callbacks",))
+
     module = Everything()
     before = module.net.weight.detach().clone()
     trainer = Trainer(
@@ -151,7 +161,9 @@ def test_hooks_that_are_called_are_not_refused(tmp_path):
     )
     trainer.fit(module, DataLoader(_data(), batch_size=16))
     assert calls == [
+        ("prepare_data",),
         ("setup", "fit"),
+        ("callback from configure_callbacks",),
         ("configure_gradient_clipping", 0.5, "norm"),
         ("optimizer_zero_grad", 0, 0),
         ("lr_scheduler_step", None),
@@ -219,15 +231,16 @@ def test_optimizer_step_override_is_called_and_its_warm_up_trains(tmp_path):
     assert sum(record["losses"][-3:]) < 0.5 * sum(record["losses"][:3]), record["losses"]
 
 
-def test_optimizer_step_matches_lightning(tmp_path):
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_optimizer_step_matches_lightning(tmp_path, accumulate):
     lightning = pytest.importorskip("lightning.pytorch")
-    ours = _fit_shardtrain(tmp_path / "ours", accumulate=2)
+    ours = _fit_shardtrain(tmp_path / "ours", accumulate=accumulate)
     theirs = _record()
     trainer = lightning.Trainer(
         accelerator="cpu",
         devices=1,
         max_steps=12,
-        accumulate_grad_batches=2,
+        accumulate_grad_batches=accumulate,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -237,7 +250,7 @@ def test_optimizer_step_matches_lightning(tmp_path):
     trainer.fit(_warmup_module(lightning.LightningModule, theirs), DataLoader(_data(), batch_size=8, shuffle=False))
     assert ours["lrs"] == theirs["lrs"]
     assert ours["batch_idx"] == theirs["batch_idx"]
-    assert len(ours["losses"]) == len(theirs["losses"]) == 24
+    assert len(ours["losses"]) == len(theirs["losses"]) == 12 * accumulate
     assert ours["losses"] == pytest.approx(theirs["losses"], abs=1e-6)
 
 
@@ -332,3 +345,21 @@ def test_the_table_names_real_signatures():
     for name in ("optimizer_step", "optimizer_zero_grad", "configure_gradient_clipping", "lr_scheduler_step"):
         assert name in vars(TrainModule), name
         assert list(inspect.signature(getattr(TrainModule, name)).parameters)[0] == "self"
+
+
+def test_configure_callbacks_replace_the_trainers_of_the_same_type_and_checkpoints_go_last(tmp_path):
+    from shardtrain import ModelCheckpoint
+
+    class Tagged(Callback):
+        def __init__(self, tag):
+            self.tag = tag
+
+    class WithCallbacks(Regression):
+        def configure_callbacks(self):
+            return [Tagged("module"), ModelCheckpoint(every_n_train_steps=100)]
+
+    trainer = Trainer(max_steps=1, default_root_dir=tmp_path, logger=False, callbacks=[Tagged("trainer")])
+    trainer.fit(WithCallbacks(), DataLoader(_data(), batch_size=16))
+    tagged = [c.tag for c in trainer.callbacks if isinstance(c, Tagged)]
+    assert tagged == ["module"]
+    assert isinstance(trainer.callbacks[-1], ModelCheckpoint)

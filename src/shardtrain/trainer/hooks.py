@@ -47,8 +47,14 @@ HOOKS: dict[str, Hook] = {
     "configure_model": _called("once per run, under the strategy's init context"),
     "configure_optimizers": _called("once, after configure_model"),
     "configure_sharded_model": _refused("removed in Lightning 2.x: rename it configure_model"),
-    "configure_callbacks": _refused("not supported yet: pass the callbacks to Trainer(callbacks=...)"),
-    "prepare_data": _refused("not supported yet: prepare the data before Trainer.fit"),
+    "configure_callbacks": _called(
+        "at fit/validate start, before setup: its callbacks replace the Trainer's of the same type; checkpoint "
+        "callbacks last"
+    ),
+    "prepare_data": _called(
+        "after the processes start, before setup: on local rank 0 (global rank 0 with prepare_data_per_node = "
+        "False); every rank waits for it"
+    ),
     "teardown": _called("teardown(stage): when fit/validate ends (after an exception too), after the callbacks'"),
     # -- the steps
     "forward": _called("by your steps (routed through the strategy's wrapped module)"),

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import DataLoader
 
-from shardtrain.callbacks import Callback
+from shardtrain.callbacks import Callback, ModelCheckpoint
 from shardtrain.engine.engine import Engine
 from shardtrain.errors import ConfigError
 from shardtrain.loggers import Logger
@@ -127,6 +127,8 @@ class Trainer:
             self._stop.uninstall()
             raise
         try:
+            self._attach_module_callbacks(module)
+            self._prepare_data(module)
             self._setup_hooks(module, "fit")  # as in Lightning: before the loaders are asked for and the model is built
             self.engine.choose_strategy(module)  # strategy="auto": first, as the layout decides each rank's data
             train_loader = self._loader(train_dataloaders, module, "train_dataloader", required=True)
@@ -163,6 +165,8 @@ class Trainer:
         self.engine.check_module(module)
         self.engine.launch()
         try:
+            self._attach_module_callbacks(module)
+            self._prepare_data(module)
             self._setup_hooks(module, "validate")
             self._setup(module, "validate")
             loader = self._loader(dataloaders, module, "val_dataloader", required=True)
@@ -189,6 +193,29 @@ class Trainer:
         if not isinstance(module, TrainModule):
             raise ConfigError(f"Trainer.{stage} takes a shardtrain.TrainModule, got {type(module).__name__}")
         module._trainer = self
+
+    def _attach_module_callbacks(self, module: TrainModule) -> None:
+        """Lightning's ``configure_callbacks()``: its callbacks replace the Trainer's of the same types and join the
+        others; checkpoint callbacks go last, so that they save what the other callbacks did."""
+        if not overrides(module, "configure_callbacks", TrainModule):
+            return
+        extra = module.configure_callbacks()
+        extra = [extra] if isinstance(extra, Callback) else list(extra or [])
+        replaced = {type(callback) for callback in extra}
+        callbacks = [c for c in self.callbacks if type(c) not in replaced] + extra
+        self.callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)] + [
+            c for c in callbacks if isinstance(c, ModelCheckpoint)
+        ]
+
+    def _prepare_data(self, module: TrainModule) -> None:
+        """Lightning's ``prepare_data()``: once per node (local rank 0; ``prepare_data_per_node = False``: global rank
+        0 only), before ``setup``; every rank waits for it."""
+        if not overrides(module, "prepare_data", TrainModule):
+            return
+        per_node = getattr(module, "prepare_data_per_node", True)
+        if (self.engine.local_rank if per_node else self.global_rank) == 0:
+            module.prepare_data()
+        self.engine.barrier()
 
     def _setup_hooks(self, module: TrainModule, stage: str) -> None:
         """Every stage, as Lightning: each callback's ``setup(trainer, module, stage)``, then the module's ``setup(stage)``."""
