@@ -23,8 +23,9 @@ class TrainModule(nn.Module):
     """A model plus how to train it.
 
     Override:
-        ``configure_model()``: build layers here rather than in ``__init__``, so that sharding
-            strategies can build them on the meta device and materialise only each rank's shard.
+        ``configure_model()``: optional; layers built here rather than in ``__init__`` can be built on the
+            meta device by sharding strategies, which then materialise only each rank's shard (the way for
+            models too large for one device). Layers built in ``__init__``, Lightning's common style, work too.
         ``training_step(batch, batch_idx)``: return the loss, or a dict with a ``"loss"`` entry.
             ``training_step(batch)`` works too: as in Lightning, the Trainer reads the step's
             signature (once) and passes ``batch_idx`` only to a step that takes it.
@@ -35,6 +36,9 @@ class TrainModule(nn.Module):
             ``{"optimizer": ..., "lr_scheduler": {"scheduler": ..., "interval": "step"}}``.
         ``train_dataloader()`` / ``val_dataloader()``: optional, when no loaders are passed to ``fit``.
         Any ``on_*`` hook of :class:`shardtrain.callbacks.Callback` (without the trainer/module arguments).
+        Lightning's ``setup``/``teardown(stage)``, ``optimizer_step``, ``optimizer_zero_grad``,
+        ``configure_gradient_clipping`` and ``lr_scheduler_step``; every other Lightning hook is refused when
+        overridden (``shardtrain.trainer.hooks``, docs/lightning.md).
     """
 
     def __init__(self) -> None:
@@ -115,6 +119,52 @@ class TrainModule(nn.Module):
 
     def configure_optimizers(self) -> Any:
         raise NotImplementedError(f"{type(self).__name__} must define configure_optimizers() returning an optimizer")
+
+    # -------------------------------------------------------------- Lightning's optimization hooks
+    # Each is called only where the module overrides it (``shardtrain.trainer.hooks`` lists every hook); these
+    # defaults do what the Trainer does without them, so that an override may call ``super()``.
+    def optimizer_step(
+        self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Callable[[], Any] | None = None
+    ) -> None:
+        """Step ``optimizer``. Backward has already run when this is called: ``optimizer_closure()`` returns the
+        step's loss without recomputing it; ``optimizer.step(closure=optimizer_closure)`` runs the hooks before the
+        step (``on_before_optimizer_step``), gradient clipping and the strategy's step, as in Lightning."""
+        optimizer.step(closure=optimizer_closure)
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.zero_grad(set_to_none=True)
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def clip_gradients(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip the gradients of ``optimizer``'s parameters by norm (the default) or by value, through the strategy."""
+        if gradient_clip_val is None:
+            return
+        algorithm = gradient_clip_algorithm or "norm"
+        if algorithm not in ("norm", "value"):
+            raise ValueError(f"gradient_clip_algorithm must be 'norm' or 'value', got {gradient_clip_algorithm!r}")
+        engine, model = self.trainer.engine, self.trainer.model
+        if algorithm == "norm":
+            engine.clip_gradients(model, optimizer, max_norm=gradient_clip_val)
+        else:
+            engine.clip_gradients(model, optimizer, clip_val=gradient_clip_val)
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        if metric is None:
+            scheduler.step()
+        else:
+            scheduler.step(metric)
 
     # -------------------------------------------------------------- services for hooks
     def _step_arguments(self, step: str, batch: Any, batch_idx: int) -> tuple[Any, ...]:

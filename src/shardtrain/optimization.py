@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 from torch.optim import Optimizer
 
@@ -90,9 +90,16 @@ def _check(optimizers: Sequence[Any]) -> list[Optimizer]:
 
 
 def step_schedulers(
-    schedulers: Sequence[SchedulerConfig], interval: str, count: int, metrics: dict[str, float]
+    schedulers: Sequence[SchedulerConfig],
+    interval: str,
+    count: int,
+    metrics: dict[str, float],
+    step: Callable[[Any, Any], None] | None = None,
 ) -> None:
-    """Step the schedulers of ``interval`` whose frequency divides ``count`` (steps or epochs done)."""
+    """Step the schedulers of ``interval`` whose frequency divides ``count`` (steps or epochs done).
+
+    ``step(scheduler, metric)``: a module's ``lr_scheduler_step``, called in place of ``scheduler.step(...)``
+    (``metric`` None for a scheduler that monitors nothing), as Lightning calls it."""
     for config in schedulers:
         if config.interval != interval or count % config.frequency:
             continue
@@ -101,6 +108,12 @@ def step_schedulers(
                 raise ConfigError(
                     f"LR scheduler monitors {config.monitor!r}, which was not logged; logged: {sorted(metrics)}"
                 )
-            config.scheduler.step(metrics[config.monitor])
+            metric = metrics[config.monitor]
+        else:
+            metric = None
+        if step is not None:
+            step(config.scheduler, metric)
+        elif metric is not None:
+            config.scheduler.step(metric)
         else:
             config.scheduler.step()

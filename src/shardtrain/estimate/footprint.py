@@ -1,6 +1,8 @@
 """Measure what a model holds for training, allocating nothing: the input of every memory formula.
 
-The model is built on the meta device (no memory), so its parameters are counted exactly; the
+The model is built on the meta device (no memory), so its parameters are counted exactly; a model
+whose layers are already built (in ``__init__``, Lightning's common style) is measured through a
+meta copy of itself, with the same shapes, so both ways of building give the same numbers; the
 optimizer it configures takes one step on meta gradients, so its state is *read* from the real
 optimizer class (AdamW: two fp32 moments; SGD with momentum: one; ...); one training step runs
 on meta tensors under a saved-tensors hook, so activation memory is measured from the real
@@ -68,7 +70,7 @@ def measure_footprint(
     if not _whole(tensor_parallel_size):
         raise ConfigError(f"tensor_parallel_size must be a whole number >= 1, got {tensor_parallel_size!r}")
     run_precision = Precision(precision)
-    model = build_on_meta(module, run_precision.parameter_dtype)
+    model = build_on_meta(module, run_precision.parameter_dtype, built_layers="measure")
     try:  # the copy is taken before anything below changes the model
         share = copy.deepcopy(model) if tensor_parallel_size > 1 else None
     except Exception as error:

@@ -320,13 +320,23 @@ def fresh_copy(module: nn.Module) -> Callable[[], nn.Module]:
     return factory
 
 
-def build_on_meta(module: nn.Module | Callable[[], nn.Module], dtype: torch.dtype) -> nn.Module:
-    """``module`` (or what a factory returns) with ``configure_model()`` run on the meta device, in ``dtype``."""
+def build_on_meta(
+    module: nn.Module | Callable[[], nn.Module], dtype: torch.dtype, *, built_layers: str = "refuse"
+) -> nn.Module:
+    """``module`` (or what a factory returns) with ``configure_model()`` run on the meta device, in ``dtype``.
+
+    ``built_layers``: what to do with parameters and buffers the module already holds on a real device
+    (layers built in ``__init__``, the common Lightning style): ``"refuse"`` (a ``ConfigError``), or
+    ``"measure"``: a copy of the module whose tensors are meta tensors of the same shapes (floating
+    point ones in ``dtype``, as a meta build makes them), for counting; the module itself is unchanged.
+    """
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
             model = module() if not isinstance(module, nn.Module) else module
+            if built_layers == "measure" and _has_real_tensors(model):
+                model = meta_copy(model, dtype)
             configure = getattr(model, "configure_model", None)
             if callable(configure):
                 configure()
@@ -347,3 +357,37 @@ def build_on_meta(module: nn.Module | Callable[[], nn.Module], dtype: torch.dtyp
             f"{type(model).__name__} created parameters outside the meta device (e.g. {real[:3]}); build layers in configure_model() or the factory"
         )
     return model
+
+
+def _has_real_tensors(module: nn.Module) -> bool:
+    return any(not t.is_meta for t in (*module.parameters(), *module.buffers()))
+
+
+def meta_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of ``module`` whose parameters and buffers are meta tensors of the same shapes, allocating
+    nothing: every submodule is copied shallowly (its other attributes are shared with the original), a
+    tensor held twice (tied weights) stays one tensor, and floating-point tensors take ``dtype``."""
+    tensors: dict[int, torch.Tensor] = {}
+    modules: dict[int, nn.Module] = {}
+
+    def meta(tensor: torch.Tensor, parameter: bool) -> torch.Tensor:
+        if id(tensor) not in tensors:
+            kind = dtype if tensor.is_floating_point() else tensor.dtype
+            copied = torch.empty_like(tensor, device="meta", dtype=kind)
+            tensors[id(tensor)] = nn.Parameter(copied, requires_grad=tensor.requires_grad) if parameter else copied
+        return tensors[id(tensor)]
+
+    def clone(original: nn.Module) -> nn.Module:
+        if id(original) in modules:
+            return modules[id(original)]
+        copied = copy.copy(original)
+        modules[id(original)] = copied
+        copied.__dict__ = {
+            **original.__dict__,
+            "_modules": {n: None if m is None else clone(m) for n, m in original._modules.items()},
+            "_parameters": {n: None if p is None else meta(p, True) for n, p in original._parameters.items()},
+            "_buffers": {n: None if b is None else meta(b, False) for n, b in original._buffers.items()},
+        }
+        return copied
+
+    return clone(module)

@@ -7,6 +7,7 @@ Lightning: the global batch is ``batch_size * world_size * accumulate_grad_batch
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import os
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import DataLoader
 
-from shardtrain.callbacks import Callback
+from shardtrain.callbacks import Callback, ModelCheckpoint
 from shardtrain.engine.engine import Engine
 from shardtrain.errors import ConfigError
 from shardtrain.loggers import Logger
@@ -28,6 +29,7 @@ from shardtrain.preemption import Preemption, StopAgreement
 from shardtrain.seed import seed_everything
 from shardtrain.trainer.arguments import TrainerArguments, limited_batches, make_loggers
 from shardtrain.trainer.checkpoint import TrainerCheckpoints
+from shardtrain.trainer.hooks import StepOptimizer, check_module_hooks, overrides
 from shardtrain.trainer.validation import ValidationLoop
 from shardtrain.engine.wrapper import EngineModule
 
@@ -118,12 +120,16 @@ class Trainer:
         self._stop.install()
         try:
             self._attach(module, "fit")
+            check_module_hooks(module, TrainModule)  # a Lightning hook we do not call: refused, never ignored
             self.engine.check_module(module)  # before any process group: e.g. heads that TP cannot split
             self.engine.launch()
         except BaseException:
             self._stop.uninstall()
             raise
         try:
+            self._attach_module_callbacks(module)
+            self._prepare_data(module)
+            self._setup_hooks(module, "fit")  # as in Lightning: before the loaders are asked for and the model is built
             self.engine.choose_strategy(module)  # strategy="auto": first, as the layout decides each rank's data
             train_loader = self._loader(train_dataloaders, module, "train_dataloader", required=True)
             self.train_loader = train_loader  # a StatefulDataLoader's position goes into checkpoints
@@ -155,9 +161,13 @@ class Trainer:
     def validate(self, module: TrainModule, dataloaders: DataLoader | None = None) -> list[dict[str, float]]:
         """Run the validation loop once; returns the metrics averaged over batches and ranks."""
         self._attach(module, "validate")
+        check_module_hooks(module, TrainModule)
         self.engine.check_module(module)
         self.engine.launch()
         try:
+            self._attach_module_callbacks(module)
+            self._prepare_data(module)
+            self._setup_hooks(module, "validate")
             self._setup(module, "validate")
             loader = self._loader(dataloaders, module, "val_dataloader", required=True)
             metrics = self.validation.run(self.model, module, loader)
@@ -168,11 +178,13 @@ class Trainer:
         return [metrics]
 
     def _teardown(self, module: TrainModule, stage: str) -> None:
-        """Every callback's ``teardown(trainer, module, stage)``, then the engine's, as Lightning does; the
-        set-up model stays readable (``save_checkpoint()`` after ``fit`` works)."""
+        """Every callback's ``teardown(trainer, module, stage)``, then the module's ``teardown(stage)``, as Lightning
+        does, then the engine's; the set-up model stays readable (``save_checkpoint()`` after ``fit`` works)."""
         try:
             for callback in self.callbacks:
                 callback.teardown(self, module, stage)
+            if callable(getattr(module, "teardown", None)):
+                module.teardown(stage)
         finally:
             self.engine.teardown()
 
@@ -182,12 +194,40 @@ class Trainer:
             raise ConfigError(f"Trainer.{stage} takes a shardtrain.TrainModule, got {type(module).__name__}")
         module._trainer = self
 
-    def _setup(self, module: TrainModule, stage: str) -> None:
-        """Set the model up once (a later stage on the same module reuses it); callbacks' ``setup`` runs every stage."""
-        if not (self.module is module and self.model is not None):
-            self._set_up_model(module, stage)
+    def _attach_module_callbacks(self, module: TrainModule) -> None:
+        """Lightning's ``configure_callbacks()``: its callbacks replace the Trainer's of the same types and join the
+        others; checkpoint callbacks go last, so that they save what the other callbacks did."""
+        if not overrides(module, "configure_callbacks", TrainModule):
+            return
+        extra = module.configure_callbacks()
+        extra = [extra] if isinstance(extra, Callback) else list(extra or [])
+        replaced = {type(callback) for callback in extra}
+        callbacks = [c for c in self.callbacks if type(c) not in replaced] + extra
+        self.callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)] + [
+            c for c in callbacks if isinstance(c, ModelCheckpoint)
+        ]
+
+    def _prepare_data(self, module: TrainModule) -> None:
+        """Lightning's ``prepare_data()``: once per node (local rank 0; ``prepare_data_per_node = False``: global rank
+        0 only), before ``setup``; every rank waits for it."""
+        if not overrides(module, "prepare_data", TrainModule):
+            return
+        per_node = getattr(module, "prepare_data_per_node", True)
+        if (self.engine.local_rank if per_node else self.global_rank) == 0:
+            module.prepare_data()
+        self.engine.barrier()
+
+    def _setup_hooks(self, module: TrainModule, stage: str) -> None:
+        """Every stage, as Lightning: each callback's ``setup(trainer, module, stage)``, then the module's ``setup(stage)``."""
         for callback in self.callbacks:
             callback.setup(self, module, stage)
+        if callable(getattr(module, "setup", None)):
+            module.setup(stage)
+
+    def _setup(self, module: TrainModule, stage: str) -> None:
+        """Set the model up once (a later stage on the same module reuses it)."""
+        if not (self.module is module and self.model is not None):
+            self._set_up_model(module, stage)
 
     def _set_up_model(self, module: TrainModule, stage: str) -> None:
         self.engine.choose_strategy(module)  # strategy="auto" (validate): from the model, before it is built
@@ -234,7 +274,9 @@ class Trainer:
             self._call("on_train_epoch_end")
             self.current_epoch += 1
             self.batches_seen_in_epoch = 0
-            step_schedulers(self.lr_schedulers, "epoch", self.current_epoch, self.callback_metrics)
+            step_schedulers(
+                self.lr_schedulers, "epoch", self.current_epoch, self.callback_metrics, self._scheduler_step()
+            )
             if self.max_epochs is not None and self.current_epoch >= self.max_epochs:
                 self.should_stop = True
         self._call("on_train_end")
@@ -263,7 +305,7 @@ class Trainer:
             self.batches_seen_in_epoch = batch_idx + 1
             if step_now:
                 micro_batches = (batch_idx % accumulate) + 1
-                self._optimizer_step(collector, step_loss / micro_batches)
+                self._optimizer_step(collector, step_loss / micro_batches, batch_idx)
                 step_loss = torch.zeros((), device=self.engine.device)
             self._call("on_train_batch_end", outputs, batch, batch_idx)
             if (
@@ -295,34 +337,30 @@ class Trainer:
         self._call("on_after_backward")
         return loss, outputs
 
-    def _optimizer_step(self, collector: MetricCollector, step_loss: torch.Tensor) -> None:
-        for optimizer in self.optimizers:
-            self._call("on_before_optimizer_step", optimizer)
+    def _optimizer_step(self, collector: MetricCollector, step_loss: torch.Tensor, batch_idx: int) -> None:
         logged: dict[str, tuple[torch.Tensor, bool]] = {"train_loss": (step_loss, True)}
-        clip_val, clip_by = self.args.gradient_clip_val, self.args.gradient_clip_algorithm
-        norm = None
-        if clip_val is not None and clip_by == "norm":
-            norm = self.engine.clip_gradients(self.model, self.optimizers, max_norm=clip_val)
-            logged["train_grad_norm"] = (norm.detach(), False)
-        step_now = True
-        if self.nonfinite.mode != "ignore":
-            # The norm is not checked under loss scaling (an inf there is the GradScaler's business) or DeepSpeed (not known yet).
-            check_norm = self.engine.can_skip_optimizer_step and not self._loss_scaling()
-            if check_norm and norm is None:
-                norm = self.engine.gradient_norm(self.optimizers)
-            step_now = self.nonfinite.step_is_finite(
-                self.engine, self.global_step + 1, step_loss, norm if check_norm else None
-            )
-        if clip_val is not None and clip_by == "value":
-            self.engine.clip_gradients(self.model, self.optimizers, clip_val=clip_val)
-        if step_now:
-            self.engine.step(*self.optimizers)
+        stepped: list[bool] = []
+        if overrides(self.module, "optimizer_step", TrainModule):  # Lightning's signature and order
+
+            def closure() -> torch.Tensor:
+                return step_loss  # forward and backward have run (in forward_backward): nothing to recompute
+
+            for optimizer in self.optimizers:
+                take_step = functools.partial(self._clip_and_step, [optimizer], step_loss, logged, stepped)
+                self.module.optimizer_step(self.current_epoch, batch_idx, StepOptimizer(optimizer, take_step), closure)
+        else:
+            self._clip_and_step(self.optimizers, step_loss, logged, stepped)
+        step_now = bool(stepped) and all(stepped)
+        own_zero_grad = overrides(self.module, "optimizer_zero_grad", TrainModule)
         for optimizer in self.optimizers:
             self._call("on_before_zero_grad", optimizer)
-            optimizer.zero_grad(set_to_none=True)
+            if own_zero_grad:
+                self.module.optimizer_zero_grad(self.current_epoch, batch_idx, optimizer)
+            else:
+                optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
         if step_now:
-            step_schedulers(self.lr_schedulers, "step", self.global_step, self.callback_metrics)
+            step_schedulers(self.lr_schedulers, "step", self.global_step, self.callback_metrics, self._scheduler_step())
         collector.update(logged)
         if self.global_step % self.args.log_every_n_steps == 0 or self._reached_max_steps():
             collector.update(
@@ -332,6 +370,45 @@ class Trainer:
             collector.reset()
         elif self._stop.check_due(self.global_step):
             self._stop.agreed = bool(self.engine.all_reduce(self._stop.flag(self.engine.device), "max").item())
+
+    def _clip_and_step(
+        self,
+        optimizers: list[torch.optim.Optimizer],
+        step_loss: torch.Tensor,
+        logged: dict[str, tuple[torch.Tensor, bool]],
+        stepped: list[bool],
+    ) -> None:
+        """``on_before_optimizer_step``, clipping (the Trainer's, or the module's ``configure_gradient_clipping``),
+        the non-finite check, and the strategy's step; appends to ``stepped`` whether the step was taken."""
+        for optimizer in optimizers:
+            self._call("on_before_optimizer_step", optimizer)
+        own_clipping = overrides(self.module, "configure_gradient_clipping", TrainModule)
+        clip_val, clip_by = self.args.gradient_clip_val, self.args.gradient_clip_algorithm
+        norm = None
+        if clip_val is not None and clip_by == "norm" and not own_clipping:
+            norm = self.engine.clip_gradients(self.model, optimizers, max_norm=clip_val)
+            logged["train_grad_norm"] = (norm.detach(), False)
+        step_now = True
+        if self.nonfinite.mode != "ignore":
+            # The norm is not checked under loss scaling (an inf there is the GradScaler's business) or DeepSpeed (not known yet).
+            check_norm = self.engine.can_skip_optimizer_step and not self._loss_scaling()
+            if check_norm and norm is None:
+                norm = self.engine.gradient_norm(optimizers)
+            step_now = self.nonfinite.step_is_finite(
+                self.engine, self.global_step + 1, step_loss, norm if check_norm else None
+            )
+        if own_clipping:
+            for optimizer in optimizers:
+                self.module.configure_gradient_clipping(optimizer, clip_val, clip_by if clip_val is not None else None)
+        elif clip_val is not None and clip_by == "value":
+            self.engine.clip_gradients(self.model, optimizers, clip_val=clip_val)
+        if step_now:
+            self.engine.step(*optimizers)
+        stepped.append(step_now)
+
+    def _scheduler_step(self) -> Any:
+        """The module's ``lr_scheduler_step`` where it overrides it, else None (``scheduler.step()``)."""
+        return self.module.lr_scheduler_step if overrides(self.module, "lr_scheduler_step", TrainModule) else None
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, path: str | os.PathLike | None = None, *, asynchronous: bool = False) -> Path:

@@ -1,0 +1,189 @@
+"""Every hook of Lightning's ``LightningModule``, and what the Trainer does with each: one table.
+
+A hook is either **called** where Lightning calls it (with Lightning's arguments), **refused**
+(overriding it is a ``ConfigError`` at ``fit``/``validate`` start, before any process group, naming
+the hook), or belongs to a **stage** this Trainer does not have (``test``, ``predict``): Lightning's
+``fit`` does not call those either, and ``Trainer.test``/``predict`` do not exist, so nothing is
+skipped silently. ``check_module_hooks`` is the one check; ``tests/unit/test_lightning_hooks.py``
+walks Lightning's own hook list against ``HOOKS`` so that a new Lightning hook cannot be missed,
+and ``docs/lightning.md`` is checked against ``hooks_markdown()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import nn
+
+from shardtrain.errors import ConfigError
+
+CALLED, REFUSED, OTHER_STAGE = "called", "refused", "other stage"
+
+
+@dataclass(frozen=True, slots=True)
+class Hook:
+    kind: str
+    #: Where it is called, why it is refused, or what to do instead.
+    note: str
+
+
+def _called(note: str) -> Hook:
+    return Hook(CALLED, note)
+
+
+def _refused(note: str = "not supported yet") -> Hook:
+    return Hook(REFUSED, note)
+
+
+def _other_stage(stage: str) -> Hook:
+    return Hook(OTHER_STAGE, f"part of {stage}, which this Trainer does not have yet (fit does not call it)")
+
+
+_EVERY_STEP = "as in Lightning's fit"
+HOOKS: dict[str, Hook] = {
+    # -- building and optimizing
+    "setup": _called('setup(stage): "fit"/"validate", after the callbacks\' setup, before configure_model'),
+    "configure_model": _called("once per run, under the strategy's init context"),
+    "configure_optimizers": _called("once, after configure_model"),
+    "configure_sharded_model": _refused("removed in Lightning 2.x: rename it configure_model"),
+    "configure_callbacks": _called(
+        "at fit/validate start, before setup: its callbacks replace the Trainer's of the same type; checkpoint "
+        "callbacks last"
+    ),
+    "prepare_data": _called(
+        "after the processes start, before setup: on local rank 0 (global rank 0 with prepare_data_per_node = "
+        "False); every rank waits for it"
+    ),
+    "teardown": _called("teardown(stage): when fit/validate ends (after an exception too), after the callbacks'"),
+    # -- the steps
+    "forward": _called("by your steps (routed through the strategy's wrapped module)"),
+    "training_step": _called(_EVERY_STEP),
+    "validation_step": _called(_EVERY_STEP),
+    "test_step": _other_stage("test"),
+    "predict_step": _other_stage("predict"),
+    "train_dataloader": _called("when fit gets no train loader"),
+    "val_dataloader": _called("when fit/validate gets no val loader"),
+    "test_dataloader": _other_stage("test"),
+    "predict_dataloader": _other_stage("predict"),
+    # -- optimization (automatic optimization only)
+    "backward": _refused("not supported yet: the strategy runs backward (use on_before_backward/on_after_backward)"),
+    "optimizer_step": _called(
+        "optimizer_step(epoch, batch_idx, optimizer, optimizer_closure) once per optimizer step; backward has "
+        "already run, so the closure returns the loss without recomputing it; optimizer.step(closure=...) runs "
+        "on_before_optimizer_step, gradient clipping and the strategy's step"
+    ),
+    "optimizer_zero_grad": _called("optimizer_zero_grad(epoch, batch_idx, optimizer) after each optimizer step"),
+    "configure_gradient_clipping": _called(
+        "configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm) before each step, in "
+        "place of the Trainer's clipping; self.clip_gradients(optimizer, ...) clips"
+    ),
+    "lr_scheduler_step": _called("lr_scheduler_step(scheduler, metric) in place of scheduler.step(...) when due"),
+    # -- batch transfer (the loaders move batches to the device themselves)
+    "transfer_batch_to_device": _refused(),
+    "on_before_batch_transfer": _refused(),
+    "on_after_batch_transfer": _refused(),
+    # -- on_* hooks the loop calls
+    **{
+        name: _called(_EVERY_STEP)
+        for name in (
+            "on_fit_start",
+            "on_fit_end",
+            "on_train_start",
+            "on_train_end",
+            "on_train_epoch_start",
+            "on_train_epoch_end",
+            "on_train_batch_start",
+            "on_train_batch_end",
+            "on_validation_start",
+            "on_validation_end",
+            "on_validation_epoch_start",
+            "on_validation_epoch_end",
+            "on_validation_batch_start",
+            "on_validation_batch_end",
+            "on_before_backward",
+            "on_after_backward",
+            "on_before_optimizer_step",
+            "on_before_zero_grad",
+            "on_save_checkpoint",
+            "on_load_checkpoint",
+        )
+    },
+    "on_validation_model_eval": _refused(),
+    "on_validation_model_train": _refused(),
+    "on_validation_model_zero_grad": _refused(),
+    **{
+        f"on_{stage}_{event}": _other_stage(stage)
+        for stage in ("test", "predict")
+        for event in ("start", "end", "epoch_start", "epoch_end", "batch_start", "batch_end", "model_eval")
+    },
+    "on_test_model_train": _other_stage("test"),
+}
+
+#: Attributes that change how Lightning trains; a value other than the default is refused.
+FLAGS: dict[str, tuple[Any, str]] = {
+    "automatic_optimization": (True, "manual optimization (automatic_optimization = False) is not supported yet"),
+}
+
+
+def overrides(module: nn.Module, name: str, base: type) -> bool:
+    """Whether ``type(module)`` defines ``name`` in a class below ``base`` (the user's own code)."""
+    for cls in type(module).__mro__:
+        if cls is base:
+            return False
+        if name in cls.__dict__:
+            return True
+    return False
+
+
+def check_module_hooks(module: nn.Module, base: type) -> None:
+    """Raise ``ConfigError`` naming every refused hook ``module`` overrides and every unsupported flag it sets."""
+    problems = [
+        f"{name} ({hook.note})"
+        for name, hook in HOOKS.items()
+        if hook.kind == REFUSED and overrides(module, name, base)
+    ]
+    problems += [
+        f"{flag}={getattr(module, flag)!r} ({why})"
+        for flag, (default, why) in FLAGS.items()
+        if getattr(module, flag, default) != default
+    ]
+    if problems:
+        raise ConfigError(
+            f"{type(module).__name__} overrides Lightning hooks that shardtrain does not call, so they would be "
+            f"ignored: {'; '.join(problems)}. Remove them, or see docs/lightning.md for what each is called in place"
+        )
+
+
+def hooks_markdown() -> str:
+    """The table as docs/lightning.md shows it."""
+    lines = ["| Hook | What shardtrain does |", "| --- | --- |"]
+    for kind in (CALLED, REFUSED, OTHER_STAGE):
+        for name, hook in sorted(HOOKS.items()):
+            if hook.kind == kind:
+                lines.append(f"| `{name}` | {kind}: {hook.note} |")
+    return "\n".join(lines)
+
+
+class StepOptimizer:
+    """The ``optimizer`` a user's ``optimizer_step`` receives (Lightning's ``LightningOptimizer``): ``step(closure)``
+    runs the closure, then ``take_step`` (the hooks before the step, clipping, and the strategy's step)."""
+
+    def __init__(self, optimizer: Any, take_step: Callable[[], None]) -> None:
+        self.__dict__["_optimizer"] = optimizer
+        self.__dict__["_take_step"] = take_step
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        result = closure() if closure is not None else None
+        self._take_step()
+        return result
+
+    @property
+    def optimizer(self) -> Any:
+        return self._optimizer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["_optimizer"], name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._optimizer, name, value)
