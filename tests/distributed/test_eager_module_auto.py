@@ -8,6 +8,7 @@ from tests.distributed.runner import assert_ok, run_script
 pytestmark = pytest.mark.distributed
 
 
+@pytest.mark.fast
 def test_auto_trains_an_eager_module_on_one_and_two_processes(tmp_path):
     one = assert_ok(run_script("eager_module_auto.py", tmp_path / "one")).result()
     two = assert_ok(
