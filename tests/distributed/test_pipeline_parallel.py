@@ -123,6 +123,42 @@ def test_a_checkpoint_resumes_across_layouts(single, tmp_path, saved_by, resumed
     _assert_same_weights(_weights(second, 2 if resumed_by == "pipeline" else 1), whole)
 
 
+def test_a_bare_position_parameter_on_two_stages_matches_one_process_and_its_checkpoint_resumes_on_one(tmp_path):
+    """The GPT with learned positions as a bare nn.Parameter beside the blocks (pos): the first stage owns it,
+    trains it as one process does, and a checkpoint saved at step 3 under two stages holds it once and
+    continues one process's curve."""
+    bare = ("--bare-positions", "--max-steps", "6")
+    one = assert_ok(run_script(SCRIPT, tmp_path / "one", *bare)).result()
+    two = assert_ok(run_script(SCRIPT, tmp_path / "two", *bare, *_pipeline("1f1b"))).result()
+    assert two["losses"] == pytest.approx(one["losses"], abs=1e-5)
+    assert two["grad_norms"] == pytest.approx(one["grad_norms"], rel=1e-5)
+    whole = _weights(tmp_path / "one", 1)[0]
+    held = _weights(tmp_path / "two", 2)
+    assert "model.pos" in held[0] and "model.pos" not in held[1]
+    _assert_same_weights(held, whole)
+    saved = tmp_path / "saved"
+    assert_ok(run_script(SCRIPT, saved, *bare, *_pipeline("1f1b"), "--stop-at", "3", "--save-at-end"))
+    resumed = tmp_path / "resumed"
+    checkpoint = str(saved / "checkpoints" / "step=3")
+    result = assert_ok(run_script(SCRIPT, resumed, *bare, "--ckpt-path", checkpoint)).result()
+    assert result["losses"] == pytest.approx(one["losses"][3:], abs=1e-5)  # AdamW's state for pos came along
+    _assert_same_weights(_weights(resumed, 1), whole)
+
+
+def test_fsdp_over_the_first_stage_shards_a_bare_position_parameter(tmp_path):
+    """pp 2 x data 2 on 4 processes, the GPT with a bare pos: the first stage's two ranks each hold a shard of it."""
+    bare = ("--bare-positions", "--max-steps", "4")
+    one = assert_ok(run_script(SCRIPT, tmp_path / "one", *bare, "--batch-size", "16")).result()
+    run = run_script(SCRIPT, tmp_path / "four", *bare, *_pipeline("1f1b"), "--devices", "4", "--batch-size", "8")
+    result = assert_ok(run).result()
+    assert result["mesh"] == {"pp": 2, "dp_replicate": 1, "dp_shard": 2}
+    assert "model.pos" in result["sharded"] and "model.token_embedding.weight" in result["sharded"]
+    assert result["losses"] == pytest.approx(one["losses"], abs=1e-5)
+    held = _weights(tmp_path / "four", 4)
+    assert ["model.pos" in rank for rank in held] == [True, True, False, False]
+    _assert_same_weights(held, _weights(tmp_path / "one", 1)[0])
+
+
 def test_a_batch_that_does_not_divide_into_the_microbatches_is_refused_before_training(tmp_path):
     run = run_script(SCRIPT, tmp_path, *_pipeline("gpipe", microbatches=3))
     assert run.returncode != 0

@@ -13,7 +13,7 @@ from shardtrain.errors import ConfigError, StrategyError
 from shardtrain.strategies import create_strategy
 from shardtrain.strategies.deepspeed.config import check_config
 from shardtrain.parallel.pipeline.schedule import schedule_class, stage_indices
-from shardtrain.parallel.pipeline.split import StageRunner, plan_stages
+from shardtrain.parallel.pipeline.split import StageRunner, keep_only, plan_stages
 
 
 def _gpt(n_layer: int = 4, device: str = "meta") -> GPT:
@@ -55,6 +55,75 @@ class Backbone(nn.Module):
         return self.norm(hidden)
 
 
+class Block(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden + torch.tanh(self.proj(hidden))
+
+
+class HandWrittenGPT(nn.Module):
+    """GPT-2's learned positions as a bare parameter, written by hand: ``tok(idx) + pos[:, :T]``."""
+
+    def __init__(self, seq_len: int = 8, width: int = 8) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(32, width)
+        self.pos = nn.Parameter(torch.randn(1, seq_len, width))
+        self.blocks = nn.ModuleList(Block(width) for _ in range(4))
+        self.head = nn.Linear(width, 32)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.tok(idx) + self.pos[:, : idx.shape[1]]
+        batch, seq, width = x.shape  # a later stage reads the shape of what it computes from the stand-in
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+class ViT(nn.Module):
+    """A class token and position embeddings as bare parameters, concatenated and added before the blocks."""
+
+    def __init__(self, patches: int = 4, width: int = 8) -> None:
+        super().__init__()
+        self.patch = nn.Linear(12, width)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.randn(1, patches + 1, width))
+        self.blocks = nn.ModuleList(Block(width) for _ in range(3))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, 5)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        x = self.patch(patches)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x)[:, 0])
+
+
+class FinalScale(HandWrittenGPT):
+    """A bare parameter used after the blocks, which the first stage cannot own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(8))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.tok(idx) + self.pos
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x * self.scale)
+
+
+def _tokens() -> torch.Tensor:
+    return torch.randint(0, 32, (2, 8))
+
+
+def _patches() -> torch.Tensor:
+    return torch.randn(2, 4, 12)
+
+
 class CausalLM(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -87,19 +156,29 @@ def test_nested_blocks_of_a_hugging_face_shaped_model() -> None:
     assert set(layout.after) == {"model.norm", "lm_head"}  # rotary_emb has no parameters: every stage runs it
 
 
-@pytest.mark.parametrize("model_fn", [lambda: _gpt(4, "cpu"), CausalLM])
+@pytest.mark.parametrize(
+    "model_fn, inputs_fn",
+    [(lambda: _gpt(4, "cpu"), _tokens), (CausalLM, _tokens), (HandWrittenGPT, _tokens), (ViT, _patches)],
+    ids=["gpt", "hugging-face-shaped", "bare-position-parameter", "vit-class-token"],
+)
 @pytest.mark.parametrize("num_stages", [2, 3])
-def test_stages_run_in_a_chain_compute_the_model_forward(model_fn, num_stages) -> None:
+def test_stages_run_in_a_chain_compute_the_model_forward(model_fn, inputs_fn, num_stages) -> None:
     torch.manual_seed(0)
     model = model_fn()
-    tokens = torch.randint(0, 32, (2, 8))
-    expected = model(tokens)
+    inputs = inputs_fn()
+    expected = model(inputs)
+    expected.square().sum().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
     layout = plan_stages(model, num_stages)
-    activation: tuple[torch.Tensor, ...] = (tokens,)
+    activation: tuple[torch.Tensor, ...] = (inputs,)
     for stage in range(num_stages):
-        activation = (StageRunner(model, layout, stage)(*activation, pipeline_inputs=(tokens,)),)
+        activation = (StageRunner(model, layout, stage)(*activation, pipeline_inputs=(inputs,)),)
     torch.testing.assert_close(activation[0], expected, rtol=0, atol=0)
-    assert model(tokens).equal(expected), "the views must leave the model itself unchanged"
+    activation[0].square().sum().backward()  # through every stage, as the schedule's sends and receives do
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], rtol=0, atol=0, msg=name)
+    assert model(inputs).equal(expected), "the views must leave the model itself unchanged"
 
 
 def test_a_view_shares_the_model_s_own_modules() -> None:
@@ -153,11 +232,45 @@ def test_a_forward_that_runs_modules_out_of_their_registration_order_is_refused(
         StageRunner(model, layout, 1)(hidden, pipeline_inputs=(tokens,))
 
 
-def test_parameters_held_beside_the_blocks_are_refused() -> None:
-    model = _gpt(2)
-    model.scale = nn.Parameter(torch.ones(1, device="meta"))
-    with pytest.raises(ConfigError, match=r"GPT \(the pipelined module\) holds parameters of its own"):
-        plan_stages(model, 2)
+@pytest.mark.parametrize("model_fn, names", [(HandWrittenGPT, ("pos",)), (ViT, ("cls_token", "pos_embed"))])
+def test_parameters_held_beside_the_blocks_belong_to_the_first_stage(model_fn, names) -> None:
+    model = model_fn()
+    layout = plan_stages(model, 2)
+    assert layout.parameters == names
+    assert layout.owned(0)[: len(names)] == list(names) and not set(names) & set(layout.owned(1))
+    first, second = (StageRunner(model, layout, stage) for stage in range(2))
+    held = {id(getattr(model, name)) for name in names}
+    assert held <= {id(p) for p in first.parameters()}  # FSDP over the first stage shards them
+    assert not held & {id(p) for p in second.parameters()}
+    replacement = nn.Parameter(torch.zeros_like(getattr(model, names[0])))
+    model._parameters[names[0]] = replacement  # as FSDP and the initialisation replace them
+    assert getattr(first.view, names[0]) is replacement, "the first stage's view reads the model's own"
+    keep_only(model, set(layout.owned(1)), layout)  # a rank that holds only the second stage
+    assert not set(names) & set(model.state_dict()) and not set(names) & {n for n, _ in model.named_parameters()}
+
+
+def test_parameters_held_beside_nested_blocks_keep_their_names() -> None:
+    model = CausalLM()
+    model.model.scale = nn.Parameter(torch.ones(1))
+    layout = plan_stages(model, 2)
+    assert layout.parameters == ("model.scale",)
+    kept = CausalLM()
+    kept.model.scale = nn.Parameter(torch.ones(1))
+    keep_only(kept, set(layout.owned(0)), layout)
+    assert "model.scale" in kept.state_dict()
+
+
+def test_a_parameter_held_beside_the_blocks_and_used_after_them_is_refused() -> None:
+    model = FinalScale()
+    layout = plan_stages(model, 2)
+    tokens = _tokens()
+    hidden = StageRunner(model, layout, 0)(tokens, pipeline_inputs=(tokens,))
+    with pytest.raises(
+        ConfigError,
+        match=r"scale, a parameter held beside the blocks, belongs to the first pipeline stage, but the model's "
+        r"forward uses it in or after the blocks on stage 1.*move scale into a submodule .*registered after the blocks",
+    ):
+        StageRunner(model, layout, 1)(hidden, pipeline_inputs=(tokens,))
 
 
 def test_schedules_by_name_and_stage_placement() -> None:

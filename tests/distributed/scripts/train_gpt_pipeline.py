@@ -1,5 +1,8 @@
 """Train the GPT example (4 blocks) with the Trainer, one process or pipeline stages, and write what each rank holds.
 
+``--bare-positions``: the GPT with its learned positions as a bare ``nn.Parameter`` beside the blocks
+(``pos``, as GPT-2 is often written by hand), in place of the ``position_embedding`` module.
+
 Every rank writes its weights (its stages' parameters, under their unsplit names) to
 ``weights_rank<r>.safetensors``; rank 0 writes the logged losses and gradient norms to ``result.json``.
 """
@@ -11,10 +14,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 from torch.utils.data import DataLoader
 
 from examples.gpt.data import corpus_splits
-from examples.gpt.model import GPTConfig, GPTModule
+from examples.gpt.model import GPT, GPTConfig, GPTModule
 from shardtrain import Callback, Trainer
 from shardtrain.strategies import create_strategy
 
@@ -32,7 +36,34 @@ parser.add_argument("--ckpt-path", default=None)
 parser.add_argument("--save-at-end", action="store_true")
 parser.add_argument("--async-save", action="store_true", help="save at the end asynchronously")
 parser.add_argument("--stop-at", type=int, default=None, help="stop after this many steps (of --max-steps)")
+parser.add_argument("--bare-positions", action="store_true", help="positions as a parameter beside the blocks")
 args = parser.parse_args()
+
+
+class BarePositionGPT(GPT):
+    """The GPT example with ``x = token_embedding(tokens) + pos[:, :T]``: ``pos`` is the model's own parameter."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__(config)
+        del self.position_embedding
+        self.pos = nn.Parameter(torch.empty(1, config.seq_len, config.d_model))
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.pos, std=0.02)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.token_embedding(tokens) + self.pos[:, : tokens.shape[1]]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+class BarePositionModule(GPTModule):
+    def configure_model(self) -> None:
+        if self.model is None:
+            with torch.device("meta"):
+                self.model = BarePositionGPT(self.config)
 
 
 class StopAt(Callback):
@@ -61,7 +92,7 @@ trainer = Trainer(
     enable_progress_bar=False,
     callbacks=[StopAt(args.stop_at)],
 )
-module = GPTModule(config, learning_rate=3e-3, warmup_steps=3)
+module = (BarePositionModule if args.bare_positions else GPTModule)(config, learning_rate=3e-3, warmup_steps=3)
 trainer.fit(
     module,
     DataLoader(torch.utils.data.Subset(train, range(1024)), batch_size=args.batch_size),
@@ -85,6 +116,9 @@ if trainer.is_global_zero:
         "grad_norms": [float(r["train_grad_norm"]) for r in rows if r.get("train_grad_norm")],
         "val_losses": [float(r["val_loss"]) for r in rows if r.get("val_loss")],
         "global_step": trainer.global_step,
+        "sharded": sorted(  # the parameters rank 0 holds a shard of (FSDP)
+            name for name, p in module.named_parameters() if any(pl.is_shard() for pl in getattr(p, "placements", ()))
+        ),
         "mesh": dict(zip(trainer.engine.device_mesh.mesh_dim_names, trainer.engine.device_mesh.shape))
         if args.devices > 1
         else None,

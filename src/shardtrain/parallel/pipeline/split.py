@@ -4,7 +4,9 @@ A model is split at its blocks: the children of its largest ``nn.ModuleList`` (o
 the split points name). Every other module with parameters is a *piece*: those registered before
 the blocks (embeddings) belong to the first stage, those registered after them (final norm,
 output layer) to the last. Modules without parameters (rotary embeddings, dropout) run on every
-stage. The model's ``forward`` is not changed and not traced: each stage runs it whole, on a
+stage. Parameters held directly by the modules on the path to the blocks (a hand-written GPT's
+``self.pos``, a ViT's ``cls_token``) belong to the first stage: a ``forward`` uses them before the
+blocks. The model's ``forward`` is not changed and not traced: each stage runs it whole, on a
 *view* of the model in which what the stage does not own is replaced by a stand-in.
 
 * ``_Feed`` stands in for the pieces and blocks before the stage: it returns the activation the
@@ -12,13 +14,20 @@ stage. The model's ``forward`` is not changed and not traced: each stage runs it
   (an embedding's output) and costs one elementwise operation;
 * the stage's first block reads the received activation, whatever it was passed (``_Boundary``);
 * its last block's output is what the stage sends on; ``_Pass`` stands in for what comes after it
-  (it returns its first argument), so the rest of the ``forward`` runs through without compute.
+  (it returns its first argument), so the rest of the ``forward`` runs through without compute;
+* ``ParameterStandIn`` stands in, after the first stage, for a parameter held beside the blocks: what the
+  ``forward`` computes from it before the blocks is never used, so it computes nothing (shapes follow
+  on the meta device). Touched after the stage's first block has run, it refuses the model: the
+  parameter is used in or after the blocks, where the first stage does not run.
 
 A view is a shallow copy of the modules on the path from the model's root to what it replaces:
 the blocks and pieces themselves are the model's own objects, so parameter names do not change
 and a checkpoint saved under pipeline parallelism loads anywhere else. The model the rank keeps
 (its ``state_dict``, its optimizer's parameters) holds only the modules of the rank's stages;
-``_Absent`` stands in for the rest.
+``Absent`` stands in for the rest, and a parameter held beside the blocks is ``None`` on ranks
+without the first stage. A view shares the ``_parameters`` and ``_buffers`` of the modules it copies
+(it replaces only submodules), so FSDP's sharding and the initialisation that replace them in the
+model are seen by the view, and the reverse.
 
 This works for a ``forward`` that runs pieces, then the blocks in order, then pieces, passing the
 hidden state to each block as its first argument (the transformer models of most libraries).
@@ -35,6 +44,7 @@ import torch
 from torch import nn
 
 from shardtrain.errors import ConfigError
+from shardtrain.parallel.pipeline.stand_in import ParameterStandIn
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -46,20 +56,22 @@ class StageLayout:
         stages: for each stage, the block indices it runs (consecutive).
         before: pieces with parameters registered before the blocks (the first stage's).
         after: pieces with parameters registered after the blocks (the last stage's).
+        parameters: parameters held beside the blocks by the modules on the path to them (the first stage's).
     """
 
     blocks: str
     stages: tuple[range, ...]
     before: tuple[str, ...]
     after: tuple[str, ...]
+    parameters: tuple[str, ...] = ()
 
     @property
     def num_stages(self) -> int:
         return len(self.stages)
 
     def owned(self, stage: int) -> list[str]:
-        """The names of the modules ``stage`` runs (pieces and blocks), in the model's order."""
-        names = list(self.before) if stage == 0 else []
+        """The names of what ``stage`` owns (parameters held beside the blocks, pieces, blocks), in the model's order."""
+        names = [*self.parameters, *self.before] if stage == 0 else []
         names += [f"{self.blocks}.{index}" for index in self.stages[stage]]
         return names + (list(self.after) if stage == self.num_stages - 1 else [])
 
@@ -93,9 +105,11 @@ def plan_stages(
             )
         sizes = [count // num_stages + (1 if stage < count % num_stages else 0) for stage in range(num_stages)]
         bounds = [sum(sizes[:stage]) for stage in range(num_stages + 1)]
-    before, after = _pieces(model, blocks_name)
+    before, after, parameters = _pieces(model, blocks_name)
     stages = tuple(range(bounds[i], bounds[i + 1]) for i in range(num_stages))
-    return StageLayout(blocks=blocks_name, stages=stages, before=tuple(before), after=tuple(after))
+    return StageLayout(
+        blocks=blocks_name, stages=stages, before=tuple(before), after=tuple(after), parameters=tuple(parameters)
+    )
 
 
 def _blocks_of(model: nn.Module, split_points: Sequence[str] | None, prefix: str) -> str:
@@ -142,19 +156,16 @@ def _list_names(model: nn.Module, prefix: str) -> str:
     return "its lists: " + ", ".join(names) if names else "it has none"
 
 
-def _pieces(model: nn.Module, blocks_name: str) -> tuple[list[str], list[str]]:
-    """The modules with parameters beside the path from ``model`` to its blocks, before and after it."""
+def _pieces(model: nn.Module, blocks_name: str) -> tuple[list[str], list[str], list[str]]:
+    """The modules with parameters beside the path from ``model`` to its blocks, before and after it, and the
+    parameters that the modules on the path hold themselves."""
     before: list[str] = []
     after: list[str] = []
+    parameters: list[str] = []
     parts = blocks_name.split(".")
     container, path = model, ""
     for part in parts:
-        if any(p is not None for p in container._parameters.values()):
-            raise ConfigError(
-                f"{type(container).__name__} ({path or 'the pipelined module'}) holds parameters of its own beside "
-                "its submodules, which no pipeline stage can own alone; move them into a submodule (an nn.Embedding, "
-                "an nn.Linear, or a small nn.Module)"
-            )
+        parameters += [f"{path}{name}" for name, p in container._parameters.items() if p is not None]
         seen_path = False
         for name, child in container.named_children():
             if name == part:
@@ -163,7 +174,7 @@ def _pieces(model: nn.Module, blocks_name: str) -> tuple[list[str], list[str]]:
             if any(True for _ in child.parameters()):
                 (after if seen_path else before).append(f"{path}{name}")
         container, path = container.get_submodule(part), f"{path}{part}."
-    return before, after
+    return before, after, parameters
 
 
 # ---------------------------------------------------------------------------------------------- views
@@ -307,19 +318,36 @@ def _stage_view(model: nn.Module, layout: StageLayout, stage: int, runner: Stage
         elif index == own.start or index == own.stop - 1:
             enter, leave = index == own.start and not first, index == own.stop - 1 and not last
             replacements[name] = _Boundary(blocks[index], runner, enter, leave)
-    return view_with(model, replacements)
+    view = view_with(model, replacements)
+    if not first:  # the parameters held beside the blocks: stand-ins, and not among the view's parameters
+        for parameter in layout.parameters:
+            path, _, leaf = parameter.rpartition(".")
+            container = view.get_submodule(path)
+            assert container is not model.get_submodule(path), "the modules on the path to the blocks are copied"
+            held = container._parameters[leaf]
+            container.__dict__["_parameters"] = {k: v for k, v in container._parameters.items() if k != leaf}
+            meta = torch.empty(held.shape, dtype=held.dtype, device="meta") if held is not None else None
+            container.__dict__[leaf] = ParameterStandIn(runner, parameter, meta)
+    return view
 
 
 def view_with(module: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module:
     """A copy of ``module`` in which the submodules named in ``replacements`` are replaced; only the
-    modules on the paths to them are copied (shallowly), everything else is shared with ``module``."""
+    modules on the paths to them are copied (shallowly), everything else is shared with ``module``. The
+    copies share their parameters and buffers dicts with the originals: what replaces a tensor in one
+    (FSDP, initialisation, ``.to()``) is seen by the other."""
     if "" in replacements:
         return replacements[""]
     if not replacements:
         return module
     copied = copy.copy(module)
+    shared = ("_parameters", "_buffers")
     copied.__dict__.update(
-        {key: type(value)(value) for key, value in module.__dict__.items() if isinstance(value, dict)}
+        {
+            key: type(value)(value)
+            for key, value in module.__dict__.items()
+            if isinstance(value, dict) and key not in shared
+        }
     )
     by_child: dict[str, dict[str, nn.Module]] = {}
     for name, replacement in replacements.items():
@@ -331,7 +359,12 @@ def view_with(module: nn.Module, replacements: dict[str, nn.Module]) -> nn.Modul
 
 
 def keep_only(model: nn.Module, owned: set[str], layout: StageLayout) -> None:
-    """Replace, in ``model`` itself, the pieces and blocks this rank's stages do not own by ``Absent``."""
+    """Replace, in ``model`` itself, the pieces and blocks this rank's stages do not own by ``Absent``, and
+    the parameters held beside the blocks (the first stage's) by ``None``."""
+    for parameter in layout.parameters:
+        if parameter not in owned:
+            path, _, leaf = parameter.rpartition(".")
+            model.get_submodule(path)._parameters[leaf] = None
     blocks = model.get_submodule(layout.blocks)
     names = [*layout.before, *(f"{layout.blocks}.{i}" for i in range(len(blocks))), *layout.after]
     for name in names:

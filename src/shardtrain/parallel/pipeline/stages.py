@@ -155,8 +155,9 @@ def _group_of(mesh: "DeviceMesh", pp_ranks: list[int]) -> Any:
 
 
 def _part_of(parameter: str, parts: dict[str, Any]) -> str | None:
-    """The piece or block a parameter name belongs to (the longest part name it starts with)."""
-    found = [part for part in parts if parameter.startswith(part + ".")]
+    """The piece or block a parameter name belongs to (the longest part name it starts with), or the name
+    itself for a parameter held beside the blocks."""
+    found = [part for part in parts if parameter == part or parameter.startswith(part + ".")]
     return max(found, key=len) if found else None
 
 
