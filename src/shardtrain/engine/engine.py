@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 
 from shardtrain.engine.checkpoint import TrainingStateIO
 from shardtrain.data import DeviceDataLoader, move_to_device, with_distributed_sampler
+from shardtrain.utilities import rank_zero_only
 from shardtrain.errors import ConfigError, RankFailedError
 from shardtrain.estimate.auto import choose_for_module, is_auto, provisional_strategy
 from shardtrain.launch.environment import ClusterEnvironment
@@ -108,6 +109,7 @@ class Engine:
             self._processes.start()
             self._connect(self.strategy)
             self._launched = True
+            rank_zero_only.rank = self.global_rank  # type: ignore[attr-defined]  # user code's @rank_zero_only
         return function(self, *args, **kwargs) if function is not None else None
 
     def _connect(self, strategy: Strategy) -> None:
