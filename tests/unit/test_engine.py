@@ -251,3 +251,32 @@ def test_setup_dataloaders_at_world_size_one_keeps_every_sample_and_the_batch_si
     assert sorted(torch.cat(batches).tolist()) == list(range(10))
     assert [batch[0].tolist() for batch in dropping] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert all(batch[0].device == engine.device for batch in shuffled)
+
+
+def test_a_scheduler_built_on_the_optimizer_keeps_driving_it_after_a_load(tmp_path):
+    """Loading replaces the optimizer's parameter groups; the scheduler (built on what setup returned) must then
+    change the groups the optimizer steps with, and the saved learning rate must be the one in effect."""
+
+    def run(resume_from=None):
+        engine = _engine()
+        model, optimizer = engine.setup(*_with_optimizer())
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+        if resume_from is not None:
+            state = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+            engine.load(resume_from, state)
+        lrs = []
+        for step in range(2):
+            _backward(engine, model, seed=step)
+            optimizer.step()
+            optimizer.zero_grad()
+            scheduler.step()
+            lrs.append(optimizer.optimizer.param_groups[0]["lr"])  # the groups the strategy steps with
+        if resume_from is None:
+            engine.save(tmp_path / "ckpt", {"model": model, "optimizer": optimizer, "scheduler": scheduler})
+        return lrs, optimizer.param_groups[0]["lr"]
+
+    first, _ = run()
+    assert first == [0.05, 0.025]
+    resumed, seen_by_user = run(resume_from=tmp_path / "ckpt")
+    assert resumed == [0.0125, 0.00625]  # the schedule continues from the saved lr, and reaches the optimizer
+    assert seen_by_user == 0.00625

@@ -265,3 +265,19 @@ def test_on_nonfinite_refuses_what_it_cannot_do(tmp_path):
         Trainer(accelerator="cpu", on_nonfinite="drop")
     with pytest.raises(ConfigError, match="16-mixed.*GradScaler already skips"):
         _fit(tmp_path, on_nonfinite="skip", precision="16-mixed")
+
+
+def test_resume_continues_the_learning_rate_schedule(tmp_path):
+    """A step-interval StepLR: the resumed run's learning rates and weights are the uninterrupted run's."""
+    full_trainer, full, _ = _fit(tmp_path / "full", module=Regression(scheduler_interval="step"), max_steps=6)
+    part, _, _ = _fit(tmp_path / "part", module=Regression(scheduler_interval="step"), max_steps=3)
+    part.save_checkpoint()
+    resumed = Trainer(
+        accelerator="cpu", max_steps=6, default_root_dir=tmp_path / "part", seed=7, enable_progress_bar=False
+    )
+    module = Regression(scheduler_interval="step")
+    resumed.fit(module, DataLoader(_data(), batch_size=16), ckpt_path="last")
+    assert resumed.global_step == 6 and full_trainer.global_step == 6
+    assert resumed.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**6)
+    assert resumed.optimizers[0].optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**6)
+    assert torch.allclose(_weights(module), _weights(full), atol=1e-7)

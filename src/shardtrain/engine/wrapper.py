@@ -100,10 +100,22 @@ class EngineOptimizer:
     """
 
     def __init__(self, optimizer: Optimizer, strategy: Strategy) -> None:
-        self.__dict__ = {k: v for k, v in optimizer.__dict__.items() if k not in ("step", "__del__")}
+        skipped = ("step", "__del__", *_SHARED_WITH_OPTIMIZER)
+        self.__dict__ = {k: v for k, v in optimizer.__dict__.items() if k not in skipped}
         self.__class__ = type("Engine" + type(optimizer).__name__, (EngineOptimizer, type(optimizer)), {})
         self._optimizer = optimizer
         self._strategy = strategy
+
+    # The parameter groups, state and defaults are the optimizer's own, read through on every access, not copies:
+    # ``load_state_dict`` (a resume) replaces the optimizer's lists, and an LR scheduler built on this wrapper must
+    # then change the groups the optimizer steps with (a copy kept the old ones: the schedule stopped at the resume).
+    param_groups = property(
+        lambda self: self._optimizer.param_groups, lambda self, value: setattr(self._optimizer, "param_groups", value)
+    )
+    state = property(lambda self: self._optimizer.state, lambda self, value: setattr(self._optimizer, "state", value))
+    defaults = property(
+        lambda self: self._optimizer.defaults, lambda self, value: setattr(self._optimizer, "defaults", value)
+    )
 
     @property
     def optimizer(self) -> Optimizer:
@@ -122,6 +134,9 @@ class EngineOptimizer:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._optimizer.load_state_dict(state_dict)
+
+
+_SHARED_WITH_OPTIMIZER = ("param_groups", "state", "defaults")
 
 
 def optimizer_step(strategy: Strategy, *optimizers: Optimizer) -> None:
