@@ -87,6 +87,14 @@ class TrainerCheckpoints:
             state["train_dataloader"] = LoaderPosition(loader, self.engine.global_rank, self.engine.world_size)
         return state
 
+    def load_weights(self, path: Path, trainer: "Trainer") -> None:
+        """Load only the model's weights (for ``validate``/``test``/``predict`` with ``ckpt_path``): from a checkpoint
+        of any strategy and world size, or from consolidated weights; the optimizers and the loop are left alone."""
+        if is_weights_file(path):
+            self.engine.load_weights(trainer.model, load_weights(path))
+        else:
+            self.engine.load(path, {"module": trainer.model})
+
     def restore(self, path: Path, trainer: "Trainer") -> dict[str, Any] | None:
         """Load ``path`` into ``trainer``: its model, optimizers, schedulers, callbacks and loop position;
         returns the loaded state. Consolidated weights (safetensors) only initialise the model (the
