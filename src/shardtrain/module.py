@@ -166,6 +166,27 @@ class TrainModule(nn.Module):
         else:
             scheduler.step(metric)
 
+    # -------------------------------------------------------------- Lightning's evaluation-mode hooks
+    # The evaluation loop calls each only where it is overridden and does the same itself otherwise (it also puts
+    # each submodule back in the mode it was in); these defaults are what ``super()`` does in an override.
+    def on_validation_model_eval(self) -> None:
+        self.trainer.model.eval()
+
+    def on_validation_model_train(self) -> None:
+        self.trainer.model.train()
+
+    def on_validation_model_zero_grad(self) -> None:
+        self.zero_grad(set_to_none=True)
+
+    def on_test_model_eval(self) -> None:
+        self.trainer.model.eval()
+
+    def on_test_model_train(self) -> None:
+        self.trainer.model.train()
+
+    def on_predict_model_eval(self) -> None:
+        self.trainer.model.eval()
+
     # -------------------------------------------------------------- services for hooks
     def _step_arguments(self, step: str, batch: Any, batch_idx: int) -> tuple[Any, ...]:
         """``(batch, batch_idx)``, or ``(batch,)`` for a ``step`` written without ``batch_idx``.
@@ -240,6 +261,44 @@ class TrainModule(nn.Module):
         """The metrics logged since the last call (used by the Trainer)."""
         logged, self._logged = self._logged, {}
         return logged
+
+
+# Lightning's ``on_*`` hooks, each a method that does nothing unless overridden (as in Lightning's ``ModelHooks``), so
+# that an override may call ``super()``; ``shardtrain.trainer.hooks`` says where each is called.
+_NO_OP_HOOKS = (
+    "on_fit_start",
+    "on_fit_end",
+    "on_train_start",
+    "on_train_end",
+    "on_train_epoch_start",
+    "on_train_epoch_end",
+    "on_train_batch_start",
+    "on_train_batch_end",
+    "on_before_backward",
+    "on_after_backward",
+    "on_before_optimizer_step",
+    "on_before_zero_grad",
+    "on_save_checkpoint",
+    "on_load_checkpoint",
+    *(
+        f"on_{stage}_{event}"
+        for stage in ("validation", "test", "predict")
+        for event in ("start", "end", "epoch_start", "epoch_end", "batch_start", "batch_end")
+    ),
+)
+
+
+def _no_op_hook(name: str) -> Callable[..., None]:
+    def hook(self: TrainModule, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    hook.__name__ = hook.__qualname__ = name
+    hook.__doc__ = f"Lightning's ``{name}``: does nothing unless overridden (see docs/lightning.md for when it runs)."
+    return hook
+
+
+for _name in _NO_OP_HOOKS:
+    setattr(TrainModule, _name, _no_op_hook(_name))
 
 
 def takes_batch_idx(step: Callable[..., Any]) -> bool:

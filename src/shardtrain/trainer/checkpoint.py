@@ -1,6 +1,6 @@
 """The Trainer's checkpoints: where they go, what ``last`` names, and saving and restoring a training state.
 
-A checkpoint holds the module, optimizers, LR schedulers, loss scaler, callbacks' state, every
+A checkpoint holds the module, optimizers, LR schedulers, loss scaler, callbacks' and DataModule's state, every
 rank's RNG state and the loop position (global step, epoch, batches seen in the epoch), so that
 a resumed run continues at the next batch it would have trained on. The Trainer says what the
 state is; this collaborator stores it through ``Engine.save``/``Engine.load`` (a sharded DCP
@@ -79,6 +79,9 @@ class TrainerCheckpoints:
                 **({"run": trainer.run_config} if trainer.run_config is not None else {}),
             },
         }
+        datamodule = trainer.datamodule
+        if datamodule is not None and datamodule.state_dict():  # Lightning saves a DataModule's non-empty state
+            state["datamodule"] = datamodule
         scaler = self.engine.precision.grad_scaler(self.engine.device.type)
         if scaler is not None:
             state["grad_scaler"] = scaler
@@ -104,11 +107,13 @@ class TrainerCheckpoints:
             self.engine.load_weights(state["module"], load_weights(path))
             return None
         saved = read_meta(path)["state"]
-        for optional in ("grad_scaler", "train_dataloader"):
+        for optional in ("grad_scaler", "train_dataloader", "datamodule"):
             # Saved under another precision (no loss scaling: the scaler starts fresh), or with a
             # plain loader (the data loader reads up to the position): not in this checkpoint.
             if optional in state and optional not in saved:
                 del state[optional]
+        if "datamodule" in saved and trainer.datamodule is not None:  # its state may be empty until it is loaded
+            state["datamodule"] = trainer.datamodule
         self.engine.load(path, state)
         for callback in trainer.callbacks:
             if callback.state_key in state["callbacks"]:

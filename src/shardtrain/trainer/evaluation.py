@@ -12,6 +12,7 @@ among several end in ``/dataloader_idx_<i>``); ``predict`` returns each rank's o
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
@@ -87,7 +88,7 @@ class EvaluationLoop:
         """Run ``stage`` over ``loaders``; returns the metrics per loader, or (predict) the outputs per loader."""
         with _evaluation_context(inference_mode):
             modes = _module_modes(model)
-            self._module_hook(module, f"on_{stage.hooks}_model_eval", model)
+            getattr(module, f"on_{stage.hooks}_model_eval")()  # by default: the model in eval mode
             self._call(f"on_{stage.hooks}_start")
             self._call(f"on_{stage.hooks}_epoch_start")
             collector = MetricCollector(mean_over_batches=True)
@@ -141,13 +142,6 @@ class EvaluationLoop:
             logged = {f"{name}/dataloader_idx_{loader}": value for name, value in logged.items()}
         collector.update(logged)
 
-    @staticmethod
-    def _module_hook(module: TrainModule, hook: str, model: EngineModule) -> None:
-        if overrides(module, hook, TrainModule):
-            getattr(module, hook)()
-        else:
-            model.eval()
-
 
 def _step_arguments(
     module: TrainModule, stage: Stage, batch: Any, batch_idx: int, index: int, several: bool
@@ -157,12 +151,19 @@ def _step_arguments(
     arguments = module._step_arguments(stage.step, batch, batch_idx)
     if not several:
         return arguments
-    if len(arguments) == 1:
+    if len(arguments) == 1 or not _takes_dataloader_idx(getattr(module, stage.step)):
         raise ConfigError(
             f"{type(module).__name__}.{stage.step} runs over several dataloaders: give it the arguments "
             "(batch, batch_idx, dataloader_idx=0), as Lightning requires"
         )
     return (*arguments, index)
+
+
+def _takes_dataloader_idx(step: Callable[..., Any]) -> bool:
+    parameters = inspect.signature(step).parameters.values()
+    if any(p.kind is p.VAR_POSITIONAL for p in parameters) or any(p.name == "dataloader_idx" for p in parameters):
+        return True
+    return len([p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]) >= 3
 
 
 def _per_loader(metrics: dict[str, float], loaders: int, epoch_end_names: set[str]) -> list[dict[str, float]]:

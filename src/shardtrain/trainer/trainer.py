@@ -290,8 +290,8 @@ class Trainer:
         check_module_hooks(module, TrainModule)  # a Lightning hook we do not call: refused, never ignored
         self.engine.check_module(module)  # before any process group: e.g. heads that TP cannot split
         self.engine.launch()
-        self.datamodule = datamodule
-        if datamodule is not None:
+        if datamodule is not None:  # as Lightning: a stage given none keeps the DataModule of the one before
+            self.datamodule = datamodule
             datamodule.trainer = self
 
     def _prepare_stage(self, module: TrainModule, stage: str) -> None:
