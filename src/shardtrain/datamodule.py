@@ -9,15 +9,20 @@ checkpoints and given back to ``load_state_dict`` on resume.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import DataLoader
 
+from shardtrain.hparams import HyperparametersMixin
+
 if TYPE_CHECKING:
+    from typing_extensions import Self
+
     from shardtrain.trainer.trainer import Trainer
 
 
-class DataModule:
+class DataModule(HyperparametersMixin):
     """Override the ``*_dataloader()`` methods a run needs (``batch_size`` is per process; the Trainer inserts
     distributed samplers), and ``prepare_data``/``setup``/``teardown`` to download, split and free the data.
 
@@ -31,6 +36,16 @@ class DataModule:
 
     def __init__(self) -> None:
         super().__init__()
+
+    @classmethod
+    def load_from_checkpoint(
+        cls, checkpoint_path: str | os.PathLike, hparams_file: str | os.PathLike | None = None, **kwargs: Any
+    ) -> Self:
+        """Lightning's: the DataModule built again from the hyperparameters a Trainer checkpoint recorded
+        (``kwargs`` override them), with its saved ``state_dict`` loaded."""
+        from shardtrain.from_checkpoint import load_datamodule
+
+        return load_datamodule(cls, checkpoint_path, hparams_file, **kwargs)
 
     def prepare_data(self) -> None:
         """Download or write data to disk, once per node; do not set state here (other ranks do not see it)."""

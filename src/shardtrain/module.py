@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
@@ -10,8 +11,11 @@ import torch.distributed as dist
 from torch import nn
 
 from shardtrain.errors import TrainingStepError
+from shardtrain.hparams import HyperparametersMixin
 
 if TYPE_CHECKING:
+    from typing_extensions import Self
+
     from torch.distributed.device_mesh import DeviceMesh
 
     from shardtrain.trainer.trainer import Trainer
@@ -19,7 +23,7 @@ if TYPE_CHECKING:
 StepOutput = torch.Tensor | Mapping[str, Any]
 
 
-class TrainModule(nn.Module):
+class TrainModule(HyperparametersMixin, nn.Module):
     """A model plus how to train it.
 
     Override:
@@ -45,6 +49,24 @@ class TrainModule(nn.Module):
         super().__init__()
         self._trainer: Trainer | None = None
         self._logged: dict[str, tuple[torch.Tensor, bool]] = {}
+
+    @classmethod
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path: str | os.PathLike,
+        map_location: Any = None,
+        hparams_file: str | os.PathLike | None = None,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Self:
+        """Lightning's ``load_from_checkpoint``: the module built again with the hyperparameters the checkpoint
+        recorded (``save_hyperparameters``; ``kwargs`` override them, and give those it could not record), its
+        ``configure_model()`` run, ``on_load_checkpoint(checkpoint)`` called, and the saved weights loaded
+        (``strict`` by default) on the CPU (or ``map_location``). ``checkpoint_path``: a Trainer checkpoint
+        directory of any strategy and world size, or consolidated weights (then ``kwargs`` give every argument)."""
+        from shardtrain.from_checkpoint import load_module
+
+        return load_module(cls, checkpoint_path, map_location, hparams_file, strict, **kwargs)
 
     # -------------------------------------------------------------- hooks to override
     def configure_model(self) -> None:

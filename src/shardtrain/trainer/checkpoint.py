@@ -24,6 +24,8 @@ from shardtrain.checkpoint.consolidate import is_weights_file, load_weights
 from shardtrain.checkpoint.loader_position import LoaderPosition
 from shardtrain.checkpoint.pointer import point_last_at, resolve_checkpoint
 from shardtrain.engine.engine import Engine
+from shardtrain.from_checkpoint import CHECKPOINT_HPARAMS
+from shardtrain.hparams import checkpoint_entries
 
 if TYPE_CHECKING:
     from shardtrain.trainer.trainer import Trainer
@@ -79,6 +81,13 @@ class TrainerCheckpoints:
                 **({"run": trainer.run_config} if trainer.run_config is not None else {}),
             },
         }
+        hparams = {
+            owner: checkpoint_entries(obj)
+            for owner, obj in (("module", trainer.module), ("datamodule", trainer.datamodule))
+            if obj is not None and checkpoint_entries(obj)
+        }
+        if hparams:  # JSON, for load_from_checkpoint (shardtrain.from_checkpoint)
+            state[CHECKPOINT_HPARAMS] = hparams
         datamodule = trainer.datamodule
         if datamodule is not None and datamodule.state_dict():  # Lightning saves a DataModule's non-empty state
             state["datamodule"] = datamodule
@@ -107,7 +116,7 @@ class TrainerCheckpoints:
             self.engine.load_weights(state["module"], load_weights(path))
             return None
         saved = read_meta(path)["state"]
-        for optional in ("grad_scaler", "train_dataloader", "datamodule"):
+        for optional in ("grad_scaler", "train_dataloader", "datamodule", CHECKPOINT_HPARAMS):
             # Saved under another precision (no loss scaling: the scaler starts fresh), or with a
             # plain loader (the data loader reads up to the position): not in this checkpoint.
             if optional in state and optional not in saved:

@@ -21,6 +21,7 @@ from shardtrain.callbacks import Callback, ModelCheckpoint
 from shardtrain.datamodule import DataModule
 from shardtrain.engine.engine import Engine
 from shardtrain.errors import ConfigError
+from shardtrain.hparams import merged_for_loggers
 from shardtrain.loggers import Logger
 from shardtrain.trainer.metrics import MetricCollector
 from shardtrain.module import TrainModule, extract_loss
@@ -150,6 +151,7 @@ class Trainer:
                 **self.args.training_settings(), micro_batch_size=getattr(train_loader, "batch_size", None)
             )
             self._setup(module, "fit")
+            self._log_hyperparams(module)
             self.nonfinite.refuse_what_cannot_be_done(self.engine.can_skip_optimizer_step, self._loss_scaling())
             if ckpt_path is not None:
                 self._restore(ckpt_path)
@@ -237,6 +239,7 @@ class Trainer:
         try:
             self._prepare_stage(model, stage.name)
             self._setup(model, stage.name)
+            self._log_hyperparams(model)
             if ckpt_path is not None:
                 self._load_weights(ckpt_path)
             loaders = self._loaders(dataloaders, model, stage, required=True)
@@ -629,6 +632,15 @@ class Trainer:
             for logger in self.loggers:
                 logger.log_metrics(row, self.global_step)
         return metrics
+
+    def _log_hyperparams(self, module: TrainModule) -> None:
+        """Lightning's: the module's and the DataModule's hyperparameters (``save_hyperparameters``) to every logger,
+        once the model is set up, on rank 0."""
+        hparams = merged_for_loggers(module, self.datamodule)  # on every rank: a clash is an error everywhere
+        if hparams is None:
+            return
+        for logger in self._rank_zero_loggers():
+            logger.log_hyperparams(hparams)
 
     def _rank_zero_loggers(self) -> list[Logger]:
         return self.loggers if self.is_global_zero else []
