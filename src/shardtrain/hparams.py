@@ -177,9 +177,7 @@ def checkpoint_entries(owner: Any, prefix: str = "") -> dict[str, Any]:
     }
 
 
-def constructor_arguments(
-    cls: type, saved: Mapping[str, Any], given: Mapping[str, Any], where: str
-) -> dict[str, Any]:
+def constructor_arguments(cls: type, saved: Mapping[str, Any], given: Mapping[str, Any], where: str) -> dict[str, Any]:
     """The keyword arguments that build ``cls`` again from a checkpoint's JSON state ``saved`` (one prefix's
     entries, see ``checkpoint_entries``) and the ``given`` overrides, as Lightning's ``load_from_checkpoint``."""
     hparams = dict(saved.get(HPARAMS_KEY) or {})
@@ -229,4 +227,3 @@ def _same(a: Any, b: Any) -> bool:
         return type(a) is type(b) and bool(a == b)
     except Exception:  # tensors and the like: the same object only
         return a is b
-
