@@ -35,19 +35,21 @@ def recorded_hparams(path: str | os.PathLike, owner: str) -> dict[str, Any]:
 
 def load_module(
     cls: type[T],
+    base: type,
     checkpoint_path: str | os.PathLike,
     map_location: Any = None,
     hparams_file: str | os.PathLike | None = None,
     strict: bool | None = None,
     **kwargs: Any,
 ) -> T:
-    """Lightning's ``LightningModule.load_from_checkpoint`` for shardtrain checkpoints (see ``TrainModule``)."""
+    """Lightning's ``LightningModule.load_from_checkpoint`` for shardtrain checkpoints (see ``TrainModule``);
+    ``base``: shardtrain's ``TrainModule``, to tell whether ``cls`` defines ``configure_model`` itself."""
     path = Path(checkpoint_path)
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}")
     saved = _with_hparams_file(recorded_hparams(path, "module"), hparams_file)
     module = cls(**constructor_arguments(cls, saved, kwargs, str(path)))
-    if _overrides(module, "configure_model"):
+    if getattr(cls, "configure_model") is not getattr(base, "configure_model"):
         module.configure_model()  # type: ignore[attr-defined]
     weights = read_module_weights(path)
     meta_state = {} if is_weights_file(path) else read_meta(path).get("state", {})
@@ -90,10 +92,3 @@ def _with_hparams_file(saved: dict[str, Any], hparams_file: str | os.PathLike | 
         raise CheckpointError(f"hparams_file must be a .yaml or .yml file, got {source}")
     loaded = yaml.safe_load(source.read_text()) or {}
     return {**saved, HPARAMS_KEY: loaded, "hyper_parameters_left_out": {}}
-
-
-def _overrides(obj: Any, name: str) -> bool:
-    """Whether ``obj``'s class defines ``name`` itself rather than inheriting shardtrain's default."""
-    from shardtrain.module import TrainModule
-
-    return getattr(type(obj), name) is not getattr(TrainModule, name)

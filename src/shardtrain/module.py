@@ -66,7 +66,7 @@ class TrainModule(HyperparametersMixin, nn.Module):
         directory of any strategy and world size, or consolidated weights (then ``kwargs`` give every argument)."""
         from shardtrain.from_checkpoint import load_module
 
-        return load_module(cls, checkpoint_path, map_location, hparams_file, strict, **kwargs)
+        return load_module(cls, TrainModule, checkpoint_path, map_location, hparams_file, strict, **kwargs)
 
     # -------------------------------------------------------------- hooks to override
     def configure_model(self) -> None:
