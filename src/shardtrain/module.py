@@ -87,7 +87,7 @@ class TrainModule(HyperparametersMixin, nn.Module):
         """By default nothing; for a module that defines ``pipeline_inputs`` and ``pipeline_loss``, it logs
         ``val_loss`` (what pipeline parallelism's validation logs too)."""
         if self._defines_pipeline_contract():
-            self.log("val_loss", self._pipeline_contract_loss(batch), prog_bar=True)
+            self.log("val_loss", self._pipeline_contract_loss(batch), prog_bar=True, sync_dist=True)
         return None
 
     # -------------------------------------------------------------- the pipeline contract
