@@ -56,6 +56,9 @@ class TrainerArguments:
         logger: ``True`` (a CSV logger in ``default_root_dir``), ``False``, or logger objects.
         seed: seed every rank with this before building the model (same initial weights everywhere).
         enable_progress_bar: rank-0 progress bar with loss and tokens/s.
+        enable_checkpointing: add a ``ModelCheckpoint()`` (Lightning's default: a checkpoint at the end of every
+            epoch, the latest kept, plus one when training ends) when no ModelCheckpoint is given; False: none
+            (giving one too is an error).
         enable_model_summary: before the first step, print on rank 0 the parameter count, strategy,
             layout, precision and where logs and checkpoints go (:class:`~shardtrain.callbacks.RunSummary`).
         timeout_seconds: how long a collective waits for the other ranks before the run fails.
@@ -90,6 +93,7 @@ class TrainerArguments:
     logger: bool | Logger | Sequence[Logger] = True
     seed: int | None = None
     enable_progress_bar: bool = True
+    enable_checkpointing: bool = True
     enable_model_summary: bool = True
     timeout_seconds: float = 1800.0
     preemption: Preemption | bool = True
@@ -159,10 +163,17 @@ class TrainerArguments:
 
     def callback_list(self) -> list[Callback]:
         """The given callbacks, with a progress bar and a run summary unless turned off or given."""
-        from shardtrain.callbacks import ProgressBar, RunSummary
+        from shardtrain.callbacks import ModelCheckpoint, ProgressBar, RunSummary
 
         given = self.callbacks
         callbacks: list[Callback] = [given] if isinstance(given, Callback) else list(given or [])
+        has_checkpointing = any(isinstance(cb, ModelCheckpoint) for cb in callbacks)
+        if has_checkpointing and not self.enable_checkpointing:
+            raise ConfigError(
+                "enable_checkpointing=False, but a ModelCheckpoint is among the callbacks: remove one of the two"
+            )
+        if self.enable_checkpointing and not has_checkpointing:
+            callbacks.append(ModelCheckpoint())
         if self.enable_progress_bar and not any(isinstance(cb, ProgressBar) for cb in callbacks):
             callbacks.append(ProgressBar())
         if self.enable_model_summary and not any(isinstance(cb, RunSummary) for cb in callbacks):

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from shardtrain.callbacks import Callback, ModelCheckpoint
+from shardtrain.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from shardtrain.datamodule import DataModule
 from shardtrain.engine.engine import Engine
 from shardtrain.errors import ConfigError
@@ -92,6 +92,10 @@ class Trainer:
         self.optimizers: list[torch.optim.Optimizer] = []
         self.lr_schedulers: list[SchedulerConfig] = []
         self.train_loader: Any = None
+        #: The stage running or last run: "fit", "validate", "test" or "predict".
+        self.stage: str | None = None
+        #: Batches of each validation loader of the current fit (Lightning's ``num_val_batches``; empty: no validation).
+        self.num_val_batches: list[int | float] = []
 
     def __getattr__(self, name: str) -> Any:
         """The arguments as attributes: ``trainer.max_steps``, ``trainer.accumulate_grad_batches``, ..."""
@@ -109,6 +113,25 @@ class Trainer:
     world_size = property(lambda self: self.engine.world_size)
 
     is_global_zero = property(lambda self: self.engine.is_global_zero)
+
+    @property
+    def checkpoint_callbacks(self) -> list[ModelCheckpoint]:
+        """Every ``ModelCheckpoint`` among the callbacks (Lightning's)."""
+        return [c for c in self.callbacks if isinstance(c, ModelCheckpoint)]
+
+    @property
+    def checkpoint_callback(self) -> ModelCheckpoint | None:
+        """The first ``ModelCheckpoint`` (Lightning's): ``trainer.checkpoint_callback.best_model_path``."""
+        return next(iter(self.checkpoint_callbacks), None)
+
+    @property
+    def early_stopping_callbacks(self) -> list[EarlyStopping]:
+        return [c for c in self.callbacks if isinstance(c, EarlyStopping)]
+
+    @property
+    def early_stopping_callback(self) -> EarlyStopping | None:
+        """The first ``EarlyStopping`` (Lightning's)."""
+        return next(iter(self.early_stopping_callbacks), None)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -152,6 +175,7 @@ class Trainer:
             train_loader = self._loader(train_dataloaders, module, "train_dataloader", required=True)
             self.train_loader = train_loader  # a StatefulDataLoader's position goes into checkpoints
             val_loaders = self._loaders(val_dataloaders, module, VALIDATE, required=False)
+            self.num_val_batches = [_length(loader) for loader in val_loaders]
             self.estimated_stepping_batches = self.args.stepping_batches(train_loader)
             self.engine.configure_training(
                 **self.args.training_settings(), micro_batch_size=getattr(train_loader, "batch_size", None)
@@ -297,6 +321,7 @@ class Trainer:
         if datamodule is not None and not isinstance(datamodule, DataModule):
             raise ConfigError(f"datamodule must be a shardtrain.DataModule, got {type(datamodule).__name__}")
         module._trainer = self
+        self.stage = stage
         check_module_hooks(module, TrainModule)  # a Lightning hook we do not call: refused, never ignored
         self.engine.check_module(module)  # before any process group: e.g. heads that TP cannot split
         self.engine.launch()
@@ -597,7 +622,9 @@ class Trainer:
         return self.module.lr_scheduler_step if overrides(self.module, "lr_scheduler_step", TrainModule) else None
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, path: str | os.PathLike | None = None, *, asynchronous: bool = False) -> Path:
+    def save_checkpoint(
+        self, path: str | os.PathLike | None = None, weights_only: bool = False, *, asynchronous: bool = False
+    ) -> Path:
         """Save the training state as a sharded checkpoint directory (every rank must call this).
 
         Each rank writes its own shards; the directory appears atomically once all have
@@ -605,10 +632,12 @@ class Trainer:
         the default is ``<default_root_dir>/checkpoints/step=<N>``. With ``asynchronous=True``
         the loop is blocked only while the state is copied to CPU memory; the files are written
         and committed in the background (the next save and the end of ``fit`` wait for it).
+        ``weights_only=True``: the model's weights, the loop position and the hyperparameters only (Lightning's),
+        for evaluation and ``load_from_checkpoint``, not for resuming training.
         """
         if self.model is None:
             raise RuntimeError("save_checkpoint() needs a module that has been set up by fit()")
-        state = self.checkpoints.state_of(self)
+        state = self.checkpoints.state_of(self, weights_only=weights_only)
         self._call("on_save_checkpoint", state)
         return self.checkpoints.save(state, self.global_step, path, asynchronous)
 
@@ -708,6 +737,13 @@ _STOP_REQUESTED = "_shardtrain/stop_requested"
 
 def _first_value(values: list[float]) -> float:
     return values[0]
+
+
+def _length(loader: Any) -> int | float:
+    try:
+        return len(loader)
+    except TypeError:
+        return math.inf
 
 
 def _refuse_loaders_with_datamodule(stage: str, datamodule: DataModule | None, *loaders: Any) -> None:
