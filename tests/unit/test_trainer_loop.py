@@ -190,8 +190,8 @@ def test_model_checkpoint_rotation_keeps_the_newest_k(tmp_path):
         tmp_path, max_steps=6, batch_size=8, callbacks=[ModelCheckpoint(every_n_train_steps=2, save_top_k=2)]
     )
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir())
-    assert names == ["epoch=0-step=4", "epoch=0-step=6"]  # Lightning's names
-    assert (tmp_path / "checkpoints" / "last").read_text() == "epoch=0-step=6"
+    assert names == ["step=4", "step=6"]
+    assert (tmp_path / "checkpoints" / "last").read_text() == "step=6"
 
 
 def test_model_checkpoint_keeps_the_best_by_metric(tmp_path):
@@ -202,10 +202,10 @@ def test_model_checkpoint_keeps_the_best_by_metric(tmp_path):
     val = {int(r["step"]): float(r["val_loss"]) for r in rows if r.get("val_loss")}
     best_step = min(val, key=val.get)
     names = {p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()}
-    assert names == {f"epoch=0-step={best_step}"}  # as Lightning: a validation that does not improve saves nothing
-    assert callback.best_model_path.endswith(f"epoch=0-step={best_step}")
+    assert names == {f"step={best_step}"}  # as Lightning: a validation that does not improve saves nothing
+    assert callback.best_model_path.endswith(f"step={best_step}")
     assert callback.best_model_score == pytest.approx(val[best_step])
-    assert (tmp_path / "checkpoints" / "last").read_text() == f"epoch=0-step={best_step}"
+    assert (tmp_path / "checkpoints" / "last").read_text() == f"step={best_step}"
 
 
 def test_resume_under_another_precision(tmp_path):

@@ -6,7 +6,7 @@ keeps (the ``save_top_k`` best by ``monitor``, or the latest), the names (``file
 ``"{epoch}-{val_loss:.2f}"``), ``save_last``, ``save_weights_only``, and its state (``best_model_path``,
 ``best_model_score``, ``best_k_models``, ``last_model_path``, ...), which checkpoints carry so that a resumed run
 keeps ranking. A checkpoint is a directory (DCP shards and ``meta.json``), named as Lightning names its files but
-without the ``.ckpt`` suffix; ``save_last`` keeps ``last.ckpt`` (a link to the checkpoint of the last save, or a
+without the ``.ckpt`` suffix (and ``step=<N>`` when no ``filename`` is given, not Lightning's ``epoch=<E>-step=<N>``); ``save_last`` keeps ``last.ckpt`` (a link to the checkpoint of the last save, or a
 checkpoint of its own when the top-k kept none at that save). Only committed checkpoints are ever recorded, so
 rotation never deletes one that ``last`` names or a save that has not finished.
 
@@ -38,8 +38,9 @@ class ModelCheckpoint(Callback):
 
     Args:
         dirpath: where to save; default ``<default_root_dir>/checkpoints`` (where ``ckpt_path="last"`` looks).
-        filename: a template of metric names, e.g. ``"{epoch}-{step}"`` (the default) or
-            ``"{epoch}-{val_loss:.2f}"``; with ``auto_insert_metric_name`` each becomes ``name=value``.
+        filename: a template of metric names, e.g. ``"{epoch}-{step}"`` (Lightning's default) or
+            ``"{epoch}-{val_loss:.2f}"``; with ``auto_insert_metric_name`` each becomes ``name=value``. The
+            default is ``"{step}"`` (``step=1000``), the name of every shardtrain checkpoint.
         monitor: a logged metric (``trainer.callback_metrics``); with it, keep the ``save_top_k`` best.
             Without it, keep the ``save_top_k`` latest.
         verbose: print on rank 0 what was saved.
@@ -259,7 +260,7 @@ class ModelCheckpoint(Callback):
 
     def format_checkpoint_name(self, metrics: dict[str, Any], filename: str | None = None) -> str:
         """The name of a checkpoint for ``metrics`` (Lightning's rules, without the ``.ckpt`` suffix)."""
-        template = filename or self.filename or "{epoch}" + self.CHECKPOINT_JOIN_CHAR + "{step}"
+        template = filename or self.filename or "{step}"  # shardtrain's default name (Lightning's: "{epoch}-{step}")
         values = dict(metrics)
         for group in sorted(re.findall(r"(\{.*?)[:\}]", template), key=len, reverse=True):
             name = group[1:]
