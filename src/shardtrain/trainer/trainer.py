@@ -27,8 +27,9 @@ from shardtrain.trainer.nonfinite import NonFiniteCheck
 from shardtrain.optimization import SchedulerConfig, parse_optimizers, step_schedulers
 from shardtrain.preemption import Preemption, StopAgreement
 from shardtrain.seed import seed_everything
-from shardtrain.trainer.arguments import TrainerArguments, limited_batches, make_loggers
+from shardtrain.trainer.arguments import TrainerArguments, limited_batches
 from shardtrain.trainer.checkpoint import TrainerCheckpoints
+from shardtrain.trainer import loggers as trainer_loggers
 from shardtrain.trainer.hooks import StepOptimizer, check_module_hooks, overrides
 from shardtrain.trainer.validation import ValidationLoop
 from shardtrain.engine.wrapper import EngineModule
@@ -63,7 +64,7 @@ class Trainer:
         self._stop = StopAgreement(self.preemption)
         self.nonfinite = NonFiniteCheck(args.on_nonfinite)
         self.callbacks: list[Callback] = args.callback_list()
-        self.loggers: list[Logger] = make_loggers(args.logger, self.default_root_dir)
+        self.loggers = trainer_loggers.make_loggers(args.logger, self.default_root_dir)
         self.checkpoints = TrainerCheckpoints(self.engine, self.default_root_dir)
         self.validation = ValidationLoop(
             args.val_check_interval, args.check_val_every_n_epoch, args.limit_val_batches, self._call, self._log
@@ -99,6 +100,34 @@ class Trainer:
     is_global_zero = property(lambda self: self.engine.is_global_zero)
 
     @property
+    def logger(self) -> Logger | None:
+        """The first logger, or None (Lightning's ``trainer.logger``); setting it replaces them all."""
+        return self._loggers[0] if self._loggers else None
+
+    @logger.setter
+    def logger(self, logger: Logger | None) -> None:
+        self.loggers = [logger] if logger else []
+
+    @property
+    def loggers(self) -> list[Logger]:
+        """Every logger, in the order given (``logger=True``: the default CSV logger; none: ``[]``)."""
+        return self._loggers
+
+    @loggers.setter
+    def loggers(self, loggers: list[Logger] | None) -> None:
+        self._loggers = list(loggers) if loggers else []
+
+    @property
+    def log_dir(self) -> str:
+        """Where this run's logs go: the first logger's ``log_dir`` (CSV, TensorBoard) or ``save_dir``, else
+        ``default_root_dir`` (Lightning's rule); call it on every rank (rank 0's answer is broadcast)."""
+        return trainer_loggers.log_dir(self._loggers, self.default_root_dir, self._broadcast_when_launched)
+
+    def _broadcast_when_launched(self, obj: Any) -> Any:
+        launched = torch.distributed.is_available() and torch.distributed.is_initialized()
+        return self.engine.broadcast(obj) if launched else obj
+
+    @property
     def checkpoint_dir(self) -> Path:
         return self.checkpoints.directory
 
@@ -118,6 +147,7 @@ class Trainer:
         Raises :class:`~shardtrain.preemption.Preempted` (exit code 75) on every rank after saving a
         checkpoint when a preemption signal arrived (see ``preemption``)."""
         self._stop.install()
+        status = "failed"
         try:
             self._attach(module, "fit")
             check_module_hooks(module, TrainModule)  # a Lightning hook we do not call: refused, never ignored
@@ -145,7 +175,9 @@ class Trainer:
             self._call("on_fit_start")
             self._train(train_loader, val_loader)
             self._call("on_fit_end")
+            status = "success"
         except BaseException as exception:
+            status = "failed"
             self._call("on_exception", exception)
             peer_failure = self.engine.explain_failure(exception)
             if peer_failure is not None:
@@ -155,7 +187,7 @@ class Trainer:
             self._stop.uninstall()
             self.engine.wait_for_checkpoint()
             for logger in self._rank_zero_loggers():
-                logger.finalize()
+                logger.finalize(status)
             self._teardown(module, "fit")
 
     def validate(self, module: TrainModule, dataloaders: DataLoader | None = None) -> list[dict[str, float]]:
@@ -172,7 +204,7 @@ class Trainer:
             loader = self._loader(dataloaders, module, "val_dataloader", required=True)
             metrics = self.validation.run(self.model, module, loader)
             for logger in self._rank_zero_loggers():
-                logger.finalize()
+                logger.finalize("success")
         finally:
             self._teardown(module, "validate")
         return [metrics]
