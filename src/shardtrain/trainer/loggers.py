@@ -49,3 +49,11 @@ def log_dir(loggers: list[Logger], default_root_dir: Path, broadcast: Any) -> st
     else:
         directory = loggers[0].save_dir
     return broadcast(directory)
+
+
+def start_experiments(loggers: list[Logger]) -> None:
+    """Open each logger's ``experiment`` before the ``setup`` hooks, as Lightning does, so that its name, version
+    and run exist in the hooks (a W&B run's id, an MLflow run); off rank 0 ``rank_zero_experiment`` makes it a no-op."""
+    for logger in loggers:
+        if hasattr(type(logger), "experiment"):
+            _ = logger.experiment

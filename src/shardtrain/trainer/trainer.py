@@ -251,6 +251,7 @@ class Trainer:
 
     def _setup_hooks(self, module: TrainModule, stage: str) -> None:
         """Every stage, as Lightning: each callback's ``setup(trainer, module, stage)``, then the module's ``setup(stage)``."""
+        trainer_loggers.start_experiments(self.loggers)
         for callback in self.callbacks:
             callback.setup(self, module, stage)
         if callable(getattr(module, "setup", None)):
