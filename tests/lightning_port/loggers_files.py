@@ -36,9 +36,13 @@ class Regression(L.LightningModule):
                     logger.group_separator,
                 ]
                 for logger in self.loggers
-            ],
+            ]
+            if self.global_rank == 0  # rank 0's: other ranks choose no version (they write nothing)
+            else None,
             "log_dir": os.path.relpath(self.trainer.log_dir, root),
-            "experiment": type(self.loggers[1].experiment).__name__,
+            "experiment": type(self.loggers[1].experiment).__name__.lstrip(
+                "_"
+            ),  # Lightning: _DummyExperiment off rank 0
         }
         self.logger.log_hyperparams({"lr": 0.1, "layers": [4, 1], "nested": {"width": 8}})
         self.loggers[1].log_hyperparams({"lr": 0.1, "nested": {"width": 8}})
@@ -93,6 +97,9 @@ def experiment(root: str, **trainer_kwargs) -> dict:
             default_root_dir=root, logger=[csv_logger, tb_logger], max_steps=4, log_every_n_steps=1, **trainer_kwargs
         )
         trainer.fit(module, DataLoader(data(), batch_size=4), DataLoader(data(8), batch_size=4))
+        if not trainer.is_global_zero:  # the files are rank 0's
+            runs.append({"seen": module.seen, "log_dir": os.path.relpath(trainer.log_dir, root)})
+            continue
         with open(os.path.join(csv_logger.log_dir, "metrics.csv"), newline="") as handle:
             rows = list(csv.DictReader(handle))
         with open(os.path.join(csv_logger.log_dir, "hparams.yaml")) as handle:
@@ -111,4 +118,4 @@ def experiment(root: str, **trainer_kwargs) -> dict:
                 "log_dir": os.path.relpath(trainer.log_dir, root),
             }
         )
-    return {"runs": runs, "files": files(root)}
+    return {"runs": runs, "files": files(root) if trainer.is_global_zero else None}
