@@ -102,12 +102,12 @@ class CSVLogger(Logger):
 
     @property
     def root_dir(self) -> str:
-        return os.path.join(self.save_dir, self.name)
+        return os.path.join(self.save_dir, self.name) if self.name else self.save_dir
 
     @property
     def log_dir(self) -> str:
         version = self.version if isinstance(self.version, str) else f"version_{self.version}"
-        return os.path.join(self.root_dir, version)
+        return os.path.join(self.root_dir, version) if version else self.root_dir
 
     @property
     def path(self) -> Path:

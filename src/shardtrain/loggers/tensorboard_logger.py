@@ -100,12 +100,12 @@ class TensorBoardLogger(Logger):
 
     @property
     def root_dir(self) -> str:
-        return os.path.join(self.save_dir, self.name)
+        return os.path.join(self.save_dir, self.name) if self.name else self.save_dir
 
     @property
     def log_dir(self) -> str:
         version = self.version if isinstance(self.version, str) else f"version_{self.version}"
-        log_dir = os.path.join(self.root_dir, version)
+        log_dir = os.path.join(self.root_dir, version) if version else self.root_dir
         if self._sub_dir is not None:
             log_dir = os.path.join(log_dir, self._sub_dir)
         return os.path.expanduser(os.path.expandvars(log_dir))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -57,3 +58,14 @@ def start_experiments(loggers: list[Logger]) -> None:
     for logger in loggers:
         if hasattr(type(logger), "experiment"):
             _ = logger.experiment
+
+
+def finalize(loggers: list[Logger], status: str) -> None:
+    """Each logger's ``finalize(status)`` (``"success"`` or ``"failed"``); a logger written against shardtrain before
+    Lightning's signature (``finalize(self)``) is called without it."""
+    for logger in loggers:
+        try:
+            takes_status = bool(inspect.signature(logger.finalize).parameters)
+        except (TypeError, ValueError):
+            takes_status = True
+        logger.finalize(status) if takes_status else logger.finalize()

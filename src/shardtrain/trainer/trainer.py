@@ -186,8 +186,7 @@ class Trainer:
         finally:
             self._stop.uninstall()
             self.engine.wait_for_checkpoint()
-            for logger in self._rank_zero_loggers():
-                logger.finalize(status)
+            trainer_loggers.finalize(self._rank_zero_loggers(), status)
             self._teardown(module, "fit")
 
     def validate(self, module: TrainModule, dataloaders: DataLoader | None = None) -> list[dict[str, float]]:
@@ -203,8 +202,7 @@ class Trainer:
             self._setup(module, "validate")
             loader = self._loader(dataloaders, module, "val_dataloader", required=True)
             metrics = self.validation.run(self.model, module, loader)
-            for logger in self._rank_zero_loggers():
-                logger.finalize("success")
+            trainer_loggers.finalize(self._rank_zero_loggers(), "success")
         finally:
             self._teardown(module, "validate")
         return [metrics]
