@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import inspect
+import os
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from shardtrain.errors import TrainingStepError
+from shardtrain.errors import ConfigError, TrainingStepError
+from shardtrain.logged import LoggedValue, reduction, step_and_epoch
+from shardtrain.hparams import HyperparametersMixin
 
 if TYPE_CHECKING:
+    from typing_extensions import Self
+
     from torch.distributed.device_mesh import DeviceMesh
 
     from shardtrain.loggers import Logger
@@ -21,7 +26,7 @@ if TYPE_CHECKING:
 StepOutput = torch.Tensor | Mapping[str, Any]
 
 
-class TrainModule(nn.Module):
+class TrainModule(HyperparametersMixin, nn.Module):
     """A model plus how to train it.
 
     Override:
@@ -46,7 +51,25 @@ class TrainModule(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self._trainer: Trainer | None = None
-        self._logged: dict[str, tuple[torch.Tensor, bool]] = {}
+        self._logged: dict[str, LoggedValue] = {}
+
+    @classmethod
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path: str | os.PathLike,
+        map_location: Any = None,
+        hparams_file: str | os.PathLike | None = None,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Self:
+        """Lightning's ``load_from_checkpoint``: the module built again with the hyperparameters the checkpoint
+        recorded (``save_hyperparameters``; ``kwargs`` override them, and give those it could not record), its
+        ``configure_model()`` run, ``on_load_checkpoint(checkpoint)`` called, and the saved weights loaded
+        (``strict`` by default) on the CPU (or ``map_location``). ``checkpoint_path``: a Trainer checkpoint
+        directory of any strategy and world size, or consolidated weights (then ``kwargs`` give every argument)."""
+        from shardtrain.from_checkpoint import load_module
+
+        return load_module(cls, TrainModule, checkpoint_path, map_location, hparams_file, strict, **kwargs)
 
     # -------------------------------------------------------------- hooks to override
     def configure_model(self) -> None:
@@ -66,7 +89,7 @@ class TrainModule(nn.Module):
         """By default nothing; for a module that defines ``pipeline_inputs`` and ``pipeline_loss``, it logs
         ``val_loss`` (what pipeline parallelism's validation logs too)."""
         if self._defines_pipeline_contract():
-            self.log("val_loss", self._pipeline_contract_loss(batch), prog_bar=True)
+            self.log("val_loss", self._pipeline_contract_loss(batch), prog_bar=True, sync_dist=True)
         return None
 
     # -------------------------------------------------------------- the pipeline contract
@@ -168,6 +191,27 @@ class TrainModule(nn.Module):
         else:
             scheduler.step(metric)
 
+    # -------------------------------------------------------------- Lightning's evaluation-mode hooks
+    # The evaluation loop calls each only where it is overridden and does the same itself otherwise (it also puts
+    # each submodule back in the mode it was in); these defaults are what ``super()`` does in an override.
+    def on_validation_model_eval(self) -> None:
+        self.trainer.model.eval()
+
+    def on_validation_model_train(self) -> None:
+        self.trainer.model.train()
+
+    def on_validation_model_zero_grad(self) -> None:
+        self.zero_grad(set_to_none=True)
+
+    def on_test_model_eval(self) -> None:
+        self.trainer.model.eval()
+
+    def on_test_model_train(self) -> None:
+        self.trainer.model.train()
+
+    def on_predict_model_eval(self) -> None:
+        self.trainer.model.eval()
+
     # -------------------------------------------------------------- services for hooks
     def _step_arguments(self, step: str, batch: Any, batch_idx: int) -> tuple[Any, ...]:
         """``(batch, batch_idx)``, or ``(batch,)`` for a ``step`` written without ``batch_idx``.
@@ -223,35 +267,120 @@ class TrainModule(nn.Module):
     def current_epoch(self) -> int:
         return self._trainer.current_epoch if self._trainer else 0
 
-    def log(self, name: str, value: torch.Tensor | float, prog_bar: bool = False) -> None:
-        """Record a metric. It is averaged over ranks and written to the loggers every
-        ``log_every_n_steps`` steps (training) or once per validation run (mean over batches).
-        No host sync happens when you call this."""
-        if isinstance(value, torch.Tensor):
-            value = value.detach()
-            if hasattr(value, "full_tensor"):  # a DTensor (a loss from split logits): its whole value
-                value = value.full_tensor()
-            if value.numel() != 1:
-                raise ValueError(
-                    f"self.log({name!r}, ...) needs a single number, got a tensor of shape {tuple(value.shape)}"
-                )
-            value = value.reshape(())
-        else:
-            value = torch.tensor(float(value))
-        self._logged[name] = (value, prog_bar)
+    def log(
+        self,
+        name: str,
+        value: Any,
+        prog_bar: bool = False,
+        logger: bool | None = None,
+        on_step: bool | None = None,
+        on_epoch: bool | None = None,
+        reduce_fx: str | Callable[..., Any] = "mean",
+        enable_graph: bool = False,
+        sync_dist: bool = False,
+        sync_dist_group: Any = None,
+        add_dataloader_idx: bool = True,
+        batch_size: int | None = None,
+        metric_attribute: str | None = None,
+        rank_zero_only: bool = False,
+    ) -> None:
+        """Record a metric, with Lightning's options and meaning (docs/lightning.md, "Logging").
 
-    def log_dict(self, metrics: Mapping[str, torch.Tensor | float], prog_bar: bool = False) -> None:
-        for name, value in metrics.items():
-            self.log(name, value, prog_bar=prog_bar)
+        ``value``: a number, a one-element tensor, or a torchmetrics ``Metric`` (computed and reset at epoch end).
+        ``on_step``/``on_epoch`` default by hook as in Lightning (per step in training, per epoch in evaluation
+        and the epoch hooks); with both, the loggers get ``name_step`` and ``name_epoch``. Epoch values are
+        reduced with ``reduce_fx`` over the epoch's batches, a mean weighted by ``batch_size`` (default: the
+        batch's first dimension). Each rank's own value is logged (rank 0's reaches the loggers) unless
+        ``sync_dist=True``: then it is reduced over ranks with ``reduce_fx``, in one collective with the other
+        synced metrics when they are written. No host sync happens when you call this."""
+        if sync_dist_group is not None:
+            raise ConfigError(f"self.log({name!r}, sync_dist_group=...): only the whole run's group is supported")
+        hook = self.__dict__.get("_current_hook")
+        step, epoch = step_and_epoch(hook, name, on_step, on_epoch) if hook is not None else (True, False)
+        if hook is not None and hook.startswith(("on_predict", "predict")):
+            raise ConfigError(f"self.log({name!r}, ...) in {hook}: Lightning refuses logging in predict")
+        if not (callable(getattr(value, "compute", None)) and callable(getattr(value, "reset", None))):
+            value = _as_scalar(name, value, enable_graph)
+        self._logged[name] = LoggedValue(
+            value=value,
+            prog_bar=prog_bar,
+            logger=True if logger is None else bool(logger),
+            on_step=step,
+            on_epoch=epoch,
+            reduce_fx=reduction(reduce_fx, name),
+            sync_dist=sync_dist,
+            batch_size=batch_size,
+            rank_zero_only=rank_zero_only,
+            dataloader_idx=None if add_dataloader_idx else -1,
+        )
+
+    def log_dict(self, dictionary: Mapping[str, Any], **options: Any) -> None:
+        """``self.log`` of every item, with the same options (Lightning's ``log_dict``)."""
+        for name, value in dictionary.items():
+            self.log(name, value, **options)
 
     def print(self, *args: Any, **kwargs: Any) -> None:
         if self.global_rank == 0:
             print(*args, **kwargs)
 
-    def pop_logged(self) -> dict[str, tuple[torch.Tensor, bool]]:
+    def pop_logged(self) -> dict[str, LoggedValue]:
         """The metrics logged since the last call (used by the Trainer)."""
         logged, self._logged = self._logged, {}
         return logged
+
+
+# Lightning's ``on_*`` hooks, each a method that does nothing unless overridden (as in Lightning's ``ModelHooks``), so
+# that an override may call ``super()``; ``shardtrain.trainer.hooks`` says where each is called.
+_NO_OP_HOOKS = (
+    "on_fit_start",
+    "on_fit_end",
+    "on_train_start",
+    "on_train_end",
+    "on_train_epoch_start",
+    "on_train_epoch_end",
+    "on_train_batch_start",
+    "on_train_batch_end",
+    "on_before_backward",
+    "on_after_backward",
+    "on_before_optimizer_step",
+    "on_before_zero_grad",
+    "on_save_checkpoint",
+    "on_load_checkpoint",
+    *(
+        f"on_{stage}_{event}"
+        for stage in ("validation", "test", "predict")
+        for event in ("start", "end", "epoch_start", "epoch_end", "batch_start", "batch_end")
+    ),
+)
+
+
+def _no_op_hook(name: str) -> Callable[..., None]:
+    def hook(self: TrainModule, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    hook.__name__ = hook.__qualname__ = name
+    hook.__doc__ = f"Lightning's ``{name}``: does nothing unless overridden (see docs/lightning.md for when it runs)."
+    return hook
+
+
+for _name in _NO_OP_HOOKS:
+    setattr(TrainModule, _name, _no_op_hook(_name))
+
+
+def _as_scalar(name: str, value: Any, keep_graph: bool) -> torch.Tensor:
+    """A logged number as a 0-d tensor (a DTensor whole; detached unless ``enable_graph``)."""
+    if isinstance(value, torch.Tensor):
+        value = value if keep_graph else value.detach()
+        if hasattr(value, "full_tensor"):  # a DTensor (a loss from split logits): its whole value
+            value = value.full_tensor()
+        if value.numel() != 1:
+            raise ValueError(
+                f"self.log({name!r}, ...) needs a single number, got a tensor of shape {tuple(value.shape)}"
+            )
+        return value.reshape(())
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"self.log({name!r}, ...) takes a number, a tensor or a torchmetrics Metric, got {value!r}")
+    return torch.tensor(float(value))
 
 
 def takes_batch_idx(step: Callable[..., Any]) -> bool:

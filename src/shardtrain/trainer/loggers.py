@@ -69,3 +69,13 @@ def finalize(loggers: list[Logger], status: str) -> None:
         except (TypeError, ValueError):
             takes_status = True
         logger.finalize(status) if takes_status else logger.finalize()
+
+
+def log_hyperparams(loggers: list[Logger], hparams: Any, module: Any) -> None:
+    """Lightning's order at the start of a stage: each logger's ``log_hyperparams(hparams)`` (when there are any),
+    ``log_graph(module)`` (TensorBoard with ``log_graph=True``; a no-op elsewhere), then ``save()``."""
+    for logger in loggers:
+        if hparams is not None:
+            logger.log_hyperparams(hparams)
+        logger.log_graph(module)
+        logger.save()
