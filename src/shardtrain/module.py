@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
     from torch.distributed.device_mesh import DeviceMesh
 
+    from shardtrain.loggers import Logger
+
     from shardtrain.trainer.trainer import Trainer
 
 StepOutput = torch.Tensor | Mapping[str, Any]
@@ -226,6 +228,16 @@ class TrainModule(HyperparametersMixin, nn.Module):
         if self._trainer is None:
             raise RuntimeError(f"{type(self).__name__} is not attached to a Trainer")
         return self._trainer
+
+    @property
+    def logger(self) -> "Logger | None":
+        """The Trainer's first logger (None when there is none or no Trainer), as Lightning's ``self.logger``."""
+        return self._trainer.logger if self._trainer is not None else None
+
+    @property
+    def loggers(self) -> "list[Logger]":
+        """The Trainer's loggers (``[]`` without a Trainer), as Lightning's ``self.loggers``."""
+        return self._trainer.loggers if self._trainer is not None else []
 
     @property
     def device(self) -> torch.device:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 from shardtrain.callbacks.base import Callback
 from shardtrain.errors import ConfigError
-from shardtrain.loggers import CSVLogger, Logger
+from shardtrain.loggers import Logger
 from shardtrain.trainer.nonfinite import check_choice
 from shardtrain.preemption import Preemption
 
@@ -53,7 +53,9 @@ class TrainerArguments:
         log_every_n_steps: how often training metrics are reduced over ranks and written.
         default_root_dir: where logs (``metrics.csv``) and checkpoints go.
         callbacks: extra :class:`Callback` objects.
-        logger: ``True`` (a CSV logger in ``default_root_dir``), ``False``, or logger objects.
+        logger: ``True``: shardtrain's default, a ``CSVLogger`` writing ``default_root_dir/metrics.csv`` (Lightning's
+            default is a ``TensorBoardLogger`` in ``default_root_dir/lightning_logs/version_<N>``: see
+            docs/lightning.md); ``False``/None: no logger; or one ``Logger`` or a list of them.
         seed: seed every rank with this before building the model (same initial weights everywhere).
         enable_progress_bar: rank-0 progress bar with loss and tokens/s.
         enable_checkpointing: add a ``ModelCheckpoint()`` (Lightning's default: a checkpoint at the end of every
@@ -90,7 +92,7 @@ class TrainerArguments:
     log_every_n_steps: int = 50
     default_root_dir: str | os.PathLike = "runs"
     callbacks: Sequence[Callback] | Callback | None = None
-    logger: bool | Logger | Sequence[Logger] = True
+    logger: bool | Logger | Sequence[Logger] | None = True
     seed: int | None = None
     enable_progress_bar: bool = True
     enable_checkpointing: bool = True
@@ -199,20 +201,6 @@ def check_limit(name: str, value: Any, allow_zero: bool = False) -> None:
         raise ConfigError(f"{name} as a number of batches must be >= {0 if allow_zero else 1}, got {value}")
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise ConfigError(f"{name} must be an int (batches) or a float (fraction), got {value!r}")
-
-
-def make_loggers(logger: bool | Logger | Sequence[Logger], root: Path) -> list[Logger]:
-    if logger is True:
-        return [CSVLogger(root)]
-    if logger is False or logger is None:
-        return []
-    if isinstance(logger, Logger):
-        return [logger]
-    loggers = list(logger)
-    bad = [type(item).__name__ for item in loggers if not isinstance(item, Logger)]
-    if bad:
-        raise ConfigError(f"logger must be True, False or Logger objects; got {bad}")
-    return loggers
 
 
 def limited_batches(length: int, limit: int | float | None) -> int:

@@ -31,8 +31,9 @@ from shardtrain.trainer.nonfinite import NonFiniteCheck
 from shardtrain.optimization import SchedulerConfig, parse_optimizers, step_schedulers
 from shardtrain.preemption import Preemption, StopAgreement
 from shardtrain.seed import seed_everything
-from shardtrain.trainer.arguments import TrainerArguments, limited_batches, make_loggers
+from shardtrain.trainer.arguments import TrainerArguments, limited_batches
 from shardtrain.trainer.checkpoint import TrainerCheckpoints
+from shardtrain.trainer import loggers as trainer_loggers
 from shardtrain.trainer.evaluation import PREDICT, TEST, VALIDATE, EvaluationLoop, Stage, loader_list, results_table
 from shardtrain.trainer.hooks import StepOptimizer, check_module_hooks, overrides
 from shardtrain.trainer.validation import ValidationSchedule
@@ -68,7 +69,7 @@ class Trainer:
         self._stop = StopAgreement(self.preemption)
         self.nonfinite = NonFiniteCheck(args.on_nonfinite)
         self.callbacks: list[Callback] = args.callback_list()
-        self.loggers: list[Logger] = make_loggers(args.logger, self.default_root_dir)
+        self.loggers = trainer_loggers.make_loggers(args.logger, self.default_root_dir)
         self.checkpoints = TrainerCheckpoints(self.engine, self.default_root_dir)
         self.validation = ValidationSchedule(args.val_check_interval, args.check_val_every_n_epoch)
         self.evaluation = EvaluationLoop(
@@ -134,6 +135,34 @@ class Trainer:
         return next(iter(self.early_stopping_callbacks), None)
 
     @property
+    def logger(self) -> Logger | None:
+        """The first logger, or None (Lightning's ``trainer.logger``); setting it replaces them all."""
+        return self._loggers[0] if self._loggers else None
+
+    @logger.setter
+    def logger(self, logger: Logger | None) -> None:
+        self.loggers = [logger] if logger else []
+
+    @property
+    def loggers(self) -> list[Logger]:
+        """Every logger, in the order given (``logger=True``: the default CSV logger; none: ``[]``)."""
+        return self._loggers
+
+    @loggers.setter
+    def loggers(self, loggers: list[Logger] | None) -> None:
+        self._loggers = list(loggers) if loggers else []
+
+    @property
+    def log_dir(self) -> str:
+        """Where this run's logs go: the first logger's ``log_dir`` (CSV, TensorBoard) or ``save_dir``, else
+        ``default_root_dir`` (Lightning's rule); call it on every rank (rank 0's answer is broadcast)."""
+        return trainer_loggers.log_dir(self._loggers, self.default_root_dir, self._broadcast_when_launched)
+
+    def _broadcast_when_launched(self, obj: Any) -> Any:
+        launched = torch.distributed.is_available() and torch.distributed.is_initialized()
+        return self.engine.broadcast(obj) if launched else obj
+
+    @property
     def checkpoint_dir(self) -> Path:
         return self.checkpoints.directory
 
@@ -162,6 +191,7 @@ class Trainer:
         _refuse_loaders_with_datamodule("fit", datamodule, train_dataloaders, val_dataloaders)
         module = model
         self._stop.install()
+        status = "failed"
         try:
             self._begin(module, datamodule, "fit")
         except BaseException:
@@ -188,7 +218,9 @@ class Trainer:
             self._call("on_fit_start")
             self._train(train_loader, val_loaders)
             self._call("on_fit_end")
+            status = "success"
         except BaseException as exception:
+            status = "failed"
             self._on_exception(exception)
             peer_failure = self.engine.explain_failure(exception)
             if peer_failure is not None:
@@ -197,8 +229,7 @@ class Trainer:
         finally:
             self._stop.uninstall()
             self.engine.wait_for_checkpoint()
-            for logger in self._rank_zero_loggers():
-                logger.finalize()
+            trainer_loggers.finalize(self._rank_zero_loggers(), status)
             self._teardown(module, "fit")
 
     def validate(
@@ -284,11 +315,11 @@ class Trainer:
             )
             if verbose and self.is_global_zero and stage.logs:
                 print(results_table(stage, results), flush=True)
-            for logger in self._rank_zero_loggers():
-                logger.finalize()
+            trainer_loggers.finalize(self._rank_zero_loggers(), "success")
             return results
         except BaseException as exception:
             self._on_exception(exception)
+            trainer_loggers.finalize(self._rank_zero_loggers(), "failed")
             raise
         finally:
             self._teardown(model, stage.name)
@@ -362,6 +393,7 @@ class Trainer:
     def _setup_hooks(self, module: TrainModule, stage: str) -> None:
         """Every stage, as Lightning: the DataModule's ``setup(stage)``, each callback's ``setup(trainer, module,
         stage)``, then the module's ``setup(stage)``."""
+        trainer_loggers.start_experiments(self.loggers)  # as Lightning: first, so that a run's id is known in setup
         if self.datamodule is not None:
             self.datamodule.setup(stage)
         for callback in self.callbacks:
@@ -711,12 +743,9 @@ class Trainer:
 
     def _log_hyperparams(self, module: TrainModule) -> None:
         """Lightning's: the module's and the DataModule's hyperparameters (``save_hyperparameters``) to every logger,
-        once the model is set up, on rank 0."""
+        once the model is set up, on rank 0; then each logger's ``log_graph(module)`` and ``save()``."""
         hparams = merged_for_loggers(module, self.datamodule)  # on every rank: a clash is an error everywhere
-        if hparams is None:
-            return
-        for logger in self._rank_zero_loggers():
-            logger.log_hyperparams(hparams)
+        trainer_loggers.log_hyperparams(self._rank_zero_loggers(), hparams, module)
 
     def _rank_zero_loggers(self) -> list[Logger]:
         return self.loggers if self.is_global_zero else []
