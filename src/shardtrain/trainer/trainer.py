@@ -30,6 +30,7 @@ from shardtrain.seed import seed_everything
 from shardtrain.trainer.arguments import TrainerArguments, limited_batches, make_loggers
 from shardtrain.trainer.checkpoint import TrainerCheckpoints
 from shardtrain.trainer.hooks import StepOptimizer, check_module_hooks, overrides
+from shardtrain.trainer.manual_optimization import ManualOptimization, check_manual_optimization, is_manual
 from shardtrain.trainer.validation import ValidationLoop
 from shardtrain.engine.wrapper import EngineModule
 
@@ -80,6 +81,8 @@ class Trainer:
         self.optimizers: list[torch.optim.Optimizer] = []
         self.lr_schedulers: list[SchedulerConfig] = []
         self.train_loader: Any = None
+        #: Set up by fit for a module with ``automatic_optimization = False`` (see ``manual_optimization``).
+        self.manual_optimization: ManualOptimization | None = None
 
     def __getattr__(self, name: str) -> Any:
         """The arguments as attributes: ``trainer.max_steps``, ``trainer.accumulate_grad_batches``, ..."""
@@ -121,6 +124,7 @@ class Trainer:
         try:
             self._attach(module, "fit")
             check_module_hooks(module, TrainModule)  # a Lightning hook we do not call: refused, never ignored
+            check_manual_optimization(module, self.args, TrainModule)
             self.engine.check_module(module)  # before any process group: e.g. heads that TP cannot split
             self.engine.launch()
         except BaseException:
@@ -243,6 +247,7 @@ class Trainer:
                 return optimizers
 
             self.model, self.optimizers = self.engine.setup_module_and_optimizers(module, configure_optimizers)
+            self.manual_optimization = ManualOptimization(self) if is_manual(module) else None
         else:
             self.model = self.engine.setup_module(module)
 
@@ -274,9 +279,10 @@ class Trainer:
             self._call("on_train_epoch_end")
             self.current_epoch += 1
             self.batches_seen_in_epoch = 0
-            step_schedulers(
-                self.lr_schedulers, "epoch", self.current_epoch, self.callback_metrics, self._scheduler_step()
-            )
+            if self.manual_optimization is None:  # manual optimization: the module steps its schedulers
+                step_schedulers(
+                    self.lr_schedulers, "epoch", self.current_epoch, self.callback_metrics, self._scheduler_step()
+                )
             if self.max_epochs is not None and self.current_epoch >= self.max_epochs:
                 self.should_stop = True
         self._call("on_train_end")
@@ -299,10 +305,17 @@ class Trainer:
             self._call("on_train_batch_start", batch, batch_idx)
             is_last = batch_idx + 1 == num_batches
             step_now = (batch_idx + 1) % accumulate == 0 or is_last
-            loss, outputs = self._training_micro_step(batch, batch_idx, sync=step_now)
-            step_loss += loss
-            collector.update(self.module.pop_logged())
-            self.batches_seen_in_epoch = batch_idx + 1
+            if self.manual_optimization is not None:  # the module steps (and counts global_step) itself
+                outputs = self.manual_optimization.training_step(batch, batch_idx)
+                collector.update(self.module.pop_logged())
+                self.batches_seen_in_epoch = batch_idx + 1
+                self._log_if_due(collector, self.manual_optimization.batch_done())
+                step_now = False
+            else:
+                loss, outputs = self._training_micro_step(batch, batch_idx, sync=step_now)
+                step_loss += loss
+                collector.update(self.module.pop_logged())
+                self.batches_seen_in_epoch = batch_idx + 1
             if step_now:
                 micro_batches = (batch_idx % accumulate) + 1
                 self._optimizer_step(collector, step_loss / micro_batches, batch_idx)
@@ -362,7 +375,11 @@ class Trainer:
         if step_now:
             step_schedulers(self.lr_schedulers, "step", self.global_step, self.callback_metrics, self._scheduler_step())
         collector.update(logged)
-        if self.global_step % self.args.log_every_n_steps == 0 or self._reached_max_steps():
+        self._log_if_due(collector, self.global_step)
+
+    def _log_if_due(self, collector: MetricCollector, step: int) -> None:
+        """Log every ``log_every_n_steps`` steps (``step``: optimizer steps; in manual optimization, batches)."""
+        if step % self.args.log_every_n_steps == 0 or self._reached_max_steps():
             collector.update(
                 {_STOP_REQUESTED: (self._stop.flag(self.engine.device), False)}
             )  # agreement rides on the logging all-reduce
