@@ -111,18 +111,21 @@ def experiment(root: str, model: str = "gan", resume: bool = False, max_steps: i
     torch.manual_seed(0)
     module = GAN() if model == "gan" else OneOptimizer()
     logger = RecordingLogger()
-    loader = DataLoader(data(), batch_size=8)
     records: dict = {}
+
+    def loader(trainer):  # under several processes Lightning shuffles the training data even without shuffle=True
+        return DataLoader(data(), batch_size=8, shuffle=trainer.world_size > 1)
+
     if resume:
         first = L.Trainer(default_root_dir=root, logger=False, max_steps=max_steps, **trainer_kwargs)
-        first.fit(module, loader)
+        first.fit(module, loader(first))
         path = f"{root}/mid.ckpt"
         first.save_checkpoint(path)
         records["first_global_step"] = first.global_step
         torch.manual_seed(1)
         module = GAN() if model == "gan" else OneOptimizer()  # other weights: the checkpoint must restore them
         trainer = L.Trainer(default_root_dir=root, logger=logger, max_epochs=2, log_every_n_steps=1, **trainer_kwargs)
-        trainer.fit(module, loader, ckpt_path=path)
+        trainer.fit(module, loader(trainer), ckpt_path=path)
     else:
         trainer = L.Trainer(
             default_root_dir=root,
@@ -132,7 +135,7 @@ def experiment(root: str, model: str = "gan", resume: bool = False, max_steps: i
             log_every_n_steps=1,
             **trainer_kwargs,
         )
-        trainer.fit(module, loader)
+        trainer.fit(module, loader(trainer))
     optimizers = module.optimizers()
     optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
     return {

@@ -36,4 +36,6 @@ class RecordingLogger(Logger):
 
 def weights(module: torch.nn.Module) -> dict[str, list[float]]:
     """The module's parameters as flat lists (to compare runs)."""
-    return {name: param.detach().float().flatten().tolist() for name, param in module.named_parameters()}
+    whole = {name: param.detach() for name, param in module.named_parameters()}
+    whole = {name: p.full_tensor() if hasattr(p, "full_tensor") else p for name, p in whole.items()}  # FSDP's shards
+    return {name: param.float().flatten().tolist() for name, param in whole.items()}

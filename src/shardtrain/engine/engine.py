@@ -154,11 +154,17 @@ class Engine:
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str = "norm",
         micro_batch_size: int | None = None,
+        manual_optimization: bool = False,
     ) -> None:
         """Tell the strategy how the loop will train (DeepSpeed writes it into its config;
         ``forward_backward`` divides the loss by the accumulation steps). Optional for custom loops;
-        raises ``ConfigError`` for settings the strategy cannot honour, before any process group exists."""
-        settings = dict(accumulate_grad_batches=accumulate_grad_batches, micro_batch_size=micro_batch_size)
+        raises ``ConfigError`` for settings the strategy cannot honour, before any process group exists.
+        ``manual_optimization``: the loop's training step runs backward itself (FSDP then shards every child)."""
+        settings = dict(
+            accumulate_grad_batches=accumulate_grad_batches,
+            micro_batch_size=micro_batch_size,
+            manual_optimization=manual_optimization,
+        )
         self._training = TrainingSettings(
             **settings, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm
         )

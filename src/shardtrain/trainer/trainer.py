@@ -140,7 +140,9 @@ class Trainer:
             val_loader = self._loader(val_dataloaders, module, "val_dataloader", required=False)
             self.estimated_stepping_batches = self.args.stepping_batches(train_loader)
             self.engine.configure_training(
-                **self.args.training_settings(), micro_batch_size=getattr(train_loader, "batch_size", None)
+                **self.args.training_settings(),
+                micro_batch_size=getattr(train_loader, "batch_size", None),
+                manual_optimization=is_manual(module),
             )
             self._setup(module, "fit")
             self.nonfinite.refuse_what_cannot_be_done(self.engine.can_skip_optimizer_step, self._loss_scaling())
