@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from torch import nn
@@ -152,3 +154,37 @@ def test_manual_step_with_closure_and_no_scheduler():
     trainer = fit(Closure())
     assert trainer.global_step == 2 and seen["scheduler"] is None and seen["raw"] and seen["grad_kept"]
     assert seen["loss"].shape == ()
+
+
+def test_manual_under_model_parallel_is_refused_naming_the_strategies_that_work():
+    from shardtrain.strategies.base import TrainingSettings
+    from shardtrain.strategies.model_parallel import ModelParallelStrategy
+
+    with pytest.raises(ConfigError, match="strategy='ddp', 'fsdp' or 'deepspeed'"):
+        ModelParallelStrategy().configure_training(TrainingSettings(manual_optimization=True))
+
+
+def test_manual_under_fsdp_makes_every_child_a_unit_and_refuses_parameters_on_the_root():
+    from shardtrain.strategies.fsdp import units_for_manual_optimization
+
+    module = Manual()
+    module.extra = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    module.empty = nn.ReLU()
+    inner = module.extra[0]
+    assert units_for_manual_optimization(module, [inner]) == [module.net, module.extra, inner]
+    module.scale = nn.Parameter(torch.ones(()))
+    with pytest.raises(ConfigError, match=r"holds \['scale'\] directly: move them into a child module"):
+        units_for_manual_optimization(module, [])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed")
+def test_several_optimizers_under_deepspeed_are_refused_naming_the_fix():
+    """Lightning allows manual optimization under DeepSpeed with one optimizer; a GAN's two are refused."""
+    from shardtrain.engine.wrapper import ForwardRouter
+    from shardtrain.errors import StrategyError
+    from shardtrain.strategies.deepspeed.strategy import DeepSpeedStrategy
+
+    gan = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    two = [torch.optim.Adam(gan[0].parameters()), torch.optim.Adam(gan[1].parameters())]
+    with pytest.raises(StrategyError, match="DeepSpeed trains one optimizer.*use strategy='fsdp'"):
+        DeepSpeedStrategy().setup_module_and_optimizers(ForwardRouter(gan), lambda: two)
