@@ -35,7 +35,8 @@ class RecordingLogger(Logger):
 
 
 def weights(module: torch.nn.Module) -> dict[str, list[float]]:
-    """The module's parameters as flat lists (to compare runs)."""
-    whole = {name: param.detach() for name, param in module.named_parameters()}
-    whole = {name: p.full_tensor() if hasattr(p, "full_tensor") else p for name, p in whole.items()}  # FSDP's shards
-    return {name: param.float().flatten().tolist() for name, param in whole.items()}
+    """The module's parameters as flat lists (to compare runs); a sharded parameter (DTensor) whole."""
+    return {
+        name: (param.full_tensor() if hasattr(param, "full_tensor") else param).detach().float().flatten().tolist()
+        for name, param in module.named_parameters()
+    }

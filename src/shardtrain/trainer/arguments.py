@@ -46,6 +46,10 @@ class TrainerArguments:
         check_val_every_n_epoch: with end-of-epoch validation, every this many epochs.
         limit_train_batches: at most this many training batches (int) or this fraction (float) per epoch.
         limit_val_batches: at most this many validation batches (int) or this fraction (float) per run.
+        limit_test_batches: at most this many batches (int) or this fraction (float) of each test loader.
+        limit_predict_batches: at most this many batches (int) or this fraction (float) of each predict loader.
+        inference_mode: run ``validate``/``test``/``predict`` under ``torch.inference_mode`` (else ``torch.no_grad``),
+            where the strategy allows it (single, ddp on CUDA); validation inside ``fit`` always uses ``no_grad``.
         log_every_n_steps: how often training metrics are reduced over ranks and written.
         default_root_dir: where logs (``metrics.csv``) and checkpoints go.
         callbacks: extra :class:`Callback` objects.
@@ -77,6 +81,9 @@ class TrainerArguments:
     check_val_every_n_epoch: int = 1
     limit_train_batches: int | float | None = None
     limit_val_batches: int | float | None = None
+    limit_test_batches: int | float | None = None
+    limit_predict_batches: int | float | None = None
+    inference_mode: bool = True
     log_every_n_steps: int = 50
     default_root_dir: str | os.PathLike = "runs"
     callbacks: Sequence[Callback] | Callback | None = None
@@ -105,6 +112,8 @@ class TrainerArguments:
         check_limit("val_check_interval", self.val_check_interval)
         check_limit("limit_train_batches", self.limit_train_batches)
         check_limit("limit_val_batches", self.limit_val_batches, allow_zero=True)
+        check_limit("limit_test_batches", self.limit_test_batches, allow_zero=True)
+        check_limit("limit_predict_batches", self.limit_predict_batches, allow_zero=True)
         if not isinstance(self.preemption, (bool, Preemption)):
             raise ConfigError(f"preemption must be True, False or a shardtrain.Preemption, got {self.preemption!r}")
         check_choice(self.on_nonfinite)
