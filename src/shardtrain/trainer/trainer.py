@@ -36,6 +36,7 @@ from shardtrain.trainer.checkpoint import TrainerCheckpoints
 from shardtrain.trainer import loggers as trainer_loggers
 from shardtrain.trainer.evaluation import PREDICT, TEST, VALIDATE, EvaluationLoop, Stage, loader_list, results_table
 from shardtrain.trainer.hooks import StepOptimizer, check_module_hooks, overrides
+from shardtrain.trainer.manual_optimization import ManualOptimization, check_manual_optimization, is_manual
 from shardtrain.trainer.validation import ValidationSchedule
 from shardtrain.engine.wrapper import EngineModule
 
@@ -97,6 +98,8 @@ class Trainer:
         self.stage: str | None = None
         #: Batches of each validation loader of the current fit (Lightning's ``num_val_batches``; empty: no validation).
         self.num_val_batches: list[int | float] = []
+        #: Set up by fit for a module with ``automatic_optimization = False`` (see ``manual_optimization``).
+        self.manual_optimization: ManualOptimization | None = None
 
     def __getattr__(self, name: str) -> Any:
         """The arguments as attributes: ``trainer.max_steps``, ``trainer.accumulate_grad_batches``, ..."""
@@ -208,7 +211,9 @@ class Trainer:
             self.num_val_batches = [_length(loader) for loader in val_loaders]
             self.estimated_stepping_batches = self.args.stepping_batches(train_loader)
             self.engine.configure_training(
-                **self.args.training_settings(), micro_batch_size=getattr(train_loader, "batch_size", None)
+                **self.args.training_settings(),
+                micro_batch_size=getattr(train_loader, "batch_size", None),
+                manual_optimization=is_manual(module),
             )
             self._setup(module, "fit")
             self._log_hyperparams(module)
@@ -354,6 +359,8 @@ class Trainer:
         module._trainer = self
         self.stage = stage
         check_module_hooks(module, TrainModule)  # a Lightning hook we do not call: refused, never ignored
+        if stage == "fit":
+            check_manual_optimization(module, self.args, TrainModule)
         self.engine.check_module(module)  # before any process group: e.g. heads that TP cannot split
         self.engine.launch()
         if datamodule is not None:  # as Lightning: a stage given none keeps the DataModule of the one before
@@ -420,6 +427,7 @@ class Trainer:
                 return optimizers
 
             self.model, self.optimizers = self.engine.setup_module_and_optimizers(module, configure_optimizers)
+            self.manual_optimization = ManualOptimization(self) if is_manual(module) else None
         else:
             self.model = self.engine.setup_module(module)
 
@@ -503,9 +511,10 @@ class Trainer:
             self._end_training_epoch()
             self.current_epoch += 1
             self.batches_seen_in_epoch = 0
-            step_schedulers(
-                self.lr_schedulers, "epoch", self.current_epoch, self.callback_metrics, self._scheduler_step()
-            )
+            if self.manual_optimization is None:  # manual optimization: the module steps its schedulers
+                step_schedulers(
+                    self.lr_schedulers, "epoch", self.current_epoch, self.callback_metrics, self._scheduler_step()
+                )
             if self.max_epochs is not None and self.current_epoch >= self.max_epochs:
                 self.should_stop = True
         self._call("on_train_end")
@@ -527,10 +536,18 @@ class Trainer:
             self._call("on_train_batch_start", batch, batch_idx)
             is_last = batch_idx + 1 == num_batches
             step_now = (batch_idx + 1) % accumulate == 0 or is_last
-            loss, outputs = self._training_micro_step(batch, batch_idx, sync=step_now)
-            step_loss += loss
-            self._results.add(self.module.pop_logged(), batch)
-            self.batches_seen_in_epoch = batch_idx + 1
+            if self.manual_optimization is not None:  # the module steps (and counts global_step) itself
+                with current_hook(self.module, "training_step"):
+                    outputs = self.manual_optimization.training_step(batch, batch_idx)
+                self._results.add(self.module.pop_logged(), batch)
+                self.batches_seen_in_epoch = batch_idx + 1
+                self._log_if_due(self.manual_optimization.batch_done())
+                step_now = False
+            else:
+                loss, outputs = self._training_micro_step(batch, batch_idx, sync=step_now)
+                step_loss += loss
+                self._results.add(self.module.pop_logged(), batch)
+                self.batches_seen_in_epoch = batch_idx + 1
             if step_now:
                 micro_batches = (batch_idx % accumulate) + 1
                 self._optimizer_step(step_loss / micro_batches, batch_idx)
@@ -595,17 +612,24 @@ class Trainer:
         if step_now:
             step_schedulers(self.lr_schedulers, "step", self.global_step, self.callback_metrics, self._scheduler_step())
         self._results.add(self.module.pop_logged())
-        if self.global_step % self.args.log_every_n_steps == 0 or self._reached_max_steps():
-            entries = self._results.take_step_entries(self.engine.device)
-            entries += [  # shardtrain's own figures: the step's loss and gradient norm, averaged over ranks
-                Entry(name, value.detach().float().reshape(1), "mean", True, _first_value, prog_bar=prog_bar)
-                for name, (value, prog_bar) in logged.items()
-            ]
-            flag = self._stop.flag(self.engine.device).float().reshape(1)
-            entries.append(Entry(_STOP_REQUESTED, flag, "max", True, _first_value, logger=False))  # rides along
-            self._write(entries, {"epoch": float(self.current_epoch)})
-        elif self._stop.check_due(self.global_step):
-            self._stop.agreed = bool(self.engine.all_reduce(self._stop.flag(self.engine.device), "max").item())
+        self._log_if_due(self.global_step, logged)
+
+    def _log_if_due(self, step: int, own: dict[str, tuple[torch.Tensor, bool]] | None = None) -> None:
+        """Write the step's metrics every ``log_every_n_steps`` steps (``step``: optimizer steps; in manual
+        optimization, batches); ``own``: shardtrain's figures (the step's loss and gradient norm), averaged over
+        ranks. The stop agreement rides on the same collectives."""
+        if not (step % self.args.log_every_n_steps == 0 or self._reached_max_steps()):
+            if self._stop.check_due(self.global_step):
+                self._stop.agreed = bool(self.engine.all_reduce(self._stop.flag(self.engine.device), "max").item())
+            return
+        entries = self._results.take_step_entries(self.engine.device)
+        entries += [
+            Entry(name, value.detach().float().reshape(1), "mean", True, _first_value, prog_bar=prog_bar)
+            for name, (value, prog_bar) in (own or {}).items()
+        ]
+        flag = self._stop.flag(self.engine.device).float().reshape(1)
+        entries.append(Entry(_STOP_REQUESTED, flag, "max", True, _first_value, logger=False))
+        self._write(entries, {"epoch": float(self.current_epoch)})
 
     def _clip_and_step(
         self,
