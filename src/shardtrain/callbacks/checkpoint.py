@@ -61,6 +61,8 @@ class ModelCheckpoint(Callback):
             self._save(trainer, score=None)
 
     def on_validation_end(self, trainer: "Trainer", module: "TrainModule") -> None:
+        if trainer.sanity_checking:  # as Lightning: the sanity check's metrics are not kept
+            return
         if self.monitor is None or trainer.global_step == self._last_saved_step:
             return
         if self.monitor not in trainer.callback_metrics:
@@ -81,6 +83,8 @@ class ModelCheckpoint(Callback):
         return (min if self.mode == "min" else max)(scored, key=lambda entry: entry["score"])
 
     def _save(self, trainer: "Trainer", score: float | None) -> None:
+        if getattr(trainer, "fast_dev_run", False):  # as Lightning: a fast_dev_run saves no checkpoints
+            return
         path = trainer.save_checkpoint()
         self._last_saved_step = trainer.global_step
         self.saved = [entry for entry in self.saved if entry["path"] != str(path)]

@@ -264,10 +264,13 @@ class Engine:
         self.precision.grad_scaler(self.device.type)
         return [EngineOptimizer(self.strategy.setup_optimizer(optimizer), self.strategy) for optimizer in optimizers]
 
-    def setup_dataloaders(self, *loaders: DataLoader, use_distributed_sampler: bool = True, seed: int = 0) -> Any:
-        """Give each data-parallel rank its share of the data and move batches to the device."""
+    def setup_dataloaders(
+        self, *loaders: DataLoader, use_distributed_sampler: bool = True, seed: int = 0, shuffle: bool | None = None
+    ) -> Any:
+        """Give each data-parallel rank its share of the data and move batches to the device; ``shuffle``
+        overrides the loaders' own shuffling (None: keep it; see ``with_distributed_sampler``)."""
         self._require_launched("setup_dataloaders")
-        share = (self.data_parallel_size, self.data_parallel_rank, seed)
+        share = (self.data_parallel_size, self.data_parallel_rank, seed, shuffle)
         out = [
             DeviceDataLoader(
                 with_distributed_sampler(loader, *share) if use_distributed_sampler else loader, self.device

@@ -26,8 +26,17 @@ from shardtrain.module import TrainModule, extract_loss
 from shardtrain.trainer.nonfinite import NonFiniteCheck
 from shardtrain.optimization import SchedulerConfig, parse_optimizers, step_schedulers
 from shardtrain.preemption import Preemption, StopAgreement
-from shardtrain.seed import seed_everything
+from shardtrain.seed import global_seed, seed_everything, seed_workers_requested, worker_init_function
 from shardtrain.trainer.arguments import TrainerArguments, limited_batches, make_loggers
+from shardtrain.trainer.loop_options import (
+    can_stop_early,
+    convert_sync_batchnorm,
+    debug_limits,
+    reload_due,
+    sanity_batches,
+    set_torch_flags,
+)
+from shardtrain.trainer.state import StageFlags, TrainerState
 from shardtrain.trainer.checkpoint import TrainerCheckpoints
 from shardtrain.trainer.hooks import StepOptimizer, check_module_hooks, overrides
 from shardtrain.trainer.validation import ValidationLoop
@@ -52,7 +61,9 @@ class Trainer:
                 f"Trainer got unknown arguments {unknown}; it takes: {', '.join(TrainerArguments.names())}"
             )
         args = TrainerArguments(**{**(vars(arguments) if arguments is not None else {}), **options})
+        args = debug_limits(args)  # fast_dev_run and overfit_batches, as the limits Lightning makes of them
         self.args = args
+        set_torch_flags(args.deterministic, args.benchmark)
         #: The run's config from ``shardtrain fit`` (its YAML, resolved), stored in checkpoints to resume from.
         self.run_config: dict[str, Any] | None = None
         self.engine = Engine(**args.engine_options())
@@ -63,11 +74,20 @@ class Trainer:
         self._stop = StopAgreement(self.preemption)
         self.nonfinite = NonFiniteCheck(args.on_nonfinite)
         self.callbacks: list[Callback] = args.callback_list()
-        self.loggers: list[Logger] = make_loggers(args.logger, self.default_root_dir)
+        # fast_dev_run logs nothing, as Lightning (its DummyLogger); ModelCheckpoint saves nothing either
+        self.loggers: list[Logger] = [] if args.fast_dev_run else make_loggers(args.logger, self.default_root_dir)
         self.checkpoints = TrainerCheckpoints(self.engine, self.default_root_dir)
         self.validation = ValidationLoop(
             args.val_check_interval, args.check_val_every_n_epoch, args.limit_val_batches, self._call, self._log
         )
+        self.validation.inference_mode = args.inference_mode
+        self.state = TrainerState()
+        self.is_last_batch = False
+        self.num_training_batches: int | float = 0
+        self.num_val_batches: list[int | float] = []
+        self._train_loader_from_module = False
+        self._val_loader_from_module = False
+        self._loaders_loaded_at_epoch = 0
         self.global_step = 0
         self.current_epoch = 0
         self.batches_seen_in_epoch = 0
@@ -97,6 +117,12 @@ class Trainer:
     world_size = property(lambda self: self.engine.world_size)
 
     is_global_zero = property(lambda self: self.engine.is_global_zero)
+    lightning_module = property(lambda self: self.module, doc="The user's module (Lightning's name).")
+    training = StageFlags("train")
+    validating = StageFlags("validate")
+    sanity_checking = StageFlags("sanity_check")
+    testing = StageFlags("test")
+    predicting = StageFlags("predict")
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -131,9 +157,13 @@ class Trainer:
             self._prepare_data(module)
             self._setup_hooks(module, "fit")  # as in Lightning: before the loaders are asked for and the model is built
             self.engine.choose_strategy(module)  # strategy="auto": first, as the layout decides each rank's data
-            train_loader = self._loader(train_dataloaders, module, "train_dataloader", required=True)
+            self.state.fn = "fit"
+            self._train_loader_from_module = train_dataloaders is None
+            self._val_loader_from_module = val_dataloaders is None
+            train_loader = self._loader(train_dataloaders, module, "train_dataloader", required=True, training=True)
             self.train_loader = train_loader  # a StatefulDataLoader's position goes into checkpoints
             val_loader = self._loader(val_dataloaders, module, "val_dataloader", required=False)
+            self._count_batches(train_loader, val_loader)
             self.estimated_stepping_batches = self.args.stepping_batches(train_loader)
             self.engine.configure_training(
                 **self.args.training_settings(), micro_batch_size=getattr(train_loader, "batch_size", None)
@@ -143,6 +173,7 @@ class Trainer:
             if ckpt_path is not None:
                 self._restore(ckpt_path)
             self._call("on_fit_start")
+            self._sanity_check(val_loader)
             self._train(train_loader, val_loader)
             self._call("on_fit_end")
         except BaseException as exception:
@@ -152,6 +183,7 @@ class Trainer:
                 raise peer_failure from exception
             raise
         finally:
+            self.state.fn = self.state.stage = None
             self._stop.uninstall()
             self.engine.wait_for_checkpoint()
             for logger in self._rank_zero_loggers():
@@ -170,10 +202,13 @@ class Trainer:
             self._setup_hooks(module, "validate")
             self._setup(module, "validate")
             loader = self._loader(dataloaders, module, "val_dataloader", required=True)
+            self.state.fn = self.state.stage = "validate"
+            self._count_batches(None, loader)
             metrics = self.validation.run(self.model, module, loader)
             for logger in self._rank_zero_loggers():
                 logger.finalize()
         finally:
+            self.state.fn = self.state.stage = None
             self._teardown(module, "validate")
         return [metrics]
 
@@ -232,21 +267,30 @@ class Trainer:
     def _set_up_model(self, module: TrainModule, stage: str) -> None:
         self.engine.choose_strategy(module)  # strategy="auto" (validate): from the model, before it is built
         if self.args.seed is not None:
-            seed_everything(self.args.seed)
+            seed_everything(self.args.seed, workers=seed_workers_requested(), verbose=False)
         with self.engine.init_module():
             module.configure_model()
+        if self.args.sync_batchnorm:
+            convert_sync_batchnorm(module, self.engine.strategy.name)
         self.module = module
         if stage == "fit":
 
             def configure_optimizers() -> list[torch.optim.Optimizer]:
+                self.model = module  # readable there, as in Lightning (the strategy's module: parameters in place)
                 optimizers, self.lr_schedulers = parse_optimizers(module.configure_optimizers())
                 return optimizers
 
-            self.model, self.optimizers = self.engine.setup_module_and_optimizers(module, configure_optimizers)
+            try:
+                self.model, self.optimizers = self.engine.setup_module_and_optimizers(module, configure_optimizers)
+            except BaseException:
+                self.model = None
+                raise
         else:
             self.model = self.engine.setup_module(module)
 
-    def _loader(self, given: DataLoader | None, module: TrainModule, hook: str, required: bool) -> Any:
+    def _loader(
+        self, given: DataLoader | None, module: TrainModule, hook: str, required: bool, training: bool = False
+    ) -> Any:
         loader = (
             given if given is not None else (getattr(module, hook)() if callable(getattr(module, hook, None)) else None)
         )
@@ -256,7 +300,65 @@ class Trainer:
                     f"no {hook.replace('_', ' ')}: pass it to the Trainer or define {type(module).__name__}.{hook}()"
                 )
             return None
-        return self.engine.setup_dataloaders(loader, seed=self.args.seed or 0)
+        if seed_workers_requested() and getattr(loader, "num_workers", 0) > 0 and loader.worker_init_fn is None:
+            loader.worker_init_fn = functools.partial(worker_init_function, rank=self.global_rank)  # as Lightning
+        overfit = self.args.overfit_batches > 0
+        # Lightning's DistributedSampler shuffles training data under several processes, even with shuffle=False
+        shuffle = False if overfit else (True if training and self.engine.data_parallel_size > 1 else None)
+        return self.engine.setup_dataloaders(
+            loader,
+            use_distributed_sampler=self.args.use_distributed_sampler,
+            seed=self.args.seed if self.args.seed is not None else global_seed(),
+            shuffle=shuffle,
+        )
+
+    def _count_batches(self, train_loader: Any, val_loader: Any) -> None:
+        """``trainer.num_training_batches`` and ``num_val_batches`` (per epoch, after the ``limit_*`` arguments)."""
+        if train_loader is not None:
+            self.num_training_batches = _batches(train_loader, self.args.limit_train_batches)
+        self.num_val_batches = [] if val_loader is None else [_batches(val_loader, self.args.limit_val_batches)]
+
+    def _sanity_check(self, val_loader: Any) -> None:
+        """Lightning's sanity check: a few validation batches before training, nothing logged or kept."""
+        batches = min(sanity_batches(self.args), self.num_val_batches[0] if self.num_val_batches else 0)
+        if val_loader is None or batches <= 0:
+            return
+        self.state.stage = "sanity_check"
+        for callback in self.callbacks:
+            callback.on_sanity_check_start(self, self.module)
+        self.validation.run(self.model, self.module, val_loader, max_batches=batches, log=False)
+        for callback in self.callbacks:
+            callback.on_sanity_check_end(self, self.module)
+        self.state.stage = None
+
+    def _validate(self, val_loader: Any) -> None:
+        """A validation pass inside fit (``trainer.validating`` during it)."""
+        self.state.stage = "validate"
+        try:
+            self.validation.run(self.model, self.module, val_loader)
+        finally:
+            self.state.stage = "train"
+
+    def _reload_loaders(self, val_loader: Any) -> tuple[Any, Any]:
+        """``reload_dataloaders_every_n_epochs``: the module's loaders asked for again (given loaders stay)."""
+        self._loaders_loaded_at_epoch = self.current_epoch
+        train_loader = self.train_loader
+        if self._train_loader_from_module:
+            train_loader = self._loader(None, self.module, "train_dataloader", required=True, training=True)
+            self.train_loader = train_loader
+        if val_loader is not None and self._val_loader_from_module:
+            val_loader = self._loader(None, self.module, "val_dataloader", required=False)
+        self._count_batches(train_loader, val_loader)
+        return train_loader, val_loader
+
+    def _can_stop_early(self) -> bool:
+        return can_stop_early(self.args, self.current_epoch, self.global_step)
+
+    def _fit_done(self) -> bool:
+        """``max_steps``/``max_epochs`` reached, or a stop request once ``min_epochs``/``min_steps`` are met."""
+        if self._reached_max_steps() or (self.max_epochs is not None and self.current_epoch >= self.max_epochs):
+            return True
+        return self.should_stop and self._can_stop_early()
 
     # ------------------------------------------------------------------ training
     def _train(self, train_loader: Any, val_loader: Any) -> None:
@@ -264,14 +366,21 @@ class Trainer:
         self.should_stop = self._reached_max_steps() or (
             self.max_epochs is not None and self.current_epoch >= self.max_epochs
         )
+        self.state.stage = "train"
+        self._loaders_loaded_at_epoch = self.current_epoch
         self._call("on_train_start")
-        while not self.should_stop:
+        while not self._fit_done():
+            if reload_due(self.args, self.current_epoch, self._loaders_loaded_at_epoch):
+                train_loader, val_loader = self._reload_loaders(val_loader)
             self.model.train()
             train_loader.set_epoch(self.current_epoch)
             self._call("on_train_epoch_start")
-            if not self._train_epoch(train_loader, val_loader):
-                break  # stopped mid-epoch (max_steps or should_stop): the epoch is not over
+            finished = self._train_epoch(train_loader, val_loader)
+            # Lightning calls on_train_epoch_end also when max_steps or a stop request ends the epoch early; the
+            # position in the epoch stays then (not current_epoch + 1), so a run resumed from here continues it.
             self._call("on_train_epoch_end")
+            if not finished:
+                break
             self.current_epoch += 1
             self.batches_seen_in_epoch = 0
             step_schedulers(
@@ -282,24 +391,29 @@ class Trainer:
         self._call("on_train_end")
 
     def _train_epoch(self, train_loader: Any, val_loader: Any) -> bool:
-        """Train until the epoch's data runs out (returns True) or training must stop (False)."""
-        try:
-            num_batches = limited_batches(len(train_loader), self.args.limit_train_batches)
-        except TypeError:
-            num_batches = math.inf
+        """Train until the epoch's data runs out (or ``on_train_batch_start`` returns -1: returns True) or
+        training must stop (False)."""
+        num_batches = self.num_training_batches
         interval = self.validation.interval(num_batches)
         accumulate = self.args.accumulate_grad_batches
         collector = MetricCollector(mean_over_batches=False)
         step_loss = torch.zeros((), device=self.engine.device)
         start = self.batches_seen_in_epoch  # resuming mid-epoch: these batches were already trained on
         train_loader.start_at(start)  # skipped by index, not loaded (see DeviceDataLoader)
+        validated, skipped_rest = False, False
         for batch_idx, batch in enumerate(train_loader, start=start):
             if batch_idx >= num_batches:
                 break
-            self._call("on_train_batch_start", batch, batch_idx)
+            validated = False
             is_last = batch_idx + 1 == num_batches
+            self.is_last_batch = is_last
+            if self._call("on_train_batch_start", batch, batch_idx) == -1:  # Lightning: skip the rest of the epoch
+                skipped_rest = True
+                break
             step_now = (batch_idx + 1) % accumulate == 0 or is_last
-            loss, outputs = self._training_micro_step(batch, batch_idx, sync=step_now)
+            loss, outputs = self._training_micro_step(
+                batch, batch_idx, sync=step_now, first=batch_idx % accumulate == 0
+            )
             step_loss += loss
             collector.update(self.module.pop_logged())
             self.batches_seen_in_epoch = batch_idx + 1
@@ -308,28 +422,35 @@ class Trainer:
                 self._optimizer_step(collector, step_loss / micro_batches, batch_idx)
                 step_loss = torch.zeros((), device=self.engine.device)
             self._call("on_train_batch_end", outputs, batch, batch_idx)
+            stop_requested = self.should_stop and self._can_stop_early()
             if (
                 val_loader is not None
-                and interval
-                and (batch_idx + 1) % interval == 0
                 and self.validation.epoch_due(self.current_epoch)
-            ):
-                self.validation.run(self.model, self.module, val_loader)
+                and ((interval and (batch_idx + 1) % interval == 0) or (not interval and is_last) or stop_requested)
+            ):  # Lightning validates when a stop request will end the epoch, too
+                self._validate(val_loader)
+                validated = True
             if self._stop.agreed and not self._reached_max_steps():  # on the last step, just finish
                 self._stop.stop(self.global_step, self.global_rank, self._checkpoint_for_stop)
-            if self._reached_max_steps() or self.should_stop:
+            if self._reached_max_steps() or (self.should_stop and self._can_stop_early()):
                 self.should_stop = True
                 if self.batches_seen_in_epoch < num_batches:
                     return False
                 break
-        if val_loader is not None and interval == 0 and self.validation.epoch_due(self.current_epoch):
-            self.validation.run(self.model, self.module, val_loader)
+        end_of_epoch_validation = not interval and not validated and not skipped_rest
+        if val_loader is not None and end_of_epoch_validation and self.validation.epoch_due(self.current_epoch):
+            self._validate(val_loader)  # a loader without a length: its end is known only now
         return True
 
-    def _training_micro_step(self, batch: Any, batch_idx: int, sync: bool) -> tuple[torch.Tensor, Any]:
+    def _training_micro_step(self, batch: Any, batch_idx: int, sync: bool, first: bool) -> tuple[torch.Tensor, Any]:
+        """Forward and backward of one micro-batch; the first of a step zeroes the gradients between the
+        ``training_step`` and the backward (Lightning's order: ``on_before_zero_grad``, ``optimizer_zero_grad``)."""
+
         def compute_loss() -> tuple[torch.Tensor, Any]:
             outputs = self.model.training_step(*self.module._step_arguments("training_step", batch, batch_idx))
             loss = extract_loss(outputs, type(self.module).__name__)
+            if first:
+                self._zero_grad(batch_idx)
             self._call("on_before_backward", loss)
             return loss, outputs
 
@@ -351,13 +472,6 @@ class Trainer:
         else:
             self._clip_and_step(self.optimizers, step_loss, logged, stepped)
         step_now = bool(stepped) and all(stepped)
-        own_zero_grad = overrides(self.module, "optimizer_zero_grad", TrainModule)
-        for optimizer in self.optimizers:
-            self._call("on_before_zero_grad", optimizer)
-            if own_zero_grad:
-                self.module.optimizer_zero_grad(self.current_epoch, batch_idx, optimizer)
-            else:
-                optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
         if step_now:
             step_schedulers(self.lr_schedulers, "step", self.global_step, self.callback_metrics, self._scheduler_step())
@@ -370,6 +484,15 @@ class Trainer:
             collector.reset()
         elif self._stop.check_due(self.global_step):
             self._stop.agreed = bool(self.engine.all_reduce(self._stop.flag(self.engine.device), "max").item())
+
+    def _zero_grad(self, batch_idx: int) -> None:
+        own_zero_grad = overrides(self.module, "optimizer_zero_grad", TrainModule)
+        for optimizer in self.optimizers:
+            self._call("on_before_zero_grad", optimizer)
+            if own_zero_grad:
+                self.module.optimizer_zero_grad(self.current_epoch, batch_idx, optimizer)
+            else:
+                optimizer.zero_grad(set_to_none=True)
 
     def _clip_and_step(
         self,
@@ -466,12 +589,21 @@ class Trainer:
     def _rank_zero_loggers(self) -> list[Logger]:
         return self.loggers if self.is_global_zero else []
 
-    def _call(self, hook: str, *args: Any) -> None:
+    def _call(self, hook: str, *args: Any) -> Any:
+        """The module's hook, then every callback's; returns what the module's returned."""
         module_hook = getattr(self.module, hook, None)
-        if callable(module_hook) and hook.startswith("on_"):
-            module_hook(*args)
+        result = module_hook(*args) if callable(module_hook) and hook.startswith("on_") else None
         for callback in self.callbacks:
             getattr(callback, hook)(self, self.module, *args)
+        return result
+
+
+def _batches(loader: Any, limit: int | float | None) -> int | float:
+    """Batches per epoch of ``loader`` after a ``limit_*_batches`` (inf without a length)."""
+    try:
+        return limited_batches(len(loader), limit)
+    except TypeError:
+        return math.inf
 
 
 _STOP_REQUESTED = "_shardtrain/stop_requested"

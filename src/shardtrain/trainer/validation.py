@@ -5,12 +5,11 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-import torch
-
 from shardtrain.errors import ConfigError
 from shardtrain.trainer.metrics import MetricCollector
 from shardtrain.module import TrainModule
 from shardtrain.trainer.arguments import limited_batches
+from shardtrain.trainer.loop_options import evaluation_context
 from shardtrain.engine.wrapper import EngineModule
 
 
@@ -50,8 +49,19 @@ class ValidationLoop:
     def epoch_due(self, epoch: int) -> bool:
         return (epoch + 1) % self.check_val_every_n_epoch == 0 or self.val_check_interval is not None
 
-    @torch.no_grad()
-    def run(self, model: EngineModule, module: TrainModule, loader: Any) -> dict[str, float]:
+    #: evaluate under torch.inference_mode() (True) or torch.no_grad() (the Trainer's ``inference_mode``)
+    inference_mode: bool = True
+
+    def run(
+        self, model: EngineModule, module: TrainModule, loader: Any, max_batches: float = math.inf, log: bool = True
+    ) -> dict[str, float]:
+        """One validation pass (at most ``max_batches``); ``log=False`` (the sanity check) logs and keeps nothing."""
+        with evaluation_context(self):
+            return self._run(model, module, loader, max_batches, log)
+
+    def _run(
+        self, model: EngineModule, module: TrainModule, loader: Any, max_batches: float, log: bool
+    ) -> dict[str, float]:
         was_training = model.training
         model.eval()
         self._call("on_validation_start")
@@ -61,6 +71,7 @@ class ValidationLoop:
             num_batches = limited_batches(len(loader), self.limit_val_batches)
         except TypeError:
             num_batches = math.inf
+        num_batches = min(num_batches, max_batches)
         for batch_idx, batch in enumerate(loader):
             if batch_idx >= num_batches:
                 break
@@ -68,7 +79,7 @@ class ValidationLoop:
             outputs = model.validation_step(*module._step_arguments("validation_step", batch, batch_idx))
             collector.update(module.pop_logged())
             self._call("on_validation_batch_end", outputs, batch, batch_idx)
-        metrics = self._log(collector, {})
+        metrics = self._log(collector, {}) if log else {}
         self._call("on_validation_epoch_end")
         self._call("on_validation_end")
         model.train(was_training)
