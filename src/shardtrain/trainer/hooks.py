@@ -73,7 +73,10 @@ HOOKS: dict[str, Hook] = {
         "already run, so the closure returns the loss without recomputing it; optimizer.step(closure=...) runs "
         "on_before_optimizer_step, gradient clipping and the strategy's step"
     ),
-    "optimizer_zero_grad": _called("optimizer_zero_grad(epoch, batch_idx, optimizer) after each optimizer step"),
+    "optimizer_zero_grad": _called(
+        "optimizer_zero_grad(epoch, batch_idx, optimizer) before the backward of each step's first micro-batch (after "
+        "its training_step), as Lightning"
+    ),
     "configure_gradient_clipping": _called(
         "configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm) before each step, in "
         "place of the Trainer's clipping; self.clip_gradients(optimizer, ...) clips"

@@ -115,9 +115,18 @@ def set_torch_flags(deterministic: bool | str | None, benchmark: bool | None) ->
 
 
 def evaluation_context(args: Any) -> contextlib.AbstractContextManager:
-    """What the evaluation loops run under: ``torch.inference_mode()``, or ``torch.no_grad()`` with
-    ``inference_mode=False`` (``args``: anything with an ``inference_mode`` attribute, True when absent)."""
-    return torch.inference_mode() if getattr(args, "inference_mode", True) else torch.no_grad()
+    """What an evaluation loop runs under: ``torch.inference_mode()``, or ``torch.no_grad()`` where Lightning
+    uses it: ``inference_mode=False``, and over gloo (``args``: anything with an ``inference_mode`` attribute;
+    the Trainer gives its ValidationLoop False inside ``fit`` and under fsdp, as Lightning does)."""
+    gloo = torch.distributed.is_available() and torch.distributed.is_initialized()
+    gloo = gloo and torch.distributed.get_backend() == "gloo"
+    return torch.inference_mode() if getattr(args, "inference_mode", True) and not gloo else torch.no_grad()
+
+
+def evaluates_in_inference_mode(args: TrainerArguments, stage: str, strategy_name: str) -> bool:
+    """Lightning's choice: validation inside ``fit`` runs under ``no_grad`` (its tensors may meet training
+    code), as does evaluation under fsdp; ``Trainer.validate`` follows ``inference_mode``."""
+    return args.inference_mode and stage != "fit" and strategy_name != "fsdp"
 
 
 def convert_sync_batchnorm(module: nn.Module, strategy_name: str) -> nn.Module:

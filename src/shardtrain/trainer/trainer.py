@@ -32,6 +32,7 @@ from shardtrain.trainer.loop_options import (
     can_stop_early,
     convert_sync_batchnorm,
     debug_limits,
+    evaluates_in_inference_mode,
     reload_due,
     sanity_batches,
     set_torch_flags,
@@ -80,7 +81,6 @@ class Trainer:
         self.validation = ValidationLoop(
             args.val_check_interval, args.check_val_every_n_epoch, args.limit_val_batches, self._call, self._log
         )
-        self.validation.inference_mode = args.inference_mode
         self.state = TrainerState()
         self.is_last_batch = False
         self.num_training_batches: int | float = 0
@@ -158,6 +158,7 @@ class Trainer:
             self._setup_hooks(module, "fit")  # as in Lightning: before the loaders are asked for and the model is built
             self.engine.choose_strategy(module)  # strategy="auto": first, as the layout decides each rank's data
             self.state.fn = "fit"
+            self.validation.inference_mode = False  # Lightning validates under no_grad inside fit
             self._train_loader_from_module = train_dataloaders is None
             self._val_loader_from_module = val_dataloaders is None
             train_loader = self._loader(train_dataloaders, module, "train_dataloader", required=True, training=True)
@@ -203,6 +204,9 @@ class Trainer:
             self._setup(module, "validate")
             loader = self._loader(dataloaders, module, "val_dataloader", required=True)
             self.state.fn = self.state.stage = "validate"
+            self.validation.inference_mode = evaluates_in_inference_mode(
+                self.args, "validate", self.engine.strategy.name
+            )
             self._count_batches(None, loader)
             metrics = self.validation.run(self.model, module, loader)
             for logger in self._rank_zero_loggers():
