@@ -144,6 +144,32 @@ def test_sync_batchnorm_converts_and_is_refused_where_it_cannot_sync():
         convert_sync_batchnorm(_WithBatchNorm(), "deepspeed")
     with pytest.raises(ConfigError, match="sync_batchnorm"):
         convert_sync_batchnorm(nn.BatchNorm1d(4), "ddp")
+    with pytest.raises(ConfigError, match="needs CUDA"):
+        convert_sync_batchnorm(_WithBatchNorm(), "ddp", "cpu", world_size=2)
+
+
+def test_sync_batchnorm_in_one_process_converts_and_trains(tmp_path):
+    class Normed(_WithBatchNorm):
+        def training_step(self, batch, batch_idx):
+            return self.net(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    module = Normed()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 4)), batch_size=4)
+    trainer = Trainer(
+        accelerator="cpu",
+        sync_batchnorm=True,
+        max_steps=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, loader)
+    assert isinstance(module.net[1], nn.SyncBatchNorm) and trainer.global_step == 2
+    assert module.net[1].num_batches_tracked.item() == 2
 
 
 def test_seed_everything_as_lightning(monkeypatch):

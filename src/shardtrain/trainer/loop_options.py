@@ -129,12 +129,19 @@ def evaluates_in_inference_mode(args: TrainerArguments, stage: str, strategy_nam
     return args.inference_mode and stage != "fit" and strategy_name != "fsdp"
 
 
-def convert_sync_batchnorm(module: nn.Module, strategy_name: str) -> nn.Module:
+def convert_sync_batchnorm(
+    module: nn.Module, strategy_name: str, device_type: str = "cuda", world_size: int = 1
+) -> nn.Module:
     """``module`` with its BatchNorm layers made ``SyncBatchNorm`` (in place; ``Trainer(sync_batchnorm=True)``)."""
     if strategy_name not in SYNC_BATCHNORM_STRATEGIES:
         raise ConfigError(
             f"sync_batchnorm=True works with the ddp and fsdp strategies, not {strategy_name!r}: "
             "choose one of those or drop sync_batchnorm"
+        )
+    if device_type != "cuda" and world_size > 1:
+        raise ConfigError(
+            "sync_batchnorm=True needs CUDA devices: torch synchronises BatchNorm statistics only between GPUs "
+            f"(this run is on {device_type}); use accelerator='cuda' or drop sync_batchnorm"
         )
     converted = nn.SyncBatchNorm.convert_sync_batchnorm(module)
     if converted is not module:

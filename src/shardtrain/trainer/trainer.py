@@ -275,7 +275,7 @@ class Trainer:
         with self.engine.init_module():
             module.configure_model()
         if self.args.sync_batchnorm:
-            convert_sync_batchnorm(module, self.engine.strategy.name)
+            convert_sync_batchnorm(module, self.engine.strategy.name, self.engine.device.type, self.world_size)
         self.module = module
         if stage == "fit":
 
