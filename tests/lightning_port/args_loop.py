@@ -11,15 +11,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tests.lightning_port.recording import RecordingLogger, weights
 
-MODULE_HOOKS = (
+MODULE_HOOKS = (  # recorded by name; on_train_start, on_train_batch_start/_end record more below
     "on_fit_start",
-    "on_train_start",
     "on_train_epoch_start",
     "on_before_backward",
     "on_after_backward",
     "on_before_optimizer_step",
     "on_before_zero_grad",
-    "on_train_batch_end",
     "on_train_epoch_end",
     "on_validation_start",
     "on_validation_epoch_start",
