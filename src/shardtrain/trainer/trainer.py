@@ -7,6 +7,7 @@ Lightning: the global batch is ``batch_size * world_size * accumulate_grad_batch
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -174,7 +175,7 @@ class Trainer:
             if ckpt_path is not None:
                 self._restore(ckpt_path)
             self._call("on_fit_start")
-            self._sanity_check(val_loader)
+            self._sanity_check(val_loader, resumed=ckpt_path is not None)
             self._train(train_loader, val_loader)
             self._call("on_fit_end")
         except BaseException as exception:
@@ -322,17 +323,22 @@ class Trainer:
             self.num_training_batches = _batches(train_loader, self.args.limit_train_batches)
         self.num_val_batches = [] if val_loader is None else [_batches(val_loader, self.args.limit_val_batches)]
 
-    def _sanity_check(self, val_loader: Any) -> None:
-        """Lightning's sanity check: a few validation batches before training, nothing logged or kept."""
+    def _sanity_check(self, val_loader: Any, resumed: bool) -> None:
+        """Lightning's sanity check: a few validation batches before training, nothing logged or kept.
+
+        In a resumed run it leaves the random-number state as the checkpoint restored it (iterating a loader
+        draws from it), so that the run continues as the uninterrupted one did."""
         batches = min(sanity_batches(self.args), self.num_val_batches[0] if self.num_val_batches else 0)
         if val_loader is None or batches <= 0:
             return
         self.state.stage = "sanity_check"
-        for callback in self.callbacks:
-            callback.on_sanity_check_start(self, self.module)
-        self.validation.run(self.model, self.module, val_loader, max_batches=batches, log=False)
-        for callback in self.callbacks:
-            callback.on_sanity_check_end(self, self.module)
+        cuda = [self.engine.device] if self.engine.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda) if resumed else contextlib.nullcontext():
+            for callback in self.callbacks:
+                callback.on_sanity_check_start(self, self.module)
+            self.validation.run(self.model, self.module, val_loader, max_batches=batches, log=False)
+            for callback in self.callbacks:
+                callback.on_sanity_check_end(self, self.module)
         self.state.stage = None
 
     def _validate(self, val_loader: Any) -> None:
