@@ -4,7 +4,7 @@
     shardtrain fit --ckpt_path runs/checkpoints/step=100      # resume with the config stored in the checkpoint
     shardtrain fit --config run.yaml --num-nodes 2 --node-rank 0 --main-address node0 --main-port 29500   # on node 0
     shardtrain fit --config run.yaml --num-nodes 2 --node-rank 1 --main-address node0 --main-port 29500   # on node 1
-    shardtrain validate --config run.yaml
+    shardtrain validate --config run.yaml [--ckpt_path best|last|DIR]   # the model's weights from ckpt_path
     shardtrain print-config --config run.yaml                 # the resolved config, defaults included
     shardtrain estimate --config run.yaml [--devices 8 --num-nodes 4 --device-memory 80GiB --host-memory 1TiB]
                                           [--tensor-parallel 8 [--sequence-parallel]] [--json]
@@ -74,8 +74,6 @@ def _run(command: str, argv: list[str]) -> int:
         print(run_config.dump(parsed), end="")
         return 0
     trainer, model, data = run_config.instantiate(parsed)
-    train = data.train_dataloader() if data is not None else None
-    val = data.val_dataloader() if data is not None else None
     if command == "fit":
         trainer.engine.launch()
         environment = trainer.engine.environment
@@ -83,10 +81,9 @@ def _run(command: str, argv: list[str]) -> int:
             print(f"[shardtrain] {environment.describe()}", flush=True)
         if trainer.is_global_zero:
             run_config.write_resolved_config(parsed, trainer.default_root_dir)
-        trainer.fit(model, train, val, ckpt_path=parsed.ckpt_path)
-    else:
-        for name, value in trainer.validate(model, val)[0].items():
-            trainer.engine.print(f"{name}: {value:.6g}")
+        trainer.fit(model, datamodule=data, ckpt_path=parsed.ckpt_path)
+    else:  # validate: the DataModule's (or the model's) loaders; the results table is printed on rank 0
+        trainer.validate(model, datamodule=data, ckpt_path=parsed.ckpt_path)
     return 0
 
 

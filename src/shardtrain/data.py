@@ -13,7 +13,12 @@ from torch.utils.data.dataset import IterableDataset
 
 
 def with_distributed_sampler(
-    loader: DataLoader, world_size: int, rank: int, seed: int, shuffle: bool | None = None
+    loader: DataLoader,
+    world_size: int,
+    rank: int,
+    seed: int,
+    shuffle: bool | None = None,
+    pad_to_equal: bool = True,
 ) -> DataLoader:
     """A copy of ``loader`` in which each rank reads its own 1/world_size of the samples, and
     which can start an epoch at any batch without loading the batches before it.
@@ -36,7 +41,7 @@ def with_distributed_sampler(
     sampler: Any = loader.sampler
     plain_random = type(sampler) is RandomSampler and not sampler.replacement and sampler._num_samples is None
     if type(loader.batch_sampler) is BatchSampler and (plain_random or type(sampler) is SequentialSampler):
-        sampler = DistributedSampler(
+        sampler = (DistributedSampler if pad_to_equal else UnpaddedDistributedSampler)(
             loader.dataset,
             num_replicas=world_size,
             rank=rank,
@@ -55,6 +60,25 @@ def with_distributed_sampler(
     if type(loader.batch_sampler) is BatchSampler:
         return _rebuild(loader, sampler=ResumableSampler(sampler, items_per_batch=loader.batch_size))
     return _rebuild(loader, batch_sampler=ResumableSampler(loader.batch_sampler, items_per_batch=1))
+
+
+class UnpaddedDistributedSampler(DistributedSampler):
+    """A ``DistributedSampler`` that repeats no sample to even the ranks' shares (Lightning's for ``predict``, where
+    a repeated sample would be a duplicate prediction): rank ``r`` reads samples ``r, r + world_size, ...``."""
+
+    def __init__(self, dataset: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(dataset, *args, **kwargs)
+        self.num_samples = len(range(self.rank, len(dataset), self.num_replicas))  # type: ignore[arg-type]
+        self.total_size = len(dataset)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.shuffle:
+            generator = torch.Generator()
+            generator.manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.total_size, generator=generator).tolist()
+        else:
+            order = list(range(self.total_size))
+        return iter(order[self.rank : self.total_size : self.num_replicas])
 
 
 def is_stateful(loader: Any) -> bool:

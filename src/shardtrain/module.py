@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
@@ -10,8 +11,11 @@ import torch.distributed as dist
 from torch import nn
 
 from shardtrain.errors import TrainingStepError
+from shardtrain.hparams import HyperparametersMixin
 
 if TYPE_CHECKING:
+    from typing_extensions import Self
+
     from torch.distributed.device_mesh import DeviceMesh
 
     from shardtrain.trainer.trainer import Trainer
@@ -19,7 +23,7 @@ if TYPE_CHECKING:
 StepOutput = torch.Tensor | Mapping[str, Any]
 
 
-class TrainModule(nn.Module):
+class TrainModule(HyperparametersMixin, nn.Module):
     """A model plus how to train it.
 
     Override:
@@ -45,6 +49,24 @@ class TrainModule(nn.Module):
         super().__init__()
         self._trainer: Trainer | None = None
         self._logged: dict[str, tuple[torch.Tensor, bool]] = {}
+
+    @classmethod
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path: str | os.PathLike,
+        map_location: Any = None,
+        hparams_file: str | os.PathLike | None = None,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Self:
+        """Lightning's ``load_from_checkpoint``: the module built again with the hyperparameters the checkpoint
+        recorded (``save_hyperparameters``; ``kwargs`` override them, and give those it could not record), its
+        ``configure_model()`` run, ``on_load_checkpoint(checkpoint)`` called, and the saved weights loaded
+        (``strict`` by default) on the CPU (or ``map_location``). ``checkpoint_path``: a Trainer checkpoint
+        directory of any strategy and world size, or consolidated weights (then ``kwargs`` give every argument)."""
+        from shardtrain.from_checkpoint import load_module
+
+        return load_module(cls, TrainModule, checkpoint_path, map_location, hparams_file, strict, **kwargs)
 
     # -------------------------------------------------------------- hooks to override
     def configure_model(self) -> None:
@@ -166,6 +188,27 @@ class TrainModule(nn.Module):
         else:
             scheduler.step(metric)
 
+    # -------------------------------------------------------------- Lightning's evaluation-mode hooks
+    # The evaluation loop calls each only where it is overridden and does the same itself otherwise (it also puts
+    # each submodule back in the mode it was in); these defaults are what ``super()`` does in an override.
+    def on_validation_model_eval(self) -> None:
+        self.trainer.model.eval()
+
+    def on_validation_model_train(self) -> None:
+        self.trainer.model.train()
+
+    def on_validation_model_zero_grad(self) -> None:
+        self.zero_grad(set_to_none=True)
+
+    def on_test_model_eval(self) -> None:
+        self.trainer.model.eval()
+
+    def on_test_model_train(self) -> None:
+        self.trainer.model.train()
+
+    def on_predict_model_eval(self) -> None:
+        self.trainer.model.eval()
+
     # -------------------------------------------------------------- services for hooks
     def _step_arguments(self, step: str, batch: Any, batch_idx: int) -> tuple[Any, ...]:
         """``(batch, batch_idx)``, or ``(batch,)`` for a ``step`` written without ``batch_idx``.
@@ -240,6 +283,44 @@ class TrainModule(nn.Module):
         """The metrics logged since the last call (used by the Trainer)."""
         logged, self._logged = self._logged, {}
         return logged
+
+
+# Lightning's ``on_*`` hooks, each a method that does nothing unless overridden (as in Lightning's ``ModelHooks``), so
+# that an override may call ``super()``; ``shardtrain.trainer.hooks`` says where each is called.
+_NO_OP_HOOKS = (
+    "on_fit_start",
+    "on_fit_end",
+    "on_train_start",
+    "on_train_end",
+    "on_train_epoch_start",
+    "on_train_epoch_end",
+    "on_train_batch_start",
+    "on_train_batch_end",
+    "on_before_backward",
+    "on_after_backward",
+    "on_before_optimizer_step",
+    "on_before_zero_grad",
+    "on_save_checkpoint",
+    "on_load_checkpoint",
+    *(
+        f"on_{stage}_{event}"
+        for stage in ("validation", "test", "predict")
+        for event in ("start", "end", "epoch_start", "epoch_end", "batch_start", "batch_end")
+    ),
+)
+
+
+def _no_op_hook(name: str) -> Callable[..., None]:
+    def hook(self: TrainModule, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    hook.__name__ = hook.__qualname__ = name
+    hook.__doc__ = f"Lightning's ``{name}``: does nothing unless overridden (see docs/lightning.md for when it runs)."
+    return hook
+
+
+for _name in _NO_OP_HOOKS:
+    setattr(TrainModule, _name, _no_op_hook(_name))
 
 
 def takes_batch_idx(step: Callable[..., Any]) -> bool:

@@ -35,5 +35,8 @@ class RecordingLogger(Logger):
 
 
 def weights(module: torch.nn.Module) -> dict[str, list[float]]:
-    """The module's parameters as flat lists (to compare runs)."""
-    return {name: param.detach().float().flatten().tolist() for name, param in module.named_parameters()}
+    """The module's parameters as flat lists (to compare runs); a sharded parameter (DTensor) whole."""
+    return {
+        name: (param.full_tensor() if hasattr(param, "full_tensor") else param).detach().float().flatten().tolist()
+        for name, param in module.named_parameters()
+    }

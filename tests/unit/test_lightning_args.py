@@ -15,7 +15,7 @@ from torch import nn
 from shardtrain import ConfigError, Trainer, TrainModule, seed_everything
 from shardtrain.seed import _seed_sequence, worker_init_function
 from shardtrain.trainer.arguments import TrainerArguments
-from shardtrain.trainer.loop_options import convert_sync_batchnorm, debug_limits, evaluation_context
+from shardtrain.trainer.loop_options import convert_sync_batchnorm, debug_limits
 from shardtrain.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from tests.lightning_port import run
 
@@ -122,13 +122,6 @@ def test_refused_values_name_the_argument(name, value):
 def test_other_lightning_arguments_stay_refused():
     with pytest.raises(ConfigError, match="detect_anomaly"):
         Trainer(detect_anomaly=True)
-
-
-def test_evaluation_context_follows_inference_mode():
-    with evaluation_context(TrainerArguments()):
-        assert torch.is_inference_mode_enabled()
-    with evaluation_context(TrainerArguments(inference_mode=False)):
-        assert not torch.is_inference_mode_enabled() and not torch.is_grad_enabled()
 
 
 class _WithBatchNorm(TrainModule):

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from shardtrain import Callback, ConfigError, TrainModule, Trainer
-from shardtrain.trainer.hooks import CALLED, FLAGS, HOOKS, OTHER_STAGE, REFUSED, hooks_markdown
+from shardtrain.trainer.hooks import CALLED, FLAGS, HOOKS, REFUSED, hooks_markdown
 
 #: Methods of LightningModule a user calls rather than overrides: not hooks.
 UTILITIES = {
@@ -60,7 +60,7 @@ def test_every_lightning_hook_is_called_or_refused():
     assert set(LIGHTNING_HOOKS) <= hooks  # the list kept here is Lightning's (no hook dropped from it)
     missing = sorted(hooks - set(HOOKS))
     assert not missing, f"Lightning hooks with no entry in shardtrain.trainer.hooks.HOOKS: {missing}"
-    assert {hook.kind for hook in HOOKS.values()} == {CALLED, REFUSED, OTHER_STAGE}
+    assert {hook.kind for hook in HOOKS.values()} == {CALLED, REFUSED}
 
 
 def test_the_docs_list_the_table():

@@ -128,6 +128,24 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
+def read_module_weights(checkpoint: str | os.PathLike, *, key: str | None = None) -> dict[str, torch.Tensor]:
+    """The whole tensors of a checkpoint's module (default: its first), keyed by parameter names, read on one process
+    whatever world size and strategy saved it; or the state dict of consolidated weights (``is_weights_file``)."""
+    if is_weights_file(checkpoint):
+        return load_weights(checkpoint)
+    source = Path(checkpoint)
+    key = key or (read_meta(source).get("modules") or ["module"])[0]
+    tensors = {
+        name[len(key) + 1 :]: torch.empty(info.size, dtype=info.properties.dtype)
+        for name, info in _metadata(source).items()
+        if name.startswith(key + ".") and isinstance(info, TensorStorageMetadata)
+    }
+    if not tensors:
+        raise CheckpointError(f"{source} holds no tensors under {key!r}")
+    load_tensors({key: tensors}, source, no_dist=True)
+    return tensors
+
+
 def is_weights_file(path: str | os.PathLike) -> bool:
     source = Path(path)
     return (

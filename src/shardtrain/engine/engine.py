@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Sequence, TypeVar, overload
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
@@ -265,15 +266,24 @@ class Engine:
         return [EngineOptimizer(self.strategy.setup_optimizer(optimizer), self.strategy) for optimizer in optimizers]
 
     def setup_dataloaders(
-        self, *loaders: DataLoader, use_distributed_sampler: bool = True, seed: int = 0, shuffle: bool | None = None
+        self,
+        *loaders: DataLoader,
+        use_distributed_sampler: bool = True,
+        seed: int = 0,
+        pad_to_equal: bool = True,
+        shuffle: bool | None = None,
     ) -> Any:
-        """Give each data-parallel rank its share of the data and move batches to the device; ``shuffle``
-        overrides the loaders' own shuffling (None: keep it; see ``with_distributed_sampler``)."""
+        """Give each data-parallel rank its share of the data and move batches to the device. ``pad_to_equal=False``
+        (prediction): no sample is repeated to give every rank as many as the others (ranks may differ by one).
+        ``shuffle`` overrides the loaders' own shuffling (None: keep it; see ``with_distributed_sampler``)."""
         self._require_launched("setup_dataloaders")
         share = (self.data_parallel_size, self.data_parallel_rank, seed, shuffle)
         out = [
             DeviceDataLoader(
-                with_distributed_sampler(loader, *share) if use_distributed_sampler else loader, self.device
+                with_distributed_sampler(loader, *share, pad_to_equal=pad_to_equal)
+                if use_distributed_sampler
+                else loader,
+                self.device,
             )
             for loader in loaders
         ]
@@ -313,6 +323,14 @@ class Engine:
 
     def backward(self, loss: torch.Tensor, model: EngineModule | None = None) -> None:
         self.strategy.backward(loss, model._forward_module if model is not None else None)
+
+    @property
+    def supports_inference_mode(self) -> bool:
+        """Whether evaluation may run under ``torch.inference_mode``: the strategy allows it, and no gloo process group
+        is in use (its collectives refuse inference tensors; Lightning falls back to ``no_grad`` there too)."""
+        if not self.strategy.supports_inference_mode:
+            return False
+        return not (dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo")
 
     @property
     def can_skip_optimizer_step(self) -> bool:

@@ -59,6 +59,10 @@ class Strategy(abc.ABC):
     #: Whether the loop may leave out an optimizer step and read the gradient norm before it;
     #: False where the strategy's engine owns the gradients and the step (DeepSpeed).
     can_skip_optimizer_step: ClassVar[bool] = True
+    #: Whether evaluation may run under ``torch.inference_mode`` (Lightning's ``inference_mode=True``); False where
+    #: the strategy's modules gather or reshard parameters when they run (FSDP, DTensor, DeepSpeed ZeRO): there,
+    #: tensors made under inference mode could end up in the training graph.
+    supports_inference_mode: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.environment: ClusterEnvironment | None = None

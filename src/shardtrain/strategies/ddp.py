@@ -29,6 +29,8 @@ class DDPStrategy(ReplicatedGradients, DistributedCheckpointState, BackwardSyncC
         **ddp_kwargs: any other ``DistributedDataParallel`` argument, passed through.
     """
 
+    supports_inference_mode = True
+
     name = "ddp"
     #: Where ``**ddp_kwargs`` go: config checks accept that signature's options.
     passthrough_options_of = DistributedDataParallel.__init__

@@ -15,6 +15,8 @@ from shardtrain.strategies.ddp import replica_memory
 class SingleDeviceStrategy(ReplicatedGradients, DistributedCheckpointState, Strategy):
     """Train on one device in one process."""
 
+    supports_inference_mode = True
+
     name = "single"
 
     def setup_module(self, module: nn.Module) -> nn.Module:

@@ -47,6 +47,10 @@ class TrainerArguments:
         check_val_every_n_epoch: with end-of-epoch validation, every this many epochs.
         limit_train_batches: at most this many training batches (int) or this fraction (float) per epoch.
         limit_val_batches: at most this many validation batches (int) or this fraction (float) per run.
+        limit_test_batches: at most this many batches (int) or this fraction (float) of each test loader.
+        limit_predict_batches: at most this many batches (int) or this fraction (float) of each predict loader.
+        inference_mode: run ``validate``/``test``/``predict`` under ``torch.inference_mode`` (else ``torch.no_grad``),
+            where the strategy allows it (single, ddp on CUDA); validation inside ``fit`` always uses ``no_grad``.
         log_every_n_steps: how often training metrics are reduced over ranks and written.
         default_root_dir: where logs (``metrics.csv``) and checkpoints go.
         callbacks: extra :class:`Callback` objects.
@@ -69,8 +73,8 @@ class TrainerArguments:
             default 2; ``-1``: the whole validation loader; ``0``: none). The validation hooks run with
             ``trainer.sanity_checking`` True, between the callbacks' ``on_sanity_check_start``/``_end``;
             nothing is logged and its metrics are not kept.
-        fast_dev_run: ``True`` (1) or ``n``: a quick check of the code: ``n`` training and validation
-            batches, one epoch, ``max_steps=n``, no sanity check, no logging and no checkpoints.
+        fast_dev_run: ``True`` (1) or ``n``: a quick check of the code: ``n`` training, validation, test
+            and predict batches, one epoch, ``max_steps=n``, no sanity check, no logging and no checkpoints.
         overfit_batches: train (and validate) on the same first batches every epoch: an int count or a
             float fraction of the loaders; the training loader is not shuffled.
         deterministic: ``True``: ``torch.use_deterministic_algorithms(True)`` and, on CUDA,
@@ -78,10 +82,8 @@ class TrainerArguments:
             non-deterministic operation; ``False``: turn it off; ``None``: leave torch's setting alone.
         benchmark: ``torch.backends.cudnn.benchmark``; ``None``: leave it as is, except that
             ``deterministic=True`` turns it off (as in Lightning).
-        inference_mode: evaluate under ``torch.inference_mode()`` (default) or, with ``False``,
-            ``torch.no_grad()`` (for code that needs tensors usable in autograd later).
-        reload_dataloaders_every_n_epochs: ask the module (or DataModule) for its training loader again
-            every this many epochs (``0``: never); only for loaders that come from ``train_dataloader()``.
+        reload_dataloaders_every_n_epochs: ask the DataModule or module for its training and validation
+            loaders again every this many epochs (``0``: never); loaders given to ``fit`` stay.
         use_distributed_sampler: put a ``DistributedSampler`` into the loaders (default); ``False``:
             keep the loaders' samplers as they are (sharding the data is then the user's job).
         sync_batchnorm: turn every ``BatchNorm`` layer into ``SyncBatchNorm`` before the model is
@@ -102,6 +104,9 @@ class TrainerArguments:
     check_val_every_n_epoch: int = 1
     limit_train_batches: int | float | None = None
     limit_val_batches: int | float | None = None
+    limit_test_batches: int | float | None = None
+    limit_predict_batches: int | float | None = None
+    inference_mode: bool = True
     log_every_n_steps: int = 50
     default_root_dir: str | os.PathLike = "runs"
     callbacks: Sequence[Callback] | Callback | None = None
@@ -119,7 +124,6 @@ class TrainerArguments:
     overfit_batches: int | float = 0.0
     deterministic: bool | Literal["warn"] | None = None
     benchmark: bool | None = None
-    inference_mode: bool = True
     reload_dataloaders_every_n_epochs: int = 0
     use_distributed_sampler: bool = True
     sync_batchnorm: bool = False
@@ -141,6 +145,8 @@ class TrainerArguments:
         check_limit("val_check_interval", self.val_check_interval)
         check_limit("limit_train_batches", self.limit_train_batches)
         check_limit("limit_val_batches", self.limit_val_batches, allow_zero=True)
+        check_limit("limit_test_batches", self.limit_test_batches, allow_zero=True)
+        check_limit("limit_predict_batches", self.limit_predict_batches, allow_zero=True)
         if not isinstance(self.preemption, (bool, Preemption)):
             raise ConfigError(f"preemption must be True, False or a shardtrain.Preemption, got {self.preemption!r}")
         check_choice(self.on_nonfinite)

@@ -1,6 +1,6 @@
 """The Trainer's checkpoints: where they go, what ``last`` names, and saving and restoring a training state.
 
-A checkpoint holds the module, optimizers, LR schedulers, loss scaler, callbacks' state, every
+A checkpoint holds the module, optimizers, LR schedulers, loss scaler, callbacks' and DataModule's state, every
 rank's RNG state and the loop position (global step, epoch, batches seen in the epoch), so that
 a resumed run continues at the next batch it would have trained on. The Trainer says what the
 state is; this collaborator stores it through ``Engine.save``/``Engine.load`` (a sharded DCP
@@ -24,6 +24,8 @@ from shardtrain.checkpoint.consolidate import is_weights_file, load_weights
 from shardtrain.checkpoint.loader_position import LoaderPosition
 from shardtrain.checkpoint.pointer import point_last_at, resolve_checkpoint
 from shardtrain.engine.engine import Engine
+from shardtrain.from_checkpoint import CHECKPOINT_HPARAMS
+from shardtrain.hparams import checkpoint_entries
 
 if TYPE_CHECKING:
     from shardtrain.trainer.trainer import Trainer
@@ -79,6 +81,16 @@ class TrainerCheckpoints:
                 **({"run": trainer.run_config} if trainer.run_config is not None else {}),
             },
         }
+        hparams = {
+            owner: checkpoint_entries(obj)
+            for owner, obj in (("module", trainer.module), ("datamodule", trainer.datamodule))
+            if obj is not None and checkpoint_entries(obj)
+        }
+        if hparams:  # JSON, for load_from_checkpoint (shardtrain.from_checkpoint)
+            state[CHECKPOINT_HPARAMS] = hparams
+        datamodule = trainer.datamodule
+        if datamodule is not None and datamodule.state_dict():  # Lightning saves a DataModule's non-empty state
+            state["datamodule"] = datamodule
         scaler = self.engine.precision.grad_scaler(self.engine.device.type)
         if scaler is not None:
             state["grad_scaler"] = scaler
@@ -86,6 +98,14 @@ class TrainerCheckpoints:
         if loader is not None and loader.position() is not None:
             state["train_dataloader"] = LoaderPosition(loader, self.engine.global_rank, self.engine.world_size)
         return state
+
+    def load_weights(self, path: Path, trainer: "Trainer") -> None:
+        """Load only the model's weights (for ``validate``/``test``/``predict`` with ``ckpt_path``): from a checkpoint
+        of any strategy and world size, or from consolidated weights; the optimizers and the loop are left alone."""
+        if is_weights_file(path):
+            self.engine.load_weights(trainer.model, load_weights(path))
+        else:
+            self.engine.load(path, {"module": trainer.model})
 
     def restore(self, path: Path, trainer: "Trainer") -> dict[str, Any] | None:
         """Load ``path`` into ``trainer``: its model, optimizers, schedulers, callbacks and loop position;
@@ -96,11 +116,13 @@ class TrainerCheckpoints:
             self.engine.load_weights(state["module"], load_weights(path))
             return None
         saved = read_meta(path)["state"]
-        for optional in ("grad_scaler", "train_dataloader"):
+        for optional in ("grad_scaler", "train_dataloader", "datamodule", CHECKPOINT_HPARAMS):
             # Saved under another precision (no loss scaling: the scaler starts fresh), or with a
             # plain loader (the data loader reads up to the position): not in this checkpoint.
             if optional in state and optional not in saved:
                 del state[optional]
+        if "datamodule" in saved and trainer.datamodule is not None:  # its state may be empty until it is loaded
+            state["datamodule"] = trainer.datamodule
         self.engine.load(path, state)
         for callback in trainer.callbacks:
             if callback.state_key in state["callbacks"]:

@@ -1,10 +1,8 @@
 """Every hook of Lightning's ``LightningModule``, and what the Trainer does with each: one table.
 
-A hook is either **called** where Lightning calls it (with Lightning's arguments), **refused**
-(overriding it is a ``ConfigError`` at ``fit``/``validate`` start, before any process group, naming
-the hook), or belongs to a **stage** this Trainer does not have (``test``, ``predict``): Lightning's
-``fit`` does not call those either, and ``Trainer.test``/``predict`` do not exist, so nothing is
-skipped silently. ``check_module_hooks`` is the one check; ``tests/unit/test_lightning_hooks.py``
+A hook is either **called** where Lightning calls it (with Lightning's arguments), or **refused**
+(overriding it is a ``ConfigError`` at the start of ``fit``/``validate``/``test``/``predict``, before any
+process group, naming the hook), so nothing is skipped silently. ``check_module_hooks`` is the one check; ``tests/unit/test_lightning_hooks.py``
 walks Lightning's own hook list against ``HOOKS`` so that a new Lightning hook cannot be missed,
 and ``docs/lightning.md`` is checked against ``hooks_markdown()``.
 """
@@ -18,7 +16,7 @@ from torch import nn
 
 from shardtrain.errors import ConfigError
 
-CALLED, REFUSED, OTHER_STAGE = "called", "refused", "other stage"
+CALLED, REFUSED = "called", "refused"
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,36 +34,37 @@ def _refused(note: str = "not supported yet") -> Hook:
     return Hook(REFUSED, note)
 
 
-def _other_stage(stage: str) -> Hook:
-    return Hook(OTHER_STAGE, f"part of {stage}, which this Trainer does not have yet (fit does not call it)")
-
-
 _EVERY_STEP = "as in Lightning's fit"
 HOOKS: dict[str, Hook] = {
     # -- building and optimizing
-    "setup": _called('setup(stage): "fit"/"validate", after the callbacks\' setup, before configure_model'),
+    "setup": _called(
+        'setup(stage): "fit"/"validate"/"test"/"predict", after the DataModule\'s and the callbacks\' setup, before '
+        "configure_model"
+    ),
     "configure_model": _called("once per run, under the strategy's init context"),
     "configure_optimizers": _called("once, after configure_model"),
     "configure_sharded_model": _refused("removed in Lightning 2.x: rename it configure_model"),
     "configure_callbacks": _called(
-        "at fit/validate start, before setup: its callbacks replace the Trainer's of the same type; checkpoint "
+        "at the start of every stage, before setup: its callbacks replace the Trainer's of the same type; checkpoint "
         "callbacks last"
     ),
     "prepare_data": _called(
-        "after the processes start, before setup: on local rank 0 (global rank 0 with prepare_data_per_node = "
-        "False); every rank waits for it"
+        "at the start of every stage, after the DataModule's, before setup: on local rank 0 (global rank 0 with "
+        "prepare_data_per_node = False); every rank waits for it"
     ),
-    "teardown": _called("teardown(stage): when fit/validate ends (after an exception too), after the callbacks'"),
+    "teardown": _called(
+        "teardown(stage): when a stage ends (after an exception too), after the DataModule's and the callbacks'"
+    ),
     # -- the steps
     "forward": _called("by your steps (routed through the strategy's wrapped module)"),
     "training_step": _called(_EVERY_STEP),
     "validation_step": _called(_EVERY_STEP),
-    "test_step": _other_stage("test"),
-    "predict_step": _other_stage("predict"),
-    "train_dataloader": _called("when fit gets no train loader"),
-    "val_dataloader": _called("when fit/validate gets no val loader"),
-    "test_dataloader": _other_stage("test"),
-    "predict_dataloader": _other_stage("predict"),
+    "test_step": _called("by Trainer.test, per batch (with dataloader_idx when there are several loaders)"),
+    "predict_step": _called("by Trainer.predict, per batch; its outputs are predict's result"),
+    "train_dataloader": _called("when fit gets no train loader and no DataModule gives one"),
+    "val_dataloader": _called("when fit/validate gets no val loader and no DataModule gives one"),
+    "test_dataloader": _called("when test gets no loader and no DataModule gives one"),
+    "predict_dataloader": _called("when predict gets no loader and no DataModule gives one"),
     # -- optimization (automatic optimization only)
     "backward": _refused("not supported yet: the strategy runs backward (use on_before_backward/on_after_backward)"),
     "optimizer_step": _called(
@@ -104,6 +103,11 @@ HOOKS: dict[str, Hook] = {
             "on_validation_epoch_end",
             "on_validation_batch_start",
             "on_validation_batch_end",
+            *(
+                f"on_{stage}_{event}"
+                for stage in ("test", "predict")
+                for event in ("start", "end", "epoch_start", "epoch_end", "batch_start", "batch_end")
+            ),
             "on_before_backward",
             "on_after_backward",
             "on_before_optimizer_step",
@@ -112,15 +116,20 @@ HOOKS: dict[str, Hook] = {
             "on_load_checkpoint",
         )
     },
-    "on_validation_model_eval": _refused(),
-    "on_validation_model_train": _refused(),
-    "on_validation_model_zero_grad": _refused(),
     **{
-        f"on_{stage}_{event}": _other_stage(stage)
-        for stage in ("test", "predict")
-        for event in ("start", "end", "epoch_start", "epoch_end", "batch_start", "batch_end", "model_eval")
+        f"on_{stage}_model_eval": _called(f"when {stage} starts, in place of putting the model in eval mode")
+        for stage in ("validation", "test", "predict")
     },
-    "on_test_model_train": _other_stage("test"),
+    **{
+        f"on_{stage}_model_train": _called(
+            f"when {stage} ends, in place of putting each submodule back in the mode it was in"
+        )
+        for stage in ("validation", "test")
+    },
+    "on_validation_model_zero_grad": _called(
+        "before each validation inside fit (without an override the gradients stay until the next step's zero_grad; "
+        "Lightning's default frees them)"
+    ),
 }
 
 #: Attributes that change how Lightning trains; a value other than the default is refused.
@@ -161,7 +170,7 @@ def check_module_hooks(module: nn.Module, base: type) -> None:
 def hooks_markdown() -> str:
     """The table as docs/lightning.md shows it."""
     lines = ["| Hook | What shardtrain does |", "| --- | --- |"]
-    for kind in (CALLED, REFUSED, OTHER_STAGE):
+    for kind in (CALLED, REFUSED):
         for name, hook in sorted(HOOKS.items()):
             if hook.kind == kind:
                 lines.append(f"| `{name}` | {kind}: {hook.note} |")

@@ -2,13 +2,12 @@
 
 ``fast_dev_run`` and ``overfit_batches`` become batch limits (``debug_limits``), ``min_epochs``/``min_steps``
 decide when a stop request may end training (``can_stop_early``), ``deterministic``/``benchmark`` set torch's
-flags, ``inference_mode`` picks the evaluation context, ``sync_batchnorm`` converts BatchNorm layers, and
+flags, ``sync_batchnorm`` converts BatchNorm layers, and
 ``num_sanity_val_steps`` sizes the sanity check.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import warnings
@@ -52,7 +51,7 @@ def check_loop_options(args: TrainerArguments) -> None:
     for name in ("benchmark",):
         if getattr(args, name) not in (None, True, False):
             raise ConfigError(f"{name} must be True, False or None, got {getattr(args, name)!r}")
-    for name in ("inference_mode", "use_distributed_sampler", "sync_batchnorm"):
+    for name in ("inference_mode", "use_distributed_sampler", "sync_batchnorm"):  # inference_mode: the stages' argument
         if not isinstance(getattr(args, name), bool):
             raise ConfigError(f"{name} must be True or False, got {getattr(args, name)!r}")
     reload = args.reload_dataloaders_every_n_epochs
@@ -67,7 +66,7 @@ def _is_int(value: Any) -> bool:
 def debug_limits(args: TrainerArguments) -> TrainerArguments:
     """``args`` with ``fast_dev_run`` and ``overfit_batches`` turned into the limits Lightning gives them.
 
-    ``fast_dev_run=n``: ``n`` training and validation batches, ``max_steps=n``, one epoch, validation at the
+    ``fast_dev_run=n``: ``n`` training, validation, test and predict batches, ``max_steps=n``, one epoch, validation at the
     epoch's end, no sanity check. ``overfit_batches``: the same number (or fraction) of training and
     validation batches, every epoch.
     """
@@ -78,7 +77,13 @@ def debug_limits(args: TrainerArguments) -> TrainerArguments:
         if not overfit:
             changes.update(limit_train_batches=batches, limit_val_batches=batches)
         changes.update(
-            max_steps=batches, max_epochs=1, num_sanity_val_steps=0, val_check_interval=None, check_val_every_n_epoch=1
+            limit_test_batches=batches,
+            limit_predict_batches=batches,
+            max_steps=batches,
+            max_epochs=1,
+            num_sanity_val_steps=0,
+            val_check_interval=None,
+            check_val_every_n_epoch=1,
         )
     if overfit:
         changes.update(limit_train_batches=args.overfit_batches, limit_val_batches=args.overfit_batches)
@@ -112,21 +117,6 @@ def set_torch_flags(deterministic: bool | str | None, benchmark: bool | None) ->
         torch.use_deterministic_algorithms(deterministic)
     if deterministic:
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"  # cuBLAS's reproducible workspace
-
-
-def evaluation_context(args: Any) -> contextlib.AbstractContextManager:
-    """What an evaluation loop runs under: ``torch.inference_mode()``, or ``torch.no_grad()`` where Lightning
-    uses it: ``inference_mode=False``, and over gloo (``args``: anything with an ``inference_mode`` attribute;
-    the Trainer gives its ValidationLoop False inside ``fit`` and under fsdp, as Lightning does)."""
-    gloo = torch.distributed.is_available() and torch.distributed.is_initialized()
-    gloo = gloo and torch.distributed.get_backend() == "gloo"
-    return torch.inference_mode() if getattr(args, "inference_mode", True) and not gloo else torch.no_grad()
-
-
-def evaluates_in_inference_mode(args: TrainerArguments, stage: str, strategy_name: str) -> bool:
-    """Lightning's choice: validation inside ``fit`` runs under ``no_grad`` (its tensors may meet training
-    code), as does evaluation under fsdp; ``Trainer.validate`` follows ``inference_mode``."""
-    return args.inference_mode and stage != "fit" and strategy_name != "fsdp"
 
 
 def convert_sync_batchnorm(

@@ -13,14 +13,16 @@ import inspect
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch.utils.data import DataLoader
 
 from shardtrain.callbacks import Callback, ModelCheckpoint
+from shardtrain.datamodule import DataModule
 from shardtrain.engine.engine import Engine
 from shardtrain.errors import ConfigError
+from shardtrain.hparams import merged_for_loggers
 from shardtrain.loggers import Logger
 from shardtrain.trainer.metrics import MetricCollector
 from shardtrain.module import TrainModule, extract_loss
@@ -33,15 +35,15 @@ from shardtrain.trainer.loop_options import (
     can_stop_early,
     convert_sync_batchnorm,
     debug_limits,
-    evaluates_in_inference_mode,
     reload_due,
     sanity_batches,
     set_torch_flags,
 )
 from shardtrain.trainer.state import StageFlags, TrainerState
 from shardtrain.trainer.checkpoint import TrainerCheckpoints
+from shardtrain.trainer.evaluation import PREDICT, TEST, VALIDATE, EvaluationLoop, Stage, loader_list, results_table
 from shardtrain.trainer.hooks import StepOptimizer, check_module_hooks, overrides
-from shardtrain.trainer.validation import ValidationLoop
+from shardtrain.trainer.validation import ValidationSchedule
 from shardtrain.engine.wrapper import EngineModule
 
 if TYPE_CHECKING:
@@ -79,9 +81,12 @@ class Trainer:
         # fast_dev_run logs nothing, as Lightning (its DummyLogger); ModelCheckpoint saves nothing either
         self.loggers: list[Logger] = [] if args.fast_dev_run else make_loggers(args.logger, self.default_root_dir)
         self.checkpoints = TrainerCheckpoints(self.engine, self.default_root_dir)
-        self.validation = ValidationLoop(
-            args.val_check_interval, args.check_val_every_n_epoch, args.limit_val_batches, self._call, self._log
-        )
+        self.validation = ValidationSchedule(args.val_check_interval, args.check_val_every_n_epoch)
+        self.evaluation = EvaluationLoop(self._call, self._log, lambda stage: getattr(args, stage.limit))
+        #: The DataModule of the current (or last) stage, as in Lightning.
+        self.datamodule: DataModule | None = None
+        #: The checkpoint the last ``validate``/``test``/``predict`` loaded its weights from (``ckpt_path``).
+        self.loaded_checkpoint: Path | None = None
         self.state = TrainerState()
         self.is_last_batch = False
         self.num_training_batches: int | float = 0
@@ -136,50 +141,56 @@ class Trainer:
 
     def fit(
         self,
-        module: TrainModule,
-        train_dataloaders: DataLoader | None = None,
-        val_dataloaders: DataLoader | None = None,
+        model: TrainModule,
+        train_dataloaders: DataLoader | DataModule | None = None,
+        val_dataloaders: DataLoader | Sequence[DataLoader] | None = None,
+        datamodule: DataModule | None = None,
         ckpt_path: str | os.PathLike | None = None,
     ) -> None:
-        """Train ``module``; resume from ``ckpt_path`` (a checkpoint, consolidated weights, or ``"last"``).
+        """Train ``model`` on ``train_dataloaders`` (or a DataModule's, or the model's own ``train_dataloader()``),
+        validating on ``val_dataloaders`` (one loader or several); resume from ``ckpt_path`` (a checkpoint,
+        consolidated weights, or ``"last"``). As in Lightning, ``fit(model, datamodule)`` works too.
         Raises :class:`~shardtrain.preemption.Preempted` (exit code 75) on every rank after saving a
         checkpoint when a preemption signal arrived (see ``preemption``)."""
+        if isinstance(train_dataloaders, DataModule):
+            if datamodule is not None:
+                raise ConfigError("Trainer.fit got two DataModules (train_dataloaders and datamodule): pass one")
+            datamodule, train_dataloaders = train_dataloaders, None
+        _refuse_loaders_with_datamodule("fit", datamodule, train_dataloaders, val_dataloaders)
+        module = model
         self._stop.install()
         try:
-            self._attach(module, "fit")
-            check_module_hooks(module, TrainModule)  # a Lightning hook we do not call: refused, never ignored
-            self.engine.check_module(module)  # before any process group: e.g. heads that TP cannot split
-            self.engine.launch()
+            self._begin(module, datamodule, "fit")
         except BaseException:
             self._stop.uninstall()
             raise
         try:
-            self._attach_module_callbacks(module)
-            self._prepare_data(module)
-            self._setup_hooks(module, "fit")  # as in Lightning: before the loaders are asked for and the model is built
+            self._prepare_stage(
+                module, "fit"
+            )  # as in Lightning: before the loaders are asked for and the model is built
             self.engine.choose_strategy(module)  # strategy="auto": first, as the layout decides each rank's data
             self.state.fn = "fit"
-            self.validation.inference_mode = False  # Lightning validates under no_grad inside fit
             self._train_loader_from_module = train_dataloaders is None
             self._val_loader_from_module = val_dataloaders is None
             train_loader = self._loader(train_dataloaders, module, "train_dataloader", required=True, training=True)
             self.train_loader = train_loader  # a StatefulDataLoader's position goes into checkpoints
-            val_loader = self._loader(val_dataloaders, module, "val_dataloader", required=False)
-            self._count_batches(train_loader, val_loader)
+            val_loaders = self._loaders(val_dataloaders, module, VALIDATE, required=False)
+            self._count_batches(train_loader, val_loaders)
             self.estimated_stepping_batches = self.args.stepping_batches(train_loader)
             self.engine.configure_training(
                 **self.args.training_settings(), micro_batch_size=getattr(train_loader, "batch_size", None)
             )
             self._setup(module, "fit")
+            self._log_hyperparams(module)
             self.nonfinite.refuse_what_cannot_be_done(self.engine.can_skip_optimizer_step, self._loss_scaling())
             if ckpt_path is not None:
                 self._restore(ckpt_path)
             self._call("on_fit_start")
-            self._sanity_check(val_loader, resumed=ckpt_path is not None)
-            self._train(train_loader, val_loader)
+            self._sanity_check(val_loaders, resumed=ckpt_path is not None)
+            self._train(train_loader, val_loaders)
             self._call("on_fit_end")
         except BaseException as exception:
-            self._call("on_exception", exception)
+            self._on_exception(exception)
             peer_failure = self.engine.explain_failure(exception)
             if peer_failure is not None:
                 raise peer_failure from exception
@@ -192,35 +203,107 @@ class Trainer:
                 logger.finalize()
             self._teardown(module, "fit")
 
-    def validate(self, module: TrainModule, dataloaders: DataLoader | None = None) -> list[dict[str, float]]:
-        """Run the validation loop once; returns the metrics averaged over batches and ranks."""
-        self._attach(module, "validate")
-        check_module_hooks(module, TrainModule)
-        self.engine.check_module(module)
-        self.engine.launch()
+    def validate(
+        self,
+        model: TrainModule | None = None,
+        dataloaders: DataLoader | Sequence[DataLoader] | DataModule | None = None,
+        ckpt_path: str | os.PathLike | None = None,
+        verbose: bool = True,
+        datamodule: DataModule | None = None,
+    ) -> list[dict[str, float]]:
+        """Run the validation loop once; returns, per loader, the metrics averaged over its batches and reduced over
+        ranks (Lightning's list of dicts). ``ckpt_path``: ``"best"``, ``"last"`` or a path, loaded first (weights
+        only); None: the model as it is (after ``fit``: as trained)."""
+        return self._evaluate(VALIDATE, model, dataloaders, ckpt_path, datamodule, verbose=verbose)
+
+    def test(
+        self,
+        model: TrainModule | None = None,
+        dataloaders: DataLoader | Sequence[DataLoader] | DataModule | None = None,
+        ckpt_path: str | os.PathLike | None = None,
+        verbose: bool = True,
+        datamodule: DataModule | None = None,
+    ) -> list[dict[str, float]]:
+        """Run ``test_step`` over the test loaders once (``test_dataloader()`` of the DataModule or the model when none
+        is given); returns the metrics per loader, as ``validate`` does."""
+        return self._evaluate(TEST, model, dataloaders, ckpt_path, datamodule, verbose=verbose)
+
+    def predict(
+        self,
+        model: TrainModule | None = None,
+        dataloaders: DataLoader | Sequence[DataLoader] | DataModule | None = None,
+        datamodule: DataModule | None = None,
+        return_predictions: bool | None = None,
+        ckpt_path: str | os.PathLike | None = None,
+    ) -> list[Any] | None:
+        """Run ``predict_step`` over the predict loaders; returns this rank's outputs (a list per loader when there
+        are several), as Lightning's ``predict`` gives each rank its own share of the data; None with
+        ``return_predictions=False``."""
+        keep = True if return_predictions is None else bool(return_predictions)
+        results = self._evaluate(PREDICT, model, dataloaders, ckpt_path, datamodule, return_predictions=keep)
+        return results if keep else None
+
+    def _evaluate(
+        self,
+        stage: Stage,
+        model: TrainModule | None,
+        dataloaders: Any,
+        ckpt_path: str | os.PathLike | None,
+        datamodule: DataModule | None,
+        verbose: bool = False,
+        return_predictions: bool = True,
+    ) -> list[Any]:
+        if isinstance(dataloaders, DataModule):
+            if datamodule is not None:
+                raise ConfigError(f"Trainer.{stage.name} got two DataModules (dataloaders and datamodule): pass one")
+            datamodule, dataloaders = dataloaders, None
+        _refuse_loaders_with_datamodule(stage.name, datamodule, dataloaders)
+        if model is None:
+            if self.module is None:
+                raise ConfigError(
+                    f"Trainer.{stage.name}() was given no model and has not fitted one: pass the model, "
+                    f"trainer.{stage.name}(model, ...)"
+                )
+            model = self.module
+            if ckpt_path is None and self._best_checkpoint() is not None:
+                ckpt_path = "best"  # Lightning: without a model, the best checkpoint of the previous fit
+        self._begin(model, datamodule, stage.name)
         try:
-            self._attach_module_callbacks(module)
-            self._prepare_data(module)
-            self._setup_hooks(module, "validate")
-            self._setup(module, "validate")
-            loader = self._loader(dataloaders, module, "val_dataloader", required=True)
-            self.state.fn = self.state.stage = "validate"
-            self.validation.inference_mode = evaluates_in_inference_mode(
-                self.args, "validate", self.engine.strategy.name
+            self._prepare_stage(model, stage.name)
+            self._setup(model, stage.name)
+            self._log_hyperparams(model)
+            if ckpt_path is not None:
+                self._load_weights(ckpt_path)
+            loaders = self._loaders(dataloaders, model, stage, required=True)
+            self.state.fn = self.state.stage = stage.name
+            if stage is VALIDATE:
+                self._count_batches(None, loaders)
+            results = self.evaluation.run(
+                stage,
+                self.model,
+                model,
+                loaders,
+                inference_mode=self.args.inference_mode and self.engine.supports_inference_mode,
+                return_predictions=return_predictions,
             )
-            self._count_batches(None, loader)
-            metrics = self.validation.run(self.model, module, loader)
+            if verbose and self.is_global_zero and stage.logs:
+                print(results_table(stage, results), flush=True)
             for logger in self._rank_zero_loggers():
                 logger.finalize()
+            return results
+        except BaseException as exception:
+            self._on_exception(exception)
+            raise
         finally:
             self.state.fn = self.state.stage = None
-            self._teardown(module, "validate")
-        return [metrics]
+            self._teardown(model, stage.name)
 
     def _teardown(self, module: TrainModule, stage: str) -> None:
-        """Every callback's ``teardown(trainer, module, stage)``, then the module's ``teardown(stage)``, as Lightning
-        does, then the engine's; the set-up model stays readable (``save_checkpoint()`` after ``fit`` works)."""
+        """As Lightning: the DataModule's ``teardown(stage)``, every callback's, then the module's; then the engine's.
+        The set-up model stays readable (``save_checkpoint()`` after ``fit`` works)."""
         try:
+            if self.datamodule is not None:
+                self.datamodule.teardown(stage)
             for callback in self.callbacks:
                 callback.teardown(self, module, stage)
             if callable(getattr(module, "teardown", None)):
@@ -228,11 +311,33 @@ class Trainer:
         finally:
             self.engine.teardown()
 
+    def _on_exception(self, exception: BaseException) -> None:
+        """Lightning's ``on_exception``: the callbacks', then the DataModule's."""
+        self._call("on_exception", exception)
+        if self.datamodule is not None:
+            self.datamodule.on_exception(exception)
+
     # ------------------------------------------------------------------ set-up
-    def _attach(self, module: TrainModule, stage: str) -> None:
+    def _begin(self, module: TrainModule, datamodule: DataModule | None, stage: str) -> None:
+        """Checks before any process group (a hook that would be ignored, a layout the model cannot take), then the
+        processes start and the module and DataModule are attached."""
         if not isinstance(module, TrainModule):
             raise ConfigError(f"Trainer.{stage} takes a shardtrain.TrainModule, got {type(module).__name__}")
+        if datamodule is not None and not isinstance(datamodule, DataModule):
+            raise ConfigError(f"datamodule must be a shardtrain.DataModule, got {type(datamodule).__name__}")
         module._trainer = self
+        check_module_hooks(module, TrainModule)  # a Lightning hook we do not call: refused, never ignored
+        self.engine.check_module(module)  # before any process group: e.g. heads that TP cannot split
+        self.engine.launch()
+        if datamodule is not None:  # as Lightning: a stage given none keeps the DataModule of the one before
+            self.datamodule = datamodule
+            datamodule.trainer = self
+
+    def _prepare_stage(self, module: TrainModule, stage: str) -> None:
+        """As Lightning at the start of every stage: ``configure_callbacks``, ``prepare_data``, then ``setup(stage)``."""
+        self._attach_module_callbacks(module)
+        self._prepare_data(module)
+        self._setup_hooks(module, stage)
 
     def _attach_module_callbacks(self, module: TrainModule) -> None:
         """Lightning's ``configure_callbacks()``: its callbacks replace the Trainer's of the same types and join the
@@ -248,17 +353,21 @@ class Trainer:
         ]
 
     def _prepare_data(self, module: TrainModule) -> None:
-        """Lightning's ``prepare_data()``: once per node (local rank 0; ``prepare_data_per_node = False``: global rank
-        0 only), before ``setup``; every rank waits for it."""
-        if not overrides(module, "prepare_data", TrainModule):
-            return
-        per_node = getattr(module, "prepare_data_per_node", True)
-        if (self.engine.local_rank if per_node else self.global_rank) == 0:
-            module.prepare_data()
-        self.engine.barrier()
+        """Lightning's ``prepare_data()``, the DataModule's then the module's: once per node (local rank 0;
+        ``prepare_data_per_node = False``: global rank 0 only), before ``setup``; every rank waits for it."""
+        for owner, base in ((self.datamodule, DataModule), (module, TrainModule)):
+            if owner is None or not overrides(owner, "prepare_data", base):
+                continue
+            per_node = getattr(owner, "prepare_data_per_node", True)
+            if (self.engine.local_rank if per_node else self.global_rank) == 0:
+                owner.prepare_data()
+            self.engine.barrier()
 
     def _setup_hooks(self, module: TrainModule, stage: str) -> None:
-        """Every stage, as Lightning: each callback's ``setup(trainer, module, stage)``, then the module's ``setup(stage)``."""
+        """Every stage, as Lightning: the DataModule's ``setup(stage)``, each callback's ``setup(trainer, module,
+        stage)``, then the module's ``setup(stage)``."""
+        if self.datamodule is not None:
+            self.datamodule.setup(stage)
         for callback in self.callbacks:
             callback.setup(self, module, stage)
         if callable(getattr(module, "setup", None)):
@@ -293,73 +402,117 @@ class Trainer:
         else:
             self.model = self.engine.setup_module(module)
 
-    def _loader(
-        self, given: DataLoader | None, module: TrainModule, hook: str, required: bool, training: bool = False
-    ) -> Any:
-        loader = (
-            given if given is not None else (getattr(module, hook)() if callable(getattr(module, hook, None)) else None)
-        )
-        if loader is None:
+    def _loader(self, given: Any, module: TrainModule, hook: str, required: bool, training: bool = False) -> Any:
+        """The loader ``given``, else the DataModule's ``hook()``, else the module's (Lightning's order), set up."""
+        loaders = self._requested_loaders(given, module, hook)
+        if not loaders:
             if required:
-                raise ConfigError(
-                    f"no {hook.replace('_', ' ')}: pass it to the Trainer or define {type(module).__name__}.{hook}()"
-                )
+                raise ConfigError(self._no_loader_message(module, hook))
             return None
+        if len(loaders) > 1:
+            raise ConfigError(f"{hook} returned {len(loaders)} loaders; training takes one")
+        return self._set_up_loader(loaders[0], training=training)
+
+    def _set_up_loader(self, loader: Any, training: bool = False, pad_to_equal: bool = True) -> Any:
+        """One loader set up for this run: Lightning's seeded workers, and its DistributedSampler, which shuffles
+        the training data under several processes even when the loader was made with shuffle=False (not under
+        ``overfit_batches``); seeded by ``seed`` or ``seed_everything``'s ``PL_GLOBAL_SEED``."""
         if seed_workers_requested() and getattr(loader, "num_workers", 0) > 0 and loader.worker_init_fn is None:
             loader.worker_init_fn = functools.partial(worker_init_function, rank=self.global_rank)  # as Lightning
         overfit = self.args.overfit_batches > 0
-        # Lightning's DistributedSampler shuffles training data under several processes, even with shuffle=False
         shuffle = False if overfit else (True if training and self.engine.data_parallel_size > 1 else None)
         return self.engine.setup_dataloaders(
             loader,
             use_distributed_sampler=self.args.use_distributed_sampler,
             seed=self.args.seed if self.args.seed is not None else global_seed(),
             shuffle=shuffle,
+            pad_to_equal=pad_to_equal,
         )
 
-    def _count_batches(self, train_loader: Any, val_loader: Any) -> None:
+    def _loaders(self, given: Any, module: TrainModule, stage: Stage, required: bool) -> list[Any]:
+        """The loaders of an evaluation stage (one or several), set up: each rank reads its own share in order
+        (predict: without the samples a DistributedSampler repeats to even the shares, as in Lightning)."""
+        loaders = self._requested_loaders(given, module, stage.dataloader)
+        if not loaders and required:
+            raise ConfigError(self._no_loader_message(module, stage.dataloader))
+        return [self._set_up_loader(loader, pad_to_equal=stage.name != "predict") for loader in loaders]
+
+    def _requested_loaders(self, given: Any, module: TrainModule, hook: str) -> list[Any]:
+        if given is None and self.datamodule is not None:
+            given = getattr(self.datamodule, hook)()
+        if given is None and callable(getattr(module, hook, None)):
+            given = getattr(module, hook)()
+        return loader_list(given)
+
+    def _no_loader_message(self, module: TrainModule, hook: str) -> str:
+        where = f"define {type(module).__name__}.{hook}()"
+        if self.datamodule is not None:
+            where = f"define {type(self.datamodule).__name__}.{hook}() or " + where
+        return f"no {hook.replace('_', ' ')}: pass it to the Trainer, {where}"
+
+    def _best_checkpoint(self) -> str | None:
+        """The best checkpoint of the first ``ModelCheckpoint`` (Lightning's ``trainer.checkpoint_callback``)."""
+        callback = next((c for c in self.callbacks if isinstance(c, ModelCheckpoint)), None)
+        if callback is None:
+            return None
+        path = getattr(callback, "best_model_path", None)
+        if path is None:
+            best = callback.best
+            path = best["path"] if best is not None else None
+        return str(path) if path else None
+
+    def _load_weights(self, ckpt_path: str | os.PathLike) -> None:
+        """Load only the model's weights for evaluation: ``"best"``, ``"last"`` or a path (checkpoint or weights)."""
+        if str(ckpt_path) == "best":
+            best = self._best_checkpoint()
+            if best is None:
+                raise ConfigError(
+                    'ckpt_path="best", but there is no best checkpoint: no ModelCheckpoint with a monitor saved one in '
+                    'this Trainer; pass a path, or "last"'
+                )
+            ckpt_path = best
+        path = self.checkpoints.resolve(ckpt_path)
+        if path is None:
+            raise ConfigError(f'ckpt_path="last", but no checkpoint was saved in {self.checkpoints.directory} yet')
+        self.checkpoints.load_weights(path, self)
+        self.loaded_checkpoint = path
+
+    def _count_batches(self, train_loader: Any, val_loaders: list[Any]) -> None:
         """``trainer.num_training_batches`` and ``num_val_batches`` (per epoch, after the ``limit_*`` arguments)."""
         if train_loader is not None:
             self.num_training_batches = _batches(train_loader, self.args.limit_train_batches)
-        self.num_val_batches = [] if val_loader is None else [_batches(val_loader, self.args.limit_val_batches)]
+        self.num_val_batches = [_batches(loader, self.args.limit_val_batches) for loader in val_loaders]
 
-    def _sanity_check(self, val_loader: Any, resumed: bool) -> None:
+    def _sanity_check(self, val_loaders: list[Any], resumed: bool) -> None:
         """Lightning's sanity check: a few validation batches before training, nothing logged or kept.
 
         In a resumed run it leaves the random-number state as the checkpoint restored it (iterating a loader
         draws from it), so that the run continues as the uninterrupted one did."""
-        batches = min(sanity_batches(self.args), self.num_val_batches[0] if self.num_val_batches else 0)
-        if val_loader is None or batches <= 0:
+        batches = sanity_batches(self.args)
+        if not val_loaders or batches <= 0 or not any(self.num_val_batches):
             return
         self.state.stage = "sanity_check"
         cuda = [self.engine.device] if self.engine.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda) if resumed else contextlib.nullcontext():
             for callback in self.callbacks:
                 callback.on_sanity_check_start(self, self.module)
-            self.validation.run(self.model, self.module, val_loader, max_batches=batches, log=False)
+            self.evaluation.run(VALIDATE, self.model, self.module, val_loaders, max_batches=batches, keep_metrics=False)
             for callback in self.callbacks:
                 callback.on_sanity_check_end(self, self.module)
         self.state.stage = None
 
-    def _validate(self, val_loader: Any) -> None:
-        """A validation pass inside fit (``trainer.validating`` during it)."""
-        self.state.stage = "validate"
-        try:
-            self.validation.run(self.model, self.module, val_loader)
-        finally:
-            self.state.stage = "train"
-
-    def _reload_loaders(self, val_loader: Any) -> tuple[Any, Any]:
-        """``reload_dataloaders_every_n_epochs``: the module's loaders asked for again (given loaders stay)."""
+    def _reload_loaders(self, val_loaders: list[Any]) -> tuple[Any, list[Any]]:
+        """``reload_dataloaders_every_n_epochs``: the loaders asked for again from the DataModule or the module
+        (loaders given to ``fit`` stay)."""
         self._loaders_loaded_at_epoch = self.current_epoch
         train_loader = self.train_loader
         if self._train_loader_from_module:
             train_loader = self._loader(None, self.module, "train_dataloader", required=True, training=True)
             self.train_loader = train_loader
-        if val_loader is not None and self._val_loader_from_module:
-            val_loader = self._loader(None, self.module, "val_dataloader", required=False)
-        self._count_batches(train_loader, val_loader)
-        return train_loader, val_loader
+        if val_loaders and self._val_loader_from_module:
+            val_loaders = self._loaders(None, self.module, VALIDATE, required=False)
+        self._count_batches(train_loader, val_loaders)
+        return train_loader, val_loaders
 
     def _can_stop_early(self) -> bool:
         return can_stop_early(self.args, self.current_epoch, self.global_step)
@@ -371,7 +524,7 @@ class Trainer:
         return self.should_stop and self._can_stop_early()
 
     # ------------------------------------------------------------------ training
-    def _train(self, train_loader: Any, val_loader: Any) -> None:
+    def _train(self, train_loader: Any, val_loaders: list[Any]) -> None:
         assert self.model is not None
         self.should_stop = self._reached_max_steps() or (
             self.max_epochs is not None and self.current_epoch >= self.max_epochs
@@ -381,11 +534,11 @@ class Trainer:
         self._call("on_train_start")
         while not self._fit_done():
             if reload_due(self.args, self.current_epoch, self._loaders_loaded_at_epoch):
-                train_loader, val_loader = self._reload_loaders(val_loader)
+                train_loader, val_loaders = self._reload_loaders(val_loaders)
             self.model.train()
             train_loader.set_epoch(self.current_epoch)
             self._call("on_train_epoch_start")
-            finished = self._train_epoch(train_loader, val_loader)
+            finished = self._train_epoch(train_loader, val_loaders)
             # Lightning calls on_train_epoch_end also when max_steps or a stop request ends the epoch early; the
             # position in the epoch stays then (not current_epoch + 1), so a run resumed from here continues it.
             self._call("on_train_epoch_end")
@@ -400,7 +553,7 @@ class Trainer:
                 self.should_stop = True
         self._call("on_train_end")
 
-    def _train_epoch(self, train_loader: Any, val_loader: Any) -> bool:
+    def _train_epoch(self, train_loader: Any, val_loaders: list[Any]) -> bool:
         """Train until the epoch's data runs out (or ``on_train_batch_start`` returns -1: returns True) or
         training must stop (False)."""
         num_batches = self.num_training_batches
@@ -434,11 +587,11 @@ class Trainer:
             self._call("on_train_batch_end", outputs, batch, batch_idx)
             stop_requested = self.should_stop and self._can_stop_early()
             if (
-                val_loader is not None
+                val_loaders
                 and self.validation.epoch_due(self.current_epoch)
                 and ((interval and (batch_idx + 1) % interval == 0) or (not interval and is_last) or stop_requested)
             ):  # Lightning validates when a stop request will end the epoch, too
-                self._validate(val_loader)
+                self._validate_in_fit(val_loaders)
                 validated = True
             if self._stop.agreed and not self._reached_max_steps():  # on the last step, just finish
                 self._stop.stop(self.global_step, self.global_rank, self._checkpoint_for_stop)
@@ -448,8 +601,8 @@ class Trainer:
                     return False
                 break
         end_of_epoch_validation = not interval and not validated and not skipped_rest
-        if val_loader is not None and end_of_epoch_validation and self.validation.epoch_due(self.current_epoch):
-            self._validate(val_loader)  # a loader without a length: its end is known only now
+        if val_loaders and end_of_epoch_validation and self.validation.epoch_due(self.current_epoch):
+            self._validate_in_fit(val_loaders)  # a loader without a length: its end is known only now
         return True
 
     def _training_micro_step(self, batch: Any, batch_idx: int, sync: bool, first: bool) -> tuple[torch.Tensor, Any]:
@@ -539,6 +692,17 @@ class Trainer:
             self.engine.step(*optimizers)
         stepped.append(step_now)
 
+    def _validate_in_fit(self, val_loaders: list[Any]) -> None:
+        """Validation inside ``fit``: gradients freed first (Lightning's ``on_validation_model_zero_grad``), and
+        ``torch.no_grad`` rather than inference mode (tensors a model caches while validating may be trained on)."""
+        if overrides(self.module, "on_validation_model_zero_grad", TrainModule):
+            self.module.on_validation_model_zero_grad()
+        self.state.stage = "validate"  # trainer.validating
+        try:
+            self.evaluation.run(VALIDATE, self.model, self.module, val_loaders)
+        finally:
+            self.state.stage = "train"
+
     def _scheduler_step(self) -> Any:
         """The module's ``lr_scheduler_step`` where it overrides it, else None (``scheduler.step()``)."""
         return self.module.lr_scheduler_step if overrides(self.module, "lr_scheduler_step", TrainModule) else None
@@ -596,16 +760,27 @@ class Trainer:
                 logger.log_metrics(row, self.global_step)
         return metrics
 
+    def _log_hyperparams(self, module: TrainModule) -> None:
+        """Lightning's: the module's and the DataModule's hyperparameters (``save_hyperparameters``) to every logger,
+        once the model is set up, on rank 0."""
+        hparams = merged_for_loggers(module, self.datamodule)  # on every rank: a clash is an error everywhere
+        if hparams is None:
+            return
+        for logger in self._rank_zero_loggers():
+            logger.log_hyperparams(hparams)
+
     def _rank_zero_loggers(self) -> list[Logger]:
         return self.loggers if self.is_global_zero else []
 
     def _call(self, hook: str, *args: Any) -> Any:
-        """The module's hook, then every callback's; returns what the module's returned."""
-        module_hook = getattr(self.module, hook, None)
-        result = module_hook(*args) if callable(module_hook) and hook.startswith("on_") else None
+        """Run ``hook`` on every callback, then on the module (Lightning's order); returns what the module's
+        returned (``on_train_batch_start`` may return -1)."""
         for callback in self.callbacks:
             getattr(callback, hook)(self, self.module, *args)
-        return result
+        module_hook = getattr(self.module, hook, None)
+        if callable(module_hook) and hook.startswith("on_"):
+            return module_hook(*args)
+        return None
 
 
 def _batches(loader: Any, limit: int | float | None) -> int | float:
@@ -617,4 +792,14 @@ def _batches(loader: Any, limit: int | float | None) -> int | float:
 
 
 _STOP_REQUESTED = "_shardtrain/stop_requested"
+
+
+def _refuse_loaders_with_datamodule(stage: str, datamodule: DataModule | None, *loaders: Any) -> None:
+    """Lightning's rule: loaders come from the arguments or from the DataModule, not both."""
+    if datamodule is not None and any(loader is not None for loader in loaders):
+        raise ConfigError(
+            f"Trainer.{stage} got both dataloaders and a datamodule: pass the loaders, or the DataModule that makes them"
+        )
+
+
 Trainer.__signature__ = inspect.signature(TrainerArguments)  # type: ignore[attr-defined]  # for help() and IDEs at run time

@@ -1,0 +1,81 @@
+"""Trainer.validate/test/predict and DataModules against Lightning (the oracle, ``tests/lightning_port/stages.py``),
+and the errors of the stages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from shardtrain import ConfigError, DataModule, TrainModule, Trainer
+from tests.lightning_port import run
+from tests.lightning_port.compare import assert_same
+
+
+def test_stages_hooks_results_and_predictions_match_lightning(tmp_path):
+    theirs = run("stages", "lightning", tmp_path / "lightning", num_sanity_val_steps=0)
+    ours = run("stages", "shardtrain", tmp_path / "shardtrain", strategy="single")
+    assert theirs["trained_further"] and theirs["nothing"] is None
+    assert_same(ours, theirs)
+
+
+class Regression(TrainModule):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test_loss", torch.nn.functional.mse_loss(self.net(x), y))
+
+    def predict_step(self, batch, batch_idx):
+        self.log("not_here", 1.0)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _loader():
+    x = torch.randn(8, 4)
+    return DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=4)
+
+
+def _trainer(tmp_path):
+    return Trainer(accelerator="cpu", default_root_dir=tmp_path, logger=False, enable_progress_bar=False, max_steps=1)
+
+
+def test_test_without_a_model_or_loader_or_best_checkpoint_says_what_to_pass(tmp_path):
+    trainer = _trainer(tmp_path)
+    with pytest.raises(ConfigError, match=r"no model.*trainer.test\(model"):
+        trainer.test()
+    with pytest.raises(ConfigError, match="no test dataloader.*Regression.test_dataloader"):
+        trainer.test(Regression())
+    with pytest.raises(ConfigError, match="no best checkpoint"):
+        trainer.test(Regression(), _loader(), ckpt_path="best")
+    with pytest.raises(ConfigError, match='ckpt_path="last".*no checkpoint'):
+        trainer.test(Regression(), _loader(), ckpt_path="last")
+
+
+def test_loaders_and_a_datamodule_together_are_refused(tmp_path):
+    class Data(DataModule):
+        def test_dataloader(self):
+            return _loader()
+
+    with pytest.raises(ConfigError, match="both dataloaders and a datamodule"):
+        _trainer(tmp_path).test(Regression(), _loader(), datamodule=Data())
+    with pytest.raises(ConfigError, match="two DataModules"):
+        _trainer(tmp_path).fit(Regression(), Data(), datamodule=Data())
+
+
+def test_logging_in_predict_is_refused_as_in_lightning(tmp_path):
+    with pytest.raises(ConfigError, match="self.log.*predict"):
+        _trainer(tmp_path).predict(Regression(), _loader())
+
+
+def test_a_step_without_dataloader_idx_over_several_loaders_is_told_to_take_it(tmp_path):
+    with pytest.raises(ConfigError, match=r"several dataloaders.*dataloader_idx"):
+        _trainer(tmp_path).test(Regression(), [_loader(), _loader()])
