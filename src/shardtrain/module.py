@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from shardtrain.errors import TrainingStepError
+from shardtrain.errors import ConfigError, TrainingStepError
+from shardtrain.logged import LoggedValue, reduction, step_and_epoch
 from shardtrain.hparams import HyperparametersMixin
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ class TrainModule(HyperparametersMixin, nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self._trainer: Trainer | None = None
-        self._logged: dict[str, tuple[torch.Tensor, bool]] = {}
+        self._logged: dict[str, LoggedValue] = {}
 
     @classmethod
     def load_from_checkpoint(
@@ -86,7 +87,7 @@ class TrainModule(HyperparametersMixin, nn.Module):
         """By default nothing; for a module that defines ``pipeline_inputs`` and ``pipeline_loss``, it logs
         ``val_loss`` (what pipeline parallelism's validation logs too)."""
         if self._defines_pipeline_contract():
-            self.log("val_loss", self._pipeline_contract_loss(batch), prog_bar=True)
+            self.log("val_loss", self._pipeline_contract_loss(batch), prog_bar=True, sync_dist=True)
         return None
 
     # -------------------------------------------------------------- the pipeline contract
@@ -254,32 +255,63 @@ class TrainModule(HyperparametersMixin, nn.Module):
     def current_epoch(self) -> int:
         return self._trainer.current_epoch if self._trainer else 0
 
-    def log(self, name: str, value: torch.Tensor | float, prog_bar: bool = False) -> None:
-        """Record a metric. It is averaged over ranks and written to the loggers every
-        ``log_every_n_steps`` steps (training) or once per validation run (mean over batches).
-        No host sync happens when you call this."""
-        if isinstance(value, torch.Tensor):
-            value = value.detach()
-            if hasattr(value, "full_tensor"):  # a DTensor (a loss from split logits): its whole value
-                value = value.full_tensor()
-            if value.numel() != 1:
-                raise ValueError(
-                    f"self.log({name!r}, ...) needs a single number, got a tensor of shape {tuple(value.shape)}"
-                )
-            value = value.reshape(())
-        else:
-            value = torch.tensor(float(value))
-        self._logged[name] = (value, prog_bar)
+    def log(
+        self,
+        name: str,
+        value: Any,
+        prog_bar: bool = False,
+        logger: bool | None = None,
+        on_step: bool | None = None,
+        on_epoch: bool | None = None,
+        reduce_fx: str | Callable[..., Any] = "mean",
+        enable_graph: bool = False,
+        sync_dist: bool = False,
+        sync_dist_group: Any = None,
+        add_dataloader_idx: bool = True,
+        batch_size: int | None = None,
+        metric_attribute: str | None = None,
+        rank_zero_only: bool = False,
+    ) -> None:
+        """Record a metric, with Lightning's options and meaning (docs/lightning.md, "Logging").
 
-    def log_dict(self, metrics: Mapping[str, torch.Tensor | float], prog_bar: bool = False) -> None:
-        for name, value in metrics.items():
-            self.log(name, value, prog_bar=prog_bar)
+        ``value``: a number, a one-element tensor, or a torchmetrics ``Metric`` (computed and reset at epoch end).
+        ``on_step``/``on_epoch`` default by hook as in Lightning (per step in training, per epoch in evaluation
+        and the epoch hooks); with both, the loggers get ``name_step`` and ``name_epoch``. Epoch values are
+        reduced with ``reduce_fx`` over the epoch's batches, a mean weighted by ``batch_size`` (default: the
+        batch's first dimension). Each rank's own value is logged (rank 0's reaches the loggers) unless
+        ``sync_dist=True``: then it is reduced over ranks with ``reduce_fx``, in one collective with the other
+        synced metrics when they are written. No host sync happens when you call this."""
+        if sync_dist_group is not None:
+            raise ConfigError(f"self.log({name!r}, sync_dist_group=...): only the whole run's group is supported")
+        hook = self.__dict__.get("_current_hook")
+        step, epoch = step_and_epoch(hook, name, on_step, on_epoch) if hook is not None else (True, False)
+        if hook is not None and hook.startswith(("on_predict", "predict")):
+            raise ConfigError(f"self.log({name!r}, ...) in {hook}: Lightning refuses logging in predict")
+        if not (callable(getattr(value, "compute", None)) and callable(getattr(value, "reset", None))):
+            value = _as_scalar(name, value, enable_graph)
+        self._logged[name] = LoggedValue(
+            value=value,
+            prog_bar=prog_bar,
+            logger=True if logger is None else bool(logger),
+            on_step=step,
+            on_epoch=epoch,
+            reduce_fx=reduction(reduce_fx, name),
+            sync_dist=sync_dist,
+            batch_size=batch_size,
+            rank_zero_only=rank_zero_only,
+            dataloader_idx=None if add_dataloader_idx else -1,
+        )
+
+    def log_dict(self, dictionary: Mapping[str, Any], **options: Any) -> None:
+        """``self.log`` of every item, with the same options (Lightning's ``log_dict``)."""
+        for name, value in dictionary.items():
+            self.log(name, value, **options)
 
     def print(self, *args: Any, **kwargs: Any) -> None:
         if self.global_rank == 0:
             print(*args, **kwargs)
 
-    def pop_logged(self) -> dict[str, tuple[torch.Tensor, bool]]:
+    def pop_logged(self) -> dict[str, LoggedValue]:
         """The metrics logged since the last call (used by the Trainer)."""
         logged, self._logged = self._logged, {}
         return logged
@@ -321,6 +353,22 @@ def _no_op_hook(name: str) -> Callable[..., None]:
 
 for _name in _NO_OP_HOOKS:
     setattr(TrainModule, _name, _no_op_hook(_name))
+
+
+def _as_scalar(name: str, value: Any, keep_graph: bool) -> torch.Tensor:
+    """A logged number as a 0-d tensor (a DTensor whole; detached unless ``enable_graph``)."""
+    if isinstance(value, torch.Tensor):
+        value = value if keep_graph else value.detach()
+        if hasattr(value, "full_tensor"):  # a DTensor (a loss from split logits): its whole value
+            value = value.full_tensor()
+        if value.numel() != 1:
+            raise ValueError(
+                f"self.log({name!r}, ...) needs a single number, got a tensor of shape {tuple(value.shape)}"
+            )
+        return value.reshape(())
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"self.log({name!r}, ...) takes a number, a tensor or a torchmetrics Metric, got {value!r}")
+    return torch.tensor(float(value))
 
 
 def takes_batch_idx(step: Callable[..., Any]) -> bool:

@@ -42,4 +42,5 @@ def test_basic_fit_under_ddp_and_fsdp_matches_lightnings_ddp(tmp_path):
             assert ours[rank]["global_step"] == theirs[rank]["global_step"]
             for name, values in theirs[rank]["weights"].items():
                 assert ours[rank]["weights"][name] == pytest.approx(values, abs=1e-5), (strategy, rank, name)
-        # TODO(issue 30): Lightning logs rank 0's own value unless sync_dist=True; shardtrain always averages
+        their_losses = [row["loss"] for row in theirs[0]["rows"] if "loss" in row]  # rank 0's own, as Lightning
+        assert [row["loss"] for row in ours[0]["rows"] if "loss" in row] == pytest.approx(their_losses, abs=1e-5)

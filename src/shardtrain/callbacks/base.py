@@ -14,6 +14,10 @@ if TYPE_CHECKING:
 class Callback:
     """Override any hook; each receives the trainer and the user's module first."""
 
+    #: Whether it reads ``trainer.callback_metrics`` to decide (checkpointing, early stopping): at the end of a
+    #: training epoch it then runs after the module's ``on_train_epoch_end`` and the epoch's metrics, as in Lightning.
+    monitors_metrics: bool = False
+
     @property
     def state_key(self) -> str:
         return type(self).__qualname__

@@ -31,6 +31,8 @@ class ModelCheckpoint(Callback):
         save_on_train_end: also save when training ends (so ``ckpt_path="last"`` resumes from the end).
     """
 
+    monitors_metrics = True
+
     def __init__(
         self,
         every_n_train_steps: int | None = None,

@@ -84,7 +84,7 @@ class CausalLM(TrainModule):
         return self(batch)
 
     def validation_step(self, batch: Mapping[str, torch.Tensor]) -> None:
-        self.log("val_loss", self(batch), prog_bar=True)
+        self.log("val_loss", self(batch), prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         trainable = [p for p in self.parameters() if p.requires_grad]

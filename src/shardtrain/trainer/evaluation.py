@@ -24,7 +24,8 @@ from shardtrain.errors import ConfigError
 from shardtrain.module import TrainModule
 from shardtrain.trainer.arguments import limited_batches
 from shardtrain.trainer.hooks import overrides
-from shardtrain.trainer.metrics import MetricCollector
+from shardtrain.logged import current_hook
+from shardtrain.trainer.metrics import Entry, Results
 
 if TYPE_CHECKING:
     from shardtrain.engine.wrapper import EngineModule
@@ -62,14 +63,17 @@ def loader_list(loaders: Any) -> list[Any]:
 
 class EvaluationLoop:
     """Runs one stage over its loaders. ``call(hook, *args)`` runs a hook on the callbacks then the module;
-    ``log(collector, extra)`` reduces collected metrics over ranks, writes them and returns them as floats."""
+    ``log(entries, extra)`` reduces the run's metrics (``trainer.metrics.Entry``), writes them and returns them as
+    floats; ``device`` is where the metrics are reduced."""
 
     def __init__(
         self,
         call: Callable[..., None],
-        log: Callable[[MetricCollector, dict[str, float]], dict[str, float]],
+        log: Callable[[list[Entry], dict[str, float]], dict[str, float]],
         limit: Callable[[Stage], int | float | None],
+        device: Callable[[], torch.device],
     ) -> None:
+        self._device = device
         self._call = call
         self._log = log
         self._limit = limit
@@ -95,7 +99,8 @@ class EvaluationLoop:
             getattr(module, f"on_{stage.hooks}_model_eval")()  # by default: the model in eval mode
             self._call(f"on_{stage.hooks}_start")
             self._call(f"on_{stage.hooks}_epoch_start")
-            collector = MetricCollector(mean_over_batches=True)
+            results = Results()
+            extra = dict(extra or {})
             outputs: list[list[Any]] = []
             several = len(loaders) > 1
             for index, loader in enumerate(loaders):
@@ -103,17 +108,23 @@ class EvaluationLoop:
                 for batch_idx, batch in self._batches(stage, loader, max_batches):
                     extra_args = (index,) if several else ()
                     self._call(f"on_{stage.hooks}_batch_start", batch, batch_idx, *extra_args)
-                    output = getattr(model, stage.step)(
-                        *_step_arguments(module, stage, batch, batch_idx, index, several)
-                    )
-                    self._collect(stage, module, collector, index if several else None)
+                    with current_hook(module, stage.step):
+                        output = getattr(model, stage.step)(
+                            *_step_arguments(module, stage, batch, batch_idx, index, several)
+                        )
+                    self._collect(stage, module, results, index if several else None, batch)
                     if stage.name == "predict" and return_predictions:
                         outputs[-1].append(output)
                     self._call(f"on_{stage.hooks}_batch_end", output, batch, batch_idx, *extra_args)
+                    self._collect(stage, module, results, index if several else None, batch)
+                    step_entries = results.take_step_entries(self._device())
+                    if step_entries and keep_metrics:  # on_step=True in evaluation: written per batch
+                        self._log(step_entries, extra)
             self._call(f"on_{stage.hooks}_epoch_end")
             epoch_end_names = set(module._logged) if stage.logs else set()
-            self._collect(stage, module, collector, None)
-            metrics = self._log(collector, dict(extra or {})) if stage.logs and keep_metrics else {}
+            self._collect(stage, module, results, None, None)
+            entries = results.epoch_entries(self._device()) + results.take_step_entries(self._device())
+            metrics = self._log(entries, extra) if stage.logs and keep_metrics else {}
             self._call(f"on_{stage.hooks}_end")
             if overrides(module, f"on_{stage.hooks}_model_train", TrainModule):
                 getattr(module, f"on_{stage.hooks}_model_train")()
@@ -136,16 +147,19 @@ class EvaluationLoop:
                 break
             yield batch_idx, batch
 
-    def _collect(self, stage: Stage, module: TrainModule, collector: MetricCollector, loader: int | None) -> None:
+    def _collect(self, stage: Stage, module: TrainModule, results: Results, loader: int | None, batch: Any) -> None:
         logged = module.pop_logged()
         if logged and not stage.logs:
             raise ConfigError(
                 f"{type(module).__name__} called self.log({sorted(logged)[0]!r}, ...) in predict, where Lightning refuses "
                 "logging too: return the values from predict_step instead"
             )
-        if loader is not None:
-            logged = {f"{name}/dataloader_idx_{loader}": value for name, value in logged.items()}
-        collector.update(logged)
+        if loader is not None:  # Lightning's suffix, unless logged with add_dataloader_idx=False
+            logged = {
+                (name if item.dataloader_idx == -1 else f"{name}/dataloader_idx_{loader}"): item
+                for name, item in logged.items()
+            }
+        results.add(logged, batch)
 
 
 def _step_arguments(

@@ -24,7 +24,8 @@ from shardtrain.engine.engine import Engine
 from shardtrain.errors import ConfigError
 from shardtrain.hparams import merged_for_loggers
 from shardtrain.loggers import Logger
-from shardtrain.trainer.metrics import MetricCollector
+from shardtrain.logged import current_hook
+from shardtrain.trainer.metrics import Entry, Results, reduce_entries
 from shardtrain.module import TrainModule, extract_loss
 from shardtrain.trainer.nonfinite import NonFiniteCheck
 from shardtrain.optimization import SchedulerConfig, parse_optimizers, step_schedulers
@@ -82,7 +83,9 @@ class Trainer:
         self.loggers: list[Logger] = [] if args.fast_dev_run else make_loggers(args.logger, self.default_root_dir)
         self.checkpoints = TrainerCheckpoints(self.engine, self.default_root_dir)
         self.validation = ValidationSchedule(args.val_check_interval, args.check_val_every_n_epoch)
-        self.evaluation = EvaluationLoop(self._call, self._log, lambda stage: getattr(args, stage.limit))
+        self.evaluation = EvaluationLoop(
+            self._call, self._write, lambda stage: getattr(args, stage.limit), lambda: self.engine.device
+        )
         #: The DataModule of the current (or last) stage, as in Lightning.
         self.datamodule: DataModule | None = None
         #: The checkpoint the last ``validate``/``test``/``predict`` loaded its weights from (``ckpt_path``).
@@ -98,6 +101,8 @@ class Trainer:
         self.current_epoch = 0
         self.batches_seen_in_epoch = 0
         self.callback_metrics: dict[str, float] = {}
+        #: What was last sent to the loggers, per name (Lightning's ``logged_metrics``).
+        self.logged_metrics: dict[str, float] = {}
         self.progress_bar_metrics: dict[str, float] = {}
         self.should_stop = False
         self.estimated_stepping_batches: int | float = math.inf
@@ -285,6 +290,7 @@ class Trainer:
                 loaders,
                 inference_mode=self.args.inference_mode and self.engine.supports_inference_mode,
                 return_predictions=return_predictions,
+                extra={"epoch": float(self.current_epoch)},
             )
             if verbose and self.is_global_zero and stage.logs:
                 print(results_table(stage, results), flush=True)
@@ -531,6 +537,7 @@ class Trainer:
         )
         self.state.stage = "train"
         self._loaders_loaded_at_epoch = self.current_epoch
+        self._results = Results()
         self._call("on_train_start")
         while not self._fit_done():
             if reload_due(self.args, self.current_epoch, self._loaders_loaded_at_epoch):
@@ -538,10 +545,11 @@ class Trainer:
             self.model.train()
             train_loader.set_epoch(self.current_epoch)
             self._call("on_train_epoch_start")
+            self._results.add(self.module.pop_logged())
             finished = self._train_epoch(train_loader, val_loaders)
-            # Lightning calls on_train_epoch_end also when max_steps or a stop request ends the epoch early; the
-            # position in the epoch stays then (not current_epoch + 1), so a run resumed from here continues it.
-            self._call("on_train_epoch_end")
+            # Lightning ends the epoch (on_train_epoch_end, epoch metrics) also when max_steps or a stop request ends
+            # it early; the position in the epoch stays then (not current_epoch + 1): a run resumed from here continues it.
+            self._end_training_epoch()
             if not finished:
                 break
             self.current_epoch += 1
@@ -559,7 +567,6 @@ class Trainer:
         num_batches = self.num_training_batches
         interval = self.validation.interval(num_batches)
         accumulate = self.args.accumulate_grad_batches
-        collector = MetricCollector(mean_over_batches=False)
         step_loss = torch.zeros((), device=self.engine.device)
         start = self.batches_seen_in_epoch  # resuming mid-epoch: these batches were already trained on
         train_loader.start_at(start)  # skipped by index, not loaded (see DeviceDataLoader)
@@ -578,13 +585,14 @@ class Trainer:
                 batch, batch_idx, sync=step_now, first=batch_idx % accumulate == 0
             )
             step_loss += loss
-            collector.update(self.module.pop_logged())
+            self._results.add(self.module.pop_logged(), batch)
             self.batches_seen_in_epoch = batch_idx + 1
             if step_now:
                 micro_batches = (batch_idx % accumulate) + 1
-                self._optimizer_step(collector, step_loss / micro_batches, batch_idx)
+                self._optimizer_step(step_loss / micro_batches, batch_idx)
                 step_loss = torch.zeros((), device=self.engine.device)
             self._call("on_train_batch_end", outputs, batch, batch_idx)
+            self._results.add(self.module.pop_logged(), batch)
             stop_requested = self.should_stop and self._can_stop_early()
             if (
                 val_loaders
@@ -610,7 +618,8 @@ class Trainer:
         ``training_step`` and the backward (Lightning's order: ``on_before_zero_grad``, ``optimizer_zero_grad``)."""
 
         def compute_loss() -> tuple[torch.Tensor, Any]:
-            outputs = self.model.training_step(*self.module._step_arguments("training_step", batch, batch_idx))
+            with current_hook(self.module, "training_step"):
+                outputs = self.model.training_step(*self.module._step_arguments("training_step", batch, batch_idx))
             loss = extract_loss(outputs, type(self.module).__name__)
             if first:
                 self._zero_grad(batch_idx)
@@ -621,7 +630,7 @@ class Trainer:
         self._call("on_after_backward")
         return loss, outputs
 
-    def _optimizer_step(self, collector: MetricCollector, step_loss: torch.Tensor, batch_idx: int) -> None:
+    def _optimizer_step(self, step_loss: torch.Tensor, batch_idx: int) -> None:
         logged: dict[str, tuple[torch.Tensor, bool]] = {"train_loss": (step_loss, True)}
         stepped: list[bool] = []
         if overrides(self.module, "optimizer_step", TrainModule):  # Lightning's signature and order
@@ -631,20 +640,26 @@ class Trainer:
 
             for optimizer in self.optimizers:
                 take_step = functools.partial(self._clip_and_step, [optimizer], step_loss, logged, stepped)
-                self.module.optimizer_step(self.current_epoch, batch_idx, StepOptimizer(optimizer, take_step), closure)
+                with current_hook(self.module, "optimizer_step"):
+                    self.module.optimizer_step(
+                        self.current_epoch, batch_idx, StepOptimizer(optimizer, take_step), closure
+                    )
         else:
             self._clip_and_step(self.optimizers, step_loss, logged, stepped)
         step_now = bool(stepped) and all(stepped)
         self.global_step += 1
         if step_now:
             step_schedulers(self.lr_schedulers, "step", self.global_step, self.callback_metrics, self._scheduler_step())
-        collector.update(logged)
+        self._results.add(self.module.pop_logged())
         if self.global_step % self.args.log_every_n_steps == 0 or self._reached_max_steps():
-            collector.update(
-                {_STOP_REQUESTED: (self._stop.flag(self.engine.device), False)}
-            )  # agreement rides on the logging all-reduce
-            self._log(collector, {"epoch": float(self.current_epoch)})
-            collector.reset()
+            entries = self._results.take_step_entries(self.engine.device)
+            entries += [  # shardtrain's own figures: the step's loss and gradient norm, averaged over ranks
+                Entry(name, value.detach().float().reshape(1), "mean", True, _first_value, prog_bar=prog_bar)
+                for name, (value, prog_bar) in logged.items()
+            ]
+            flag = self._stop.flag(self.engine.device).float().reshape(1)
+            entries.append(Entry(_STOP_REQUESTED, flag, "max", True, _first_value, logger=False))  # rides along
+            self._write(entries, {"epoch": float(self.current_epoch)})
         elif self._stop.check_due(self.global_step):
             self._stop.agreed = bool(self.engine.all_reduce(self._stop.flag(self.engine.device), "max").item())
 
@@ -699,7 +714,8 @@ class Trainer:
             self.module.on_validation_model_zero_grad()
         self.state.stage = "validate"  # trainer.validating
         try:
-            self.evaluation.run(VALIDATE, self.model, self.module, val_loaders)
+            extra = {"epoch": float(self.current_epoch)}
+            self.evaluation.run(VALIDATE, self.model, self.module, val_loaders, extra=extra)
         finally:
             self.state.stage = "train"
 
@@ -746,19 +762,50 @@ class Trainer:
         return 0 < self.args.max_steps <= self.global_step
 
     # ------------------------------------------------------------------ logging and hooks
-    def _log(self, collector: MetricCollector, extra: dict[str, float]) -> dict[str, float]:
-        metrics = collector.compute(lambda t: self.engine.all_reduce(t, "mean"), self.engine.device)
-        if metrics.pop(_STOP_REQUESTED, 0.0) > 0:
+    def _write(self, entries: list[Entry], extra: dict[str, float]) -> dict[str, float]:
+        """Reduce ``entries`` (synced ones over ranks, in one collective per kind), update ``callback_metrics``,
+        ``progress_bar_metrics`` and ``logged_metrics``, and write the loggers' entries (rank 0) with ``extra``;
+        returns every value. Every rank must call this at the same point with the same synced names."""
+        values = reduce_entries(entries, self.engine.all_reduce)
+        if values.pop(_STOP_REQUESTED, 0.0) > 0:
             self._stop.agreed = True
-        self.callback_metrics.update(metrics)
-        self.progress_bar_metrics.update({name: metrics[name] for name in collector.prog_bar if name in metrics})
-        if metrics and self.is_global_zero:
-            row = {**metrics, **extra}
+        row: dict[str, float] = {}
+        for entry in entries:
+            if entry.name not in values:
+                continue
+            value = values[entry.name]
+            self.callback_metrics[entry.name] = value
+            if entry.base_name is not None:  # Lightning's forked metric: the plain name holds the latest value too
+                self.callback_metrics[entry.base_name] = value
+            if entry.prog_bar:
+                self.progress_bar_metrics[entry.name] = value
+            if entry.logger:
+                row[entry.name] = value
+        self.logged_metrics.update(row)
+        if row and self.is_global_zero:
+            row.update(extra)
             for callback in self.callbacks:  # first: a callback may add figures to the row (ThroughputMonitor)
                 callback.on_log(self, row, self.global_step)
             for logger in self.loggers:
                 logger.log_metrics(row, self.global_step)
-        return metrics
+        return values
+
+    def _end_training_epoch(self) -> None:
+        """Lightning's end of a training epoch: the callbacks' ``on_train_epoch_end`` (those that monitor metrics
+        last), the module's; its epoch metrics are computed and written before the monitoring callbacks run, so that
+        they can monitor what the epoch (and the module's hook) logged."""
+        monitoring = [c for c in self.callbacks if getattr(c, "monitors_metrics", False)]
+        for callback in self.callbacks:
+            if callback not in monitoring:
+                callback.on_train_epoch_end(self, self.module)
+        with current_hook(self.module, "on_train_epoch_end"):
+            self.module.on_train_epoch_end()
+        self._results.add(self.module.pop_logged())
+        entries = self._results.epoch_entries(self.engine.device)
+        if entries:
+            self._write(entries, {"epoch": float(self.current_epoch)})
+        for callback in monitoring:
+            callback.on_train_epoch_end(self, self.module)
 
     def _log_hyperparams(self, module: TrainModule) -> None:
         """Lightning's: the module's and the DataModule's hyperparameters (``save_hyperparameters``) to every logger,
@@ -773,13 +820,14 @@ class Trainer:
         return self.loggers if self.is_global_zero else []
 
     def _call(self, hook: str, *args: Any) -> Any:
-        """Run ``hook`` on every callback, then on the module (Lightning's order); returns what the module's
-        returned (``on_train_batch_start`` may return -1)."""
-        for callback in self.callbacks:
-            getattr(callback, hook)(self, self.module, *args)
-        module_hook = getattr(self.module, hook, None)
-        if callable(module_hook) and hook.startswith("on_"):
-            return module_hook(*args)
+        """Run ``hook`` on every callback, then on the module (Lightning's order); ``self.log`` in them follows
+        Lightning's rules for ``hook``. Returns what the module's hook returned (``on_train_batch_start``: -1)."""
+        with current_hook(self.module, hook) if self.module is not None else contextlib.nullcontext():
+            for callback in self.callbacks:
+                getattr(callback, hook)(self, self.module, *args)
+            module_hook = getattr(self.module, hook, None)
+            if callable(module_hook) and hook.startswith("on_"):
+                return module_hook(*args)
         return None
 
 
@@ -792,6 +840,10 @@ def _batches(loader: Any, limit: int | float | None) -> int | float:
 
 
 _STOP_REQUESTED = "_shardtrain/stop_requested"
+
+
+def _first_value(values: list[float]) -> float:
+    return values[0]
 
 
 def _refuse_loaders_with_datamodule(stage: str, datamodule: DataModule | None, *loaders: Any) -> None:

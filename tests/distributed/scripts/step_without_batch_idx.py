@@ -33,7 +33,7 @@ class Regression(TrainModule):
 
     def validation_step(self, batch):
         x, y = batch
-        self.log("val_loss", nn.functional.mse_loss(self(x), y))
+        self.log("val_loss", nn.functional.mse_loss(self(x), y), sync_dist=True)  # over every rank's batches
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)

@@ -177,7 +177,9 @@ class PipelineRouter(nn.Module):
         method = kwargs.pop("_shardtrain_method", "forward")
         if method == "validation_step":
             loss = self.pipeline.eval_step(args[0])
-            self.module.log("val_loss", loss, prog_bar=True)
+            self.module.log(
+                "val_loss", loss, prog_bar=True, sync_dist=True
+            )  # every rank has the loss (the schedule shares it)
             return None
         raise RuntimeError(
             f"{type(self.module).__name__}.{method} cannot run under pipeline parallelism: each rank holds only its "
