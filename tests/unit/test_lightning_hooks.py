@@ -159,11 +159,11 @@ def test_hooks_that_are_called_are_not_refused(tmp_path):
         ("prepare_data",),
         ("setup", "fit"),
         ("callback from configure_callbacks",),
+        ("optimizer_zero_grad", 0, 0),  # as Lightning: before the backward of the step's first micro-batch
         ("configure_gradient_clipping", 0.5, "norm"),
-        ("optimizer_zero_grad", 0, 0),
         ("lr_scheduler_step", None),
-        ("configure_gradient_clipping", 0.5, "norm"),
         ("optimizer_zero_grad", 0, 1),
+        ("configure_gradient_clipping", 0.5, "norm"),
         ("lr_scheduler_step", None),
         ("teardown", "fit"),
     ]

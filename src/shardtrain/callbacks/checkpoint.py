@@ -151,15 +151,15 @@ class ModelCheckpoint(Callback):
     def _on_train_epoch_end(self, trainer: "Trainer") -> bool:
         if self._save_on_train_epoch_end is not None:
             return self._save_on_train_epoch_end
-        return not getattr(trainer, "num_val_batches", None)  # no validation in this fit
+        return not any(getattr(trainer, "num_val_batches", None) or [])  # no validation in this fit
 
     def _epoch_due(self, trainer: "Trainer") -> bool:
         return bool(self.every_n_epochs) and (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
     # ----------------------------------------------------------------- what to keep
     def _save_checkpoint(self, trainer: "Trainer", at_train_end: bool = False) -> None:
-        if trainer.global_step == self._last_saved_step:
-            return
+        if trainer.global_step == self._last_saved_step or getattr(trainer, "fast_dev_run", False):
+            return  # as Lightning: a fast_dev_run saves no checkpoints
         metrics = self._metrics(trainer)
         score = None
         if self.monitor is not None:

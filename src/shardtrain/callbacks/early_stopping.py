@@ -72,7 +72,9 @@ class EarlyStopping(Callback):
     def _on_train_epoch_end(self, trainer: "Trainer") -> bool:
         if self._check_on_train_epoch_end is not None:
             return self._check_on_train_epoch_end
-        return not getattr(trainer, "num_val_batches", None)  # Lightning: after validation when the fit validates
+        return not any(
+            getattr(trainer, "num_val_batches", None) or []
+        )  # Lightning: after validation when the fit validates
 
     def _check(self, trainer: "Trainer") -> None:
         if trainer.stage != "fit":

@@ -272,12 +272,18 @@ class Engine:
         return [EngineOptimizer(self.strategy.setup_optimizer(optimizer), self.strategy) for optimizer in optimizers]
 
     def setup_dataloaders(
-        self, *loaders: DataLoader, use_distributed_sampler: bool = True, seed: int = 0, pad_to_equal: bool = True
+        self,
+        *loaders: DataLoader,
+        use_distributed_sampler: bool = True,
+        seed: int = 0,
+        pad_to_equal: bool = True,
+        shuffle: bool | None = None,
     ) -> Any:
         """Give each data-parallel rank its share of the data and move batches to the device. ``pad_to_equal=False``
-        (prediction): no sample is repeated to give every rank as many as the others (ranks may differ by one)."""
+        (prediction): no sample is repeated to give every rank as many as the others (ranks may differ by one).
+        ``shuffle`` overrides the loaders' own shuffling (None: keep it; see ``with_distributed_sampler``)."""
         self._require_launched("setup_dataloaders")
-        share = (self.data_parallel_size, self.data_parallel_rank, seed)
+        share = (self.data_parallel_size, self.data_parallel_rank, seed, shuffle)
         out = [
             DeviceDataLoader(
                 with_distributed_sampler(loader, *share, pad_to_equal=pad_to_equal)

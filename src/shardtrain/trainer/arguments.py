@@ -17,6 +17,7 @@ from shardtrain.callbacks.base import Callback
 from shardtrain.errors import ConfigError
 from shardtrain.loggers import Logger
 from shardtrain.trainer.nonfinite import check_choice
+from shardtrain.trainer.loop_options import check_loop_options
 from shardtrain.preemption import Preemption
 
 if TYPE_CHECKING:
@@ -70,6 +71,28 @@ class TrainerArguments:
         on_nonfinite: ``"ignore"``, ``"stop"`` (raise ``NonFiniteError`` naming the step and
             ranks) or ``"skip"`` (leave the optimizer step out) when a step's loss or gradient
             norm is NaN/Inf; the checks cost one small collective and host sync per step.
+        min_epochs: train at least this many epochs: a stop request (``trainer.should_stop``, early
+            stopping) before then is put off until they are done, as in Lightning.
+        min_steps: train at least this many optimizer steps, likewise.
+        num_sanity_val_steps: validation batches run before training starts (Lightning's sanity check,
+            default 2; ``-1``: the whole validation loader; ``0``: none). The validation hooks run with
+            ``trainer.sanity_checking`` True, between the callbacks' ``on_sanity_check_start``/``_end``;
+            nothing is logged and its metrics are not kept.
+        fast_dev_run: ``True`` (1) or ``n``: a quick check of the code: ``n`` training, validation, test
+            and predict batches, one epoch, ``max_steps=n``, no sanity check, no logging and no checkpoints.
+        overfit_batches: train (and validate) on the same first batches every epoch: an int count or a
+            float fraction of the loaders; the training loader is not shuffled.
+        deterministic: ``True``: ``torch.use_deterministic_algorithms(True)`` and, on CUDA,
+            ``CUBLAS_WORKSPACE_CONFIG=:4096:8``; ``"warn"``: the same, warning instead of failing on a
+            non-deterministic operation; ``False``: turn it off; ``None``: leave torch's setting alone.
+        benchmark: ``torch.backends.cudnn.benchmark``; ``None``: leave it as is, except that
+            ``deterministic=True`` turns it off (as in Lightning).
+        reload_dataloaders_every_n_epochs: ask the DataModule or module for its training and validation
+            loaders again every this many epochs (``0``: never); loaders given to ``fit`` stay.
+        use_distributed_sampler: put a ``DistributedSampler`` into the loaders (default); ``False``:
+            keep the loaders' samplers as they are (sharding the data is then the user's job).
+        sync_batchnorm: turn every ``BatchNorm`` layer into ``SyncBatchNorm`` before the model is
+            wrapped (statistics over all data-parallel ranks); ddp and fsdp only.
     """
 
     accelerator: str = "auto"
@@ -100,6 +123,16 @@ class TrainerArguments:
     timeout_seconds: float = 1800.0
     preemption: Preemption | bool = True
     on_nonfinite: str = "ignore"
+    min_epochs: int | None = None
+    min_steps: int | None = None
+    num_sanity_val_steps: int = 2
+    fast_dev_run: int | bool = False
+    overfit_batches: int | float = 0.0
+    deterministic: bool | Literal["warn"] | None = None
+    benchmark: bool | None = None
+    reload_dataloaders_every_n_epochs: int = 0
+    use_distributed_sampler: bool = True
+    sync_batchnorm: bool = False
 
     def __post_init__(self) -> None:
         check_positive_int("accumulate_grad_batches", self.accumulate_grad_batches)
@@ -123,6 +156,7 @@ class TrainerArguments:
         if not isinstance(self.preemption, (bool, Preemption)):
             raise ConfigError(f"preemption must be True, False or a shardtrain.Preemption, got {self.preemption!r}")
         check_choice(self.on_nonfinite)
+        check_loop_options(self)
 
     @property
     def epochs_limit(self) -> int | None:

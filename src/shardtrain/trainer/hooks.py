@@ -77,7 +77,8 @@ HOOKS: dict[str, Hook] = {
         "on_before_optimizer_step, gradient clipping and the strategy's step"
     ),
     "optimizer_zero_grad": _called(
-        "automatic optimization: optimizer_zero_grad(epoch, batch_idx, optimizer) after each optimizer step"
+        "automatic optimization: optimizer_zero_grad(epoch, batch_idx, optimizer) before the backward of each step's "
+        "first micro-batch (after its training_step), as Lightning"
     ),
     "configure_gradient_clipping": _called(
         "automatic optimization: configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm) "
@@ -133,7 +134,8 @@ HOOKS: dict[str, Hook] = {
         for stage in ("validation", "test")
     },
     "on_validation_model_zero_grad": _called(
-        "before each validation inside fit (without an override, gradients were already freed after the step)"
+        "before each validation inside fit that does not fall inside a gradient accumulation; by default it frees "
+        "the gradients, as Lightning's"
     ),
 }
 

@@ -30,8 +30,17 @@ from shardtrain.module import TrainModule, extract_loss
 from shardtrain.trainer.nonfinite import NonFiniteCheck
 from shardtrain.optimization import SchedulerConfig, parse_optimizers, step_schedulers
 from shardtrain.preemption import Preemption, StopAgreement
-from shardtrain.seed import seed_everything
+from shardtrain.seed import global_seed, seed_everything, seed_workers_requested, worker_init_function
 from shardtrain.trainer.arguments import TrainerArguments, limited_batches
+from shardtrain.trainer.loop_options import (
+    can_stop_early,
+    convert_sync_batchnorm,
+    debug_limits,
+    reload_due,
+    sanity_batches,
+    set_torch_flags,
+)
+from shardtrain.trainer.state import StageFlags, TrainerState
 from shardtrain.trainer.checkpoint import TrainerCheckpoints
 from shardtrain.trainer import loggers as trainer_loggers
 from shardtrain.trainer.evaluation import PREDICT, TEST, VALIDATE, EvaluationLoop, Stage, loader_list, results_table
@@ -59,7 +68,9 @@ class Trainer:
                 f"Trainer got unknown arguments {unknown}; it takes: {', '.join(TrainerArguments.names())}"
             )
         args = TrainerArguments(**{**(vars(arguments) if arguments is not None else {}), **options})
+        args = debug_limits(args)  # fast_dev_run and overfit_batches, as the limits Lightning makes of them
         self.args = args
+        set_torch_flags(args.deterministic, args.benchmark)
         #: The run's config from ``shardtrain fit`` (its YAML, resolved), stored in checkpoints to resume from.
         self.run_config: dict[str, Any] | None = None
         self.engine = Engine(**args.engine_options())
@@ -70,7 +81,8 @@ class Trainer:
         self._stop = StopAgreement(self.preemption)
         self.nonfinite = NonFiniteCheck(args.on_nonfinite)
         self.callbacks: list[Callback] = args.callback_list()
-        self.loggers = trainer_loggers.make_loggers(args.logger, self.default_root_dir)
+        # fast_dev_run logs nothing, as Lightning (its DummyLogger); ModelCheckpoint saves nothing either
+        self.loggers = [] if args.fast_dev_run else trainer_loggers.make_loggers(args.logger, self.default_root_dir)
         self.checkpoints = TrainerCheckpoints(self.engine, self.default_root_dir)
         self.validation = ValidationSchedule(args.val_check_interval, args.check_val_every_n_epoch)
         self.evaluation = EvaluationLoop(
@@ -80,6 +92,13 @@ class Trainer:
         self.datamodule: DataModule | None = None
         #: The checkpoint the last ``validate``/``test``/``predict`` loaded its weights from (``ckpt_path``).
         self.loaded_checkpoint: Path | None = None
+        self.state = TrainerState()
+        self.is_last_batch = False
+        self.num_training_batches: int | float = 0
+        self.num_val_batches: list[int | float] = []
+        self._train_loader_from_module = False
+        self._val_loader_from_module = False
+        self._loaders_loaded_at_epoch = 0
         self.global_step = 0
         self.current_epoch = 0
         self.batches_seen_in_epoch = 0
@@ -98,6 +117,8 @@ class Trainer:
         self.stage: str | None = None
         #: Batches of each validation loader of the current fit (Lightning's ``num_val_batches``; empty: no validation).
         self.num_val_batches: list[int | float] = []
+        #: Whether gradients of a step still being accumulated are held (validation then keeps them).
+        self._accumulating = False
         #: Set up by fit for a module with ``automatic_optimization = False`` (see ``manual_optimization``).
         self.manual_optimization: ManualOptimization | None = None
 
@@ -117,6 +138,12 @@ class Trainer:
     world_size = property(lambda self: self.engine.world_size)
 
     is_global_zero = property(lambda self: self.engine.is_global_zero)
+    lightning_module = property(lambda self: self.module, doc="The user's module (Lightning's name).")
+    training = StageFlags("train")
+    validating = StageFlags("validate")
+    sanity_checking = StageFlags("sanity_check")
+    testing = StageFlags("test")
+    predicting = StageFlags("predict")
 
     @property
     def checkpoint_callbacks(self) -> list[ModelCheckpoint]:
@@ -205,10 +232,13 @@ class Trainer:
                 module, "fit"
             )  # as in Lightning: before the loaders are asked for and the model is built
             self.engine.choose_strategy(module)  # strategy="auto": first, as the layout decides each rank's data
-            train_loader = self._loader(train_dataloaders, module, "train_dataloader", required=True)
+            self.state.fn = "fit"
+            self._train_loader_from_module = train_dataloaders is None
+            self._val_loader_from_module = val_dataloaders is None
+            train_loader = self._loader(train_dataloaders, module, "train_dataloader", required=True, training=True)
             self.train_loader = train_loader  # a StatefulDataLoader's position goes into checkpoints
             val_loaders = self._loaders(val_dataloaders, module, VALIDATE, required=False)
-            self.num_val_batches = [_length(loader) for loader in val_loaders]
+            self._count_batches(train_loader, val_loaders)
             self.estimated_stepping_batches = self.args.stepping_batches(train_loader)
             self.engine.configure_training(
                 **self.args.training_settings(),
@@ -221,6 +251,7 @@ class Trainer:
             if ckpt_path is not None:
                 self._restore(ckpt_path)
             self._call("on_fit_start")
+            self._sanity_check(val_loaders, resumed=ckpt_path is not None)
             self._train(train_loader, val_loaders)
             self._call("on_fit_end")
             status = "success"
@@ -232,6 +263,7 @@ class Trainer:
                 raise peer_failure from exception
             raise
         finally:
+            self.state.fn = self.state.stage = None
             self._stop.uninstall()
             self.engine.wait_for_checkpoint()
             trainer_loggers.finalize(self._rank_zero_loggers(), status)
@@ -309,6 +341,9 @@ class Trainer:
             if ckpt_path is not None:
                 self._load_weights(ckpt_path)
             loaders = self._loaders(dataloaders, model, stage, required=True)
+            self.state.fn = self.state.stage = stage.name
+            if stage is VALIDATE:
+                self._count_batches(None, loaders)
             results = self.evaluation.run(
                 stage,
                 self.model,
@@ -327,6 +362,7 @@ class Trainer:
             trainer_loggers.finalize(self._rank_zero_loggers(), "failed")
             raise
         finally:
+            self.state.fn = self.state.stage = None
             self._teardown(model, stage.name)
 
     def _teardown(self, module: TrainModule, stage: str) -> None:
@@ -416,22 +452,29 @@ class Trainer:
     def _set_up_model(self, module: TrainModule, stage: str) -> None:
         self.engine.choose_strategy(module)  # strategy="auto" (validate): from the model, before it is built
         if self.args.seed is not None:
-            seed_everything(self.args.seed)
+            seed_everything(self.args.seed, workers=seed_workers_requested(), verbose=False)
         with self.engine.init_module():
             module.configure_model()
+        if self.args.sync_batchnorm:
+            convert_sync_batchnorm(module, self.engine.strategy.name, self.engine.device.type, self.world_size)
         self.module = module
         if stage == "fit":
 
             def configure_optimizers() -> list[torch.optim.Optimizer]:
+                self.model = module  # readable there, as in Lightning (the strategy's module: parameters in place)
                 optimizers, self.lr_schedulers = parse_optimizers(module.configure_optimizers())
                 return optimizers
 
-            self.model, self.optimizers = self.engine.setup_module_and_optimizers(module, configure_optimizers)
+            try:
+                self.model, self.optimizers = self.engine.setup_module_and_optimizers(module, configure_optimizers)
+            except BaseException:
+                self.model = None
+                raise
             self.manual_optimization = ManualOptimization(self) if is_manual(module) else None
         else:
             self.model = self.engine.setup_module(module)
 
-    def _loader(self, given: Any, module: TrainModule, hook: str, required: bool) -> Any:
+    def _loader(self, given: Any, module: TrainModule, hook: str, required: bool, training: bool = False) -> Any:
         """The loader ``given``, else the DataModule's ``hook()``, else the module's (Lightning's order), set up."""
         loaders = self._requested_loaders(given, module, hook)
         if not loaders:
@@ -440,7 +483,23 @@ class Trainer:
             return None
         if len(loaders) > 1:
             raise ConfigError(f"{hook} returned {len(loaders)} loaders; training takes one")
-        return self.engine.setup_dataloaders(loaders[0], seed=self.args.seed or 0)
+        return self._set_up_loader(loaders[0], training=training)
+
+    def _set_up_loader(self, loader: Any, training: bool = False, pad_to_equal: bool = True) -> Any:
+        """One loader set up for this run: Lightning's seeded workers, and its DistributedSampler, which shuffles
+        the training data under several processes even when the loader was made with shuffle=False (not under
+        ``overfit_batches``); seeded by ``seed`` or ``seed_everything``'s ``PL_GLOBAL_SEED``."""
+        if seed_workers_requested() and getattr(loader, "num_workers", 0) > 0 and loader.worker_init_fn is None:
+            loader.worker_init_fn = functools.partial(worker_init_function, rank=self.global_rank)  # as Lightning
+        overfit = self.args.overfit_batches > 0
+        shuffle = False if overfit else (True if training and self.engine.data_parallel_size > 1 else None)
+        return self.engine.setup_dataloaders(
+            loader,
+            use_distributed_sampler=self.args.use_distributed_sampler,
+            seed=self.args.seed if self.args.seed is not None else global_seed(),
+            shuffle=shuffle,
+            pad_to_equal=pad_to_equal,
+        )
 
     def _loaders(self, given: Any, module: TrainModule, stage: Stage, required: bool) -> list[Any]:
         """The loaders of an evaluation stage (one or several), set up: each rank reads its own share in order
@@ -448,10 +507,7 @@ class Trainer:
         loaders = self._requested_loaders(given, module, stage.dataloader)
         if not loaders and required:
             raise ConfigError(self._no_loader_message(module, stage.dataloader))
-        return [
-            self.engine.setup_dataloaders(loader, seed=self.args.seed or 0, pad_to_equal=stage.name != "predict")
-            for loader in loaders
-        ]
+        return [self._set_up_loader(loader, pad_to_equal=stage.name != "predict") for loader in loaders]
 
     def _requested_loaders(self, given: Any, module: TrainModule, hook: str) -> list[Any]:
         if given is None and self.datamodule is not None:
@@ -493,22 +549,75 @@ class Trainer:
         self.checkpoints.load_weights(path, self)
         self.loaded_checkpoint = path
 
+    def _count_batches(self, train_loader: Any, val_loaders: list[Any]) -> None:
+        """``trainer.num_training_batches`` and ``num_val_batches`` (per epoch, after the ``limit_*`` arguments)."""
+        if train_loader is not None:
+            self.num_training_batches = _batches(train_loader, self.args.limit_train_batches)
+        self.num_val_batches = [_batches(loader, self.args.limit_val_batches) for loader in val_loaders]
+
+    def _sanity_check(self, val_loaders: list[Any], resumed: bool) -> None:
+        """Lightning's sanity check: a few validation batches before training, nothing logged or kept.
+
+        In a resumed run it leaves the random-number state as the checkpoint restored it (iterating a loader
+        draws from it), so that the run continues as the uninterrupted one did."""
+        batches = sanity_batches(self.args)
+        if not val_loaders or batches <= 0 or not any(self.num_val_batches):
+            return
+        self.state.stage = "sanity_check"
+        cuda = [self.engine.device] if self.engine.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda) if resumed else contextlib.nullcontext():
+            for callback in self.callbacks:
+                callback.on_sanity_check_start(self, self.module)
+            self.evaluation.run(VALIDATE, self.model, self.module, val_loaders, max_batches=batches, keep_metrics=False)
+            for callback in self.callbacks:
+                callback.on_sanity_check_end(self, self.module)
+        self.state.stage = None
+
+    def _reload_loaders(self, val_loaders: list[Any]) -> tuple[Any, list[Any]]:
+        """``reload_dataloaders_every_n_epochs``: the loaders asked for again from the DataModule or the module
+        (loaders given to ``fit`` stay)."""
+        self._loaders_loaded_at_epoch = self.current_epoch
+        train_loader = self.train_loader
+        if self._train_loader_from_module:
+            train_loader = self._loader(None, self.module, "train_dataloader", required=True, training=True)
+            self.train_loader = train_loader
+        if val_loaders and self._val_loader_from_module:
+            val_loaders = self._loaders(None, self.module, VALIDATE, required=False)
+        self._count_batches(train_loader, val_loaders)
+        return train_loader, val_loaders
+
+    def _can_stop_early(self) -> bool:
+        return can_stop_early(self.args, self.current_epoch, self.global_step)
+
+    def _fit_done(self) -> bool:
+        """``max_steps``/``max_epochs`` reached, or a stop request once ``min_epochs``/``min_steps`` are met."""
+        if self._reached_max_steps() or (self.max_epochs is not None and self.current_epoch >= self.max_epochs):
+            return True
+        return self.should_stop and self._can_stop_early()
+
     # ------------------------------------------------------------------ training
     def _train(self, train_loader: Any, val_loaders: list[Any]) -> None:
         assert self.model is not None
         self.should_stop = self._reached_max_steps() or (
             self.max_epochs is not None and self.current_epoch >= self.max_epochs
         )
+        self.state.stage = "train"
+        self._loaders_loaded_at_epoch = self.current_epoch
         self._results = Results()
         self._call("on_train_start")
-        while not self.should_stop:
+        while not self._fit_done():
+            if reload_due(self.args, self.current_epoch, self._loaders_loaded_at_epoch):
+                train_loader, val_loaders = self._reload_loaders(val_loaders)
             self.model.train()
             train_loader.set_epoch(self.current_epoch)
             self._call("on_train_epoch_start")
             self._results.add(self.module.pop_logged())
-            if not self._train_epoch(train_loader, val_loaders):
-                break  # stopped mid-epoch (max_steps or should_stop): the epoch is not over
+            finished = self._train_epoch(train_loader, val_loaders)
+            # Lightning ends the epoch (on_train_epoch_end, epoch metrics) also when max_steps or a stop request ends
+            # it early; the position in the epoch stays then (not current_epoch + 1): a run resumed from here continues it.
             self._end_training_epoch()
+            if not finished:
+                break
             self.current_epoch += 1
             self.batches_seen_in_epoch = 0
             if self.manual_optimization is None:  # manual optimization: the module steps its schedulers
@@ -520,21 +629,24 @@ class Trainer:
         self._call("on_train_end")
 
     def _train_epoch(self, train_loader: Any, val_loaders: list[Any]) -> bool:
-        """Train until the epoch's data runs out (returns True) or training must stop (False)."""
-        try:
-            num_batches = limited_batches(len(train_loader), self.args.limit_train_batches)
-        except TypeError:
-            num_batches = math.inf
+        """Train until the epoch's data runs out (or ``on_train_batch_start`` returns -1: returns True) or
+        training must stop (False)."""
+        num_batches = self.num_training_batches
         interval = self.validation.interval(num_batches)
         accumulate = self.args.accumulate_grad_batches
         step_loss = torch.zeros((), device=self.engine.device)
         start = self.batches_seen_in_epoch  # resuming mid-epoch: these batches were already trained on
         train_loader.start_at(start)  # skipped by index, not loaded (see DeviceDataLoader)
+        validated, skipped_rest = False, False
         for batch_idx, batch in enumerate(train_loader, start=start):
             if batch_idx >= num_batches:
                 break
-            self._call("on_train_batch_start", batch, batch_idx)
+            validated = False
             is_last = batch_idx + 1 == num_batches
+            self.is_last_batch = is_last
+            if self._call("on_train_batch_start", batch, batch_idx) == -1:  # Lightning: skip the rest of the epoch
+                skipped_rest = True
+                break
             step_now = (batch_idx + 1) % accumulate == 0 or is_last
             if self.manual_optimization is not None:  # the module steps (and counts global_step) itself
                 with current_hook(self.module, "training_step"):
@@ -544,39 +656,49 @@ class Trainer:
                 self._log_if_due(self.manual_optimization.batch_done())
                 step_now = False
             else:
-                loss, outputs = self._training_micro_step(batch, batch_idx, sync=step_now)
+                loss, outputs = self._training_micro_step(
+                    batch, batch_idx, sync=step_now, first=batch_idx % accumulate == 0
+                )
                 step_loss += loss
                 self._results.add(self.module.pop_logged(), batch)
                 self.batches_seen_in_epoch = batch_idx + 1
+            self._accumulating = not step_now and self.manual_optimization is None
             if step_now:
                 micro_batches = (batch_idx % accumulate) + 1
                 self._optimizer_step(step_loss / micro_batches, batch_idx)
                 step_loss = torch.zeros((), device=self.engine.device)
             self._call("on_train_batch_end", outputs, batch, batch_idx)
             self._results.add(self.module.pop_logged(), batch)
+            stop_requested = self.should_stop and self._can_stop_early()
             if (
                 val_loaders
-                and interval
-                and (batch_idx + 1) % interval == 0
                 and self.validation.epoch_due(self.current_epoch)
-            ):
+                and ((interval and (batch_idx + 1) % interval == 0) or (not interval and is_last) or stop_requested)
+            ):  # Lightning validates when a stop request will end the epoch, too
                 self._validate_in_fit(val_loaders)
+                validated = True
             if self._stop.agreed and not self._reached_max_steps():  # on the last step, just finish
                 self._stop.stop(self.global_step, self.global_rank, self._checkpoint_for_stop)
-            if self._reached_max_steps() or self.should_stop:
+            if self._reached_max_steps() or (self.should_stop and self._can_stop_early()):
                 self.should_stop = True
                 if self.batches_seen_in_epoch < num_batches:
                     return False
                 break
-        if val_loaders and interval == 0 and self.validation.epoch_due(self.current_epoch):
-            self._validate_in_fit(val_loaders)
+        end_of_epoch_validation = not interval and not validated and not skipped_rest
+        if val_loaders and end_of_epoch_validation and self.validation.epoch_due(self.current_epoch):
+            self._validate_in_fit(val_loaders)  # a loader without a length: its end is known only now
         return True
 
-    def _training_micro_step(self, batch: Any, batch_idx: int, sync: bool) -> tuple[torch.Tensor, Any]:
+    def _training_micro_step(self, batch: Any, batch_idx: int, sync: bool, first: bool) -> tuple[torch.Tensor, Any]:
+        """Forward and backward of one micro-batch; the first of a step zeroes the gradients between the
+        ``training_step`` and the backward (Lightning's order: ``on_before_zero_grad``, ``optimizer_zero_grad``)."""
+
         def compute_loss() -> tuple[torch.Tensor, Any]:
             with current_hook(self.module, "training_step"):
                 outputs = self.model.training_step(*self.module._step_arguments("training_step", batch, batch_idx))
             loss = extract_loss(outputs, type(self.module).__name__)
+            if first:
+                self._zero_grad(batch_idx)
             self._call("on_before_backward", loss)
             return loss, outputs
 
@@ -601,13 +723,6 @@ class Trainer:
         else:
             self._clip_and_step(self.optimizers, step_loss, logged, stepped)
         step_now = bool(stepped) and all(stepped)
-        own_zero_grad = overrides(self.module, "optimizer_zero_grad", TrainModule)
-        for optimizer in self.optimizers:
-            self._call("on_before_zero_grad", optimizer)
-            if own_zero_grad:
-                self.module.optimizer_zero_grad(self.current_epoch, batch_idx, optimizer)
-            else:
-                optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
         if step_now:
             step_schedulers(self.lr_schedulers, "step", self.global_step, self.callback_metrics, self._scheduler_step())
@@ -630,6 +745,15 @@ class Trainer:
         flag = self._stop.flag(self.engine.device).float().reshape(1)
         entries.append(Entry(_STOP_REQUESTED, flag, "max", True, _first_value, logger=False))
         self._write(entries, {"epoch": float(self.current_epoch)})
+
+    def _zero_grad(self, batch_idx: int) -> None:
+        own_zero_grad = overrides(self.module, "optimizer_zero_grad", TrainModule)
+        for optimizer in self.optimizers:
+            self._call("on_before_zero_grad", optimizer)
+            if own_zero_grad:
+                self.module.optimizer_zero_grad(self.current_epoch, batch_idx, optimizer)
+            else:
+                optimizer.zero_grad(set_to_none=True)
 
     def _clip_and_step(
         self,
@@ -669,9 +793,14 @@ class Trainer:
     def _validate_in_fit(self, val_loaders: list[Any]) -> None:
         """Validation inside ``fit``: gradients freed first (Lightning's ``on_validation_model_zero_grad``), and
         ``torch.no_grad`` rather than inference mode (tensors a model caches while validating may be trained on)."""
-        if overrides(self.module, "on_validation_model_zero_grad", TrainModule):
+        if not self._accumulating:  # Lightning: between steps, the gradients are freed (or the override runs)
             self.module.on_validation_model_zero_grad()
-        self.evaluation.run(VALIDATE, self.model, self.module, val_loaders, extra={"epoch": float(self.current_epoch)})
+        self.state.stage = "validate"  # trainer.validating
+        try:
+            extra = {"epoch": float(self.current_epoch)}
+            self.evaluation.run(VALIDATE, self.model, self.module, val_loaders, extra=extra)
+        finally:
+            self.state.stage = "train"
 
     def _scheduler_step(self) -> Any:
         """The module's ``lr_scheduler_step`` where it overrides it, else None (``scheduler.step()``)."""
@@ -774,15 +903,24 @@ class Trainer:
     def _rank_zero_loggers(self) -> list[Logger]:
         return self.loggers if self.is_global_zero else []
 
-    def _call(self, hook: str, *args: Any) -> None:
+    def _call(self, hook: str, *args: Any) -> Any:
         """Run ``hook`` on every callback, then on the module (Lightning's order); ``self.log`` in them follows
-        Lightning's rules for ``hook``."""
+        Lightning's rules for ``hook``. Returns what the module's hook returned (``on_train_batch_start``: -1)."""
         with current_hook(self.module, hook) if self.module is not None else contextlib.nullcontext():
             for callback in self.callbacks:
                 getattr(callback, hook)(self, self.module, *args)
             module_hook = getattr(self.module, hook, None)
             if callable(module_hook) and hook.startswith("on_"):
-                module_hook(*args)
+                return module_hook(*args)
+        return None
+
+
+def _batches(loader: Any, limit: int | float | None) -> int | float:
+    """Batches per epoch of ``loader`` after a ``limit_*_batches`` (inf without a length)."""
+    try:
+        return limited_batches(len(loader), limit)
+    except TypeError:
+        return math.inf
 
 
 _STOP_REQUESTED = "_shardtrain/stop_requested"
@@ -790,13 +928,6 @@ _STOP_REQUESTED = "_shardtrain/stop_requested"
 
 def _first_value(values: list[float]) -> float:
     return values[0]
-
-
-def _length(loader: Any) -> int | float:
-    try:
-        return len(loader)
-    except TypeError:
-        return math.inf
 
 
 def _refuse_loaders_with_datamodule(stage: str, datamodule: DataModule | None, *loaders: Any) -> None:
