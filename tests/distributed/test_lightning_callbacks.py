@@ -16,6 +16,8 @@ def test_callbacks_on_two_processes_match_lightnings_ddp(tmp_path):
             train_end = f"epoch={mine['current_epoch']}-step={mine['global_step']}"  # save_on_train_end's
             reference["step_files"] = [name.removesuffix(".ckpt") for name in reference["step_files"]]
             assert mine.pop("step_files") == sorted([*reference.pop("step_files"), train_end])
+            if rank:  # Lightning's rank 0 deletes the replaced checkpoint after its last barrier: rank 1 may list it
+                mine.pop("default_files"), reference.pop("default_files")
             mine["lrs"] = [lr for _, lr in mine["lrs"]]
             reference["lrs"] = [lr for _, lr in reference["lrs"]]
             assert_same(mine, reference)

@@ -52,9 +52,14 @@ def log_dir(loggers: list[Logger], default_root_dir: Path, broadcast: Any) -> st
     return broadcast(directory)
 
 
-def start_experiments(loggers: list[Logger]) -> None:
+def start_experiments(loggers: list[Logger], broadcast: Any) -> None:
     """Open each logger's ``experiment`` before the ``setup`` hooks, as Lightning does, so that its name, version
-    and run exist in the hooks (a W&B run's id, an MLflow run); off rank 0 ``rank_zero_experiment`` makes it a no-op."""
+    and run exist in the hooks (a W&B run's id, an MLflow run); off rank 0 ``rank_zero_experiment`` makes it a no-op.
+    A CSV or TensorBoard logger's version is rank 0's on every rank (``broadcast``): another rank looking for the
+    next free ``version_<N>`` after rank 0 made one would pick the one after it."""
+    for logger in loggers:
+        if isinstance(logger, (CSVLogger, TensorBoardLogger)):
+            logger._version = broadcast(logger.version)
     for logger in loggers:
         if hasattr(type(logger), "experiment"):
             _ = logger.experiment

@@ -436,7 +436,8 @@ class Trainer:
     def _setup_hooks(self, module: TrainModule, stage: str) -> None:
         """Every stage, as Lightning: the DataModule's ``setup(stage)``, each callback's ``setup(trainer, module,
         stage)``, then the module's ``setup(stage)``."""
-        trainer_loggers.start_experiments(self.loggers)  # as Lightning: first, so that a run's id is known in setup
+        # as Lightning: first, so that a run's id is known in setup
+        trainer_loggers.start_experiments(self.loggers, self._broadcast_when_launched)
         if self.datamodule is not None:
             self.datamodule.setup(stage)
         for callback in self.callbacks:
