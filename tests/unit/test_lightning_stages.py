@@ -56,8 +56,15 @@ def test_test_without_a_model_or_loader_or_best_checkpoint_says_what_to_pass(tmp
         trainer.test(Regression())
     with pytest.raises(ConfigError, match="no best checkpoint"):
         trainer.test(Regression(), _loader(), ckpt_path="best")
-    with pytest.raises(ConfigError, match='ckpt_path="last".*no checkpoint'):
-        trainer.test(Regression(), _loader(), ckpt_path="last")
+
+
+def test_last_before_any_checkpoint_warns_and_tests_the_current_weights_as_lightning(tmp_path):
+    trainer, model, loader = _trainer(tmp_path), Regression(), _loader()
+    with pytest.warns(UserWarning, match='ckpt_path="last".*no checkpoint.*current weights'):
+        from_last = trainer.test(model, loader, ckpt_path="last", verbose=False)
+    assert trainer.loaded_checkpoint is None
+    assert from_last == trainer.test(model, loader, verbose=False)
+    assert set(from_last[0]) == {"test_loss"}
 
 
 def test_loaders_and_a_datamodule_together_are_refused(tmp_path):

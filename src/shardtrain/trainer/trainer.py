@@ -12,6 +12,7 @@ import functools
 import inspect
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -19,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from shardtrain.callbacks import Callback, ModelCheckpoint
+from shardtrain.checkpoint.pointer import resolve_checkpoint
 from shardtrain.datamodule import DataModule
 from shardtrain.engine.engine import Engine
 from shardtrain.errors import ConfigError
@@ -422,9 +424,17 @@ class Trainer:
                     'this Trainer; pass a path, or "last"'
                 )
             ckpt_path = best
-        path = self.checkpoints.resolve(ckpt_path)
+        path = resolve_checkpoint(ckpt_path, self.checkpoints.directory)
         if path is None:
-            raise ConfigError(f'ckpt_path="last", but no checkpoint was saved in {self.checkpoints.directory} yet')
+            # Lightning: not an error, so that "last" can be set before the first fit; the weights in memory are used.
+            if self.is_global_zero:
+                warnings.warn(
+                    f'ckpt_path="last", but no checkpoint was saved in {self.checkpoints.directory} yet: no checkpoint '
+                    "is loaded, the model's current weights are evaluated (save one, or pass a path)",
+                    stacklevel=4,
+                )
+            self.loaded_checkpoint = None
+            return
         self.checkpoints.load_weights(path, self)
         self.loaded_checkpoint = path
 
