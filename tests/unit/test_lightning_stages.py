@@ -86,3 +86,36 @@ def test_logging_in_predict_is_refused_as_in_lightning(tmp_path):
 def test_a_step_without_dataloader_idx_over_several_loaders_is_told_to_take_it(tmp_path):
     with pytest.raises(ConfigError, match=r"several dataloaders.*dataloader_idx"):
         _trainer(tmp_path).test(Regression(), [_loader(), _loader()])
+
+
+class Validated(Regression):
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.mse_loss(self.net(x), y))
+
+    def configure_optimizers(self):  # large enough that the loss goes up again: the best is not the last
+        return torch.optim.SGD(self.parameters(), lr=0.6)
+
+
+def test_best_loads_the_best_checkpoint_of_the_first_model_checkpoint_and_is_the_default_without_a_model(tmp_path):
+    from shardtrain.callbacks import ModelCheckpoint
+
+    checkpoint = ModelCheckpoint(monitor="val_loss", save_top_k=1)
+    trainer = Trainer(
+        accelerator="cpu", default_root_dir=tmp_path, logger=False, enable_progress_bar=False, max_epochs=4,
+        callbacks=[checkpoint],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model, loader = Validated(), _loader()
+    trainer.fit(model, loader, loader)
+    final = trainer.test(model, loader, verbose=False)
+    best = trainer._best_checkpoint()
+    assert best is not None and best == str(checkpoint.best["path"])
+    from_best = trainer.test(model, loader, ckpt_path="best", verbose=False)
+    assert str(trainer.loaded_checkpoint) == best and from_best != final
+    assert (
+        trainer.test(dataloaders=loader, verbose=False) == from_best
+    )  # Lightning: no model after fit tests the best checkpoint
+    assert str(trainer.loaded_checkpoint) == best
+    fresh = Trainer(accelerator="cpu", default_root_dir=tmp_path / "fresh", logger=False, enable_progress_bar=False)
+    assert fresh.test(Validated(), loader, ckpt_path=best, verbose=False) == from_best
