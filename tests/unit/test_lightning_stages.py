@@ -119,3 +119,15 @@ def test_best_loads_the_best_checkpoint_of_the_first_model_checkpoint_and_is_the
     assert str(trainer.loaded_checkpoint) == best
     fresh = Trainer(accelerator="cpu", default_root_dir=tmp_path / "fresh", logger=False, enable_progress_bar=False)
     assert fresh.test(Validated(), loader, ckpt_path=best, verbose=False) == from_best
+
+
+def test_a_datamodule_with_batch_transfer_hooks_is_refused_before_they_would_be_ignored(tmp_path):
+    class Moving(DataModule):
+        def test_dataloader(self):
+            return _loader()
+
+        def on_before_batch_transfer(self, batch, dataloader_idx):
+            return batch
+
+    with pytest.raises(ConfigError, match="Moving defines Lightning's on_before_batch_transfer.*collate_fn"):
+        _trainer(tmp_path).test(Regression(), datamodule=Moving())

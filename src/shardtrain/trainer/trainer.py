@@ -36,7 +36,7 @@ from shardtrain.seed import seed_everything
 from shardtrain.trainer.arguments import TrainerArguments, limited_batches, make_loggers
 from shardtrain.trainer.checkpoint import TrainerCheckpoints
 from shardtrain.trainer.evaluation import PREDICT, TEST, VALIDATE, EvaluationLoop, Stage, loader_list, results_table
-from shardtrain.trainer.hooks import StepOptimizer, check_module_hooks, overrides
+from shardtrain.trainer.hooks import StepOptimizer, check_datamodule_hooks, check_module_hooks, overrides
 from shardtrain.trainer.validation import ValidationSchedule
 from shardtrain.engine.wrapper import EngineModule
 
@@ -300,6 +300,8 @@ class Trainer:
             raise ConfigError(f"datamodule must be a shardtrain.DataModule, got {type(datamodule).__name__}")
         module._trainer = self
         check_module_hooks(module, TrainModule)  # a Lightning hook we do not call: refused, never ignored
+        if datamodule is not None:
+            check_datamodule_hooks(datamodule, DataModule)
         self.engine.check_module(module)  # before any process group: e.g. heads that TP cannot split
         self.engine.launch()
         if datamodule is not None:  # as Lightning: a stage given none keeps the DataModule of the one before
