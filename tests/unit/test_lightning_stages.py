@@ -131,3 +131,36 @@ def test_a_datamodule_with_batch_transfer_hooks_is_refused_before_they_would_be_
 
     with pytest.raises(ConfigError, match="Moving defines Lightning's on_before_batch_transfer.*collate_fn"):
         _trainer(tmp_path).test(Regression(), datamodule=Moving())
+
+
+def test_from_datasets_makes_the_loaders_lightning_makes(tmp_path):
+    import lightning.pytorch as L
+    from torch.utils.data import RandomSampler
+
+    class Sized(DataModule):
+        def __init__(self, batch_size, note="x"):
+            super().__init__()
+            self.note = note
+
+    def shape(datamodule):
+        def one(loader):
+            return loader.batch_size, loader.num_workers, isinstance(loader.sampler, RandomSampler), len(loader)
+
+        return {
+            "train": one(datamodule.train_dataloader()),
+            "val": [one(loader) for loader in datamodule.val_dataloader()],
+            "test": one(datamodule.test_dataloader()),
+        }
+
+    train, val = TensorDataset(torch.randn(10, 2)), [TensorDataset(torch.randn(6, 2))] * 2
+    ours = Sized.from_datasets(train, val, test_dataset=train, batch_size=3, note="y")
+    theirs = L.LightningDataModule.from_datasets(train, val, test_dataset=train, batch_size=3)
+    assert shape(ours) == shape(theirs)
+    assert ours.note == "y" and ours.predict_dataloader() is None  # no predict data (Lightning's base raises)
+    with pytest.raises(TypeError):
+        Sized.from_datasets(train, batch_size=3, unknown=1)
+    data = _loader().dataset
+    from_datasets = _trainer(tmp_path).test(
+        Regression(), datamodule=DataModule.from_datasets(test_dataset=data, batch_size=4), verbose=False
+    )
+    assert set(from_datasets[0]) == {"test_loss"}
