@@ -3,7 +3,15 @@
 The public API is what this module exports; everything else may change between releases.
 """
 
-from shardtrain.callbacks import Callback, ModelCheckpoint, ProgressBar, RunSummary, ThroughputMonitor
+from shardtrain.callbacks import (
+    Callback,
+    EarlyStopping,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    ProgressBar,
+    RunSummary,
+    ThroughputMonitor,
+)
 from shardtrain.datamodule import DataModule
 from shardtrain.engine import Engine
 from shardtrain.errors import (
@@ -59,6 +67,8 @@ __all__ = [
     "Callback",
     "ProgressBar",
     "ModelCheckpoint",
+    "EarlyStopping",
+    "LearningRateMonitor",
     "ThroughputMonitor",
     "RunSummary",
     "Logger",

@@ -15,7 +15,7 @@ A run config::
         - class_path: ThroughputMonitor
         - class_path: ModelCheckpoint
           init_args: {every_n_train_steps: 100}
-      logger:           # true (CSV in default_root_dir), false, or Logger classes
+      logger:           # true (default_root_dir/metrics.csv), false, or Logger classes
         - class_path: CSVLogger
         - class_path: TensorBoardLogger
     strategy:           # a registered name, then that strategy's options
@@ -30,8 +30,8 @@ A run config::
 
 ``trainer.callbacks`` and ``trainer.logger`` are lists of ``class_path``/``init_args`` entries, as
 in Lightning's CLI; on the command line ``--trainer.callbacks+ ThroughputMonitor`` appends one and
-``--trainer.callbacks.prog_bar false`` sets an option of the last one. A logger whose ``root_dir``
-is not given writes into ``trainer.default_root_dir``, like ``logger: true``.
+``--trainer.callbacks.prog_bar false`` sets an option of the last one. A logger whose ``save_dir``
+is not given writes under ``trainer.default_root_dir``, as Lightning's CLI does.
 """
 
 from __future__ import annotations
@@ -179,15 +179,15 @@ def _as_list(value: Any) -> list[Any]:
 
 
 def _loggers_default_to_root_dir(config: Namespace, given: Namespace) -> None:
-    """A configured logger without its own ``root_dir`` writes where ``logger: true`` would."""
+    """A configured logger without its own ``save_dir`` writes under ``trainer.default_root_dir``."""
     given_loggers = _as_list(given.get("trainer.logger"))
     for index, entry in enumerate(_as_list(config.trainer.logger)):
         init_args = entry.get("init_args")
-        if init_args is None or "root_dir" not in init_args:
+        if init_args is None or "save_dir" not in init_args or init_args.save_dir is not None:
             continue
         written = given_loggers[index].get("init_args") if index < len(given_loggers) else None
-        if written is None or "root_dir" not in written:
-            init_args.root_dir = str(config.trainer.default_root_dir)
+        if written is None or "save_dir" not in written:
+            init_args.save_dir = str(config.trainer.default_root_dir)
 
 
 def _split_strategy_overrides(argv: list[str]) -> tuple[list[str], dict[str, Any]]:

@@ -93,12 +93,13 @@ def generate() -> str:
         "    - class_path: ThroughputMonitor          # tokens/s, MFU",
         "    - class_path: ModelCheckpoint",
         "      init_args: {every_n_train_steps: 100}",
-        "  logger:                                   # true: CSV in default_root_dir; false: none",
+        "  logger:                                   # true: default_root_dir/metrics.csv; false: none",
         "    - class_path: CSVLogger",
         "    - class_path: TensorBoardLogger         # needs `pip install tensorboard`",
         "```",
         "",
-        "- A logger without its own `root_dir` writes into `trainer.default_root_dir` (print-config shows where).",
+        "- A logger without its own `save_dir` writes under `trainer.default_root_dir`, in Lightning's"
+        " `<save_dir>/<name>/version_<N>` directories (print-config shows where).",
         "- On the command line: `--trainer.callbacks+ ModelCheckpoint --trainer.callbacks.every_n_train_steps 50`"
         " appends a callback and sets an option of the last one; `--trainer.callbacks '[]'` drops them all;"
         " `--trainer.logger false`, `--trainer.logger+ TensorBoardLogger`.",

@@ -13,7 +13,12 @@ from torch.utils.data.dataset import IterableDataset
 
 
 def with_distributed_sampler(
-    loader: DataLoader, world_size: int, rank: int, seed: int, pad_to_equal: bool = True
+    loader: DataLoader,
+    world_size: int,
+    rank: int,
+    seed: int,
+    shuffle: bool | None = None,
+    pad_to_equal: bool = True,
 ) -> DataLoader:
     """A copy of ``loader`` in which each rank reads its own 1/world_size of the samples, and
     which can start an epoch at any batch without loading the batches before it.
@@ -25,6 +30,8 @@ def with_distributed_sampler(
     :class:`ResumableSampler` (skipping costs indices, not samples). Iterable datasets and
     loaders with a ``state_dict`` (torchdata's ``StatefulDataLoader``) keep their own sampling;
     custom samplers too (with a warning under several processes: sharding them is the user's job).
+    ``shuffle`` overrides the loader's own choice for a plain ``RandomSampler``/``SequentialSampler``
+    (None: shuffle exactly when the loader was made with ``shuffle=True``).
     """
     if isinstance(loader.dataset, IterableDataset) or loader.batch_sampler is None:
         return loader
@@ -38,7 +45,7 @@ def with_distributed_sampler(
             loader.dataset,
             num_replicas=world_size,
             rank=rank,
-            shuffle=isinstance(sampler, RandomSampler),
+            shuffle=isinstance(sampler, RandomSampler) if shuffle is None else shuffle,
             seed=seed,
             drop_last=loader.drop_last,
         )

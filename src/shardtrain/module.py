@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -18,6 +19,8 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
     from torch.distributed.device_mesh import DeviceMesh
+
+    from shardtrain.loggers import Logger
 
     from shardtrain.trainer.trainer import Trainer
 
@@ -171,17 +174,95 @@ class TrainModule(HyperparametersMixin, nn.Module):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        """Clip the gradients of ``optimizer``'s parameters by norm (the default) or by value, through the strategy."""
+        """Clip the gradients of ``optimizer``'s parameters by norm (the default) or by value, through the strategy
+        (over the whole gradient: every shard and rank). In manual optimization, call it after ``manual_backward``
+        and before ``optimizer.step()``."""
         if gradient_clip_val is None:
             return
         algorithm = gradient_clip_algorithm or "norm"
         if algorithm not in ("norm", "value"):
             raise ValueError(f"gradient_clip_algorithm must be 'norm' or 'value', got {gradient_clip_algorithm!r}")
+        manual = self.trainer.manual_optimization
+        if manual is not None:  # the gradients are averaged over the ranks first (DDP defers it to here)
+            manual.clip_gradients(optimizer, gradient_clip_val, algorithm)
+            return
         engine, model = self.trainer.engine, self.trainer.model
         if algorithm == "norm":
             engine.clip_gradients(model, optimizer, max_norm=gradient_clip_val)
         else:
             engine.clip_gradients(model, optimizer, clip_val=gradient_clip_val)
+
+    # -------------------------------------------------------------- manual optimization (Lightning's names)
+    #: Set ``self.automatic_optimization = False`` to step the optimizers yourself in ``training_step``: the
+    #: Trainer then runs no backward, step, zero_grad, clipping or scheduler step (``trainer.manual_optimization``).
+    automatic_optimization: bool = True
+
+    def optimizers(self, use_pl_optimizer: bool = True) -> Any:
+        """The optimizers of ``configure_optimizers()``: one, or a list in their order. Each is wrapped as Lightning's
+        ``LightningOptimizer``: ``step(closure=None)`` runs ``on_before_optimizer_step`` and the strategy's step
+        and counts in ``global_step``; ``use_pl_optimizer=False`` gives the set-up optimizers unwrapped."""
+        manual = self.trainer.manual_optimization
+        if manual is not None:
+            return manual.optimizers(use_pl_optimizer)
+        found = list(self.trainer.optimizers)  # automatic optimization: read them (the Trainer steps them)
+        return found[0] if len(found) == 1 else found
+
+    def lr_schedulers(self) -> Any:
+        """The LR schedulers of ``configure_optimizers()``: None, one, or a list; step them yourself (``sch.step()``)."""
+        schedulers = [config.scheduler for config in self.trainer.lr_schedulers]
+        if not schedulers:
+            return None
+        return schedulers[0] if len(schedulers) == 1 else schedulers
+
+    def manual_backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """Backward of ``loss`` as the strategy runs it (loss scaling, FSDP's reduce-scatter, DeepSpeed's engine),
+        between ``on_before_backward`` and ``on_after_backward``; call it in place of ``loss.backward()``."""
+        if args or kwargs:
+            raise TypeError("manual_backward(loss) takes no other arguments in shardtrain (the strategy runs backward)")
+        self._manual_optimization("manual_backward").backward(loss)
+
+    def toggle_optimizer(self, optimizer: Any) -> None:
+        """Only ``optimizer``'s parameters require gradients until ``untoggle_optimizer(optimizer)`` (the other
+        optimizers' are frozen, so a backward computes no gradient for them), as in Lightning."""
+        state: dict[torch.Tensor, bool] = {}
+        for opt in self.trainer.optimizers:
+            for param in _parameters_of(opt):
+                if param not in state:
+                    state[param] = param.requires_grad
+                    param.requires_grad = False
+        for param in _parameters_of(optimizer):
+            param.requires_grad = state[param]
+        self.__dict__["_param_requires_grad_state"] = state
+
+    def untoggle_optimizer(self, optimizer: Any) -> None:
+        """Give the parameters ``toggle_optimizer(optimizer)`` froze back the ``requires_grad`` they had."""
+        state = self.__dict__.pop("_param_requires_grad_state", {})
+        chosen = getattr(optimizer, "optimizer", optimizer)  # Lightning's optimizer wrapper, or the optimizer
+        for opt in self.trainer.optimizers:
+            if opt is not optimizer and opt is not chosen:
+                for param in _parameters_of(opt):
+                    if param in state:
+                        param.requires_grad = state[param]
+
+    @contextlib.contextmanager
+    def toggled_optimizer(self, optimizer: Any) -> Iterator[None]:
+        """``toggle_optimizer`` and ``untoggle_optimizer`` as a context manager."""
+        self.toggle_optimizer(optimizer)
+        try:
+            yield
+        finally:
+            self.untoggle_optimizer(optimizer)
+
+    def _manual_optimization(self, what: str) -> Any:
+        manual = self.trainer.manual_optimization
+        if manual is None:
+            if self.automatic_optimization:
+                raise ConfigError(
+                    f"{what}() is for manual optimization: set self.automatic_optimization = False in "
+                    f"{type(self).__name__}.__init__ (the Trainer then runs no backward or step of its own)"
+                )
+            raise RuntimeError(f"{what}() needs the optimizers: call it in training_step, during fit")
+        return manual
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
         if metric is None:
@@ -226,6 +307,16 @@ class TrainModule(HyperparametersMixin, nn.Module):
         if self._trainer is None:
             raise RuntimeError(f"{type(self).__name__} is not attached to a Trainer")
         return self._trainer
+
+    @property
+    def logger(self) -> "Logger | None":
+        """The Trainer's first logger (None when there is none or no Trainer), as Lightning's ``self.logger``."""
+        return self._trainer.logger if self._trainer is not None else None
+
+    @property
+    def loggers(self) -> "list[Logger]":
+        """The Trainer's loggers (``[]`` without a Trainer), as Lightning's ``self.loggers``."""
+        return self._trainer.loggers if self._trainer is not None else []
 
     @property
     def device(self) -> torch.device:
@@ -369,6 +460,10 @@ def _as_scalar(name: str, value: Any, keep_graph: bool) -> torch.Tensor:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"self.log({name!r}, ...) takes a number, a tensor or a torchmetrics Metric, got {value!r}")
     return torch.tensor(float(value))
+
+
+def _parameters_of(optimizer: Any) -> list[torch.Tensor]:
+    return [param for group in optimizer.param_groups for param in group["params"]]
 
 
 def takes_batch_idx(step: Callable[..., Any]) -> bool:

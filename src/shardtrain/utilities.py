@@ -1,9 +1,12 @@
-"""Lightning's ``lightning.pytorch.utilities`` helpers that user code imports: ``rank_zero_only``."""
+"""Lightning's ``lightning.pytorch.utilities`` helpers that user code imports: ``rank_zero_only``,
+``rank_zero_info``, ``rank_zero_warn``, ``rank_zero_debug``."""
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import warnings
 from typing import Any, Callable, TypeVar
 
 T = TypeVar("T")
@@ -34,3 +37,24 @@ def rank_zero_only(fn: Callable[..., T], default: T | None = None) -> Callable[.
 
 
 rank_zero_only.rank = _rank_from_environment()  # type: ignore[attr-defined]
+
+
+_log = logging.getLogger("shardtrain")
+
+
+def rank_zero_info(*args: Any, stacklevel: int = 4, **kwargs: Any) -> None:
+    """``logging.info`` on global rank 0 only (Lightning's ``rank_zero_info``)."""
+    if rank_zero_only.rank == 0:  # type: ignore[attr-defined]
+        _log.info(*args, stacklevel=stacklevel, **kwargs)
+
+
+def rank_zero_debug(*args: Any, stacklevel: int = 4, **kwargs: Any) -> None:
+    """``logging.debug`` on global rank 0 only (Lightning's ``rank_zero_debug``)."""
+    if rank_zero_only.rank == 0:  # type: ignore[attr-defined]
+        _log.debug(*args, stacklevel=stacklevel, **kwargs)
+
+
+def rank_zero_warn(message: str | Warning, stacklevel: int = 4, **kwargs: Any) -> None:
+    """``warnings.warn`` on global rank 0 only (Lightning's ``rank_zero_warn``; ``category=`` is passed on)."""
+    if rank_zero_only.rank == 0:  # type: ignore[attr-defined]
+        warnings.warn(message, stacklevel=stacklevel, **kwargs)

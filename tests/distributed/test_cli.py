@@ -97,7 +97,7 @@ def test_the_gpt_example_s_pipeline_config_trains_and_validates_as_fsdp_does(tmp
     small = ["--trainer.max_steps", "4", "--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "2"]
     small += ["--trainer.log_every_n_steps", "1", "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false"]
     small += ["--model.init_args.config", "{n_layer: 4, n_head: 2, d_model: 32, seq_len: 32}"]
-    small += ["--data.init_args.seq_len", "32", "--data.init_args.shuffle", "false"]
+    small += ["--data.init_args.seq_len", "32", "--data.init_args.shuffle", "true"]
     out = _cli("fit", "--config", pipeline, *small, "--trainer.default_root_dir", tmp_path / "pp").stdout
     assert "pipeline_parallel_size=2, pipeline_schedule='1f1b') over 2 processes" in out
     assert "parameters on rank 0, which holds only its own pipeline stages" in out

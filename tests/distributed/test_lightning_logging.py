@@ -9,7 +9,7 @@ from tests.lightning_port.compare import assert_same
 
 
 def test_logging_on_two_processes_matches_lightnings_ddp(tmp_path):
-    theirs = run_port(tmp_path / "lightning", "logging_options", "lightning", "ddp", num_sanity_val_steps=0)
+    theirs = run_port(tmp_path / "lightning", "logging_options", "lightning", "ddp")
     for strategy in ("ddp", "fsdp"):
         ours = run_port(tmp_path / strategy, "logging_options", "shardtrain", strategy)
         assert_same(ours[0], theirs[0])  # rank 0: what the loggers got

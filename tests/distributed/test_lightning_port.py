@@ -35,7 +35,7 @@ def run_port(out: Path, module: str, flavour: str, strategy: str, **trainer_kwar
 
 @pytest.mark.fast
 def test_basic_fit_under_ddp_and_fsdp_matches_lightnings_ddp(tmp_path):
-    theirs = run_port(tmp_path / "lightning", "basic", "lightning", "ddp", num_sanity_val_steps=0)  # TODO(issue 30)
+    theirs = run_port(tmp_path / "lightning", "basic", "lightning", "ddp")
     for strategy in ("ddp", "fsdp"):
         ours = run_port(tmp_path / strategy, "basic", "shardtrain", strategy)
         for rank in range(2):

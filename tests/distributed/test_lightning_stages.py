@@ -8,7 +8,7 @@ from tests.lightning_port.compare import assert_same
 
 
 def test_stages_on_two_processes_match_lightnings_ddp(tmp_path):
-    theirs = run_port(tmp_path / "lightning", "stages", "lightning", "ddp", num_sanity_val_steps=0)
+    theirs = run_port(tmp_path / "lightning", "stages", "lightning", "ddp")
     assert theirs[0]["predictions"] != theirs[1]["predictions"]  # each rank predicts its own share
     for strategy in ("ddp", "fsdp"):
         ours = run_port(tmp_path / strategy, "stages", "shardtrain", strategy)

@@ -181,15 +181,19 @@ def test_logger_true_false_or_classes_defaulting_to_the_root_dir(tmp_path):
     built, shown = loggers("--trainer.logger", "false")
     assert built == [] and shown is False
     built, shown = loggers("--trainer.default_root_dir", str(tmp_path / "a"))
-    assert [type(x) for x in built] == [CSVLogger] and built[0].root_dir == tmp_path / "a" and shown is True
+    assert [type(x) for x in built] == [CSVLogger] and built[0].path == tmp_path / "a" / "metrics.csv" and shown is True
     built, shown = loggers(
         "--trainer.default_root_dir",
         str(tmp_path / "b"),
         "--trainer.logger",
-        f"[{{class_path: CSVLogger}}, {{class_path: CSVLogger, init_args: {{root_dir: {tmp_path / 'own'}}}}}]",
+        f"[{{class_path: CSVLogger}}, {{class_path: CSVLogger, init_args: {{save_dir: {tmp_path / 'own'}, name: x}}}}]",
     )
-    assert [x.root_dir for x in built] == [tmp_path / "b", tmp_path / "own"]  # left out: the Trainer's root dir
-    assert [entry["init_args"]["root_dir"] for entry in shown] == [str(tmp_path / "b"), str(tmp_path / "own")]
+    assert [x.save_dir for x in built] == [str(tmp_path / "b"), str(tmp_path / "own")]  # left out: the Trainer's
+    assert [x.log_dir for x in built] == [
+        str(tmp_path / "b" / "lightning_logs" / "version_0"),
+        str(tmp_path / "own" / "x" / "version_0"),
+    ]
+    assert [entry["init_args"]["save_dir"] for entry in shown] == [str(tmp_path / "b"), str(tmp_path / "own")]
 
 
 @pytest.mark.parametrize(

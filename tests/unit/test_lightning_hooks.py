@@ -108,13 +108,8 @@ def test_overriding_a_refused_hook_is_an_error_at_fit_start(name, tmp_path):
     assert module.steps == 0 and trainer.global_step == 0 and trainer.model is None
 
 
-def test_manual_optimization_is_refused(tmp_path):
-    module = Regression()
-    module.automatic_optimization = False
-    assert "automatic_optimization" in FLAGS
-    with pytest.raises(ConfigError, match="automatic_optimization=False.*manual optimization"):
-        Trainer(max_steps=2, default_root_dir=tmp_path, logger=False).fit(module, DataLoader(_data(), batch_size=16))
-    assert module.steps == 0
+def test_manual_optimization_is_no_longer_a_refused_flag():
+    assert "automatic_optimization" not in FLAGS  # supported: tests/unit/test_lightning_manual.py
 
 
 def test_hooks_that_are_called_are_not_refused(tmp_path):
@@ -164,11 +159,11 @@ def test_hooks_that_are_called_are_not_refused(tmp_path):
         ("prepare_data",),
         ("setup", "fit"),
         ("callback from configure_callbacks",),
+        ("optimizer_zero_grad", 0, 0),  # as Lightning: before the backward of the step's first micro-batch
         ("configure_gradient_clipping", 0.5, "norm"),
-        ("optimizer_zero_grad", 0, 0),
         ("lr_scheduler_step", None),
-        ("configure_gradient_clipping", 0.5, "norm"),
         ("optimizer_zero_grad", 0, 1),
+        ("configure_gradient_clipping", 0.5, "norm"),
         ("lr_scheduler_step", None),
         ("teardown", "fit"),
     ]

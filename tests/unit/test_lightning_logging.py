@@ -14,7 +14,7 @@ from tests.lightning_port.compare import assert_same
 
 
 def test_logged_rows_and_metrics_match_lightning(tmp_path):
-    theirs = run("logging_options", "lightning", tmp_path / "lightning", num_sanity_val_steps=0)
+    theirs = run("logging_options", "lightning", tmp_path / "lightning")
     ours = run("logging_options", "shardtrain", tmp_path / "shardtrain", strategy="single")
     assert len(theirs["rows"]) == 7
     assert_same(ours, theirs)

@@ -23,11 +23,8 @@ def test_the_port_changes_imports_and_base_classes_only():
 
 def test_basic_fit_matches_lightning(tmp_path):
     ours = run("basic", "shardtrain", tmp_path / "ours", strategy="single")
-    theirs = run("basic", "lightning", tmp_path / "theirs", num_sanity_val_steps=0)  # TODO(issue 30): sanity steps
-    # TODO(issue 30): Lightning calls on_before_zero_grad before the batch's backward, not after the step
-    assert [c for c in ours["calls"] if c != "on_before_zero_grad"] == [
-        c for c in theirs["calls"] if c != "on_before_zero_grad"
-    ]
+    theirs = run("basic", "lightning", tmp_path / "theirs")
+    assert ours["calls"] == theirs["calls"]
     assert ours["global_step"] == theirs["global_step"] == 8
     for name, values in theirs["weights"].items():
         assert ours["weights"][name] == pytest.approx(values, abs=1e-6)

@@ -13,7 +13,7 @@ from tests.lightning_port.compare import assert_same
 
 
 def test_stages_hooks_results_and_predictions_match_lightning(tmp_path):
-    theirs = run("stages", "lightning", tmp_path / "lightning", num_sanity_val_steps=0)
+    theirs = run("stages", "lightning", tmp_path / "lightning")
     ours = run("stages", "shardtrain", tmp_path / "shardtrain", strategy="single")
     assert theirs["trained_further"] and theirs["nothing"] is None
     assert_same(ours, theirs)

@@ -9,11 +9,13 @@ from shardtrain.trainer.metrics import Results, reduce_entries
 
 
 def test_csv_logger_widens_header(tmp_path):
-    logger = CSVLogger(tmp_path)
+    logger = CSVLogger(tmp_path, flush_logs_every_n_steps=2)
     logger.log_metrics({"train_loss": 2.0}, step=1)
+    assert not (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").exists()  # buffered until 2 rows
     logger.log_metrics({"train_loss": 1.5}, step=2)
     logger.log_metrics({"train_loss": 1.0, "val_loss": 1.2}, step=3)
-    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    logger.finalize("success")
+    rows = list(csv.DictReader(open(tmp_path / "lightning_logs" / "version_0" / "metrics.csv")))
     assert [r["step"] for r in rows] == ["1", "2", "3"]
     assert [r["train_loss"] for r in rows] == ["2.0", "1.5", "1.0"]
     assert [r["val_loss"] for r in rows] == ["", "", "1.2"]

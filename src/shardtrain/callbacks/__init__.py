@@ -2,8 +2,18 @@
 
 from shardtrain.callbacks.base import Callback
 from shardtrain.callbacks.checkpoint import ModelCheckpoint
+from shardtrain.callbacks.early_stopping import EarlyStopping
+from shardtrain.callbacks.lr_monitor import LearningRateMonitor
 from shardtrain.callbacks.progress import ProgressBar
 from shardtrain.callbacks.summary import RunSummary
 from shardtrain.callbacks.throughput import ThroughputMonitor
 
-__all__ = ["Callback", "ModelCheckpoint", "ProgressBar", "RunSummary", "ThroughputMonitor"]
+__all__ = [
+    "Callback",
+    "EarlyStopping",
+    "LearningRateMonitor",
+    "ModelCheckpoint",
+    "ProgressBar",
+    "RunSummary",
+    "ThroughputMonitor",
+]

@@ -87,7 +87,7 @@ def _length(trainer: "Trainer") -> str:
 def _logs(trainer: "Trainer") -> str:
     places = []
     for logger in trainer.loggers:
-        place = getattr(logger, "path", None) or getattr(logger, "root_dir", None) or getattr(logger, "log_dir", None)
+        place = getattr(logger, "path", None) or logger.log_dir or logger.save_dir
         places.append(f"{place} ({type(logger).__name__})" if place is not None else type(logger).__name__)
     return ", ".join(places) or "none (logger=False)"
 

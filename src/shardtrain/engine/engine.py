@@ -43,7 +43,7 @@ from shardtrain.engine.rank_agreement import check_ranks_built_the_same
 from shardtrain.seed import seed_everything
 from shardtrain.strategies import Strategy, create_strategy
 from shardtrain.strategies.base import TrainingSettings, optimizer_parameters, repoint_optimizer
-from shardtrain.strategies.capabilities import BackwardSyncControl
+from shardtrain.strategies.capabilities import BackwardSyncControl, ReplicatedGradients
 from shardtrain.engine.wrapper import EngineModule, EngineOptimizer, ForwardRouter, optimizer_step
 
 log = logging.getLogger(__name__)
@@ -155,11 +155,17 @@ class Engine:
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str = "norm",
         micro_batch_size: int | None = None,
+        manual_optimization: bool = False,
     ) -> None:
         """Tell the strategy how the loop will train (DeepSpeed writes it into its config;
         ``forward_backward`` divides the loss by the accumulation steps). Optional for custom loops;
-        raises ``ConfigError`` for settings the strategy cannot honour, before any process group exists."""
-        settings = dict(accumulate_grad_batches=accumulate_grad_batches, micro_batch_size=micro_batch_size)
+        raises ``ConfigError`` for settings the strategy cannot honour, before any process group exists.
+        ``manual_optimization``: the loop's training step runs backward itself (FSDP then shards every child)."""
+        settings = dict(
+            accumulate_grad_batches=accumulate_grad_batches,
+            micro_batch_size=micro_batch_size,
+            manual_optimization=manual_optimization,
+        )
         self._training = TrainingSettings(
             **settings, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm
         )
@@ -266,12 +272,18 @@ class Engine:
         return [EngineOptimizer(self.strategy.setup_optimizer(optimizer), self.strategy) for optimizer in optimizers]
 
     def setup_dataloaders(
-        self, *loaders: DataLoader, use_distributed_sampler: bool = True, seed: int = 0, pad_to_equal: bool = True
+        self,
+        *loaders: DataLoader,
+        use_distributed_sampler: bool = True,
+        seed: int = 0,
+        pad_to_equal: bool = True,
+        shuffle: bool | None = None,
     ) -> Any:
         """Give each data-parallel rank its share of the data and move batches to the device. ``pad_to_equal=False``
-        (prediction): no sample is repeated to give every rank as many as the others (ranks may differ by one)."""
+        (prediction): no sample is repeated to give every rank as many as the others (ranks may differ by one).
+        ``shuffle`` overrides the loaders' own shuffling (None: keep it; see ``with_distributed_sampler``)."""
         self._require_launched("setup_dataloaders")
-        share = (self.data_parallel_size, self.data_parallel_rank, seed)
+        share = (self.data_parallel_size, self.data_parallel_rank, seed, shuffle)
         out = [
             DeviceDataLoader(
                 with_distributed_sampler(loader, *share, pad_to_equal=pad_to_equal)
@@ -304,6 +316,27 @@ class Engine:
         if not isinstance(self.strategy, BackwardSyncControl):
             return contextlib.nullcontext()
         return self.strategy.no_backward_sync(module._forward_module, enabled)
+
+    def local_gradients(self, module: EngineModule) -> contextlib.AbstractContextManager:
+        """For a loop that runs backward itself, maybe several times per step on parts of the model (manual
+        optimization): inside, backward passes leave replicated gradients (DDP) local, for
+        ``synchronize_gradients`` to average before they are read. Sharding strategies reduce in backward as always."""
+        if self.world_size > 1 and isinstance(self.strategy, ReplicatedGradients):
+            return self.no_backward_sync(module)
+        return contextlib.nullcontext()
+
+    def synchronize_gradients(self, optimizer: Optimizer) -> None:
+        """Average the gradients of ``optimizer``'s parameters over the ranks, after backward passes run under
+        ``local_gradients`` (one all-reduce per dtype); nothing where gradients were reduced in backward."""
+        if self.world_size == 1 or not isinstance(self.strategy, ReplicatedGradients):
+            return
+        raw = optimizer.optimizer if isinstance(optimizer, EngineOptimizer) else optimizer
+        grads = [p.grad for p in optimizer_parameters([raw]) if p.grad is not None]
+        for dtype in sorted({g.dtype for g in grads}, key=str):
+            same = [g for g in grads if g.dtype == dtype]
+            flat = self.strategy.all_reduce(torch.cat([g.reshape(-1) for g in same]), "mean")
+            for grad, value in zip(same, flat.split([g.numel() for g in same])):
+                grad.copy_(value.view_as(grad))
 
     def forward_backward(
         self, module: EngineModule, compute_loss: LossFunction, *, synchronize: bool = True, batch: Any = None

@@ -46,6 +46,8 @@ class TrainingSettings:
     gradient_clip_val: float | None = None
     gradient_clip_algorithm: str = "norm"
     micro_batch_size: int | None = None
+    #: The module steps itself (``automatic_optimization = False``): backward runs inside its training step.
+    manual_optimization: bool = False
 
 
 class Strategy(abc.ABC):

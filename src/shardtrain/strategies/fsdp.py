@@ -20,7 +20,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 
-from shardtrain.errors import StrategyError
+from shardtrain.errors import ConfigError, StrategyError
 from shardtrain.memory import ModelFootprint, StrategyMemory
 from shardtrain.parallel.dims import ParallelDims
 from shardtrain.parallel.activation_checkpoint import apply_activation_checkpointing
@@ -152,6 +152,8 @@ class FSDPStrategy(ShardedGradients, DistributedCheckpointState, BackwardSyncCon
         if self.activation_checkpointing_policy is not None:
             apply_activation_checkpointing(user_module, self.activation_checkpointing_policy)
         units = units_of(user_module, self.auto_wrap_policy)
+        if self.training.manual_optimization:
+            units = units_for_manual_optimization(user_module, units)
         meta = has_meta_tensors(module)
         if not meta and not self.cpu_offload:
             module.to(self.device)
@@ -191,6 +193,20 @@ class FSDPStrategy(ShardedGradients, DistributedCheckpointState, BackwardSyncCon
 
     def __repr__(self) -> str:
         return f"FSDPStrategy(sharding_strategy={self.sharding_strategy!r}, cpu_offload={self.cpu_offload})"
+
+
+def units_for_manual_optimization(root: nn.Module, units: list[nn.Module]) -> list[nn.Module]:
+    """``units`` and every child of ``root`` that holds parameters: under manual optimization backward runs inside
+    the root's forward (the training step), where FSDP's root-level backward hooks cannot reduce; each unit's own
+    forward and backward hooks do. Refuses parameters held by ``root`` itself."""
+    own = [name for name, _ in root.named_parameters(recurse=False)]
+    if own:
+        raise ConfigError(
+            f"under FSDP, manual optimization needs every parameter inside a submodule, but {type(root).__name__} "
+            f"holds {own} directly: move them into a child module (e.g. an nn.ParameterDict or a small nn.Module)"
+        )
+    children = [child for child in root.children() if child not in units and any(True for _ in child.parameters())]
+    return children + units  # outer first: apply_fsdp shards innermost first
 
 
 def fsdp_memory(

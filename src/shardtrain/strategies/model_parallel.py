@@ -165,7 +165,13 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
         )
 
     def configure_training(self, settings: TrainingSettings) -> None:
-        """Under pipeline parallelism, the loader's batch size must divide into the micro-batches."""
+        """Under pipeline parallelism, the loader's batch size must divide into the micro-batches. Manual
+        optimization is refused (backward inside the step, under a pipeline schedule or a 2-D mesh: not built yet)."""
+        if settings.manual_optimization:
+            raise ConfigError(
+                "manual optimization (automatic_optimization = False) is not supported by strategy='model_parallel' "
+                "yet: use strategy='ddp', 'fsdp' or 'deepspeed', or automatic optimization"
+            )
         batch, microbatches = settings.micro_batch_size, self.pipeline.microbatches_per_step
         if self.pipeline.size > 1 and batch is not None and batch % microbatches:
             raise StrategyError(

@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 from shardtrain.callbacks.base import Callback
 from shardtrain.errors import ConfigError
-from shardtrain.loggers import CSVLogger, Logger
+from shardtrain.loggers import Logger
 from shardtrain.trainer.nonfinite import check_choice
+from shardtrain.trainer.loop_options import check_loop_options
 from shardtrain.preemption import Preemption
 
 if TYPE_CHECKING:
@@ -53,9 +54,14 @@ class TrainerArguments:
         log_every_n_steps: how often training metrics are reduced over ranks and written.
         default_root_dir: where logs (``metrics.csv``) and checkpoints go.
         callbacks: extra :class:`Callback` objects.
-        logger: ``True`` (a CSV logger in ``default_root_dir``), ``False``, or logger objects.
+        logger: ``True``: shardtrain's default, a ``CSVLogger`` writing ``default_root_dir/metrics.csv`` (Lightning's
+            default is a ``TensorBoardLogger`` in ``default_root_dir/lightning_logs/version_<N>``: see
+            docs/lightning.md); ``False``/None: no logger; or one ``Logger`` or a list of them.
         seed: seed every rank with this before building the model (same initial weights everywhere).
         enable_progress_bar: rank-0 progress bar with loss and tokens/s.
+        enable_checkpointing: add a ``ModelCheckpoint()`` (Lightning's default: a checkpoint at the end of every
+            epoch, the latest kept, plus one when training ends) when no ModelCheckpoint is given; False: none
+            (giving one too is an error).
         enable_model_summary: before the first step, print on rank 0 the parameter count, strategy,
             layout, precision and where logs and checkpoints go (:class:`~shardtrain.callbacks.RunSummary`).
         timeout_seconds: how long a collective waits for the other ranks before the run fails.
@@ -65,6 +71,28 @@ class TrainerArguments:
         on_nonfinite: ``"ignore"``, ``"stop"`` (raise ``NonFiniteError`` naming the step and
             ranks) or ``"skip"`` (leave the optimizer step out) when a step's loss or gradient
             norm is NaN/Inf; the checks cost one small collective and host sync per step.
+        min_epochs: train at least this many epochs: a stop request (``trainer.should_stop``, early
+            stopping) before then is put off until they are done, as in Lightning.
+        min_steps: train at least this many optimizer steps, likewise.
+        num_sanity_val_steps: validation batches run before training starts (Lightning's sanity check,
+            default 2; ``-1``: the whole validation loader; ``0``: none). The validation hooks run with
+            ``trainer.sanity_checking`` True, between the callbacks' ``on_sanity_check_start``/``_end``;
+            nothing is logged and its metrics are not kept.
+        fast_dev_run: ``True`` (1) or ``n``: a quick check of the code: ``n`` training, validation, test
+            and predict batches, one epoch, ``max_steps=n``, no sanity check, no logging and no checkpoints.
+        overfit_batches: train (and validate) on the same first batches every epoch: an int count or a
+            float fraction of the loaders; the training loader is not shuffled.
+        deterministic: ``True``: ``torch.use_deterministic_algorithms(True)`` and, on CUDA,
+            ``CUBLAS_WORKSPACE_CONFIG=:4096:8``; ``"warn"``: the same, warning instead of failing on a
+            non-deterministic operation; ``False``: turn it off; ``None``: leave torch's setting alone.
+        benchmark: ``torch.backends.cudnn.benchmark``; ``None``: leave it as is, except that
+            ``deterministic=True`` turns it off (as in Lightning).
+        reload_dataloaders_every_n_epochs: ask the DataModule or module for its training and validation
+            loaders again every this many epochs (``0``: never); loaders given to ``fit`` stay.
+        use_distributed_sampler: put a ``DistributedSampler`` into the loaders (default); ``False``:
+            keep the loaders' samplers as they are (sharding the data is then the user's job).
+        sync_batchnorm: turn every ``BatchNorm`` layer into ``SyncBatchNorm`` before the model is
+            wrapped (statistics over all data-parallel ranks); ddp and fsdp only.
     """
 
     accelerator: str = "auto"
@@ -87,13 +115,24 @@ class TrainerArguments:
     log_every_n_steps: int = 50
     default_root_dir: str | os.PathLike = "runs"
     callbacks: Sequence[Callback] | Callback | None = None
-    logger: bool | Logger | Sequence[Logger] = True
+    logger: bool | Logger | Sequence[Logger] | None = True
     seed: int | None = None
     enable_progress_bar: bool = True
+    enable_checkpointing: bool = True
     enable_model_summary: bool = True
     timeout_seconds: float = 1800.0
     preemption: Preemption | bool = True
     on_nonfinite: str = "ignore"
+    min_epochs: int | None = None
+    min_steps: int | None = None
+    num_sanity_val_steps: int = 2
+    fast_dev_run: int | bool = False
+    overfit_batches: int | float = 0.0
+    deterministic: bool | Literal["warn"] | None = None
+    benchmark: bool | None = None
+    reload_dataloaders_every_n_epochs: int = 0
+    use_distributed_sampler: bool = True
+    sync_batchnorm: bool = False
 
     def __post_init__(self) -> None:
         check_positive_int("accumulate_grad_batches", self.accumulate_grad_batches)
@@ -117,6 +156,7 @@ class TrainerArguments:
         if not isinstance(self.preemption, (bool, Preemption)):
             raise ConfigError(f"preemption must be True, False or a shardtrain.Preemption, got {self.preemption!r}")
         check_choice(self.on_nonfinite)
+        check_loop_options(self)
 
     @property
     def epochs_limit(self) -> int | None:
@@ -159,10 +199,17 @@ class TrainerArguments:
 
     def callback_list(self) -> list[Callback]:
         """The given callbacks, with a progress bar and a run summary unless turned off or given."""
-        from shardtrain.callbacks import ProgressBar, RunSummary
+        from shardtrain.callbacks import ModelCheckpoint, ProgressBar, RunSummary
 
         given = self.callbacks
         callbacks: list[Callback] = [given] if isinstance(given, Callback) else list(given or [])
+        has_checkpointing = any(isinstance(cb, ModelCheckpoint) for cb in callbacks)
+        if has_checkpointing and not self.enable_checkpointing:
+            raise ConfigError(
+                "enable_checkpointing=False, but a ModelCheckpoint is among the callbacks: remove one of the two"
+            )
+        if self.enable_checkpointing and not has_checkpointing:
+            callbacks.append(ModelCheckpoint())
         if self.enable_progress_bar and not any(isinstance(cb, ProgressBar) for cb in callbacks):
             callbacks.append(ProgressBar())
         if self.enable_model_summary and not any(isinstance(cb, RunSummary) for cb in callbacks):
@@ -188,20 +235,6 @@ def check_limit(name: str, value: Any, allow_zero: bool = False) -> None:
         raise ConfigError(f"{name} as a number of batches must be >= {0 if allow_zero else 1}, got {value}")
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise ConfigError(f"{name} must be an int (batches) or a float (fraction), got {value!r}")
-
-
-def make_loggers(logger: bool | Logger | Sequence[Logger], root: Path) -> list[Logger]:
-    if logger is True:
-        return [CSVLogger(root)]
-    if logger is False or logger is None:
-        return []
-    if isinstance(logger, Logger):
-        return [logger]
-    loggers = list(logger)
-    bad = [type(item).__name__ for item in loggers if not isinstance(item, Logger)]
-    if bad:
-        raise ConfigError(f"logger must be True, False or Logger objects; got {bad}")
-    return loggers
 
 
 def limited_batches(length: int, limit: int | float | None) -> int:

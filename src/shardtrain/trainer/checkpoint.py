@@ -62,8 +62,9 @@ class TrainerCheckpoints:
             )
         return path
 
-    def state_of(self, trainer: "Trainer") -> dict[str, Any]:
-        """What a checkpoint of ``trainer`` holds, read from its public attributes; loading fills it in place."""
+    def state_of(self, trainer: "Trainer", weights_only: bool = False) -> dict[str, Any]:
+        """What a checkpoint of ``trainer`` holds, read from its public attributes; loading fills it in place.
+        ``weights_only``: the model, the loop position, the run's config and hyperparameters (no optimizer state)."""
         state: dict[str, Any] = {
             "module": trainer.model,
             "optimizers": list(trainer.optimizers),
@@ -88,6 +89,8 @@ class TrainerCheckpoints:
         }
         if hparams:  # JSON, for load_from_checkpoint (shardtrain.from_checkpoint)
             state[CHECKPOINT_HPARAMS] = hparams
+        if weights_only:
+            return {key: state[key] for key in ("module", "loop", "trainer_config", CHECKPOINT_HPARAMS) if key in state}
         datamodule = trainer.datamodule
         if datamodule is not None and datamodule.state_dict():  # Lightning saves a DataModule's non-empty state
             state["datamodule"] = datamodule

@@ -88,8 +88,12 @@ class EvaluationLoop:
         inference_mode: bool = False,
         return_predictions: bool = True,
         extra: dict[str, float] | None = None,
+        max_batches: float = math.inf,
+        keep_metrics: bool = True,
     ) -> list[Any]:
-        """Run ``stage`` over ``loaders``; returns the metrics per loader, or (predict) the outputs per loader."""
+        """Run ``stage`` over ``loaders``; returns the metrics per loader, or (predict) the outputs per loader.
+        ``max_batches`` and ``keep_metrics=False``: the sanity check (at most that many batches a loader, nothing
+        logged or kept)."""
         with _evaluation_context(inference_mode):
             modes = _module_modes(model)
             getattr(module, f"on_{stage.hooks}_model_eval")()  # by default: the model in eval mode
@@ -101,7 +105,7 @@ class EvaluationLoop:
             several = len(loaders) > 1
             for index, loader in enumerate(loaders):
                 outputs.append([])
-                for batch_idx, batch in self._batches(stage, loader):
+                for batch_idx, batch in self._batches(stage, loader, max_batches):
                     extra_args = (index,) if several else ()
                     self._call(f"on_{stage.hooks}_batch_start", batch, batch_idx, *extra_args)
                     with current_hook(module, stage.step):
@@ -114,13 +118,13 @@ class EvaluationLoop:
                     self._call(f"on_{stage.hooks}_batch_end", output, batch, batch_idx, *extra_args)
                     self._collect(stage, module, results, index if several else None, batch)
                     step_entries = results.take_step_entries(self._device())
-                    if step_entries:  # on_step=True in evaluation: written per batch
+                    if step_entries and keep_metrics:  # on_step=True in evaluation: written per batch
                         self._log(step_entries, extra)
             self._call(f"on_{stage.hooks}_epoch_end")
             epoch_end_names = set(module._logged) if stage.logs else set()
             self._collect(stage, module, results, None, None)
             entries = results.epoch_entries(self._device()) + results.take_step_entries(self._device())
-            metrics = self._log(entries, extra) if stage.logs else {}
+            metrics = self._log(entries, extra) if stage.logs and keep_metrics else {}
             self._call(f"on_{stage.hooks}_end")
             if overrides(module, f"on_{stage.hooks}_model_train", TrainModule):
                 getattr(module, f"on_{stage.hooks}_model_train")()
@@ -132,11 +136,12 @@ class EvaluationLoop:
             return outputs[0] if len(outputs) == 1 else outputs
         return _per_loader(metrics, len(loaders), epoch_end_names)
 
-    def _batches(self, stage: Stage, loader: Any) -> Iterator[tuple[int, Any]]:
+    def _batches(self, stage: Stage, loader: Any, max_batches: float) -> Iterator[tuple[int, Any]]:
         try:
             num_batches = limited_batches(len(loader), self._limit(stage))
         except TypeError:
             num_batches = math.inf
+        num_batches = min(num_batches, max_batches)
         for batch_idx, batch in enumerate(loader):
             if batch_idx >= num_batches:
                 break

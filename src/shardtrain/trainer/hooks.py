@@ -65,19 +65,29 @@ HOOKS: dict[str, Hook] = {
     "val_dataloader": _called("when fit/validate gets no val loader and no DataModule gives one"),
     "test_dataloader": _called("when test gets no loader and no DataModule gives one"),
     "predict_dataloader": _called("when predict gets no loader and no DataModule gives one"),
-    # -- optimization (automatic optimization only)
-    "backward": _refused("not supported yet: the strategy runs backward (use on_before_backward/on_after_backward)"),
+    # -- optimization (automatic optimization only, except backward's neighbours; manual: see manual_optimization)
+    "backward": _refused(
+        "not supported yet: the strategy runs backward, also in manual_backward (use on_before_backward/"
+        "on_after_backward)"
+    ),
     "optimizer_step": _called(
-        "optimizer_step(epoch, batch_idx, optimizer, optimizer_closure) once per optimizer step; backward has "
+        "automatic optimization: optimizer_step(epoch, batch_idx, optimizer, optimizer_closure) once per optimizer "
+        "step; backward has "
         "already run, so the closure returns the loss without recomputing it; optimizer.step(closure=...) runs "
         "on_before_optimizer_step, gradient clipping and the strategy's step"
     ),
-    "optimizer_zero_grad": _called("optimizer_zero_grad(epoch, batch_idx, optimizer) after each optimizer step"),
+    "optimizer_zero_grad": _called(
+        "automatic optimization: optimizer_zero_grad(epoch, batch_idx, optimizer) before the backward of each step's "
+        "first micro-batch (after its training_step), as Lightning"
+    ),
     "configure_gradient_clipping": _called(
-        "configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm) before each step, in "
+        "automatic optimization: configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm) "
+        "before each step, in "
         "place of the Trainer's clipping; self.clip_gradients(optimizer, ...) clips"
     ),
-    "lr_scheduler_step": _called("lr_scheduler_step(scheduler, metric) in place of scheduler.step(...) when due"),
+    "lr_scheduler_step": _called(
+        "automatic optimization: lr_scheduler_step(scheduler, metric) in place of scheduler.step(...) when due"
+    ),
     # -- batch transfer (the loaders move batches to the device themselves)
     "transfer_batch_to_device": _refused(),
     "on_before_batch_transfer": _refused(),
@@ -124,14 +134,14 @@ HOOKS: dict[str, Hook] = {
         for stage in ("validation", "test")
     },
     "on_validation_model_zero_grad": _called(
-        "before each validation inside fit (without an override, gradients were already freed after the step)"
+        "before each validation inside fit that does not fall inside a gradient accumulation; by default it frees "
+        "the gradients, as Lightning's"
     ),
 }
 
 #: Attributes that change how Lightning trains; a value other than the default is refused.
-FLAGS: dict[str, tuple[Any, str]] = {
-    "automatic_optimization": (True, "manual optimization (automatic_optimization = False) is not supported yet"),
-}
+#: (``automatic_optimization = False`` is supported: ``shardtrain.trainer.manual_optimization``.)
+FLAGS: dict[str, tuple[Any, str]] = {}
 
 
 def overrides(module: object, name: str, base: type) -> bool:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from shardtrain.callbacks import Callback, ModelCheckpoint
+from shardtrain.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from shardtrain.checkpoint.pointer import resolve_checkpoint
 from shardtrain.datamodule import DataModule
 from shardtrain.engine.engine import Engine
@@ -32,11 +32,22 @@ from shardtrain.module import TrainModule, extract_loss
 from shardtrain.trainer.nonfinite import NonFiniteCheck
 from shardtrain.optimization import SchedulerConfig, parse_optimizers, step_schedulers
 from shardtrain.preemption import Preemption, StopAgreement
-from shardtrain.seed import seed_everything
-from shardtrain.trainer.arguments import TrainerArguments, limited_batches, make_loggers
+from shardtrain.seed import global_seed, seed_everything, seed_workers_requested, worker_init_function
+from shardtrain.trainer.arguments import TrainerArguments, limited_batches
+from shardtrain.trainer.loop_options import (
+    can_stop_early,
+    convert_sync_batchnorm,
+    debug_limits,
+    reload_due,
+    sanity_batches,
+    set_torch_flags,
+)
+from shardtrain.trainer.state import StageFlags, TrainerState
 from shardtrain.trainer.checkpoint import TrainerCheckpoints
+from shardtrain.trainer import loggers as trainer_loggers
 from shardtrain.trainer.evaluation import PREDICT, TEST, VALIDATE, EvaluationLoop, Stage, loader_list, results_table
 from shardtrain.trainer.hooks import StepOptimizer, check_datamodule_hooks, check_module_hooks, overrides
+from shardtrain.trainer.manual_optimization import ManualOptimization, check_manual_optimization, is_manual
 from shardtrain.trainer.validation import ValidationSchedule
 from shardtrain.engine.wrapper import EngineModule
 
@@ -59,7 +70,9 @@ class Trainer:
                 f"Trainer got unknown arguments {unknown}; it takes: {', '.join(TrainerArguments.names())}"
             )
         args = TrainerArguments(**{**(vars(arguments) if arguments is not None else {}), **options})
+        args = debug_limits(args)  # fast_dev_run and overfit_batches, as the limits Lightning makes of them
         self.args = args
+        set_torch_flags(args.deterministic, args.benchmark)
         #: The run's config from ``shardtrain fit`` (its YAML, resolved), stored in checkpoints to resume from.
         self.run_config: dict[str, Any] | None = None
         self.engine = Engine(**args.engine_options())
@@ -70,7 +83,8 @@ class Trainer:
         self._stop = StopAgreement(self.preemption)
         self.nonfinite = NonFiniteCheck(args.on_nonfinite)
         self.callbacks: list[Callback] = args.callback_list()
-        self.loggers: list[Logger] = make_loggers(args.logger, self.default_root_dir)
+        # fast_dev_run logs nothing, as Lightning (its DummyLogger); ModelCheckpoint saves nothing either
+        self.loggers = [] if args.fast_dev_run else trainer_loggers.make_loggers(args.logger, self.default_root_dir)
         self.checkpoints = TrainerCheckpoints(self.engine, self.default_root_dir)
         self.validation = ValidationSchedule(args.val_check_interval, args.check_val_every_n_epoch)
         self.evaluation = EvaluationLoop(
@@ -80,6 +94,13 @@ class Trainer:
         self.datamodule: DataModule | None = None
         #: The checkpoint the last ``validate``/``test``/``predict`` loaded its weights from (``ckpt_path``).
         self.loaded_checkpoint: Path | None = None
+        self.state = TrainerState()
+        self.is_last_batch = False
+        self.num_training_batches: int | float = 0
+        self.num_val_batches: list[int | float] = []
+        self._train_loader_from_module = False
+        self._val_loader_from_module = False
+        self._loaders_loaded_at_epoch = 0
         self.global_step = 0
         self.current_epoch = 0
         self.batches_seen_in_epoch = 0
@@ -94,6 +115,14 @@ class Trainer:
         self.optimizers: list[torch.optim.Optimizer] = []
         self.lr_schedulers: list[SchedulerConfig] = []
         self.train_loader: Any = None
+        #: The stage running or last run: "fit", "validate", "test" or "predict".
+        self.stage: str | None = None
+        #: Batches of each validation loader of the current fit (Lightning's ``num_val_batches``; empty: no validation).
+        self.num_val_batches: list[int | float] = []
+        #: Whether gradients of a step still being accumulated are held (validation then keeps them).
+        self._accumulating = False
+        #: Set up by fit for a module with ``automatic_optimization = False`` (see ``manual_optimization``).
+        self.manual_optimization: ManualOptimization | None = None
 
     def __getattr__(self, name: str) -> Any:
         """The arguments as attributes: ``trainer.max_steps``, ``trainer.accumulate_grad_batches``, ..."""
@@ -111,6 +140,59 @@ class Trainer:
     world_size = property(lambda self: self.engine.world_size)
 
     is_global_zero = property(lambda self: self.engine.is_global_zero)
+    lightning_module = property(lambda self: self.module, doc="The user's module (Lightning's name).")
+    training = StageFlags("train")
+    validating = StageFlags("validate")
+    sanity_checking = StageFlags("sanity_check")
+    testing = StageFlags("test")
+    predicting = StageFlags("predict")
+
+    @property
+    def checkpoint_callbacks(self) -> list[ModelCheckpoint]:
+        """Every ``ModelCheckpoint`` among the callbacks (Lightning's)."""
+        return [c for c in self.callbacks if isinstance(c, ModelCheckpoint)]
+
+    @property
+    def checkpoint_callback(self) -> ModelCheckpoint | None:
+        """The first ``ModelCheckpoint`` (Lightning's): ``trainer.checkpoint_callback.best_model_path``."""
+        return next(iter(self.checkpoint_callbacks), None)
+
+    @property
+    def early_stopping_callbacks(self) -> list[EarlyStopping]:
+        return [c for c in self.callbacks if isinstance(c, EarlyStopping)]
+
+    @property
+    def early_stopping_callback(self) -> EarlyStopping | None:
+        """The first ``EarlyStopping`` (Lightning's)."""
+        return next(iter(self.early_stopping_callbacks), None)
+
+    @property
+    def logger(self) -> Logger | None:
+        """The first logger, or None (Lightning's ``trainer.logger``); setting it replaces them all."""
+        return self._loggers[0] if self._loggers else None
+
+    @logger.setter
+    def logger(self, logger: Logger | None) -> None:
+        self.loggers = [logger] if logger else []
+
+    @property
+    def loggers(self) -> list[Logger]:
+        """Every logger, in the order given (``logger=True``: the default CSV logger; none: ``[]``)."""
+        return self._loggers
+
+    @loggers.setter
+    def loggers(self, loggers: list[Logger] | None) -> None:
+        self._loggers = list(loggers) if loggers else []
+
+    @property
+    def log_dir(self) -> str:
+        """Where this run's logs go: the first logger's ``log_dir`` (CSV, TensorBoard) or ``save_dir``, else
+        ``default_root_dir`` (Lightning's rule); call it on every rank (rank 0's answer is broadcast)."""
+        return trainer_loggers.log_dir(self._loggers, self.default_root_dir, self._broadcast_when_launched)
+
+    def _broadcast_when_launched(self, obj: Any) -> Any:
+        launched = torch.distributed.is_available() and torch.distributed.is_initialized()
+        return self.engine.broadcast(obj) if launched else obj
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -141,6 +223,7 @@ class Trainer:
         _refuse_loaders_with_datamodule("fit", datamodule, train_dataloaders, val_dataloaders)
         module = model
         self._stop.install()
+        status = "failed"
         try:
             self._begin(module, datamodule, "fit")
         except BaseException:
@@ -151,12 +234,18 @@ class Trainer:
                 module, "fit"
             )  # as in Lightning: before the loaders are asked for and the model is built
             self.engine.choose_strategy(module)  # strategy="auto": first, as the layout decides each rank's data
-            train_loader = self._loader(train_dataloaders, module, "train_dataloader", required=True)
+            self.state.fn = "fit"
+            self._train_loader_from_module = train_dataloaders is None
+            self._val_loader_from_module = val_dataloaders is None
+            train_loader = self._loader(train_dataloaders, module, "train_dataloader", required=True, training=True)
             self.train_loader = train_loader  # a StatefulDataLoader's position goes into checkpoints
             val_loaders = self._loaders(val_dataloaders, module, VALIDATE, required=False)
+            self._count_batches(train_loader, val_loaders)
             self.estimated_stepping_batches = self.args.stepping_batches(train_loader)
             self.engine.configure_training(
-                **self.args.training_settings(), micro_batch_size=getattr(train_loader, "batch_size", None)
+                **self.args.training_settings(),
+                micro_batch_size=getattr(train_loader, "batch_size", None),
+                manual_optimization=is_manual(module),
             )
             self._setup(module, "fit")
             self._log_hyperparams(module)
@@ -164,19 +253,22 @@ class Trainer:
             if ckpt_path is not None:
                 self._restore(ckpt_path)
             self._call("on_fit_start")
+            self._sanity_check(val_loaders, resumed=ckpt_path is not None)
             self._train(train_loader, val_loaders)
             self._call("on_fit_end")
+            status = "success"
         except BaseException as exception:
+            status = "failed"
             self._on_exception(exception)
             peer_failure = self.engine.explain_failure(exception)
             if peer_failure is not None:
                 raise peer_failure from exception
             raise
         finally:
+            self.state.fn = self.state.stage = None
             self._stop.uninstall()
             self.engine.wait_for_checkpoint()
-            for logger in self._rank_zero_loggers():
-                logger.finalize()
+            trainer_loggers.finalize(self._rank_zero_loggers(), status)
             self._teardown(module, "fit")
 
     def validate(
@@ -251,6 +343,9 @@ class Trainer:
             if ckpt_path is not None:
                 self._load_weights(ckpt_path)
             loaders = self._loaders(dataloaders, model, stage, required=True)
+            self.state.fn = self.state.stage = stage.name
+            if stage is VALIDATE:
+                self._count_batches(None, loaders)
             results = self.evaluation.run(
                 stage,
                 self.model,
@@ -262,13 +357,14 @@ class Trainer:
             )
             if verbose and self.is_global_zero and stage.logs:
                 print(results_table(stage, results), flush=True)
-            for logger in self._rank_zero_loggers():
-                logger.finalize()
+            trainer_loggers.finalize(self._rank_zero_loggers(), "success")
             return results
         except BaseException as exception:
             self._on_exception(exception)
+            trainer_loggers.finalize(self._rank_zero_loggers(), "failed")
             raise
         finally:
+            self.state.fn = self.state.stage = None
             self._teardown(model, stage.name)
 
     def _teardown(self, module: TrainModule, stage: str) -> None:
@@ -299,9 +395,12 @@ class Trainer:
         if datamodule is not None and not isinstance(datamodule, DataModule):
             raise ConfigError(f"datamodule must be a shardtrain.DataModule, got {type(datamodule).__name__}")
         module._trainer = self
+        self.stage = stage
         check_module_hooks(module, TrainModule)  # a Lightning hook we do not call: refused, never ignored
         if datamodule is not None:
             check_datamodule_hooks(datamodule, DataModule)
+        if stage == "fit":
+            check_manual_optimization(module, self.args, TrainModule)
         self.engine.check_module(module)  # before any process group: e.g. heads that TP cannot split
         self.engine.launch()
         if datamodule is not None:  # as Lightning: a stage given none keeps the DataModule of the one before
@@ -341,6 +440,7 @@ class Trainer:
     def _setup_hooks(self, module: TrainModule, stage: str) -> None:
         """Every stage, as Lightning: the DataModule's ``setup(stage)``, each callback's ``setup(trainer, module,
         stage)``, then the module's ``setup(stage)``."""
+        trainer_loggers.start_experiments(self.loggers)  # as Lightning: first, so that a run's id is known in setup
         if self.datamodule is not None:
             self.datamodule.setup(stage)
         for callback in self.callbacks:
@@ -356,21 +456,29 @@ class Trainer:
     def _set_up_model(self, module: TrainModule, stage: str) -> None:
         self.engine.choose_strategy(module)  # strategy="auto" (validate): from the model, before it is built
         if self.args.seed is not None:
-            seed_everything(self.args.seed)
+            seed_everything(self.args.seed, workers=seed_workers_requested(), verbose=False)
         with self.engine.init_module():
             module.configure_model()
+        if self.args.sync_batchnorm:
+            convert_sync_batchnorm(module, self.engine.strategy.name, self.engine.device.type, self.world_size)
         self.module = module
         if stage == "fit":
 
             def configure_optimizers() -> list[torch.optim.Optimizer]:
+                self.model = module  # readable there, as in Lightning (the strategy's module: parameters in place)
                 optimizers, self.lr_schedulers = parse_optimizers(module.configure_optimizers())
                 return optimizers
 
-            self.model, self.optimizers = self.engine.setup_module_and_optimizers(module, configure_optimizers)
+            try:
+                self.model, self.optimizers = self.engine.setup_module_and_optimizers(module, configure_optimizers)
+            except BaseException:
+                self.model = None
+                raise
+            self.manual_optimization = ManualOptimization(self) if is_manual(module) else None
         else:
             self.model = self.engine.setup_module(module)
 
-    def _loader(self, given: Any, module: TrainModule, hook: str, required: bool) -> Any:
+    def _loader(self, given: Any, module: TrainModule, hook: str, required: bool, training: bool = False) -> Any:
         """The loader ``given``, else the DataModule's ``hook()``, else the module's (Lightning's order), set up."""
         loaders = self._requested_loaders(given, module, hook)
         if not loaders:
@@ -379,7 +487,23 @@ class Trainer:
             return None
         if len(loaders) > 1:
             raise ConfigError(f"{hook} returned {len(loaders)} loaders; training takes one")
-        return self.engine.setup_dataloaders(loaders[0], seed=self.args.seed or 0)
+        return self._set_up_loader(loaders[0], training=training)
+
+    def _set_up_loader(self, loader: Any, training: bool = False, pad_to_equal: bool = True) -> Any:
+        """One loader set up for this run: Lightning's seeded workers, and its DistributedSampler, which shuffles
+        the training data under several processes even when the loader was made with shuffle=False (not under
+        ``overfit_batches``); seeded by ``seed`` or ``seed_everything``'s ``PL_GLOBAL_SEED``."""
+        if seed_workers_requested() and getattr(loader, "num_workers", 0) > 0 and loader.worker_init_fn is None:
+            loader.worker_init_fn = functools.partial(worker_init_function, rank=self.global_rank)  # as Lightning
+        overfit = self.args.overfit_batches > 0
+        shuffle = False if overfit else (True if training and self.engine.data_parallel_size > 1 else None)
+        return self.engine.setup_dataloaders(
+            loader,
+            use_distributed_sampler=self.args.use_distributed_sampler,
+            seed=self.args.seed if self.args.seed is not None else global_seed(),
+            shuffle=shuffle,
+            pad_to_equal=pad_to_equal,
+        )
 
     def _loaders(self, given: Any, module: TrainModule, stage: Stage, required: bool) -> list[Any]:
         """The loaders of an evaluation stage (one or several), set up: each rank reads its own share in order
@@ -387,10 +511,7 @@ class Trainer:
         loaders = self._requested_loaders(given, module, stage.dataloader)
         if not loaders and required:
             raise ConfigError(self._no_loader_message(module, stage.dataloader))
-        return [
-            self.engine.setup_dataloaders(loader, seed=self.args.seed or 0, pad_to_equal=stage.name != "predict")
-            for loader in loaders
-        ]
+        return [self._set_up_loader(loader, pad_to_equal=stage.name != "predict") for loader in loaders]
 
     def _requested_loaders(self, given: Any, module: TrainModule, hook: str) -> list[Any]:
         if given is None and self.datamodule is not None:
@@ -440,81 +561,156 @@ class Trainer:
         self.checkpoints.load_weights(path, self)
         self.loaded_checkpoint = path
 
+    def _count_batches(self, train_loader: Any, val_loaders: list[Any]) -> None:
+        """``trainer.num_training_batches`` and ``num_val_batches`` (per epoch, after the ``limit_*`` arguments)."""
+        if train_loader is not None:
+            self.num_training_batches = _batches(train_loader, self.args.limit_train_batches)
+        self.num_val_batches = [_batches(loader, self.args.limit_val_batches) for loader in val_loaders]
+
+    def _sanity_check(self, val_loaders: list[Any], resumed: bool) -> None:
+        """Lightning's sanity check: a few validation batches before training, nothing logged or kept.
+
+        In a resumed run it leaves the random-number state as the checkpoint restored it (iterating a loader
+        draws from it), so that the run continues as the uninterrupted one did."""
+        batches = sanity_batches(self.args)
+        if not val_loaders or batches <= 0 or not any(self.num_val_batches):
+            return
+        self.state.stage = "sanity_check"
+        cuda = [self.engine.device] if self.engine.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda) if resumed else contextlib.nullcontext():
+            for callback in self.callbacks:
+                callback.on_sanity_check_start(self, self.module)
+            self.evaluation.run(VALIDATE, self.model, self.module, val_loaders, max_batches=batches, keep_metrics=False)
+            for callback in self.callbacks:
+                callback.on_sanity_check_end(self, self.module)
+        self.state.stage = None
+
+    def _reload_loaders(self, val_loaders: list[Any]) -> tuple[Any, list[Any]]:
+        """``reload_dataloaders_every_n_epochs``: the loaders asked for again from the DataModule or the module
+        (loaders given to ``fit`` stay)."""
+        self._loaders_loaded_at_epoch = self.current_epoch
+        train_loader = self.train_loader
+        if self._train_loader_from_module:
+            train_loader = self._loader(None, self.module, "train_dataloader", required=True, training=True)
+            self.train_loader = train_loader
+        if val_loaders and self._val_loader_from_module:
+            val_loaders = self._loaders(None, self.module, VALIDATE, required=False)
+        self._count_batches(train_loader, val_loaders)
+        return train_loader, val_loaders
+
+    def _can_stop_early(self) -> bool:
+        return can_stop_early(self.args, self.current_epoch, self.global_step)
+
+    def _fit_done(self) -> bool:
+        """``max_steps``/``max_epochs`` reached, or a stop request once ``min_epochs``/``min_steps`` are met."""
+        if self._reached_max_steps() or (self.max_epochs is not None and self.current_epoch >= self.max_epochs):
+            return True
+        return self.should_stop and self._can_stop_early()
+
     # ------------------------------------------------------------------ training
     def _train(self, train_loader: Any, val_loaders: list[Any]) -> None:
         assert self.model is not None
         self.should_stop = self._reached_max_steps() or (
             self.max_epochs is not None and self.current_epoch >= self.max_epochs
         )
+        self.state.stage = "train"
+        self._loaders_loaded_at_epoch = self.current_epoch
         self._results = Results()
         self._call("on_train_start")
-        while not self.should_stop:
+        while not self._fit_done():
+            if reload_due(self.args, self.current_epoch, self._loaders_loaded_at_epoch):
+                train_loader, val_loaders = self._reload_loaders(val_loaders)
             self.model.train()
             train_loader.set_epoch(self.current_epoch)
             self._call("on_train_epoch_start")
             self._results.add(self.module.pop_logged())
-            if not self._train_epoch(train_loader, val_loaders):
-                break  # stopped mid-epoch (max_steps or should_stop): the epoch is not over
+            finished = self._train_epoch(train_loader, val_loaders)
+            # Lightning ends the epoch (on_train_epoch_end, epoch metrics) also when max_steps or a stop request ends
+            # it early; the position in the epoch stays then (not current_epoch + 1): a run resumed from here continues it.
             self._end_training_epoch()
+            if not finished:
+                break
             self.current_epoch += 1
             self.batches_seen_in_epoch = 0
-            step_schedulers(
-                self.lr_schedulers, "epoch", self.current_epoch, self.callback_metrics, self._scheduler_step()
-            )
+            if self.manual_optimization is None:  # manual optimization: the module steps its schedulers
+                step_schedulers(
+                    self.lr_schedulers, "epoch", self.current_epoch, self.callback_metrics, self._scheduler_step()
+                )
             if self.max_epochs is not None and self.current_epoch >= self.max_epochs:
                 self.should_stop = True
         self._call("on_train_end")
 
     def _train_epoch(self, train_loader: Any, val_loaders: list[Any]) -> bool:
-        """Train until the epoch's data runs out (returns True) or training must stop (False)."""
-        try:
-            num_batches = limited_batches(len(train_loader), self.args.limit_train_batches)
-        except TypeError:
-            num_batches = math.inf
+        """Train until the epoch's data runs out (or ``on_train_batch_start`` returns -1: returns True) or
+        training must stop (False)."""
+        num_batches = self.num_training_batches
         interval = self.validation.interval(num_batches)
         accumulate = self.args.accumulate_grad_batches
         step_loss = torch.zeros((), device=self.engine.device)
         start = self.batches_seen_in_epoch  # resuming mid-epoch: these batches were already trained on
         train_loader.start_at(start)  # skipped by index, not loaded (see DeviceDataLoader)
+        validated, skipped_rest = False, False
         for batch_idx, batch in enumerate(train_loader, start=start):
             if batch_idx >= num_batches:
                 break
-            self._call("on_train_batch_start", batch, batch_idx)
+            validated = False
             is_last = batch_idx + 1 == num_batches
+            self.is_last_batch = is_last
+            if self._call("on_train_batch_start", batch, batch_idx) == -1:  # Lightning: skip the rest of the epoch
+                skipped_rest = True
+                break
             step_now = (batch_idx + 1) % accumulate == 0 or is_last
-            loss, outputs = self._training_micro_step(batch, batch_idx, sync=step_now)
-            step_loss += loss
-            self._results.add(self.module.pop_logged(), batch)
-            self.batches_seen_in_epoch = batch_idx + 1
+            if self.manual_optimization is not None:  # the module steps (and counts global_step) itself
+                with current_hook(self.module, "training_step"):
+                    outputs = self.manual_optimization.training_step(batch, batch_idx)
+                self._results.add(self.module.pop_logged(), batch)
+                self.batches_seen_in_epoch = batch_idx + 1
+                self._log_if_due(self.manual_optimization.batch_done())
+                step_now = False
+            else:
+                loss, outputs = self._training_micro_step(
+                    batch, batch_idx, sync=step_now, first=batch_idx % accumulate == 0
+                )
+                step_loss += loss
+                self._results.add(self.module.pop_logged(), batch)
+                self.batches_seen_in_epoch = batch_idx + 1
+            self._accumulating = not step_now and self.manual_optimization is None
             if step_now:
                 micro_batches = (batch_idx % accumulate) + 1
                 self._optimizer_step(step_loss / micro_batches, batch_idx)
                 step_loss = torch.zeros((), device=self.engine.device)
             self._call("on_train_batch_end", outputs, batch, batch_idx)
             self._results.add(self.module.pop_logged(), batch)
+            stop_requested = self.should_stop and self._can_stop_early()
             if (
                 val_loaders
-                and interval
-                and (batch_idx + 1) % interval == 0
                 and self.validation.epoch_due(self.current_epoch)
-            ):
+                and ((interval and (batch_idx + 1) % interval == 0) or (not interval and is_last) or stop_requested)
+            ):  # Lightning validates when a stop request will end the epoch, too
                 self._validate_in_fit(val_loaders)
+                validated = True
             if self._stop.agreed and not self._reached_max_steps():  # on the last step, just finish
                 self._stop.stop(self.global_step, self.global_rank, self._checkpoint_for_stop)
-            if self._reached_max_steps() or self.should_stop:
+            if self._reached_max_steps() or (self.should_stop and self._can_stop_early()):
                 self.should_stop = True
                 if self.batches_seen_in_epoch < num_batches:
                     return False
                 break
-        if val_loaders and interval == 0 and self.validation.epoch_due(self.current_epoch):
-            self._validate_in_fit(val_loaders)
+        end_of_epoch_validation = not interval and not validated and not skipped_rest
+        if val_loaders and end_of_epoch_validation and self.validation.epoch_due(self.current_epoch):
+            self._validate_in_fit(val_loaders)  # a loader without a length: its end is known only now
         return True
 
-    def _training_micro_step(self, batch: Any, batch_idx: int, sync: bool) -> tuple[torch.Tensor, Any]:
+    def _training_micro_step(self, batch: Any, batch_idx: int, sync: bool, first: bool) -> tuple[torch.Tensor, Any]:
+        """Forward and backward of one micro-batch; the first of a step zeroes the gradients between the
+        ``training_step`` and the backward (Lightning's order: ``on_before_zero_grad``, ``optimizer_zero_grad``)."""
+
         def compute_loss() -> tuple[torch.Tensor, Any]:
             with current_hook(self.module, "training_step"):
                 outputs = self.model.training_step(*self.module._step_arguments("training_step", batch, batch_idx))
             loss = extract_loss(outputs, type(self.module).__name__)
+            if first:
+                self._zero_grad(batch_idx)
             self._call("on_before_backward", loss)
             return loss, outputs
 
@@ -539,6 +735,30 @@ class Trainer:
         else:
             self._clip_and_step(self.optimizers, step_loss, logged, stepped)
         step_now = bool(stepped) and all(stepped)
+        self.global_step += 1
+        if step_now:
+            step_schedulers(self.lr_schedulers, "step", self.global_step, self.callback_metrics, self._scheduler_step())
+        self._results.add(self.module.pop_logged())
+        self._log_if_due(self.global_step, logged)
+
+    def _log_if_due(self, step: int, own: dict[str, tuple[torch.Tensor, bool]] | None = None) -> None:
+        """Write the step's metrics every ``log_every_n_steps`` steps (``step``: optimizer steps; in manual
+        optimization, batches); ``own``: shardtrain's figures (the step's loss and gradient norm), averaged over
+        ranks. The stop agreement rides on the same collectives."""
+        if not (step % self.args.log_every_n_steps == 0 or self._reached_max_steps()):
+            if self._stop.check_due(self.global_step):
+                self._stop.agreed = bool(self.engine.all_reduce(self._stop.flag(self.engine.device), "max").item())
+            return
+        entries = self._results.take_step_entries(self.engine.device)
+        entries += [
+            Entry(name, value.detach().float().reshape(1), "mean", True, _first_value, prog_bar=prog_bar)
+            for name, (value, prog_bar) in (own or {}).items()
+        ]
+        flag = self._stop.flag(self.engine.device).float().reshape(1)
+        entries.append(Entry(_STOP_REQUESTED, flag, "max", True, _first_value, logger=False))
+        self._write(entries, {"epoch": float(self.current_epoch)})
+
+    def _zero_grad(self, batch_idx: int) -> None:
         own_zero_grad = overrides(self.module, "optimizer_zero_grad", TrainModule)
         for optimizer in self.optimizers:
             self._call("on_before_zero_grad", optimizer)
@@ -546,21 +766,6 @@ class Trainer:
                 self.module.optimizer_zero_grad(self.current_epoch, batch_idx, optimizer)
             else:
                 optimizer.zero_grad(set_to_none=True)
-        self.global_step += 1
-        if step_now:
-            step_schedulers(self.lr_schedulers, "step", self.global_step, self.callback_metrics, self._scheduler_step())
-        self._results.add(self.module.pop_logged())
-        if self.global_step % self.args.log_every_n_steps == 0 or self._reached_max_steps():
-            entries = self._results.take_step_entries(self.engine.device)
-            entries += [  # shardtrain's own figures: the step's loss and gradient norm, averaged over ranks
-                Entry(name, value.detach().float().reshape(1), "mean", True, _first_value, prog_bar=prog_bar)
-                for name, (value, prog_bar) in logged.items()
-            ]
-            flag = self._stop.flag(self.engine.device).float().reshape(1)
-            entries.append(Entry(_STOP_REQUESTED, flag, "max", True, _first_value, logger=False))  # rides along
-            self._write(entries, {"epoch": float(self.current_epoch)})
-        elif self._stop.check_due(self.global_step):
-            self._stop.agreed = bool(self.engine.all_reduce(self._stop.flag(self.engine.device), "max").item())
 
     def _clip_and_step(
         self,
@@ -600,16 +805,23 @@ class Trainer:
     def _validate_in_fit(self, val_loaders: list[Any]) -> None:
         """Validation inside ``fit``: gradients freed first (Lightning's ``on_validation_model_zero_grad``), and
         ``torch.no_grad`` rather than inference mode (tensors a model caches while validating may be trained on)."""
-        if overrides(self.module, "on_validation_model_zero_grad", TrainModule):
+        if not self._accumulating:  # Lightning: between steps, the gradients are freed (or the override runs)
             self.module.on_validation_model_zero_grad()
-        self.evaluation.run(VALIDATE, self.model, self.module, val_loaders, extra={"epoch": float(self.current_epoch)})
+        self.state.stage = "validate"  # trainer.validating
+        try:
+            extra = {"epoch": float(self.current_epoch)}
+            self.evaluation.run(VALIDATE, self.model, self.module, val_loaders, extra=extra)
+        finally:
+            self.state.stage = "train"
 
     def _scheduler_step(self) -> Any:
         """The module's ``lr_scheduler_step`` where it overrides it, else None (``scheduler.step()``)."""
         return self.module.lr_scheduler_step if overrides(self.module, "lr_scheduler_step", TrainModule) else None
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, path: str | os.PathLike | None = None, *, asynchronous: bool = False) -> Path:
+    def save_checkpoint(
+        self, path: str | os.PathLike | None = None, weights_only: bool = False, *, asynchronous: bool = False
+    ) -> Path:
         """Save the training state as a sharded checkpoint directory (every rank must call this).
 
         Each rank writes its own shards; the directory appears atomically once all have
@@ -617,10 +829,12 @@ class Trainer:
         the default is ``<default_root_dir>/checkpoints/step=<N>``. With ``asynchronous=True``
         the loop is blocked only while the state is copied to CPU memory; the files are written
         and committed in the background (the next save and the end of ``fit`` wait for it).
+        ``weights_only=True``: the model's weights, the loop position and the hyperparameters only (Lightning's),
+        for evaluation and ``load_from_checkpoint``, not for resuming training.
         """
         if self.model is None:
             raise RuntimeError("save_checkpoint() needs a module that has been set up by fit()")
-        state = self.checkpoints.state_of(self)
+        state = self.checkpoints.state_of(self, weights_only=weights_only)
         self._call("on_save_checkpoint", state)
         return self.checkpoints.save(state, self.global_step, path, asynchronous)
 
@@ -694,25 +908,31 @@ class Trainer:
 
     def _log_hyperparams(self, module: TrainModule) -> None:
         """Lightning's: the module's and the DataModule's hyperparameters (``save_hyperparameters``) to every logger,
-        once the model is set up, on rank 0."""
+        once the model is set up, on rank 0; then each logger's ``log_graph(module)`` and ``save()``."""
         hparams = merged_for_loggers(module, self.datamodule)  # on every rank: a clash is an error everywhere
-        if hparams is None:
-            return
-        for logger in self._rank_zero_loggers():
-            logger.log_hyperparams(hparams)
+        trainer_loggers.log_hyperparams(self._rank_zero_loggers(), hparams, module)
 
     def _rank_zero_loggers(self) -> list[Logger]:
         return self.loggers if self.is_global_zero else []
 
-    def _call(self, hook: str, *args: Any) -> None:
+    def _call(self, hook: str, *args: Any) -> Any:
         """Run ``hook`` on every callback, then on the module (Lightning's order); ``self.log`` in them follows
-        Lightning's rules for ``hook``."""
+        Lightning's rules for ``hook``. Returns what the module's hook returned (``on_train_batch_start``: -1)."""
         with current_hook(self.module, hook) if self.module is not None else contextlib.nullcontext():
             for callback in self.callbacks:
                 getattr(callback, hook)(self, self.module, *args)
             module_hook = getattr(self.module, hook, None)
             if callable(module_hook) and hook.startswith("on_"):
-                module_hook(*args)
+                return module_hook(*args)
+        return None
+
+
+def _batches(loader: Any, limit: int | float | None) -> int | float:
+    """Batches per epoch of ``loader`` after a ``limit_*_batches`` (inf without a length)."""
+    try:
+        return limited_batches(len(loader), limit)
+    except TypeError:
+        return math.inf
 
 
 _STOP_REQUESTED = "_shardtrain/stop_requested"

@@ -57,7 +57,7 @@ trainer = Trainer(
     devices=args.devices, max_epochs=3, log_every_n_steps=1, default_root_dir=args.out, enable_progress_bar=False
 )
 module = EagerRegression()
-trainer.fit(module, DataLoader(data, batch_size=args.batch_size, shuffle=False))
+trainer.fit(module, DataLoader(data, batch_size=args.batch_size, shuffle=True))
 if trainer.is_global_zero:
     rows = list(csv.DictReader(open(Path(args.out) / "metrics.csv")))
     losses = [float(r["train_loss"]) for r in rows if r.get("train_loss")]

@@ -53,7 +53,7 @@ trainer = Trainer(
     enable_progress_bar=False,
     callbacks=[ModelCheckpoint(every_n_train_steps=args.max_steps)] if args.save else [],
 )
-trainer.fit(module, DataLoader(Blocks(), batch_size=args.batch_size, shuffle=False), ckpt_path=args.resume)
+trainer.fit(module, DataLoader(Blocks(), batch_size=args.batch_size, shuffle=True), ckpt_path=args.resume)
 trainable = sum(p.requires_grad for p in module.parameters())
 if args.dump:  # an independent path from checkpoints: the weights as the processes hold them
     if args.strategy == "deepspeed":

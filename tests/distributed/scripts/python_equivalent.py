@@ -9,7 +9,7 @@ from shardtrain import Trainer
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)
 args = parser.parse_args()
-data = CorpusData(seq_len=32, batch_size=4, shuffle=False, limit_samples=512)
+data = CorpusData(seq_len=32, batch_size=4, shuffle=True, limit_samples=512)
 trainer = Trainer(
     accelerator="cpu",
     devices=2,

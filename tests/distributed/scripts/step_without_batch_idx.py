@@ -52,7 +52,7 @@ trainer = Trainer(
     enable_progress_bar=False,
 )
 module = Regression()
-trainer.fit(module, DataLoader(data, batch_size=args.batch_size, shuffle=False))
+trainer.fit(module, DataLoader(data, batch_size=args.batch_size, shuffle=True))
 (metrics,) = trainer.validate(module, DataLoader(data, batch_size=args.batch_size))
 if trainer.is_global_zero:
     rows = list(csv.DictReader(open(Path(args.out) / "metrics.csv")))

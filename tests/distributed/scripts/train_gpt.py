@@ -233,7 +233,7 @@ trainer = Trainer(
 module = (SelfParallelGPT if args.self_parallel else GPTModule)(config, learning_rate=3e-3, warmup_steps=3)
 trainer.fit(
     module,
-    DataLoader(train, batch_size=args.batch_size, shuffle=False),
+    DataLoader(train, batch_size=args.batch_size, shuffle=True),
     DataLoader(val, batch_size=args.batch_size) if args.val_check_interval else None,
     ckpt_path=args.ckpt_path,
 )

@@ -95,7 +95,7 @@ trainer = Trainer(
 module = (BarePositionModule if args.bare_positions else GPTModule)(config, learning_rate=3e-3, warmup_steps=3)
 trainer.fit(
     module,
-    DataLoader(torch.utils.data.Subset(train, range(1024)), batch_size=args.batch_size),
+    DataLoader(torch.utils.data.Subset(train, range(1024)), batch_size=args.batch_size, shuffle=True),
     DataLoader(val, batch_size=args.batch_size) if args.val_check_interval else None,
     ckpt_path=args.ckpt_path,
 )

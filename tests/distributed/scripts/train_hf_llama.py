@@ -70,7 +70,7 @@ trainer = Trainer(
     seed=1234,
     enable_progress_bar=False,
 )
-trainer.fit(module, DataLoader(Subset(train, range(1024)), batch_size=args.batch_size, shuffle=False))
+trainer.fit(module, DataLoader(Subset(train, range(1024)), batch_size=args.batch_size, shuffle=True))
 split = sorted(name for name, p in module.named_parameters() if hasattr(p, "device_mesh"))
 if trainer.is_global_zero:
     rows = list(csv.DictReader(open(Path(args.out) / "metrics.csv")))
