@@ -110,7 +110,7 @@ def test_best_loads_the_best_checkpoint_of_the_first_model_checkpoint_and_is_the
     trainer.fit(model, loader, loader)
     final = trainer.test(model, loader, verbose=False)
     best = trainer._best_checkpoint()
-    assert best is not None and best == str(checkpoint.best["path"])
+    assert best is not None and best == checkpoint.best_model_path
     from_best = trainer.test(model, loader, ckpt_path="best", verbose=False)
     assert str(trainer.loaded_checkpoint) == best and from_best != final
     assert (

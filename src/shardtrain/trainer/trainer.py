@@ -528,14 +528,8 @@ class Trainer:
 
     def _best_checkpoint(self) -> str | None:
         """The best checkpoint of the first ``ModelCheckpoint`` (Lightning's ``trainer.checkpoint_callback``)."""
-        callback = next((c for c in self.callbacks if isinstance(c, ModelCheckpoint)), None)
-        if callback is None:
-            return None
-        path = getattr(callback, "best_model_path", None)
-        if path is None:
-            best = callback.best
-            path = best["path"] if best is not None else None
-        return str(path) if path else None
+        callback = self.checkpoint_callback
+        return str(callback.best_model_path) if callback is not None and callback.best_model_path else None
 
     def _load_weights(self, ckpt_path: str | os.PathLike) -> None:
         """Load only the model's weights for evaluation: ``"best"``, ``"last"`` or a path (checkpoint or weights)."""
@@ -543,8 +537,8 @@ class Trainer:
             best = self._best_checkpoint()
             if best is None:
                 raise ConfigError(
-                    'ckpt_path="best", but there is no best checkpoint: no ModelCheckpoint with a monitor saved one in '
-                    'this Trainer; pass a path, or "last"'
+                    'ckpt_path="best", but there is no best checkpoint: no ModelCheckpoint of this Trainer has saved '
+                    'one (trainer.checkpoint_callback.best_model_path is empty); fit first, pass a path, or "last"'
                 )
             ckpt_path = best
         path = resolve_checkpoint(ckpt_path, self.checkpoints.directory)
