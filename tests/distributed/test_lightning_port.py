@@ -44,3 +44,21 @@ def test_basic_fit_under_ddp_and_fsdp_matches_lightnings_ddp(tmp_path):
                 assert ours[rank]["weights"][name] == pytest.approx(values, abs=1e-5), (strategy, rank, name)
         their_losses = [row["loss"] for row in theirs[0]["rows"] if "loss" in row]  # rank 0's own, as Lightning
         assert [row["loss"] for row in ours[0]["rows"] if "loss" in row] == pytest.approx(their_losses, abs=1e-5)
+
+
+@pytest.mark.parametrize("name", ["realistic_classifier", "realistic_gpt"])
+def test_a_module_written_for_lightning_runs_ported_under_ddp_and_fsdp_as_under_lightnings_ddp(tmp_path, name):
+    """Each rank's records (weights, metrics, results, its own predictions, checkpoints, hyperparameters) of
+    Lightning's ddp, and of shardtrain's ddp and fsdp on the module ported by its imports."""
+    from tests.lightning_port.compare import assert_same
+    from tests.unit.test_lightning_realistic import _comparable
+
+    theirs = run_port(tmp_path / "lightning", name, "lightning", "ddp")
+    for strategy in ("ddp", "fsdp"):
+        ours = run_port(tmp_path / strategy, name, "shardtrain", strategy)
+        for rank in range(2):
+            assert_same(
+                *_comparable(
+                    ours[rank], tmp_path / strategy / "shardtrain", theirs[rank], tmp_path / "lightning" / "lightning"
+                )
+            )

@@ -4,6 +4,7 @@ from shardtrain.callbacks.base import Callback
 from shardtrain.callbacks.checkpoint import ModelCheckpoint
 from shardtrain.callbacks.early_stopping import EarlyStopping
 from shardtrain.callbacks.lr_monitor import LearningRateMonitor
+from shardtrain.callbacks.model_summary import ModelSummary, RichModelSummary
 from shardtrain.callbacks.progress import ProgressBar
 from shardtrain.callbacks.summary import RunSummary
 from shardtrain.callbacks.throughput import ThroughputMonitor
@@ -13,6 +14,8 @@ __all__ = [
     "EarlyStopping",
     "LearningRateMonitor",
     "ModelCheckpoint",
+    "ModelSummary",
+    "RichModelSummary",
     "ProgressBar",
     "RunSummary",
     "ThroughputMonitor",

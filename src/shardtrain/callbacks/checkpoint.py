@@ -130,6 +130,8 @@ class ModelCheckpoint(Callback):
         self, trainer: "Trainer", module: "TrainModule", outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
+        if getattr(trainer, "_accumulating", False) or step == 0:
+            return  # as Lightning: not in the middle of a gradient accumulation, nor before the first step
         if self.every_n_train_steps and step % self.every_n_train_steps == 0 and step != self._last_saved_step:
             self._save_checkpoint(trainer)
 
