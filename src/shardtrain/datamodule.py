@@ -9,10 +9,13 @@ checkpoints and given back to ``load_state_dict`` on resume.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
-from torch.utils.data import DataLoader
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from shardtrain.hparams import HyperparametersMixin
 
@@ -46,6 +49,46 @@ class DataModule(HyperparametersMixin):
         from shardtrain.from_checkpoint import load_datamodule
 
         return load_datamodule(cls, checkpoint_path, hparams_file, **kwargs)
+
+    @classmethod
+    def from_datasets(
+        cls,
+        train_dataset: Dataset | Iterable[Dataset] | None = None,
+        val_dataset: Dataset | Iterable[Dataset] | None = None,
+        test_dataset: Dataset | Iterable[Dataset] | None = None,
+        predict_dataset: Dataset | Iterable[Dataset] | None = None,
+        batch_size: int = 1,
+        num_workers: int = 0,
+        **datamodule_kwargs: Any,
+    ) -> Self:
+        """Lightning's: a DataModule whose ``*_dataloader()`` wrap the datasets given (a dataset, or a list, tuple
+        or dict of them: one loader each) in ``DataLoader(batch_size, num_workers)``, the training ones shuffled
+        (not an ``IterableDataset``). ``batch_size``/``num_workers`` go to ``cls(...)`` too where it takes them."""
+        parameters = inspect.signature(cls.__init__).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+        loader_kwargs = {"batch_size": batch_size, "num_workers": num_workers}
+        datamodule = cls(
+            **datamodule_kwargs, **{k: v for k, v in loader_kwargs.items() if takes_any or k in parameters}
+        )
+        pin_memory = torch.cuda.is_available()
+
+        def loaders(datasets: Any, shuffle: bool = False) -> Any:
+            if isinstance(datasets, Dataset):
+                shuffle = shuffle and not isinstance(datasets, IterableDataset)
+                return DataLoader(datasets, shuffle=shuffle, pin_memory=pin_memory, **loader_kwargs)  # type: ignore[arg-type]
+            if isinstance(datasets, dict):
+                return {name: loaders(dataset, shuffle) for name, dataset in datasets.items()}
+            return type(datasets)(loaders(dataset, shuffle) for dataset in datasets)
+
+        for hook, datasets in (
+            ("train_dataloader", train_dataset),
+            ("val_dataloader", val_dataset),
+            ("test_dataloader", test_dataset),
+            ("predict_dataloader", predict_dataset),
+        ):
+            if datasets is not None:
+                setattr(datamodule, hook, functools.partial(loaders, datasets, hook == "train_dataloader"))
+        return datamodule
 
     def prepare_data(self) -> None:
         """Download or write data to disk, once per node; do not set state here (other ranks do not see it)."""

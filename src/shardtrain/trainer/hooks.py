@@ -144,7 +144,7 @@ HOOKS: dict[str, Hook] = {
 FLAGS: dict[str, tuple[Any, str]] = {}
 
 
-def overrides(module: nn.Module, name: str, base: type) -> bool:
+def overrides(module: object, name: str, base: type) -> bool:
     """Whether ``type(module)`` defines ``name`` in a class below ``base`` (the user's own code)."""
     for cls in type(module).__mro__:
         if cls is base:
@@ -170,6 +170,22 @@ def check_module_hooks(module: nn.Module, base: type) -> None:
         raise ConfigError(
             f"{type(module).__name__} overrides Lightning hooks that shardtrain does not call, so they would be "
             f"ignored: {'; '.join(problems)}. Remove them, or see docs/lightning.md for what each is called in place"
+        )
+
+
+#: Lightning's ``DataHooks`` a ``LightningDataModule`` may define besides its loaders and set-up: not called here.
+DATAMODULE_REFUSED = ("transfer_batch_to_device", "on_before_batch_transfer", "on_after_batch_transfer")
+
+
+def check_datamodule_hooks(datamodule: object, base: type) -> None:
+    """Raise ``ConfigError`` naming every batch-transfer hook ``datamodule`` defines (shardtrain moves batches
+    itself, so they would be ignored)."""
+    defined = [name for name in DATAMODULE_REFUSED if overrides(datamodule, name, base)]
+    if defined:
+        raise ConfigError(
+            f"{type(datamodule).__name__} defines Lightning's {', '.join(defined)}, which shardtrain does not call "
+            "(the strategy moves each batch to the device), so they would be ignored: move what they do into the "
+            "dataset or collate_fn, or into the step"
         )
 
 

@@ -12,6 +12,7 @@ import functools
 import inspect
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -19,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from shardtrain.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from shardtrain.checkpoint.pointer import resolve_checkpoint
 from shardtrain.datamodule import DataModule
 from shardtrain.engine.engine import Engine
 from shardtrain.errors import ConfigError
@@ -44,7 +46,7 @@ from shardtrain.trainer.state import StageFlags, TrainerState
 from shardtrain.trainer.checkpoint import TrainerCheckpoints
 from shardtrain.trainer import loggers as trainer_loggers
 from shardtrain.trainer.evaluation import PREDICT, TEST, VALIDATE, EvaluationLoop, Stage, loader_list, results_table
-from shardtrain.trainer.hooks import StepOptimizer, check_module_hooks, overrides
+from shardtrain.trainer.hooks import StepOptimizer, check_datamodule_hooks, check_module_hooks, overrides
 from shardtrain.trainer.manual_optimization import ManualOptimization, check_manual_optimization, is_manual
 from shardtrain.trainer.validation import ValidationSchedule
 from shardtrain.engine.wrapper import EngineModule
@@ -395,6 +397,8 @@ class Trainer:
         module._trainer = self
         self.stage = stage
         check_module_hooks(module, TrainModule)  # a Lightning hook we do not call: refused, never ignored
+        if datamodule is not None:
+            check_datamodule_hooks(datamodule, DataModule)
         if stage == "fit":
             check_manual_optimization(module, self.args, TrainModule)
         self.engine.check_module(module)  # before any process group: e.g. heads that TP cannot split
@@ -525,14 +529,8 @@ class Trainer:
 
     def _best_checkpoint(self) -> str | None:
         """The best checkpoint of the first ``ModelCheckpoint`` (Lightning's ``trainer.checkpoint_callback``)."""
-        callback = next((c for c in self.callbacks if isinstance(c, ModelCheckpoint)), None)
-        if callback is None:
-            return None
-        path = getattr(callback, "best_model_path", None)
-        if path is None:
-            best = callback.best
-            path = best["path"] if best is not None else None
-        return str(path) if path else None
+        callback = self.checkpoint_callback
+        return str(callback.best_model_path) if callback is not None and callback.best_model_path else None
 
     def _load_weights(self, ckpt_path: str | os.PathLike) -> None:
         """Load only the model's weights for evaluation: ``"best"``, ``"last"`` or a path (checkpoint or weights)."""
@@ -540,13 +538,21 @@ class Trainer:
             best = self._best_checkpoint()
             if best is None:
                 raise ConfigError(
-                    'ckpt_path="best", but there is no best checkpoint: no ModelCheckpoint with a monitor saved one in '
-                    'this Trainer; pass a path, or "last"'
+                    'ckpt_path="best", but there is no best checkpoint: no ModelCheckpoint of this Trainer has saved '
+                    'one (trainer.checkpoint_callback.best_model_path is empty); fit first, pass a path, or "last"'
                 )
             ckpt_path = best
-        path = self.checkpoints.resolve(ckpt_path)
+        path = resolve_checkpoint(ckpt_path, self.checkpoints.directory)
         if path is None:
-            raise ConfigError(f'ckpt_path="last", but no checkpoint was saved in {self.checkpoints.directory} yet')
+            # Lightning: not an error, so that "last" can be set before the first fit; the weights in memory are used.
+            if self.is_global_zero:
+                warnings.warn(
+                    f'ckpt_path="last", but no checkpoint was saved in {self.checkpoints.directory} yet: no checkpoint '
+                    "is loaded, the model's current weights are evaluated (save one, or pass a path)",
+                    stacklevel=4,
+                )
+            self.loaded_checkpoint = None
+            return
         self.checkpoints.load_weights(path, self)
         self.loaded_checkpoint = path
 
