@@ -1,4 +1,4 @@
-"""ModelCheckpoint, EarlyStopping and LearningRateMonitor on 2 processes: shardtrain's ddp and fsdp against
+"""ModelCheckpoint, EarlyStopping and LearningRateMonitor on 2 processes: shardtrain's ddp, fsdp and deepspeed against
 Lightning's ddp on the same module: the same checkpoints kept, best score, stop epoch and logged learning rates."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from tests.lightning_port.compare import assert_same
 
 def test_callbacks_on_two_processes_match_lightnings_ddp(tmp_path):
     theirs = run_port(tmp_path / "lightning", "callbacks", "lightning", "ddp", num_sanity_val_steps=0)
-    for strategy in ("ddp", "fsdp"):
+    for strategy in ("ddp", "fsdp", "deepspeed"):
         ours = run_port(tmp_path / strategy, "callbacks", "shardtrain", strategy)
         for rank in range(2):
             mine, reference = dict(ours[rank]), dict(theirs[rank])

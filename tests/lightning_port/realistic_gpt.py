@@ -41,7 +41,9 @@ class Block(nn.Module):
     def __init__(self, width: int, heads: int):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        # No in-projection bias: the key bias's gradient is zero up to rounding, which AdamW turns into steps of its
+        # full size whose sign depends on the order of the reductions (DDP's all-reduce vs FSDP's reduce-scatter).
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True, bias=False)
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
 
     def forward(self, x):

@@ -120,6 +120,8 @@ def build_config(
 
     put(zero, "stage", options.stage, "zero_optimization.")
     zero.setdefault("stage", 2)
+    # Lightning's default: ZeRO takes any torch optimizer (SGD too), not only the ones DeepSpeed has tested.
+    result.setdefault("zero_allow_untested_optimizer", True)
     put(zero, "allgather_bucket_size", _int(options.allgather_bucket_size), "zero_optimization.")
     put(zero, "reduce_bucket_size", _int(options.reduce_bucket_size), "zero_optimization.")
     put(zero, "overlap_comm", options.overlap_comm, "zero_optimization.")
