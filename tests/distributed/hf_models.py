@@ -59,11 +59,16 @@ def token_blocks(count: int = 64) -> torch.Tensor:
     return torch.randint(0, VOCAB, (count, SEQ_LEN), generator=torch.Generator().manual_seed(7))
 
 
-def reference_loss(directory: Path, rows: int) -> float:
-    """transformers' own loss of its own from_pretrained model on the first ``rows`` blocks."""
+def reference_loss(directory: Path, rows: int, seed: int) -> float:
+    """transformers' own loss of its own from_pretrained model on the first ``rows`` blocks a shuffled training
+    loader reads (the training data is shuffled under several processes, as Lightning's): PyTorch's
+    DistributedSampler's order for ``seed``, which every world size splits among its ranks."""
+    from torch.utils.data import DistributedSampler
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    batch = token_blocks()[:rows]
+    blocks = token_blocks()
+    order = list(DistributedSampler(blocks, num_replicas=1, rank=0, shuffle=True, seed=seed))
+    batch = blocks[order[:rows]]
     with torch.no_grad():
         return model(input_ids=batch, labels=batch).loss.item()

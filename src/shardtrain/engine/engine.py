@@ -360,6 +360,12 @@ class Engine:
         return not (dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo")
 
     @property
+    def runs_batches_itself(self) -> bool:
+        """Whether ``forward_backward`` runs ``batch`` through the strategy's schedule and never calls
+        ``compute_loss`` (pipeline parallelism)."""
+        return self.strategy.runs_batches_itself
+
+    @property
     def can_skip_optimizer_step(self) -> bool:
         """Whether a loop may leave out an optimizer step (False where the strategy's engine owns it: DeepSpeed)."""
         return self.strategy.can_skip_optimizer_step

@@ -66,6 +66,13 @@ class Strategy(abc.ABC):
     #: tensors made under inference mode could end up in the training graph.
     supports_inference_mode: ClassVar[bool] = False
 
+    @property
+    def runs_batches_itself(self) -> bool:
+        """Whether ``forward_backward`` runs the batch through the strategy's own schedule without calling the
+        loop's ``compute_loss`` (pipeline parallelism): a loop then does per step before it what it would do
+        inside ``compute_loss`` (zeroing the gradients)."""
+        return False
+
     def __init__(self) -> None:
         self.environment: ClusterEnvironment | None = None
         self.device: torch.device = torch.device("cpu")

@@ -244,6 +244,10 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
         with loss_parallel() if self.loss_parallel else contextlib.nullcontext():
             super().backward(loss, module)
 
+    @property
+    def runs_batches_itself(self) -> bool:
+        return self._pipeline is not None
+
     def forward_backward(
         self, module: nn.Module, compute_loss: Any, *, synchronize: bool, batch: Any = None
     ) -> tuple[torch.Tensor, Any]:

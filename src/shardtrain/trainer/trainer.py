@@ -698,13 +698,17 @@ class Trainer:
 
     def _training_micro_step(self, batch: Any, batch_idx: int, sync: bool, first: bool) -> tuple[torch.Tensor, Any]:
         """Forward and backward of one micro-batch; the first of a step zeroes the gradients between the
-        ``training_step`` and the backward (Lightning's order: ``on_before_zero_grad``, ``optimizer_zero_grad``)."""
+        ``training_step`` and the backward (Lightning's order: ``on_before_zero_grad``, ``optimizer_zero_grad``);
+        where the strategy's schedule runs the batch itself (pipeline parallelism), before the schedule."""
+        zero_before = first and self.engine.runs_batches_itself
+        if zero_before:
+            self._zero_grad(batch_idx)
 
         def compute_loss() -> tuple[torch.Tensor, Any]:
             with current_hook(self.module, "training_step"):
                 outputs = self.model.training_step(*self.module._step_arguments("training_step", batch, batch_idx))
             loss = extract_loss(outputs, type(self.module).__name__)
-            if first:
+            if first and not zero_before:
                 self._zero_grad(batch_idx)
             self._call("on_before_backward", loss)
             return loss, outputs
