@@ -34,6 +34,7 @@ ds_config = {
     "gradient_accumulation_steps": 1,
     "train_batch_size": args.batch_size * dist.get_world_size(),
     "gradient_clipping": 1.0,
+    "zero_allow_untested_optimizer": True,  # shardtrain's (and Lightning's) default
 }
 if args.precision == "bf16-mixed":
     ds_config["bf16"] = {"enabled": True}

@@ -60,7 +60,9 @@ def test_the_pretrained_models_own_first_batch_loss_is_the_first_training_loss(c
     result = assert_ok(
         run_script("finetune_hf.py", tmp_path, "--model", str(checkpoints[model]), *LAYOUTS[layout])
     ).result()
-    expected = reference_loss(checkpoints[model], rows=4, seed=1234)  # the script's seed  # about 8.5: a fresh initialisation gives ln(256) = 5.5
+    expected = reference_loss(
+        checkpoints[model], rows=4, seed=1234
+    )  # the script's seed  # about 8.5: a fresh initialisation gives ln(256) = 5.5
     if layout.endswith("bf16-true"):  # computed in bf16: within one bf16 rounding step (2**-8) of fp32's loss
         assert result["losses"][0] == pytest.approx(expected, rel=2**-8)
     else:

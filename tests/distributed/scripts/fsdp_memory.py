@@ -80,7 +80,8 @@ elif args.what == "states":
                 ),
             }
 
-        def on_before_zero_grad(self, trainer, module, optimizer):
+        def on_before_optimizer_step(self, trainer, module, optimizer):
+            # Lightning's order zeroes the gradients before each backward, so they are held here
             self.grads = local_bytes(p.grad for p in module.parameters() if p.grad is not None)
 
     measure = Measure()
