@@ -1,5 +1,6 @@
 """The DeepSpeed engine is destroyed when fit() ends (its ZeRO hooks removed), while the trained
-weights and optimizer state stay readable and saveable: one process, DeepSpeed's CPU accelerator."""
+weights and optimizer state stay readable and saveable, and validate/test/predict on the same Trainer
+evaluate the trained model (as Lightning's do): one process, DeepSpeed's CPU accelerator."""
 
 import pytest
 
@@ -10,7 +11,7 @@ pytest.importorskip("deepspeed", reason="install the extra: pip install 'shardtr
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_fit_destroys_the_engine_and_keeps_the_state_readable(tmp_path, stage):
+def test_fit_destroys_the_engine_keeps_the_state_readable_and_evaluates_after(tmp_path, stage):
     result = assert_ok(run_script("deepspeed_teardown.py", tmp_path, "--stage", str(stage), timeout=300)).result()
     assert result["destroyed"] is True
     # every parameter had ZeRO's gradient hook during fit, none after; ZeRO-3's gather-on-forward hooks are gone too
@@ -26,3 +27,8 @@ def test_fit_destroys_the_engine_and_keeps_the_state_readable(tmp_path, stage):
     assert any(abs(v) > 0 for values in result["exp_avg_after"].values() for v in values)
     assert result["saved"] is True
     assert "use a new Trainer" in result["refused"]
+    # validate, test (on the checkpoint just saved) and predict after fit give plain torch's figures on the weights
+    assert result["validated"] == pytest.approx(result["expected_mse"], rel=1e-5)
+    assert result["tested"] == pytest.approx(result["expected_mse"], rel=1e-5)
+    assert result["predicted"] == pytest.approx(result["expected_predictions"], abs=1e-6)
+    assert result["exp_avg_after_evaluation"] == result["exp_avg_after"]  # the optimizer state survives them

@@ -47,14 +47,16 @@ def test_basic_fit_under_ddp_and_fsdp_matches_lightnings_ddp(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["realistic_classifier", "realistic_gpt"])
-def test_a_module_written_for_lightning_runs_ported_under_ddp_and_fsdp_as_under_lightnings_ddp(tmp_path, name):
+def test_a_module_written_for_lightning_runs_ported_under_ddp_fsdp_and_deepspeed_as_under_lightnings_ddp(
+    tmp_path, name
+):
     """Each rank's records (weights, metrics, results, its own predictions, checkpoints, hyperparameters) of
-    Lightning's ddp, and of shardtrain's ddp and fsdp on the module ported by its imports."""
+    Lightning's ddp, and of shardtrain's ddp, fsdp and deepspeed (ZeRO-2) on the module ported by its imports."""
     from tests.lightning_port.compare import assert_same
     from tests.unit.test_lightning_realistic import _comparable
 
     theirs = run_port(tmp_path / "lightning", name, "lightning", "ddp")
-    for strategy in ("ddp", "fsdp"):
+    for strategy in ("ddp", "fsdp", "deepspeed"):
         ours = run_port(tmp_path / strategy, name, "shardtrain", strategy)
         for rank in range(2):
             assert_same(

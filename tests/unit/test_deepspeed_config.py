@@ -9,7 +9,7 @@ import pytest
 from shardtrain import Trainer
 from shardtrain.errors import ConfigError, MissingDependencyError
 from shardtrain.strategies.base import TrainingSettings
-from shardtrain.strategies.deepspeed.config import DeepSpeedOptions, build_config
+from shardtrain.strategies.deepspeed.config import DeepSpeedOptions, build_config, evaluation_config
 
 pytest.importorskip("deepspeed", reason="install the extra: pip install 'shardtrain[deepspeed]'")
 
@@ -140,3 +140,17 @@ def test_a_config_dict_is_not_modified():
         _build({"stage": 2}, given)
     assert given == {"zero_optimization": {"stage": 1}}
     assert json.dumps(_build(config=given))  # JSON-serialisable, as DeepSpeed needs
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_an_engine_set_up_for_evaluation_keeps_the_precision_and_zero_3_only(stage):
+    """ZeRO-1/2 refuse to start without an optimizer (and partition nothing evaluation uses); ZeRO-3's parameters
+    stay partitioned, so its section is kept (as Lightning's DeepSpeed inference config)."""
+    config = _build({"stage": stage, "offload_parameters": stage == 3}, precision="bf16-mixed", micro_batch_size=4)
+    evaluation = evaluation_config(config)
+    assert evaluation["bf16"] == {"enabled": True}
+    assert evaluation["train_micro_batch_size_per_gpu"] == 4
+    assert ("zero_optimization" in evaluation) == (stage == 3)
+    if stage == 3:
+        assert evaluation["zero_optimization"] == config["zero_optimization"]
+    assert "gradient_clipping" not in evaluation and "gradient_accumulation_steps" not in evaluation

@@ -360,6 +360,11 @@ class Engine:
         return not (dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo")
 
     @property
+    def runs_modules_after_teardown(self) -> bool:
+        """Whether a set-up module still runs after ``teardown()`` (False under DeepSpeed: ``setup_module`` again)."""
+        return self.strategy.runs_modules_after_teardown
+
+    @property
     def runs_batches_itself(self) -> bool:
         """Whether ``forward_backward`` runs ``batch`` through the strategy's schedule and never calls
         ``compute_loss`` (pipeline parallelism)."""

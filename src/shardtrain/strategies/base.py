@@ -65,6 +65,9 @@ class Strategy(abc.ABC):
     #: the strategy's modules gather or reshard parameters when they run (FSDP, DTensor, DeepSpeed ZeRO): there,
     #: tensors made under inference mode could end up in the training graph.
     supports_inference_mode: ClassVar[bool] = False
+    #: Whether a module set up before ``teardown()`` still runs after it; False where teardown destroys what runs it
+    #: (DeepSpeed's engine): an evaluation after ``fit`` then sets the module up again (``setup_module``).
+    runs_modules_after_teardown: ClassVar[bool] = True
 
     @property
     def runs_batches_itself(self) -> bool:

@@ -450,9 +450,12 @@ class Trainer:
             module.setup(stage)
 
     def _setup(self, module: TrainModule, stage: str) -> None:
-        """Set the model up once (a later stage on the same module reuses it)."""
+        """Set the model up once: a later stage on the same module reuses it (an evaluation under a strategy whose
+        teardown stopped it from running, DeepSpeed, sets the trained module up again for evaluation)."""
         if not (self.module is module and self.model is not None):
             self._set_up_model(module, stage)
+        elif stage != "fit" and not self.engine.runs_modules_after_teardown:
+            self.model = self.engine.setup_module(module)
 
     def _set_up_model(self, module: TrainModule, stage: str) -> None:
         self.engine.choose_strategy(module)  # strategy="auto" (validate): from the model, before it is built

@@ -1,5 +1,7 @@
 """Fit under DeepSpeed in one process and record what teardown at the end of fit leaves: the
-engine destroyed (ZeRO hooks gone, the model refuses to run), the trained state still readable."""
+engine destroyed (ZeRO hooks gone, the model refuses to run), the trained state still readable; then
+validate, test (on the saved checkpoint) and predict on the same Trainer, each setting the trained
+model up again, and the state as readable after them."""
 
 import argparse
 import json
@@ -28,6 +30,17 @@ class Regression(TrainModule):
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=0.01)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_mse", nn.functional.mse_loss(self.net(x), y))
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test_mse", nn.functional.mse_loss(self.net(x), y))
+
+    def predict_step(self, batch, batch_idx):
+        return self.net(batch[0])
 
 
 def module_hooks(module):
@@ -65,7 +78,8 @@ trainer = Trainer(
     enable_progress_bar=False,
 )
 module = Regression()
-trainer.fit(module, DataLoader(TensorDataset(x, x.sum(dim=1, keepdim=True)), batch_size=8))
+data = TensorDataset(x, x.sum(dim=1, keepdim=True))
+trainer.fit(module, DataLoader(data, batch_size=8))
 strategy = trainer.strategy
 exp_avg = {k: v["exp_avg"] for k, v in strategy.optimizer_state_dict(module, trainer.optimizers[0])["state"].items()}
 saved = trainer.save_checkpoint()
@@ -74,7 +88,24 @@ try:
     refused = ""
 except StrategyError as error:
     refused = str(error)
+# Evaluation on the same Trainer: each stage sets the trained model up again (a new engine, no optimizer).
+validated = trainer.validate(module, DataLoader(data, batch_size=32), verbose=False)[0]["val_mse"]
+tested = trainer.test(module, DataLoader(data, batch_size=32), ckpt_path=saved, verbose=False)[0]["test_mse"]
+predicted = torch.cat(trainer.predict(module, DataLoader(TensorDataset(x), batch_size=8)))
+exp_avg_evaluated = {
+    k: v["exp_avg"] for k, v in strategy.optimizer_state_dict(module, trainer.optimizers[0])["state"].items()
+}
+reference = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))  # plain torch, the weights read after fit
+reference.load_state_dict({k.removeprefix("net."): v for k, v in strategy.module_state_dict(module).items()})
+with torch.no_grad():
+    expected = reference(x)
 result = {
+    "validated": validated,
+    "tested": tested,
+    "expected_mse": nn.functional.mse_loss(expected, data.tensors[1]).item(),
+    "predicted": predicted.flatten().tolist(),
+    "expected_predictions": expected.flatten().tolist(),
+    "exp_avg_after_evaluation": flat(exp_avg_evaluated),
     "destroyed": strategy._destroyed,
     "hooks_before": before.hooks,
     "hooks_after": module_hooks(module),

@@ -215,6 +215,19 @@ def _write_trainer_settings(
         )
 
 
+def evaluation_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The config of an engine set up without an optimizer (evaluation), as Lightning's DeepSpeed inference: the
+    batch size, the precision sections and, at ZeRO-3 only (partitioned parameters), ``zero_optimization``;
+    ZeRO-1/2 refuse to start without an optimizer, and partition nothing evaluation uses."""
+    kept = {"train_micro_batch_size_per_gpu": config.get("train_micro_batch_size_per_gpu", 1)}
+    kept.update({name: config[name] for name in ("bf16", "fp16") if name in config})
+    zero = config.get("zero_optimization", {})
+    if zero.get("stage") == 3:
+        kept["zero_optimization"] = zero
+        kept["zero_allow_untested_optimizer"] = config.get("zero_allow_untested_optimizer", True)
+    return kept
+
+
 #: Where pipeline parallelism is, for strategies that do not have it.
 PIPELINE_HINT = (
     "strategy='model_parallel' with pipeline_parallel_size=N: stages of your unchanged model on "

@@ -91,7 +91,20 @@ def load_model_state(
                     _write_partition(tensor, value)
             else:
                 tensor.data.copy_(value.reshape(tensor.shape))
-    refresh_low_precision_params(zero_optimizer)
+    refresh_low_precision_params(zero_optimizer, module)
+
+
+def _gather_again(module: nn.Module) -> None:
+    """ZeRO-3 parameters held whole between forwards (persistent ones: small parameters, below DeepSpeed's
+    ``param_persistence_threshold``) were gathered before the load wrote their partitions, and a gather skips
+    parameters already whole: release them and gather again, so the next forward sees the loaded values (with several
+    processes; in one the partition is the whole tensor). Every rank holds the same ones: collective."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    whole = [p for p in module.parameters() if hasattr(p, "ds_id") and p.ds_status == ZeroParamStatus.AVAILABLE]
+    if whole:
+        whole[0].partition(whole)  # frees the stale whole copies; the partitions (just written) stay
+        whole[0].all_gather(whole)
 
 
 def _write_partition(param: torch.Tensor, value: torch.Tensor) -> None:
@@ -122,18 +135,14 @@ def _set_zero3_partition(zero_optimizer: Any, param: torch.Tensor, value: torch.
         zero_optimizer._optimizer_states_and_gradient_swap_out(group)
 
 
-def refresh_low_precision_params(zero_optimizer: Any) -> None:
-    """Copy the fp32 master partitions into the parameters the forward pass uses."""
-    if zero_optimizer is None:
-        return
+def refresh_low_precision_params(zero_optimizer: Any, module: nn.Module) -> None:
+    """Copy the fp32 master partitions into the parameters the forward pass uses, ZeRO-3's whole ones included."""
     if hasattr(zero_optimizer, "update_lp_params"):  # ZeRO 1 and 2
         zero_optimizer.update_lp_params()
     elif hasattr(zero_optimizer, "_reassign_or_swap_out_partitioned_parameters"):  # ZeRO 3
         for sub_group in range(len(zero_optimizer.fp16_partitioned_groups_flat)):
             zero_optimizer._reassign_or_swap_out_partitioned_parameters(sub_group)
-        persistent = getattr(zero_optimizer, "persistent_parameters", [])
-        if persistent:
-            persistent[0].all_gather(persistent)
+    _gather_again(module)
 
 
 def base_optimizer(zero_optimizer: Any) -> torch.optim.Optimizer | None:

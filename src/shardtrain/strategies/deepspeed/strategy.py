@@ -35,6 +35,7 @@ from shardtrain.strategies.capabilities import BackwardSyncControl
 from shardtrain.strategies.deepspeed.config import (
     DeepSpeedOptions,
     build_config,
+    evaluation_config,
     offload_nvme_paths,
 )
 from shardtrain.strategies.deepspeed.memory import deepspeed_memory
@@ -80,6 +81,7 @@ class DeepSpeedStrategy(BackwardSyncControl, Strategy):
     needs_process_group = True
     #: Its optimizer step also clips and reduces; the norm is known only after it.
     can_skip_optimizer_step = False
+    runs_modules_after_teardown = False  # teardown destroys the engine; evaluation after fit sets up a new one
 
     def __init__(
         self,
@@ -125,6 +127,9 @@ class DeepSpeedStrategy(BackwardSyncControl, Strategy):
         self._group_names: list[list[str]] = []
         self._pending_norm: torch.Tensor | None = None
         self._destroyed = False  # teardown() destroyed self._engine; its state is still readable
+        # The engine whose optimizer holds the training state: self._engine, or after an evaluation set up after
+        # training (a new engine without an optimizer), the destroyed training engine.
+        self._state_engine: Any = None
 
     # ------------------------------------------------------------------ config
     @property
@@ -233,26 +238,29 @@ class DeepSpeedStrategy(BackwardSyncControl, Strategy):
             raise ConfigError(
                 "the DeepSpeed config has an 'optimizer' section and configure_optimizers() returned an optimizer too; keep one"
             )
-        self._user_optimizer = user_optimizer
         names = {id(p): name for name, p in module.named_parameters()}
-        self._group_names = (
+        group_names = (
             [[names[id(p)].removeprefix("module.") for p in group["params"]] for group in user_optimizer.param_groups]
             if user_optimizer
             else []
         )
         self.teardown()  # set up again: the previous engine's hooks must not stay on the model
+        evaluation = user_optimizer is None and "optimizer" not in self.config
         engine, zero_optimizer, _, _ = deepspeed.initialize(
             model=module,
             optimizer=optimizer_for_deepspeed(user_optimizer, self.config),
-            config=self.config,
+            config=evaluation_config(self.config) if evaluation else self.config,
             dist_init_required=False,
         )
         self._engine, self._destroyed = engine, False
-        if user_optimizer is None and engine.optimizer is not None:  # DeepSpeed's own, from the config
-            self._user_optimizer = state_io.base_optimizer(engine.optimizer)
-            self._group_names = [list(names.values())]
-            optimizers = [self._user_optimizer]
-        if engine.optimizer is not None:
+        if user_optimizer is None and engine.optimizer is not None and "optimizer" in self.config:  # DeepSpeed's own
+            user_optimizer = state_io.base_optimizer(engine.optimizer)
+            group_names = [list(names.values())]
+            optimizers = [user_optimizer]
+        if user_optimizer is not None or self._state_engine is None:
+            self._user_optimizer, self._group_names, self._state_engine = user_optimizer, group_names, engine
+        # else: set up for evaluation after training (no optimizer): the trained engine's optimizer keeps the state
+        if engine.optimizer is not None and optimizers:
             state_io.initialise_optimizer_state(engine.optimizer)
         log.info("DeepSpeed ZeRO stage %d, %s", self.stage, describe_offload(self.config))
         return engine, optimizers
@@ -260,8 +268,9 @@ class DeepSpeedStrategy(BackwardSyncControl, Strategy):
     def forward_context(self) -> contextlib.AbstractContextManager:
         if self._destroyed:
             raise StrategyError(
-                "the DeepSpeed engine was destroyed when fit()/validate() ended (teardown), so its model can be "
-                "saved and read but not run; to train or validate again, use a new Trainer (resume with ckpt_path)"
+                "the DeepSpeed engine was destroyed when fit() ended (teardown), so its model can be saved, read and "
+                "evaluated (trainer.validate/test/predict set it up again) but not trained; to train again, use a "
+                "new Trainer (resume with ckpt_path)"
             )
         return contextlib.nullcontext()
 
@@ -314,14 +323,12 @@ class DeepSpeedStrategy(BackwardSyncControl, Strategy):
     ) -> None:
         if full:  # every rank was given everything: keep what this rank owns (and broadcasts)
             state = state_io.keep_owned([name for name, _ in state_io.named_state_tensors(module)], state)
-        state_io.load_model_state(
-            module, state, self.device, self._engine.optimizer if self._engine is not None else None
-        )
+        state_io.load_model_state(module, state, self.device, self._zero_optimizer())
 
     def optimizer_state_dict(self, module: nn.Module, optimizer: Optimizer, full: bool = True) -> dict[str, Any]:
         self._require_engine("optimizer_state_dict")
         return state_io.optimizer_state(
-            module, self._engine.optimizer, optimizer, self._group_names, owned_only=not full
+            module, self._zero_optimizer(), optimizer, self._group_names, owned_only=not full
         )
 
     def load_optimizer_state_dict(
@@ -333,8 +340,15 @@ class DeepSpeedStrategy(BackwardSyncControl, Strategy):
                 **state,
                 "state": state_io.keep_owned([name for name, _ in state_io._trainable(module)], state.get("state", {})),
             }
-        state_io.load_optimizer_state(module, self._engine.optimizer, optimizer, state, self.device)
-        state_io.refresh_low_precision_params(self._engine.optimizer)
+        state_io.load_optimizer_state(module, self._zero_optimizer(), optimizer, state, self.device)
+        state_io.refresh_low_precision_params(self._zero_optimizer(), module)
+
+    def _zero_optimizer(self) -> Any:
+        """The ZeRO optimizer that holds the fp32 master weights and the optimizer state, and to which the parameters
+        are linked: the training engine's, also after an evaluation set up a new engine; None where there is none
+        (ZeRO-3 set up without an optimizer has only DeepSpeed's parameter offload, no master weights)."""
+        optimizer = self._state_engine.optimizer if self._state_engine is not None else None
+        return None if type(optimizer).__name__ == "DeepSpeedZeRoOffload" else optimizer
 
     def _require_engine(self, what: str) -> None:
         if self._engine is None:
