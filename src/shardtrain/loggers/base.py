@@ -15,6 +15,7 @@ from argparse import Namespace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from shardtrain.errors import ConfigError
 from shardtrain.utilities import rank_zero_only
 
 
@@ -72,6 +73,50 @@ class Logger:
 
     def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
         """A checkpoint was saved (Lightning's ``ModelCheckpoint`` calls this); nothing by default."""
+
+
+class FileLogger(Logger):
+    """A logger writing under ``<save_dir>/<name>/<version>`` (Lightning's layout, the CSV and TensorBoard loggers):
+    subclasses set ``_save_dir`` (None: the Trainer's ``default_root_dir``), ``_name`` and ``_version``."""
+
+    _save_dir: str | None
+    _name: str
+    _version: int | str | None
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def version(self) -> int | str:
+        """The given version, else the next free number under ``root_dir`` (fixed at the first read)."""
+        if self._version is None:
+            self._version = next_version(self.root_dir)
+        return self._version
+
+    @property
+    def save_dir(self) -> str:
+        if self._save_dir is None:
+            raise ConfigError(
+                f"{type(self).__name__} has no save_dir yet: give {type(self).__name__}(save_dir=...) or pass it to a"
+                " Trainer (which gives it its default_root_dir)"
+            )
+        return self._save_dir
+
+    def use_default_dir(self, directory: str | os.PathLike) -> None:
+        """Write under ``directory`` when no ``save_dir`` was given (the Trainer passes its ``default_root_dir``)."""
+        if self._save_dir is None:
+            self._save_dir = os.fspath(directory)
+
+    @property
+    def root_dir(self) -> str:
+        return os.path.join(self.save_dir, self.name) if self.name else self.save_dir
+
+    @property
+    def version_dir(self) -> str:
+        """``root_dir/version_<N>`` (or the version's own name; ``root_dir`` itself for an empty one)."""
+        version = self.version if isinstance(self.version, str) else f"version_{self.version}"
+        return os.path.join(self.root_dir, version) if version else self.root_dir
 
 
 class DummyExperiment:

@@ -21,12 +21,10 @@ from typing import Any, Mapping
 
 import yaml
 
-from shardtrain.errors import ConfigError
 from shardtrain.loggers.base import (
-    Logger,
+    FileLogger,
     add_prefix,
     existing_versions,
-    next_version,
     plain_params,
     rank_zero_experiment,
     scalar,
@@ -38,7 +36,7 @@ METRICS_FILE = "metrics.csv"
 HPARAMS_FILE = "hparams.yaml"
 
 
-class CSVLogger(Logger):
+class CSVLogger(FileLogger):
     """Log to CSV and YAML files: ``CSVLogger("logs", name="my_exp")`` writes ``logs/my_exp/version_0/metrics.csv``.
 
     Args:
@@ -76,38 +74,8 @@ class CSVLogger(Logger):
 
     # ------------------------------------------------------------------ where
     @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def version(self) -> int | str:
-        """The given version, else the next free number under ``root_dir`` (fixed at the first read)."""
-        if self._version is None:
-            self._version = next_version(self.root_dir)
-        return self._version
-
-    @property
-    def save_dir(self) -> str:
-        if self._save_dir is None:
-            raise ConfigError(
-                f"{type(self).__name__} has no save_dir yet: give {type(self).__name__}(save_dir=...) or pass it to a"
-                " Trainer (which gives it its default_root_dir)"
-            )
-        return self._save_dir
-
-    def use_default_dir(self, directory: str | os.PathLike) -> None:
-        """Write under ``directory`` when no ``save_dir`` was given (the Trainer passes its ``default_root_dir``)."""
-        if self._save_dir is None:
-            self._save_dir = os.fspath(directory)
-
-    @property
-    def root_dir(self) -> str:
-        return os.path.join(self.save_dir, self.name) if self.name else self.save_dir
-
-    @property
     def log_dir(self) -> str:
-        version = self.version if isinstance(self.version, str) else f"version_{self.version}"
-        return os.path.join(self.root_dir, version) if version else self.root_dir
+        return self.version_dir
 
     @property
     def path(self) -> Path:

@@ -10,12 +10,11 @@ from typing import Any, Mapping
 
 import yaml
 
-from shardtrain.errors import ConfigError, MissingDependencyError
+from shardtrain.errors import MissingDependencyError
 from shardtrain.loggers.base import (
-    Logger,
+    FileLogger,
     add_prefix,
     flatten_params,
-    next_version,
     plain_params,
     rank_zero_experiment,
     scalar,
@@ -26,7 +25,7 @@ from shardtrain.utilities import rank_zero_only
 HPARAMS_FILE = "hparams.yaml"
 
 
-class TensorBoardLogger(Logger):
+class TensorBoardLogger(FileLogger):
     """Log to TensorBoard: ``experiment`` is a ``torch.utils.tensorboard.SummaryWriter``.
 
     The writer opens at the first use, not here: loggers are built in every process (a run config is read
@@ -74,38 +73,8 @@ class TensorBoardLogger(Logger):
         self.hparams: dict[str, Any] = {}
 
     @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def version(self) -> int | str:
-        """The given version, else the next free number under ``root_dir`` (fixed at the first read)."""
-        if self._version is None:
-            self._version = next_version(self.root_dir)
-        return self._version
-
-    @property
-    def save_dir(self) -> str:
-        if self._save_dir is None:
-            raise ConfigError(
-                f"{type(self).__name__} has no save_dir yet: give {type(self).__name__}(save_dir=...) or pass it to a"
-                " Trainer (which gives it its default_root_dir)"
-            )
-        return self._save_dir
-
-    def use_default_dir(self, directory: str | os.PathLike) -> None:
-        """Write under ``directory`` when no ``save_dir`` was given (the Trainer passes its ``default_root_dir``)."""
-        if self._save_dir is None:
-            self._save_dir = os.fspath(directory)
-
-    @property
-    def root_dir(self) -> str:
-        return os.path.join(self.save_dir, self.name) if self.name else self.save_dir
-
-    @property
     def log_dir(self) -> str:
-        version = self.version if isinstance(self.version, str) else f"version_{self.version}"
-        log_dir = os.path.join(self.root_dir, version) if version else self.root_dir
+        log_dir = self.version_dir
         if self._sub_dir is not None:
             log_dir = os.path.join(log_dir, self._sub_dir)
         return os.path.expanduser(os.path.expandvars(log_dir))
