@@ -30,7 +30,9 @@ def _cli(*args, timeout=180):
 
 def _losses(directory):
     return {
-        int(r["step"]): float(r["train_loss"])
+        int(r["step"]) + 1: float(
+            r["train_loss"]
+        )  # rows at Lightning's step (batches before): +1 is the optimizer step
         for r in csv.DictReader(open(directory / "metrics.csv"))
         if r.get("train_loss")
     }

@@ -45,6 +45,7 @@ class Logs(L.LightningModule):
         self.log("val_sum", 1.0, reduce_fx="sum")
         self.log("val_synced", nn.functional.mse_loss(prediction, y), sync_dist=True)
         self.log("val_mse", self.mse)
+        self.log("val_batch_index", float(batch_idx), on_step=True, on_epoch=False)  # a row per batch, at its index
 
     def on_validation_epoch_end(self):
         self.log("val_epoch_end", float(self.current_epoch) + 0.25)
@@ -63,14 +64,12 @@ def experiment(root: str, **trainer_kwargs) -> dict:
     model = Logs()
     recording = RecordingLogger()
     trainer = L.Trainer(default_root_dir=root, max_epochs=2, log_every_n_steps=2, logger=recording, **trainer_kwargs)
-    trainer.fit(
-        model,
-        DataLoader(data(24, 0), batch_size=8, shuffle=trainer.world_size > 1),
-        DataLoader(data(11, 1), batch_size=4),  # batches of 4, 4 and 3 (per rank under ddp: 2, 2, 2)
-    )
-    rows = [{k: v for k, v in row.items() if k not in ("step", *OWN)} for row in recording.rows]
+    val_loader = DataLoader(data(11, 1), batch_size=4)  # batches of 4, 4 and 3 (per rank under ddp: 2, 2, 2)
+    trainer.fit(model, DataLoader(data(24, 0), batch_size=8, shuffle=trainer.world_size > 1), val_loader)
+    trainer.validate(model, val_loader)  # after fit: its rows at the fit's step count
+    rows = [{k: v for k, v in row.items() if k not in OWN} for row in recording.rows]
     return {
-        "rows": [row for row in rows if set(row) - {"epoch"}],
+        "rows": [row for row in rows if set(row) - {"epoch", "step"}],  # the step at which each row is written
         "callback_metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if k not in OWN},
         "progress_bar_metrics": sorted(k for k in trainer.progress_bar_metrics if k not in OWN),
     }

@@ -46,16 +46,16 @@ def test_resume_in_the_same_root_dir_appends_to_metrics_csv_after_a_marker(tmp_p
 
     fit(3).save_checkpoint()
     header, first = _rows(tmp_path / "metrics.csv")
-    assert [int(r["step"]) for r in first] == [1, 2, 3] and "val_loss" not in header
+    assert [int(r["step"]) for r in first] == [0, 1, 2] and "val_loss" not in header
     fit(6, ckpt_path="last", val_check_interval=2)  # val_loss first appears in the resumed run
     header, rows = _rows(tmp_path / "metrics.csv")
     assert header[0] == "step" and {"train_loss", "epoch", "val_loss", "resumed_from_step"} <= set(header)
     assert [{k: r[k] for k in first[0]} for r in rows[:3]] == first  # the first run's rows, unchanged
     assert rows[3]["resumed_from_step"] == "3" and rows[3]["step"] == "3" and rows[3]["train_loss"] == ""
-    assert [int(r["step"]) for r in rows[4:] if r["train_loss"]] == [4, 5, 6]
-    assert [int(r["step"]) for r in rows if r["val_loss"]] == [4, 6]  # every 2 batches of the epoch
+    assert [int(r["step"]) for r in rows[4:] if r["train_loss"]] == [3, 4, 5]  # Lightning's steps: from 0
+    assert [int(r["step"]) for r in rows if r["val_loss"]] == [3, 5]  # every 2 batches of the epoch (at batch 4 and 6)
     assert all(len(r) == len(header) and None not in r for r in rows)  # every row fits the header
 
     fit(2)  # a fresh run in the same directory: the resumed run's file is moved aside, not overwritten
     assert _rows(tmp_path / "metrics.1.csv")[1] == rows
-    assert [int(r["step"]) for r in _rows(tmp_path / "metrics.csv")[1]] == [1, 2]
+    assert [int(r["step"]) for r in _rows(tmp_path / "metrics.csv")[1]] == [0, 1]

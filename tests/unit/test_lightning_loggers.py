@@ -31,7 +31,9 @@ def test_csv_and_tensorboard_loggers_match_lightning(tmp_path):
         mine_tb = {tag: values for tag, values in mine["tb_scalars"].items() if tag != "train_loss"}
         assert set(mine_tb) == set(lightning["tb_scalars"])
         assert mine_tb["hp_metric"] == lightning["tb_scalars"]["hp_metric"] == [[0, -1.0]]
-        for tag in ("loss", "val_loss"):  # TODO(issue 30, logging): Lightning's steps count from 0
+        assert mine["csv_steps"] == lightning["csv_steps"]
+        for tag in ("loss", "val_loss"):  # at Lightning's steps (batches that stepped, from 0)
+            assert [step for step, _ in mine_tb[tag]] == [step for step, _ in lightning["tb_scalars"][tag]]
             assert [v for _, v in mine_tb[tag]] == pytest.approx([v for _, v in lightning["tb_scalars"][tag]])
         # TensorBoard's hparams.yaml is written at fit start (save()), before the module's own log_hyperparams call
         assert mine["tb_hparams"] == lightning["tb_hparams"] == {}
@@ -112,7 +114,7 @@ def test_a_users_logger_gets_rows_and_finalize_status(tmp_path):
 
     logger = Finalizing()
     _fit(tmp_path, logger)
-    assert [step for step, _ in logger.rows] == [1, 2] and logger.statuses == ["success"]
+    assert [step for step, _ in logger.rows] == [0, 1] and logger.statuses == ["success"]
     assert logger.group_separator == "/" and logger.log_dir is None and logger.root_dir is None
     assert Logger().name is None and Logger().version is None
 
@@ -136,7 +138,7 @@ def test_a_resume_continues_the_runs_version(tmp_path):
     assert resumed_logger.version == 0 and not (tmp_path / "exp" / "version_1").exists()
     rows = list(csv.DictReader(open(tmp_path / "exp" / "version_0" / "metrics.csv")))
     assert rows[:2] == [{**r, "resumed_from_step": ""} for r in first_rows]
-    assert rows[2]["resumed_from_step"] == "2" and [r["step"] for r in rows[3:]] == ["3", "4"]
+    assert rows[2]["resumed_from_step"] == "2" and [r["step"] for r in rows[3:]] == ["2", "3"]
     assert (tmp_path / "exp" / "version_0" / "hparams.yaml").read_text() == "lr: 0.05\n"
     _fit(tmp_path, fresh := CSVLogger(tmp_path, name="exp"))  # a fresh run: a new version, as Lightning
     assert fresh.version == 1 and (tmp_path / "exp" / "version_1" / "metrics.csv").is_file()
@@ -188,10 +190,7 @@ def test_wandb_logger_offline_matches_lightning(tmp_path, monkeypatch):
     ours, theirs = _ported_and_lightning(tmp_path, "wandb")
     assert ours["seen"] == theirs["seen"]  # the run started before the setup hooks: version is its id
     assert ours["config"] == theirs["config"] == {"lr": "0.1", "nested": '{"width":8}'}
-    assert [{k: v for k, v in row.items() if k != "train_loss"} for row in ours["history"]] == [
-        {**row, "trainer/global_step": str(int(row["trainer/global_step"]) + 1)}  # TODO(issue 30, logging): steps
-        for row in theirs["history"]
-    ]
+    assert [{k: v for k, v in row.items() if k != "train_loss"} for row in ours["history"]] == theirs["history"]
 
 
 def test_mlflow_logger_matches_lightning(tmp_path):
@@ -200,8 +199,8 @@ def test_mlflow_logger_matches_lightning(tmp_path):
     assert ours["seen"] == theirs["seen"]
     assert ours["params"] == theirs["params"] == {"lr": "0.1", "nested/width": "8"}
     assert ours["status"] == theirs["status"] == "FINISHED" and ours["run_name"] == theirs["run_name"] == "first"
-    for key, values in theirs["history"].items():  # TODO(issue 30, logging): Lightning's steps count from 0
-        assert [[step - 1, value] for step, value in ours["history"][key]] == values
+    for key, values in theirs["history"].items():
+        assert ours["history"][key] == values
 
 
 @pytest.mark.parametrize("package, make", [("wandb", "WandbLogger"), ("mlflow", "MLFlowLogger")])

@@ -30,7 +30,7 @@ def test_manual_gan_matches_lightning(tmp_path):
     assert max_difference(ours["weights"], theirs["weights"]) < 1e-6
     assert [row["d_loss"] for row in ours["rows"]] == pytest.approx([row["d_loss"] for row in theirs["rows"]])
     assert [row["g_lr"] for row in ours["rows"]] == pytest.approx([row["g_lr"] for row in theirs["rows"]])
-    # TODO(issue 30, logging): Lightning's row step counts batches (0, 1, ...); shardtrain's is global_step
+    assert [row["step"] for row in ours["rows"]] == [row["step"] for row in theirs["rows"]]  # batches, from 0
 
 
 def test_manual_max_steps_counts_optimizer_steps_and_resume_continues(tmp_path):

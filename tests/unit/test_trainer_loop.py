@@ -125,7 +125,7 @@ def test_validation_every_n_batches_and_limit(tmp_path):
     _, module, rows = _fit(tmp_path, max_steps=4, val_check_interval=2, limit_val_batches=3, callbacks=[Count()])
     assert calls == [(0, 0), (0, 1), (2, 0), (2, 1), (2, 2), (4, 0), (4, 1), (4, 2)]  # the sanity check first
     val_rows = [r for r in rows if r.get("val_loss")]
-    assert [int(r["step"]) for r in val_rows] == [2, 4]
+    assert [int(r["step"]) for r in val_rows] == [1, 3]  # the step of the batch that validated
     # logged value = mean over the 3 batches
     x, y = _data(16, seed=1).tensors
     with torch.no_grad():
@@ -139,7 +139,7 @@ def test_validation_every_n_batches_and_limit(tmp_path):
 def test_epoch_end_validation_and_max_epochs(tmp_path):
     trainer, _, rows = _fit(tmp_path, max_steps=-1, max_epochs=2, check_val_every_n_epoch=1)
     assert trainer.global_step == 8 and trainer.current_epoch == 2
-    assert [int(r["step"]) for r in rows if r.get("val_loss")] == [4, 8]
+    assert [int(r["step"]) for r in rows if r.get("val_loss")] == [3, 7]
     assert {"my_metric", "train_loss", "epoch"} <= set(rows[0])
 
 
@@ -175,7 +175,7 @@ def test_resume_continues_the_loss_curve(tmp_path):
 def test_max_steps_at_epoch_end_still_validates_and_counts_the_epoch(tmp_path):
     trainer, _, rows = _fit(tmp_path, max_steps=4, check_val_every_n_epoch=1)
     assert trainer.current_epoch == 1
-    assert [int(r["step"]) for r in rows if r.get("val_loss")] == [4]
+    assert [int(r["step"]) for r in rows if r.get("val_loss")] == [3]
 
 
 def test_max_steps_mid_epoch_does_not_end_the_epoch(tmp_path):
@@ -200,11 +200,12 @@ def test_model_checkpoint_keeps_the_best_by_metric(tmp_path):
     callback = ModelCheckpoint(monitor="val_loss", mode="min", save_top_k=1, save_on_train_end=False)
     trainer, _, rows = _fit(tmp_path, max_steps=6, batch_size=8, val_check_interval=2, callbacks=[callback])
     val = {int(r["step"]): float(r["val_loss"]) for r in rows if r.get("val_loss")}
-    best_step = min(val, key=val.get)
+    best_row = min(val, key=val.get)
+    best_step = best_row + 1  # a row's step counts the batches before the one that validated; a checkpoint's, steps
     names = {p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()}
     assert names == {f"step={best_step}"}  # as Lightning: a validation that does not improve saves nothing
     assert callback.best_model_path.endswith(f"step={best_step}")
-    assert callback.best_model_score == pytest.approx(val[best_step])
+    assert callback.best_model_score == pytest.approx(val[best_row])
     assert (tmp_path / "checkpoints" / "last").read_text() == f"step={best_step}"
 
 

@@ -29,7 +29,7 @@ class LearningRateMonitor(Callback):
     def on_train_batch_start(self, trainer: "Trainer", module: "TrainModule", batch: Any, batch_idx: int) -> None:
         if self.logging_interval == "epoch":
             return
-        if (trainer.global_step + 1) % trainer.log_every_n_steps == 0:  # the step this batch will complete
+        if (trainer.batches_that_stepped + 1) % trainer.log_every_n_steps == 0:  # the cadence of the batch's row
             self._log(trainer, "step")
 
     def on_train_epoch_start(self, trainer: "Trainer", module: "TrainModule") -> None:
@@ -42,7 +42,7 @@ class LearningRateMonitor(Callback):
         stats = self.stats(trainer, interval)
         if stats:
             for logger in trainer.loggers:
-                logger.log_metrics(stats, trainer.global_step)
+                logger.log_metrics(stats, trainer.batches_that_stepped)
 
     def stats(self, trainer: "Trainer", interval: str) -> dict[str, float]:
         """The figures to log now for ``interval`` (``"step"`` or ``"epoch"``)."""

@@ -71,6 +71,7 @@ class TrainerCheckpoints:
             "lr_schedulers": [config.scheduler for config in trainer.lr_schedulers],
             "loop": {
                 "global_step": trainer.global_step,
+                "batches_that_stepped": trainer.batches_that_stepped,
                 "current_epoch": trainer.current_epoch,
                 "batches_seen_in_epoch": trainer.batches_seen_in_epoch,
             },
@@ -132,6 +133,7 @@ class TrainerCheckpoints:
                 callback.load_state_dict(state["callbacks"][callback.state_key])
         loop = state["loop"]
         trainer.global_step = loop["global_step"]
+        trainer.batches_that_stepped = loop.get("batches_that_stepped", loop["global_step"])  # older checkpoints
         trainer.current_epoch = loop["current_epoch"]
         trainer.batches_seen_in_epoch = loop["batches_seen_in_epoch"]
         return state

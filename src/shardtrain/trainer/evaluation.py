@@ -11,6 +11,7 @@ among several end in ``/dataloader_idx_<i>``); ``predict`` returns each rank's o
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import inspect
 import math
@@ -25,7 +26,7 @@ from shardtrain.module import TrainModule
 from shardtrain.trainer.arguments import limited_batches
 from shardtrain.trainer.hooks import overrides
 from shardtrain.logged import current_hook
-from shardtrain.trainer.metrics import Entry, Results
+from shardtrain.trainer.metrics import Results
 
 if TYPE_CHECKING:
     from shardtrain.engine.wrapper import EngineModule
@@ -63,13 +64,13 @@ def loader_list(loaders: Any) -> list[Any]:
 
 class EvaluationLoop:
     """Runs one stage over its loaders. ``call(hook, *args)`` runs a hook on the callbacks then the module;
-    ``log(entries, extra)`` reduces the run's metrics (``trainer.metrics.Entry``), writes them and returns them as
-    floats; ``device`` is where the metrics are reduced."""
+    ``log(entries, extra, step=None, callback_metrics=True)`` reduces the run's metrics (``trainer.metrics.Entry``),
+    writes them (at ``step``; None: the Trainer's) and returns them as floats; ``device`` is where the metrics are reduced."""
 
     def __init__(
         self,
         call: Callable[..., None],
-        log: Callable[[list[Entry], dict[str, float]], dict[str, float]],
+        log: Callable[..., dict[str, float]],
         limit: Callable[[Stage], int | float | None],
         device: Callable[[], torch.device],
     ) -> None:
@@ -77,6 +78,12 @@ class EvaluationLoop:
         self._call = call
         self._log = log
         self._limit = limit
+        #: Per loader, the batches evaluated since the stage started: the step of per-batch rows (Lightning's).
+        self._batches_seen: collections.Counter[int] = collections.Counter()
+
+    def restart_batch_counts(self) -> None:
+        """A new stage (or new loaders): per-batch rows are written from step 0 again."""
+        self._batches_seen.clear()
 
     def run(
         self,
@@ -118,8 +125,10 @@ class EvaluationLoop:
                     self._call(f"on_{stage.hooks}_batch_end", output, batch, batch_idx, *extra_args)
                     self._collect(stage, module, results, index if several else None, batch)
                     step_entries = results.take_step_entries(self._device())
-                    if step_entries and keep_metrics:  # on_step=True in evaluation: written per batch
-                        self._log(step_entries, extra)
+                    if keep_metrics:  # not the sanity check
+                        if step_entries:  # on_step=True in evaluation: a row per batch, without the epoch
+                            self._log(step_entries, {}, step=self._batches_seen[index], callback_metrics=False)
+                        self._batches_seen[index] += 1
             self._call(f"on_{stage.hooks}_epoch_end")
             epoch_end_names = set(module._logged) if stage.logs else set()
             self._collect(stage, module, results, None, None)

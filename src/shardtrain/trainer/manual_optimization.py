@@ -129,7 +129,6 @@ class ManualOptimization:
         self.trainer = trainer
         self.wrapped = [ManualOptimizer(optimizer, self) for optimizer in trainer.optimizers]
         self._backward_calls = 0
-        self._batches = 0  # training batches run in this fit: the logging cadence (Lightning's batches that stepped)
         #: For each optimizer (by id), the backward count when its gradients were last averaged over the ranks.
         self._synchronized_at: dict[int, int] = {}
 
@@ -144,11 +143,6 @@ class ManualOptimization:
         trainer = self.trainer
         with trainer.engine.local_gradients(trainer.model):
             return trainer.model.training_step(*self.module._step_arguments("training_step", batch, batch_idx))
-
-    def batch_done(self) -> int:
-        """Count a training batch; returns how many ran in this fit."""
-        self._batches += 1
-        return self._batches
 
     def backward(self, loss: torch.Tensor) -> None:
         """``manual_backward``: ``on_before_backward``, the strategy's backward (loss scaling, DeepSpeed's engine,

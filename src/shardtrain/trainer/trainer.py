@@ -102,6 +102,11 @@ class Trainer:
         self._val_loader_from_module = False
         self._loaders_loaded_at_epoch = 0
         self.global_step = 0
+        #: The step the loggers write rows at (Lightning's ``fit_loop.epoch_loop._batches_that_stepped``): the training
+        #: batches that ended in an optimizer step (every batch under manual optimization), over the whole run. A
+        #: batch's rows (its training metrics, a validation run inside it) are written at the count before it.
+        self.batches_that_stepped = 0
+        self._stepped_in_batch = False
         self.current_epoch = 0
         self.batches_seen_in_epoch = 0
         self.callback_metrics: dict[str, float] = {}
@@ -408,10 +413,15 @@ class Trainer:
             datamodule.trainer = self
 
     def _prepare_stage(self, module: TrainModule, stage: str) -> None:
-        """As Lightning at the start of every stage: ``configure_callbacks``, ``prepare_data``, then ``setup(stage)``."""
+        """As Lightning at the start of every stage: ``configure_callbacks``, ``prepare_data``, then ``setup(stage)``;
+        the metrics of the stage before are cleared, and evaluation rows count batches from 0 again."""
         self._attach_module_callbacks(module)
         self._prepare_data(module)
         self._setup_hooks(module, stage)
+        self.callback_metrics.clear()
+        self.logged_metrics.clear()
+        self.progress_bar_metrics.clear()
+        self.evaluation.restart_batch_counts()
 
     def _attach_module_callbacks(self, module: TrainModule) -> None:
         """Lightning's ``configure_callbacks()``: its callbacks replace the Trainer's of the same types and join the
@@ -593,6 +603,7 @@ class Trainer:
             self.train_loader = train_loader
         if val_loaders and self._val_loader_from_module:
             val_loaders = self._loaders(None, self.module, VALIDATE, required=False)
+            self.evaluation.restart_batch_counts()  # as Lightning: the counts depend on the loaders
         self._count_batches(train_loader, val_loaders)
         return train_loader, val_loaders
 
@@ -636,6 +647,7 @@ class Trainer:
                 )
             if self.max_epochs is not None and self.current_epoch >= self.max_epochs:
                 self.should_stop = True
+        self._stepped_in_batch = False
         self._call("on_train_end")
 
     def _train_epoch(self, train_loader: Any, val_loaders: list[Any]) -> bool:
@@ -651,7 +663,7 @@ class Trainer:
         for batch_idx, batch in enumerate(train_loader, start=start):
             if batch_idx >= num_batches:
                 break
-            validated = False
+            validated, self._stepped_in_batch = False, False
             is_last = batch_idx + 1 == num_batches
             self.is_last_batch = is_last
             if self._call("on_train_batch_start", batch, batch_idx) == -1:  # Lightning: skip the rest of the epoch
@@ -663,7 +675,8 @@ class Trainer:
                     outputs = self.manual_optimization.training_step(batch, batch_idx)
                 self._results.add(self.module.pop_logged(), batch)
                 self.batches_seen_in_epoch = batch_idx + 1
-                self._log_if_due(self.manual_optimization.batch_done())
+                self._count_stepped_batch()
+                self._log_if_due(self.batches_that_stepped)
                 step_now = False
             else:
                 loss, outputs = self._training_micro_step(
@@ -738,16 +751,25 @@ class Trainer:
             self._clip_and_step(self.optimizers, step_loss, logged, stepped)
         step_now = bool(stepped) and all(stepped)
         self.global_step += 1
+        self._count_stepped_batch()
         if step_now:
             step_schedulers(self.lr_schedulers, "step", self.global_step, self.callback_metrics, self._scheduler_step())
         self._results.add(self.module.pop_logged())
-        self._log_if_due(self.global_step, logged)
+        self._log_if_due(self.batches_that_stepped, logged)
 
-    def _log_if_due(self, step: int, own: dict[str, tuple[torch.Tensor, bool]] | None = None) -> None:
-        """Write the step's metrics every ``log_every_n_steps`` steps (``step``: optimizer steps; in manual
-        optimization, batches); ``own``: shardtrain's figures (the step's loss and gradient norm), averaged over
-        ranks. The stop agreement rides on the same collectives."""
-        if not (step % self.args.log_every_n_steps == 0 or self._reached_max_steps()):
+    def _count_stepped_batch(self) -> None:
+        self.batches_that_stepped += 1
+        self._stepped_in_batch = True
+
+    def _logger_step(self) -> int:
+        """The step of rows written now: inside a training batch that stepped, the count before it."""
+        return self.batches_that_stepped - 1 if self._stepped_in_batch else self.batches_that_stepped
+
+    def _log_if_due(self, batches: int, own: dict[str, tuple[torch.Tensor, bool]] | None = None) -> None:
+        """Write the step's metrics every ``log_every_n_steps`` batches that stepped (``batches``: this one
+        included; Lightning's cadence); ``own``: shardtrain's figures (the step's loss and gradient norm), averaged
+        over ranks. The stop agreement rides on the same collectives."""
+        if not (batches % self.args.log_every_n_steps == 0 or self._reached_max_steps()):
             if self._stop.check_due(self.global_step):
                 self._stop.agreed = bool(self.engine.all_reduce(self._stop.flag(self.engine.device), "max").item())
             return
@@ -863,10 +885,14 @@ class Trainer:
         return 0 < self.args.max_steps <= self.global_step
 
     # ------------------------------------------------------------------ logging and hooks
-    def _write(self, entries: list[Entry], extra: dict[str, float]) -> dict[str, float]:
-        """Reduce ``entries`` (synced ones over ranks, in one collective per kind), update ``callback_metrics``,
-        ``progress_bar_metrics`` and ``logged_metrics``, and write the loggers' entries (rank 0) with ``extra``;
-        returns every value. Every rank must call this at the same point with the same synced names."""
+    def _write(
+        self, entries: list[Entry], extra: dict[str, float], step: int | None = None, callback_metrics: bool = True
+    ) -> dict[str, float]:
+        """Reduce ``entries`` (synced ones over ranks, in one collective per kind), update ``callback_metrics`` and
+        ``progress_bar_metrics`` (unless ``callback_metrics=False``: per-batch evaluation rows, which Lightning only
+        logs) and ``logged_metrics``, and write the loggers' entries (rank 0) with ``extra`` at ``step`` (default:
+        Lightning's, see ``batches_that_stepped``); returns every value. Every rank must call this at the same
+        point with the same synced names."""
         values = reduce_entries(entries, self.engine.all_reduce)
         if values.pop(_STOP_REQUESTED, 0.0) > 0:
             self._stop.agreed = True
@@ -875,20 +901,22 @@ class Trainer:
             if entry.name not in values:
                 continue
             value = values[entry.name]
-            self.callback_metrics[entry.name] = value
-            if entry.base_name is not None:  # Lightning's forked metric: the plain name holds the latest value too
-                self.callback_metrics[entry.base_name] = value
-            if entry.prog_bar:
-                self.progress_bar_metrics[entry.name] = value
+            if callback_metrics:
+                self.callback_metrics[entry.name] = value
+                if entry.base_name is not None:  # Lightning's forked metric: the plain name holds the latest value too
+                    self.callback_metrics[entry.base_name] = value
+                if entry.prog_bar:
+                    self.progress_bar_metrics[entry.name] = value
             if entry.logger:
                 row[entry.name] = value
         self.logged_metrics.update(row)
         if row and self.is_global_zero:
             row.update(extra)
+            step = self._logger_step() if step is None else step
             for callback in self.callbacks:  # first: a callback may add figures to the row (ThroughputMonitor)
-                callback.on_log(self, row, self.global_step)
+                callback.on_log(self, row, step)
             for logger in self.loggers:
-                logger.log_metrics(row, self.global_step)
+                logger.log_metrics(row, step)
         return values
 
     def _end_training_epoch(self) -> None:
@@ -903,8 +931,8 @@ class Trainer:
             self.module.on_train_epoch_end()
         self._results.add(self.module.pop_logged())
         entries = self._results.epoch_entries(self.engine.device)
-        if entries:
-            self._write(entries, {"epoch": float(self.current_epoch)})
+        if entries:  # at the epoch's last batch's step, as Lightning
+            self._write(entries, {"epoch": float(self.current_epoch)}, step=max(self.batches_that_stepped - 1, 0))
         for callback in monitoring:
             callback.on_train_epoch_end(self, self.module)
 

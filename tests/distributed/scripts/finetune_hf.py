@@ -68,7 +68,9 @@ if trainer.is_global_zero:
     rows = list(csv.DictReader(open(Path(args.out) / "metrics.csv")))
     result = {
         "losses": [float(r["train_loss"]) for r in rows if r.get("train_loss")],
-        "steps": [int(r["step"]) for r in rows if r.get("train_loss")],
+        "steps": [
+            int(r["step"]) + 1 for r in rows if r.get("train_loss")
+        ],  # rows at Lightning's step (batches before): +1 is the optimizer step
         "trainable_tensors": trainable,
     }
     (Path(args.out) / "result.json").write_text(json.dumps(result))

@@ -102,7 +102,9 @@ if trainer.is_global_zero:
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     markers = [index for index, row in enumerate(rows) if row.get("resumed_from_step")]
     rows = rows[markers[-1] + 1 :] if markers else rows
-    losses = {int(r["step"]): float(r["train_loss"]) for r in rows if r.get("train_loss")}
+    losses = {
+        int(r["step"]) + 1: float(r["train_loss"]) for r in rows if r.get("train_loss")
+    }  # rows at Lightning's step (batches before): +1 is the optimizer step
     (out / "result.json").write_text(
         json.dumps({"steps": sorted(losses), "losses": [losses[s] for s in sorted(losses)]})
     )

@@ -257,8 +257,9 @@ if trainer.is_global_zero:
     rows = list(csv.DictReader(open(Path(args.out) / "metrics.csv")))
     markers = [index for index, row in enumerate(rows) if row.get("resumed_from_step")]
     rows = rows[markers[-1] + 1 :] if markers else rows  # a resumed run appends after a marker: its own rows
-    losses = {int(r["step"]): float(r["train_loss"]) for r in rows if r.get("train_loss")}
-    val_losses = {int(r["step"]): float(r["val_loss"]) for r in rows if r.get("val_loss")}
+    # Rows are at Lightning's step (the batches that stepped before the row's batch): +1 is the optimizer step.
+    losses = {int(r["step"]) + 1: float(r["train_loss"]) for r in rows if r.get("train_loss")}
+    val_losses = {int(r["step"]) + 1: float(r["val_loss"]) for r in rows if r.get("val_loss")}
     result = {
         "losses": [losses[s] for s in sorted(losses)],
         "steps": sorted(losses),
