@@ -8,7 +8,7 @@
     shardtrain print-config --config run.yaml                 # the resolved config, defaults included
     shardtrain estimate --config run.yaml [--devices 8 --num-nodes 4 --device-memory 80GiB --host-memory 1TiB]
                                           [--tensor-parallel 8 [--sequence-parallel]] [--json]
-    shardtrain consolidate CHECKPOINT OUT [--format safetensors|hf] [--hf-config DIR] [--dtype bf16]
+    shardtrain consolidate CHECKPOINT OUT [--format safetensors|hf] [--hf-config DIR] [--merge-adapters] [--dtype bf16]
                           [--max-shard-size 5GiB] [--optimizer FILE]
 
 Several machines without torchrun or SLURM: run the same command on every node with the same
@@ -256,7 +256,12 @@ def _consolidate(argv: list[str]) -> int:
         "--hf-config",
         default=None,
         metavar="DIR",
-        help="--format hf: the model directory the run started from (default: from the run's config.yaml)",
+        help="--format hf: the model directory the run started from (default: the one the checkpoint recorded)",
+    )
+    parser.add_argument(
+        "--merge-adapters",
+        action="store_true",
+        help="--format hf of a run that trained peft adapters: the model with them merged in (default: the adapters)",
     )
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="convert the weights")
     args = parser.parse_args(argv)
@@ -266,7 +271,12 @@ def _consolidate(argv: list[str]) -> int:
         from shardtrain.hf.export import export_hf
 
         files = export_hf(
-            args.checkpoint, args.output, config=args.hf_config, max_shard_bytes=args.max_shard_size, dtype=dtype
+            args.checkpoint,
+            args.output,
+            config=args.hf_config,
+            max_shard_bytes=args.max_shard_size,
+            dtype=dtype,
+            merge_adapters=args.merge_adapters,
         )
     else:
         files = consolidate(

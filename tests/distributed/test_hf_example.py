@@ -97,3 +97,21 @@ def test_the_hf_finetune_example_trains_exports_and_generates(tmp_path):
     expected = model.generate(**prompt, max_new_tokens=40, do_sample=False, pad_token_id=tokenizer.eos_token_id)[0]
     assert len(expected) == prompt["input_ids"].shape[1] + 40 and tokenizer.eos_token_id not in expected.tolist()
     assert tokenizer.decode(expected, skip_special_tokens=True) + "\n" in generated
+
+
+def test_the_lora_config_trains_only_adapters_and_exports_them_for_peft(tmp_path):
+    peft = pytest.importorskip("peft")
+    pretrained, text, run, adapters = tmp_path / "pretrained", tmp_path / "train.txt", tmp_path / "run", tmp_path / "a"
+    _run(EXAMPLE / "make_model.py", "--out", pretrained, "--text", text, "--text-bytes", 100_000)
+    _run(
+        "-m", "shardtrain", "fit", "--config", EXAMPLE / "lora.yaml", "--trainer.max_steps", "4",
+        "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", run,
+        "--model.init_args.model", pretrained, "--data.init_args.tokenizer", pretrained,
+        "--data.init_args.files", f"[{text}]",
+    )  # fmt: skip
+    losses = [float(r["train_loss"]) for r in csv.DictReader(open(run / "metrics.csv")) if r.get("train_loss")]
+    assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
+    _run("-m", "shardtrain", "consolidate", run / "checkpoints" / "last", adapters, "--format", "hf")
+    model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(pretrained), adapters)
+    trained = {n: t for n, t in model.state_dict().items() if "lora_B" in n}
+    assert len(trained) == 4 * 7 and all(t.abs().max() > 0 for t in trained.values())  # 4 layers x 7 projections

@@ -37,6 +37,24 @@ def test_optimizer_state_is_read_from_the_optimizer():
     assert estimate.optimizer_bytes == estimate.parameter_bytes  # one momentum buffer
 
 
+def test_frozen_parameters_have_no_gradient_or_optimizer_state_and_a_step_may_leave_out_batch_idx():
+    class Adapted(TrainModule):  # a frozen base and a small trained part, as a LoRA fine-tune holds
+        def configure_model(self):
+            self.base = nn.Linear(100, 100).requires_grad_(False)
+            self.adapter = nn.Linear(100, 4)
+
+        def training_step(self, batch):
+            return self.adapter(self.base(batch)).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=0.1)
+
+    estimate = estimate_memory(Adapted(), batch=torch.zeros(2, 100))
+    assert (estimate.parameters, estimate.trainable_parameters) == (100 * 100 + 100 + 4 * 100 + 4, 4 * 100 + 4)
+    assert estimate.optimizer_bytes == 8 * estimate.trainable_parameters  # AdamW's two fp32 moments, adapters only
+    assert estimate.get("single").gradients == 4 * estimate.trainable_parameters
+
+
 def test_activation_checkpointing_lowers_the_activation_estimate():
     config = GPTConfig(n_layer=4, d_model=128, n_head=4, seq_len=128)
     plain = estimate_memory(GPTModule(config), batch_size=2)

@@ -55,6 +55,9 @@ class ModelCheckpoint(Callback):
             after validation when the fit validates, else at the epoch's end.
         enable_version_counter: add ``-v1``, ``-v2`` ... to a name already taken, rather than replacing.
         save_on_train_end: shardtrain's: also save when training ends (default True).
+        save_trainable_only: shardtrain's: of the model, save only the parameters that train (LoRA adapters),
+            with the optimizer and loop state; such a checkpoint resumes a run that reads the same pretrained
+            model (``Trainer.save_checkpoint(trainable_only=True)``).
     """
 
     monitors_metrics = True
@@ -78,6 +81,7 @@ class ModelCheckpoint(Callback):
         save_on_train_epoch_end: bool | None = None,
         enable_version_counter: bool = True,
         save_on_train_end: bool = True,
+        save_trainable_only: bool = False,
     ) -> None:
         if train_time_interval is not None:
             raise ConfigError(
@@ -101,6 +105,7 @@ class ModelCheckpoint(Callback):
         self.save_last = save_last
         self.save_top_k = save_top_k
         self.save_weights_only = save_weights_only
+        self.save_trainable_only = save_trainable_only
         self.mode = mode
         self.auto_insert_metric_name = auto_insert_metric_name
         if every_n_train_steps is None and every_n_epochs is None:
@@ -243,7 +248,9 @@ class ModelCheckpoint(Callback):
         self.last_model_path = str(last)
 
     def _save(self, trainer: "Trainer", path: Path) -> Path:
-        return trainer.save_checkpoint(path, weights_only=self.save_weights_only)
+        return trainer.save_checkpoint(
+            path, weights_only=self.save_weights_only, trainable_only=self.save_trainable_only
+        )
 
     # ----------------------------------------------------------------- names
     def _metrics(self, trainer: "Trainer") -> dict[str, Any]:

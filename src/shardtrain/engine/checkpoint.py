@@ -4,6 +4,10 @@ Modules and optimizers become tensors keyed by parameter names (the strategy giv
 shards); tensors are stored as they are; objects with ``state_dict()`` (schedulers, callbacks) and
 plain values go to ``meta.json`` as JSON; every rank's RNG state is stored too, and restored when
 the run has as many ranks as saved it. Storage itself is ``checkpoint.sharded`` (DCP, atomic).
+
+``trainable_only``: a module's trainable parameters only (LoRA adapters; the frozen rest comes from
+where the run read it). ``meta.json`` lists such modules under ``trainable_only``; loading one fills the
+module's trainable parameters and leaves the rest as set up, after checking that they are the saved ones.
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ class TrainingStateIO:
         *,
         asynchronous: bool = False,
         on_commit: Callable[[Path], None] | None = None,
+        trainable_only: bool = False,
     ) -> Path:
         """Write ``state`` (after any save in flight). Every rank must call this; the directory appears
         atomically when all have finished, then ``on_commit(path)`` runs on rank 0. With
@@ -96,6 +101,13 @@ class TrainingStateIO:
             "modules": modules,
             "state": plain,
         }
+        if trainable_only:
+            for key in modules:
+                trainable = trainable_names(state[key])
+                if not trainable:
+                    raise CheckpointError(f"trainable_only: {key!r} has no trainable parameters to save")
+                tensors[key] = {name: tensor for name, tensor in tensors[key].items() if name in trainable}
+            meta["trainable_only"] = modules
         if asynchronous:
             self._pending = save_sharded_async(path, tensors, meta, rank=rank, barrier=barrier, on_commit=on_commit)
             return Path(path)
@@ -108,6 +120,7 @@ class TrainingStateIO:
         meta = read_meta(path)
         saved_plain: dict[str, Any] = meta["state"]
         on_disk = saved_keys(path)
+        partial = set(meta.get("trainable_only") or ())
         tensors: dict[str, Any] = {}
         plain_targets: dict[str, Any] = {}
         for key, value in state.items():
@@ -119,6 +132,8 @@ class TrainingStateIO:
                     )
                 continue
             self._split(key, value, tensors, plain_targets)
+            if key in partial and key in tensors:
+                tensors[key] = _saved_trainable(path, key, value, tensors[key], on_disk)
         same_layout = meta["world_size"] == self.strategy.world_size
         if same_layout:
             tensors["rng"] = {f"rank{rank}": rng_tensors()}
@@ -126,7 +141,7 @@ class TrainingStateIO:
         load_sharded(path, tensors, strict_prefixes=modules if strict else ())
         for key, value in state.items():
             if key in tensors:
-                self._apply_tensors(value, tensors[key], strict)
+                self._apply_tensors(value, tensors[key], strict and key not in partial)
             elif key in saved_plain:
                 state[key] = _apply_plain(value, saved_plain[key], f"{path}: {key!r}")
         if same_layout:
@@ -164,6 +179,33 @@ class TrainingStateIO:
             for index, item in enumerate(target):
                 self._apply_tensors(item, loaded[str(index)], strict)
         # plain tensors were filled in place by DCP
+
+
+def trainable_names(module: nn.Module) -> set[str]:
+    """State-dict names of ``module``'s parameters that train (``requires_grad``)."""
+    return {name for name, parameter in _user_module(module).named_parameters() if parameter.requires_grad}
+
+
+def _saved_trainable(path: Any, key: str, module: nn.Module, tensors: dict[str, Any], on_disk: set[str]) -> dict:
+    """The part of ``module``'s state a trainable-only checkpoint fills: its trainable parameters, which must be
+    the saved ones (an adapter checkpoint of another configuration would leave some untrained, or unread)."""
+    saved = {name.removeprefix(f"{key}.") for name in on_disk if name.startswith(f"{key}.")}
+    trainable = trainable_names(module)
+    if trainable != saved:
+        missing, extra = sorted(trainable - saved), sorted(saved - trainable)
+        raise CheckpointError(
+            f"{path} holds only the trainable parameters of {key!r} (adapters), and they are not this model's: "
+            + "; ".join(
+                part
+                for part in (
+                    f"the model trains {len(missing)} it does not hold ({', '.join(missing[:4])})" if missing else "",
+                    f"it holds {len(extra)} the model does not train ({', '.join(extra[:4])})" if extra else "",
+                )
+                if part
+            )
+            + ". Build the model with the run's adapter configuration"
+        )
+    return {name: tensor for name, tensor in tensors.items() if name in trainable}
 
 
 def _user_module(module: nn.Module) -> nn.Module:

@@ -439,12 +439,22 @@ class Engine:
 
     # ------------------------------------------------------------------ checkpoints
     def save(
-        self, path: str | os.PathLike, state: dict[str, Any], *, asynchronous: bool = False, on_commit: OnCommit = None
+        self,
+        path: str | os.PathLike,
+        state: dict[str, Any],
+        *,
+        asynchronous: bool = False,
+        on_commit: OnCommit = None,
+        trainable_only: bool = False,
     ) -> Path:
         """Save ``state`` (modules, optimizers, tensors, objects with ``state_dict()``, plain values)
         as a sharded checkpoint directory, committed atomically; every rank must call this. With
-        ``asynchronous=True`` it returns once the state is in CPU memory. See ``checkpoint.state``."""
-        return self._checkpoints.save(path, state, asynchronous=asynchronous, on_commit=on_commit)
+        ``asynchronous=True`` it returns once the state is in CPU memory. ``trainable_only``: of each
+        module, its trainable parameters only (adapters); loading such a checkpoint fills those and
+        leaves the frozen rest as set up. See ``checkpoint.state``."""
+        return self._checkpoints.save(
+            path, state, asynchronous=asynchronous, on_commit=on_commit, trainable_only=trainable_only
+        )
 
     def wait_for_checkpoint(self) -> Path | None:
         """Block until an asynchronous save in flight is committed; returns its path (or None)."""

@@ -199,8 +199,12 @@ def _activation_bytes(model: nn.Module, batch: Any, batch_size: int) -> int:
         return tensor
 
     step = getattr(model, "training_step", None)
+    arguments = getattr(model, "_step_arguments", None)  # a TrainModule's step may leave out batch_idx
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), _FusedAttention():
-        output = step(batch, 0) if callable(step) else model(batch)
+        if callable(step):
+            output = step(*(arguments("training_step", batch, 0) if callable(arguments) else (batch, 0)))
+        else:
+            output = model(batch)
     del output
     return sum(nbytes for _, nbytes in saved.values())
 

@@ -8,6 +8,7 @@ from typing import Any, Mapping
 import torch
 
 from shardtrain.errors import ConfigError
+from shardtrain.hf.adapters import with_lora
 from shardtrain.hf.pretrained import from_pretrained, require_transformers
 from shardtrain.module import TrainModule
 
@@ -22,6 +23,9 @@ class CausalLM(TrainModule):
         learning_rate, weight_decay, betas: AdamW's; weight decay applies to matrices only.
         freeze: parameter-name patterns (``fnmatch``, e.g. ``"model.embed_tokens.*"``) kept fixed:
             they get no gradient and the optimizer holds none of their state.
+        lora: train LoRA adapters instead of the model: peft's ``LoraConfig`` arguments, e.g.
+            ``{r: 16, lora_alpha: 32, target_modules: [q_proj, v_proj], lora_dropout: 0.05}``
+            (``pip install 'shardtrain[peft]'``). The pretrained weights stay frozen.
 
     A batch is a dict with ``input_ids`` and ``labels`` (``-100`` where no loss is taken), as
     ``TextData`` and transformers' collators give; ``attention_mask`` is passed on when present.
@@ -36,6 +40,7 @@ class CausalLM(TrainModule):
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.95),
         freeze: list[str] | None = None,
+        lora: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.path = model
@@ -45,6 +50,7 @@ class CausalLM(TrainModule):
         self.weight_decay = weight_decay
         self.betas = tuple(betas)
         self.freeze = list(freeze or [])
+        self.lora = dict(lora) if lora is not None else None
         self.model: torch.nn.Module | None = None
 
     def configure_model(self) -> None:
@@ -62,6 +68,8 @@ class CausalLM(TrainModule):
         for name, parameter in self.model.named_parameters():
             if name in frozen:
                 parameter.requires_grad_(False)
+        if self.lora is not None:
+            self.model = with_lora(self.model, self.lora)
         self.model.config.use_cache = False  # training keeps no key-value cache (an export keeps the source's config)
 
     # The pipeline contract (``model_parallel`` with ``pipeline_parallel_size``): the stages run the

@@ -11,8 +11,10 @@ import torch
 import yaml
 
 from shardtrain.checkpoint.consolidate import _bytes, _metadata, consolidate
+from shardtrain.checkpoint.provenance import recorded_provenance
 from shardtrain.checkpoint.sharded import read_meta
 from shardtrain.errors import CheckpointError, ConfigError
+from shardtrain.hf.adapters import export_adapters
 from shardtrain.hf.pretrained import _architecture, require_transformers, resolve_model_directory
 
 #: Files besides the weights that a model directory carries and an export keeps.
@@ -35,23 +37,41 @@ def export_hf(
     config: str | os.PathLike | None = None,
     max_shard_bytes: int = 5 * 2**30,
     dtype: torch.dtype | None = None,
+    merge_adapters: bool = False,
 ) -> list[Path]:
     """Write ``checkpoint``'s model as a Hugging Face directory: ``config.json`` (and the generation
     config and tokenizer files the source directory had), safetensors shards with the model's own key
     names and an index. Tied weights are stored once, as ``save_pretrained`` does. One process, one
     output file's tensors in memory at a time, whatever world size saved the checkpoint.
 
-    ``config``: the model directory the run started from (default: the ``model`` argument in the
-    run's ``config.yaml`` beside the checkpoints). ``dtype``: e.g. ``torch.bfloat16`` to halve the files.
+    A run that trained peft adapters gives peft's adapter directory (``adapter_config.json``,
+    ``adapter_model.safetensors``), or with ``merge_adapters`` the model with the adapters merged in
+    (``shardtrain.hf.adapters.export_adapters``).
+
+    ``config``: the model directory the run started from (default: the one the checkpoint recorded,
+    which ``from_pretrained`` reads; for older checkpoints the ``model`` argument in the run's
+    ``config.yaml`` beside them). ``dtype``: e.g. ``torch.bfloat16`` to halve the files.
     """
     transformers = require_transformers()
     source = Path(checkpoint)
-    model_dir = resolve_model_directory(config if config is not None else _model_of_run(source))
+    provenance = recorded_provenance(source)
+    model_dir = resolve_model_directory(
+        config if config is not None else provenance.get("model") or _model_of_run(source)
+    )
+    output = Path(output)
+    if provenance.get("adapters"):
+        files = export_adapters(
+            source, output, model_dir, provenance, merge=merge_adapters, max_shard_bytes=max_shard_bytes, dtype=dtype
+        )
+        if merge_adapters:
+            _copy_companions(model_dir, output)
+        return files
+    if merge_adapters:
+        raise ConfigError(f"--merge-adapters: {source} was saved by a run without peft adapters; leave it out")
     hf_config = transformers.AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
         model = _architecture(transformers, hf_config)._from_config(hf_config)
     names = _stored_names(source, model)
-    output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     stored = _metadata(source)
     key = (read_meta(source).get("modules") or ["module"])[0]
@@ -61,10 +81,14 @@ def export_hf(
     if dtype is not None:
         hf_config.dtype = dtype
     hf_config.save_pretrained(output)
+    _copy_companions(model_dir, output)
+    return files
+
+
+def _copy_companions(model_dir: Path, output: Path) -> None:
     for name in COMPANION_FILES:
         if (model_dir / name).is_file():
             shutil.copy2(model_dir / name, output / name)
-    return files
 
 
 def _stored_names(source: Path, model: Any) -> dict[str, str]:

@@ -27,6 +27,11 @@ from shardtrain.parallel.weight_source import attach_weight_source, detach_weigh
 
 INDEX_FILE = "model.safetensors.index.json"
 
+#: peft adapts a layer in place, renaming its tensors: ``q_proj.weight`` becomes ``q_proj.base_layer.weight``
+#: (LoRA), and a layer in ``modules_to_save`` holds ``lm_head.original_module.weight`` and a trained copy,
+#: ``lm_head.modules_to_save.<adapter>.weight``. Each reads the checkpoint's ``q_proj.weight``/``lm_head.weight``.
+_PEFT_WRAPPER = re.compile(r"\.(?:base_layer|original_module|modules_to_save\.[^.]+)(?=\.)")
+
 
 def require_transformers() -> Any:
     try:
@@ -173,7 +178,7 @@ class HuggingFaceWeights:
             )
 
     def reads(self, name: str) -> bool:
-        return name in self.stored_name
+        return _PEFT_WRAPPER.sub("", name) in self.stored_name
 
     def read_into(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy the stored values into ``tensors`` in place: a DTensor reads only its shard's slice."""
@@ -182,7 +187,7 @@ class HuggingFaceWeights:
 
         rounds: list[dict[str, torch.Tensor]] = []  # a stored tensor read into two tensors (tied copies) twice
         for name, tensor in tensors.items():
-            key = self.stored_name[name]
+            key = self.stored_name[_PEFT_WRAPPER.sub("", name)]
             for state in rounds:
                 if key not in state or state[key] is tensor:
                     state[key] = tensor

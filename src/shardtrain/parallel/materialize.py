@@ -30,6 +30,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from shardtrain.errors import ConfigError
+from shardtrain.parallel.adapters import adapter_initialisers
 from shardtrain.parallel.weight_source import load_attached_weights, modules_read_whole
 
 
@@ -85,8 +86,10 @@ def check_initialisable(module: nn.Module) -> None:
 
 def _initialisers(module: nn.Module) -> Iterator[tuple[nn.Module, Callable[[], None]]]:
     """Children first, what initialises each module: its ``reset_parameters()``, or inside a Hugging Face
-    model, that model's own ``_init_weights(module)`` (the initialisation ``from_config`` gives)."""
+    model, that model's own ``_init_weights(module)`` (the initialisation ``from_config`` gives); peft's
+    adapter layers as peft initialises them (``adapters``)."""
     read_whole = modules_read_whole(module)  # a pretrained checkpoint fills them: no random values first
+    adapters = adapter_initialisers(module)
     owners: dict[int, nn.Module] = {}
     for submodule in module.modules():
         initialise = _hugging_face_initialiser(submodule)
@@ -95,6 +98,9 @@ def _initialisers(module: nn.Module) -> Iterator[tuple[nn.Module, Callable[[], N
                 owners.setdefault(id(inner), submodule)
     for submodule in _post_order(module):
         if id(submodule) in read_whole:
+            continue
+        if id(submodule) in adapters:
+            yield submodule, adapters[id(submodule)]
             continue
         owner = owners.get(id(submodule))
         if owner is not None:

@@ -40,20 +40,27 @@ def attach_weight_source(module: nn.Module, source: WeightSource) -> None:
 
 
 def detach_weight_source(module: nn.Module) -> None:
-    if getattr(module, _ATTRIBUTE, None) is not None:
+    if weight_source_of(module) is not None:
         object.__delattr__(module, _ATTRIBUTE)
 
 
+def weight_source_of(module: nn.Module) -> WeightSource | None:
+    """The source attached to ``module`` itself. Read from its ``__dict__``, not ``getattr``: a wrapper that
+    forwards unknown attributes to the module it wraps (peft's ``PeftModel``) does not carry the source."""
+    return vars(module).get(_ATTRIBUTE)
+
+
 def has_weight_sources(root: nn.Module) -> bool:
-    return any(getattr(m, _ATTRIBUTE, None) is not None for m in root.modules())
+    return any(weight_source_of(m) is not None for m in root.modules())
 
 
 def modules_read_whole(root: nn.Module) -> set[int]:
     """Ids of the modules under ``root`` whose own tensors all come from an attached source, so that
     initialising them would be overwritten: materialising skips them (as transformers does)."""
     found: set[int] = set()
-    for sourced in [m for m in root.modules() if getattr(m, _ATTRIBUTE, None) is not None]:
-        source = getattr(sourced, _ATTRIBUTE)
+    for sourced in [m for m in root.modules() if weight_source_of(m) is not None]:
+        source = weight_source_of(sourced)
+        assert source is not None
         stored: set[int] = set()  # modules with stored tensors of their own
         for name, module in sourced.named_modules():
             prefix = f"{name}." if name else ""
@@ -85,7 +92,7 @@ def load_attached_weights(
     sourced modules inside it. ``done``: (id of the sourced module, name) already filled: skipped, and extended.
     """
     within = within if within is not None else root
-    for sourced in [m for m in root.modules() if getattr(m, _ATTRIBUTE, None) is not None]:
+    for sourced in [m for m in root.modules() if weight_source_of(m) is not None]:
         prefix = _path_to(within, sourced)
         if prefix is not None:  # a part of the model (a ZeRO-3 unit)
             part = within
@@ -93,13 +100,18 @@ def load_attached_weights(
             prefix, part = "", sourced
         else:
             continue
-        tensors = {
+        source = weight_source_of(sourced)
+        assert source is not None
+        tensors = {  # not the tensors the source does not hold (adapters added to the model after it was read)
             name: tensor
             for name, tensor in part.state_dict(prefix=prefix, keep_vars=True).items()
-            if not tensor.is_meta and _is_whole_or_sharded(tensor) and (done is None or (id(sourced), name) not in done)
+            if not tensor.is_meta
+            and _is_whole_or_sharded(tensor)
+            and (done is None or (id(sourced), name) not in done)
+            and source.reads(name)
         }
         if tensors:
-            getattr(sourced, _ATTRIBUTE).read_into(tensors)
+            source.read_into(tensors)
         if done is not None:
             done.update((id(sourced), name) for name in tensors)
 

@@ -23,7 +23,9 @@ from shardtrain.checkpoint import read_meta
 from shardtrain.checkpoint.consolidate import is_weights_file, load_weights
 from shardtrain.checkpoint.loader_position import LoaderPosition
 from shardtrain.checkpoint.pointer import point_last_at, resolve_checkpoint
+from shardtrain.checkpoint.provenance import CHECKPOINT_PROVENANCE, model_provenance
 from shardtrain.engine.engine import Engine
+from shardtrain.errors import CheckpointError, ConfigError
 from shardtrain.from_checkpoint import CHECKPOINT_HPARAMS
 from shardtrain.hparams import checkpoint_entries
 
@@ -40,12 +42,31 @@ class TrainerCheckpoints:
         #: (global step, path) of the latest save, so that a preemption right after it does not save twice.
         self.last_saved: tuple[int, Path] | None = None
 
-    def save(self, state: dict[str, Any], step: int, path: str | os.PathLike | None, asynchronous: bool) -> Path:
-        """Save ``state`` at ``path`` (default ``step=<step>``); ``last`` names it once committed."""
+    def save(
+        self,
+        state: dict[str, Any],
+        step: int,
+        path: str | os.PathLike | None,
+        asynchronous: bool,
+        trainable_only: bool = False,
+    ) -> Path:
+        """Save ``state`` at ``path`` (default ``step=<step>``); ``last`` names it once committed.
+        ``trainable_only``: the model's trainable parameters only; the checkpoint names the pretrained
+        directory the frozen rest comes from, and refuses to load without it."""
         target = Path(path) if path is not None else self.directory / f"step={step}"
         directory = self.directory
+        if trainable_only and not state.get(CHECKPOINT_PROVENANCE, {}).get("model"):
+            raise ConfigError(
+                "trainable_only checkpoints hold the adapters, not the frozen weights, which must come from a "
+                "pretrained model the run read (shardtrain.hf.from_pretrained in configure_model()); this model "
+                "was not read from one: save the whole model (trainable_only=False)"
+            )
         self.engine.save(
-            target, state, asynchronous=asynchronous, on_commit=lambda committed: point_last_at(directory, committed)
+            target,
+            state,
+            asynchronous=asynchronous,
+            on_commit=lambda committed: point_last_at(directory, committed),
+            trainable_only=trainable_only,
         )
         self.last_saved = (step, target)
         return target
@@ -90,8 +111,12 @@ class TrainerCheckpoints:
         }
         if hparams:  # JSON, for load_from_checkpoint (shardtrain.from_checkpoint)
             state[CHECKPOINT_HPARAMS] = hparams
+        provenance = model_provenance(trainer.module) if trainer.module is not None else {}
+        if provenance:  # JSON: the pretrained directory and peft adapters, for exports (shardtrain.hf.export)
+            state[CHECKPOINT_PROVENANCE] = provenance
         if weights_only:
-            return {key: state[key] for key in ("module", "loop", "trainer_config", CHECKPOINT_HPARAMS) if key in state}
+            kept = ("module", "loop", "trainer_config", CHECKPOINT_HPARAMS, CHECKPOINT_PROVENANCE)
+            return {key: state[key] for key in kept if key in state}
         datamodule = trainer.datamodule
         if datamodule is not None and datamodule.state_dict():  # Lightning saves a DataModule's non-empty state
             state["datamodule"] = datamodule
@@ -119,8 +144,17 @@ class TrainerCheckpoints:
         if is_weights_file(path):
             self.engine.load_weights(state["module"], load_weights(path))
             return None
-        saved = read_meta(path)["state"]
-        for optional in ("grad_scaler", "train_dataloader", "datamodule", CHECKPOINT_HPARAMS):
+        meta = read_meta(path)
+        saved = meta["state"]
+        if meta.get("trainable_only"):  # the frozen weights are the run's own: they must be the saved run's base
+            base = saved.get(CHECKPOINT_PROVENANCE, {}).get("model")
+            ours = model_provenance(trainer.module).get("model") if trainer.module is not None else None
+            if base != ours:
+                raise CheckpointError(
+                    f"{path} holds only the adapters trained on the pretrained model {base}; this run's model was "
+                    f"read from {ours or 'no pretrained model'}: read the same base (from_pretrained({base!r}))"
+                )
+        for optional in ("grad_scaler", "train_dataloader", "datamodule", CHECKPOINT_HPARAMS, CHECKPOINT_PROVENANCE):
             # Saved under another precision (no loss scaling: the scaler starts fresh), or with a
             # plain loader (the data loader reads up to the position): not in this checkpoint.
             if optional in state and optional not in saved:

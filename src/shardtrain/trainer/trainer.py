@@ -844,7 +844,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(
-        self, path: str | os.PathLike | None = None, weights_only: bool = False, *, asynchronous: bool = False
+        self,
+        path: str | os.PathLike | None = None,
+        weights_only: bool = False,
+        *,
+        asynchronous: bool = False,
+        trainable_only: bool = False,
     ) -> Path:
         """Save the training state as a sharded checkpoint directory (every rank must call this).
 
@@ -854,13 +859,15 @@ class Trainer:
         the loop is blocked only while the state is copied to CPU memory; the files are written
         and committed in the background (the next save and the end of ``fit`` wait for it).
         ``weights_only=True``: the model's weights, the loop position and the hyperparameters only (Lightning's),
-        for evaluation and ``load_from_checkpoint``, not for resuming training.
+        for evaluation and ``load_from_checkpoint``, not for resuming training. ``trainable_only=True``: of the
+        model, only its trainable parameters (LoRA adapters) with the rest of the training state; it resumes a run
+        whose model reads the same pretrained weights (the checkpoint names them), and exports like a whole one.
         """
         if self.model is None:
             raise RuntimeError("save_checkpoint() needs a module that has been set up by fit()")
         state = self.checkpoints.state_of(self, weights_only=weights_only)
         self._call("on_save_checkpoint", state)
-        return self.checkpoints.save(state, self.global_step, path, asynchronous)
+        return self.checkpoints.save(state, self.global_step, path, asynchronous, trainable_only)
 
     def _restore(self, ckpt_path: str | os.PathLike) -> None:
         path = self.checkpoints.resolve(ckpt_path)

@@ -38,9 +38,11 @@ parser.add_argument("--save", action="store_true", help="checkpoint at the end")
 parser.add_argument("--resume", default=None)
 parser.add_argument("--precision", default="32-true")
 parser.add_argument("--dump", action="store_true", help="the full trained weights to weights.safetensors")
+parser.add_argument("--lora", default=None, help="LoraConfig options as JSON: train adapters")
+parser.add_argument("--trainable-only", action="store_true", help="--save: the trainable parameters only")
 args = parser.parse_args()
 
-module = CausalLM(args.model, learning_rate=1e-3, freeze=args.freeze)
+module = CausalLM(args.model, learning_rate=1e-3, freeze=args.freeze, lora=json.loads(args.lora) if args.lora else None)
 trainer = Trainer(
     accelerator="cpu",
     devices=args.devices,
@@ -51,7 +53,9 @@ trainer = Trainer(
     default_root_dir=args.out,
     seed=1234,
     enable_progress_bar=False,
-    callbacks=[ModelCheckpoint(every_n_train_steps=args.max_steps)] if args.save else [],
+    callbacks=[ModelCheckpoint(every_n_train_steps=args.max_steps, save_trainable_only=args.trainable_only)]
+    if args.save
+    else [],
 )
 trainer.fit(module, DataLoader(Blocks(), batch_size=args.batch_size, shuffle=True), ckpt_path=args.resume)
 trainable = sum(p.requires_grad for p in module.parameters())

@@ -69,6 +69,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from shardtrain.errors import ConfigError
+from shardtrain.parallel.adapters import adapter_tensor_parallel, is_adapter_layer
 from shardtrain.parallel.materialize import shared_parameters
 
 log = logging.getLogger(__name__)
@@ -204,7 +205,7 @@ def _hugging_face_plan(module: nn.Module) -> dict[str, Any] | None:
     """transformers' plan of a ``PreTrainedModel``: the one it merged when built (transformers 5: the
     config's ``base_model_tp_plan`` under the base model's prefix, the class's ``_tp_plan`` for the
     LM head, the embedding), else the same merge done here."""
-    config = getattr(module, "config", None)
+    config = vars(module).get("config")  # its own: a wrapper forwarding attributes (peft's PeftModel) is not it
     base_plan = getattr(config, "base_model_tp_plan", None)
     if not isinstance(base_plan, Mapping) or not base_plan or not hasattr(module, "base_model_prefix"):
         return None
@@ -265,6 +266,10 @@ def plan_targets(found: FoundPlan) -> list[tuple[str, nn.Module, ParallelStyle]]
                     f"{pattern!r} (from {found.source}); give each module one style"
                 )
             made = make_style(style, f"{found.source}[{pattern!r}]")
+            if is_adapter_layer(module):  # peft's LoRA wrapping the layer the plan names: split as it would be
+                for part, inner, inner_style in adapter_tensor_parallel(name, module, made):
+                    targets[id(inner)] = (pattern, part, inner, inner_style)
+                continue
             if type(made) in (ColwiseParallel, RowwiseParallel) and not isinstance(module, (nn.Linear, nn.Embedding)):
                 raise ConfigError(
                     f"tensor-parallel plan entry {pattern!r} (from {found.source}) gives {name!r}, a "
