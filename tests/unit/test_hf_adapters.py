@@ -117,3 +117,26 @@ def test_a_model_not_read_from_pretrained_files_cannot_save_adapters_only(tmp_pa
     trainer.fit(LinearRegression(lr=0.1), DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=4))
     with pytest.raises(ConfigError, match=r"trainable_only checkpoints hold the adapters.*save the whole model"):
         trainer.save_checkpoint(trainable_only=True)
+
+
+def test_adapters_on_a_users_own_module_start_as_on_a_device():
+    """A module of one's own (no pretrained weights) wrapped by peft: made on meta and materialised, the base is
+    initialised first and the adapters after it, as when peft wraps a model already made on a device."""
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.v, self.out = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+    config = {"r": 2, "lora_alpha": 4, "target_modules": ["q", "v"]}
+    torch.manual_seed(5)
+    on_device = get_peft_model(Net(), LoraConfig(**config))
+    with torch.device("meta"):
+        lazy = get_peft_model(Net(), LoraConfig(**config))
+    torch.manual_seed(5)
+    materialize(lazy, torch.device("cpu"))
+    expected = on_device.state_dict()
+    for name, tensor in lazy.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name

@@ -90,6 +90,7 @@ def _initialisers(module: nn.Module) -> Iterator[tuple[nn.Module, Callable[[], N
     adapter layers as peft initialises them (``adapters``)."""
     read_whole = modules_read_whole(module)  # a pretrained checkpoint fills them: no random values first
     adapters = adapter_initialisers(module)
+    deferred: list[tuple[nn.Module, Callable[[], None]]] = []
     owners: dict[int, nn.Module] = {}
     for submodule in module.modules():
         initialise = _hugging_face_initialiser(submodule)
@@ -99,8 +100,8 @@ def _initialisers(module: nn.Module) -> Iterator[tuple[nn.Module, Callable[[], N
     for submodule in _post_order(module):
         if id(submodule) in read_whole:
             continue
-        if id(submodule) in adapters:
-            yield submodule, adapters[id(submodule)]
+        if id(submodule) in adapters:  # after the rest: peft adds them to a model that was made already
+            deferred.append((submodule, adapters[id(submodule)]))
             continue
         owner = owners.get(id(submodule))
         if owner is not None:
@@ -109,6 +110,7 @@ def _initialisers(module: nn.Module) -> Iterator[tuple[nn.Module, Callable[[], N
         reset = getattr(submodule, "reset_parameters", None)
         if callable(reset):
             yield submodule, reset
+    yield from deferred
 
 
 def _hugging_face_initialiser(module: nn.Module) -> Callable[[nn.Module], None] | None:
