@@ -18,6 +18,7 @@ def test_callbacks_on_two_processes_match_lightnings_ddp(tmp_path):
             assert mine.pop("step_files") == sorted([*reference.pop("step_files"), train_end])
             if rank:  # Lightning's rank 0 deletes the replaced checkpoint after its last barrier: rank 1 may list it
                 mine.pop("default_files"), reference.pop("default_files")
-            mine["lrs"] = [lr for _, lr in mine["lrs"]]
-            reference["lrs"] = [lr for _, lr in reference["lrs"]]
-            assert_same(mine, reference)
+            saves, their_saves = mine.pop("checkpoint_saves"), reference.pop("checkpoint_saves")
+            if rank == 0:  # the loggers hear of saves on rank 0 (see tests/unit/test_lightning_callbacks.py)
+                assert saves.count("steps") == their_saves.count("steps") + 1  # and save_on_train_end's
+            assert_same(mine, reference)  # the learning rates at Lightning's steps too

@@ -79,5 +79,6 @@ def experiment(root: str, **trainer_kwargs) -> dict:
         "is_first_callback": trainer.checkpoint_callback is best,
         "early_stopping_callback": trainer.early_stopping_callback is stopping,
         "lrs": [(row["step"], row["lr-SGD"]) for row in recording.rows if "lr-SGD" in row],
+        "checkpoint_saves": recording.checkpoint_saves,
         "default_files": len(listing(default.checkpoint_callback.dirpath)),
     }

@@ -16,6 +16,7 @@ class RecordingLogger(Logger):
         super().__init__()
         self.rows: list[dict[str, Any]] = []
         self.hparams: dict[str, Any] = {}
+        self.checkpoint_saves: list[str] = []  # after_save_checkpoint: the directory of the callback that saved
 
     @property
     def name(self) -> str:
@@ -28,6 +29,9 @@ class RecordingLogger(Logger):
     @rank_zero_only
     def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
         self.hparams.update(dict(params) if not isinstance(params, dict) else params)
+
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        self.checkpoint_saves.append(str(checkpoint_callback.dirpath).rsplit("/", 1)[-1])
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:

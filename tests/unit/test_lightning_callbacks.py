@@ -18,9 +18,15 @@ def test_callbacks_match_lightning(tmp_path):
     theirs["step_files"] = [name.removesuffix(".ckpt") for name in theirs["step_files"]]  # files there, dirs here
     assert ours["step_files"] == sorted([*theirs["step_files"], train_end])
     ours["step_files"].remove(train_end)
-    ours["lrs"] = [lr for _, lr in ours["lrs"]]  # the loggers' step numbers differ by one (docs/lightning.md)
-    theirs["lrs"] = [lr for _, lr in theirs["lrs"]]
-    assert_same(ours, theirs)
+    assert ours["checkpoint_saves"][-1] == "steps"  # the loggers hear of every save, that one too
+    ours["checkpoint_saves"].pop()
+    # after_save_checkpoint once per save. Lightning's save_last=True writes last.ckpt as one more save (and tells
+    # the loggers); shardtrain's last links to the checkpoint just saved, as Lightning's save_last="link", which
+    # does not tell them: the callback without save_last is compared exactly.
+    mine, lightnings = ours.pop("checkpoint_saves"), theirs.pop("checkpoint_saves")
+    assert mine.count("steps") == lightnings.count("steps") == len(theirs["step_files"])
+    assert 0 < mine.count("best") <= lightnings.count("best")
+    assert_same(ours, theirs)  # the learning rates at Lightning's steps too
 
 
 def test_checkpointing_off_with_a_model_checkpoint_is_refused():

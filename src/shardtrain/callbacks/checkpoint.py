@@ -20,6 +20,7 @@ import math
 import os
 import re
 import shutil
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -248,9 +249,13 @@ class ModelCheckpoint(Callback):
         self.last_model_path = str(last)
 
     def _save(self, trainer: "Trainer", path: Path) -> Path:
-        return trainer.save_checkpoint(
+        saved = trainer.save_checkpoint(
             path, weights_only=self.save_weights_only, trainable_only=self.save_trainable_only
         )
+        if trainer.is_global_zero:  # as Lightning: each logger hears of each save (a weak proxy, as Lightning's)
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(weakref.proxy(self))
+        return saved
 
     # ----------------------------------------------------------------- names
     def _metrics(self, trainer: "Trainer") -> dict[str, Any]:
