@@ -140,3 +140,14 @@ def test_adapters_on_a_users_own_module_start_as_on_a_device():
     expected = on_device.state_dict()
     for name, tensor in lazy.state_dict().items():
         assert torch.equal(tensor, expected[name]), name
+
+
+def test_exporting_adapters_onto_another_base_is_refused(pretrained, tmp_path):
+    from shardtrain.hf.export import export_hf
+
+    saved = _fit(tmp_path / "run", pretrained, LORA, max_steps=1).save_checkpoint()
+    wider = transformers.LlamaConfig(**{**_config().to_dict(), "hidden_size": 64, "intermediate_size": 128})
+    transformers.LlamaForCausalLM(wider).save_pretrained(tmp_path / "wider")
+    with pytest.raises(CheckpointError, match=r"do not fit the model in .*wider.*pass --hf-config the base model"):
+        export_hf(saved, tmp_path / "out", config=tmp_path / "wider", merge_adapters=True)
+    assert export_hf(saved, tmp_path / "adapters", config=pretrained)  # its own base: fine

@@ -97,6 +97,17 @@ def export_adapters(
             f"{checkpoint} does not hold the adapters its run recorded (missing {', '.join(absent[:8])}); "
             "it was not saved by this run's model"
         )
+    expected = peft_model.state_dict()
+    differing = [
+        f"{name}: checkpoint {tuple(stored[prefix + name].size)}, {model_dir.name} {tuple(expected[name].shape)}"
+        for name in trained
+        if tuple(stored[prefix + name].size) != tuple(expected[name].shape)
+    ]
+    if differing:
+        raise CheckpointError(
+            f"the adapters in {checkpoint} do not fit the model in {model_dir} (shapes differ for {len(differing)}: "
+            f"{'; '.join(differing[:4])}); pass --hf-config the base model the run trained them on"
+        )
     # Merging: every weight the checkpoint holds (all of them, unless it holds only the adapters: the frozen
     # rest is then the pretrained files' by construction).
     wanted = [name for name in peft_model.state_dict() if prefix + name in stored] if merge else trained
