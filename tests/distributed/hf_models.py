@@ -7,6 +7,16 @@ from pathlib import Path
 import torch
 
 VOCAB, SEQ_LEN = 256, 32
+PIPELINE = '{"pipeline_parallel_size": 2, "microbatches": 2}'
+#: ``scripts/finetune_hf.py`` arguments per layout; 4 sequences a step in each (2 per rank where data is split).
+FINETUNE_LAYOUTS = {
+    "single": ("--strategy", "single", "--devices", "1", "--batch-size", "4"),
+    "ddp2": ("--strategy", "ddp", "--devices", "2", "--batch-size", "2"),
+    "fsdp2": ("--strategy", "fsdp", "--devices", "2", "--batch-size", "2"),
+    "zero3": ("--strategy", "deepspeed", "--strategy-options", '{"stage": 3}', "--devices", "2", "--batch-size", "2"),
+    "tp2": ("--strategy", "model_parallel", "--devices", "2", "--batch-size", "4"),
+    "pp2": ("--strategy", "model_parallel", "--strategy-options", PIPELINE, "--devices", "2", "--batch-size", "4"),
+}
 
 
 def save_llama(directory: Path, *, dtype: torch.dtype = torch.bfloat16, max_shard_size: str = "200KB") -> Path:

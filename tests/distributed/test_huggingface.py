@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from shardtrain.checkpoint.consolidate import consolidate_optimizer, load_weights
 from shardtrain.cli import main as shardtrain_cli
-from tests.distributed.hf_models import reference_loss, save_gpt2, save_llama
+from tests.distributed.hf_models import FINETUNE_LAYOUTS, reference_loss, save_gpt2, save_llama
 from tests.distributed.runner import assert_ok, run_script
 
 pytest.importorskip("transformers", reason="install the extra: pip install 'shardtrain[hf]'")
@@ -31,15 +31,7 @@ def checkpoints(tmp_path_factory):
     return {"llama": llama, "gpt2": gpt2}
 
 
-PIPELINE = '{"pipeline_parallel_size": 2, "microbatches": 2}'
-LAYOUTS = {
-    "single": ("--strategy", "single", "--devices", "1", "--batch-size", "4"),
-    "ddp2": ("--strategy", "ddp", "--devices", "2", "--batch-size", "2"),
-    "fsdp2": ("--strategy", "fsdp", "--devices", "2", "--batch-size", "2"),
-    "zero3": ("--strategy", "deepspeed", "--strategy-options", '{"stage": 3}', "--devices", "2", "--batch-size", "2"),
-    "tp2": ("--strategy", "model_parallel", "--devices", "2", "--batch-size", "4"),
-    "pp2": ("--strategy", "model_parallel", "--strategy-options", PIPELINE, "--devices", "2", "--batch-size", "4"),
-}
+LAYOUTS = dict(FINETUNE_LAYOUTS)
 CASES = [("llama", layout) for layout in LAYOUTS] + [("gpt2", layout) for layout in LAYOUTS if layout != "tp2"]
 # The bf16 files read into bf16 weights (precision bf16-true).
 CASES.append(("llama", "fsdp2-bf16-true"))

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from shardtrain.checkpoint.consolidate import consolidate_optimizer, load_weights
 from shardtrain.cli import main as shardtrain_cli
-from tests.distributed.hf_models import save_llama, token_blocks
+from tests.distributed.hf_models import FINETUNE_LAYOUTS, save_llama, token_blocks
 from tests.distributed.runner import assert_ok, run_script
 
 pytest.importorskip("peft", reason="install the extra: pip install 'shardtrain[peft]'")
@@ -21,15 +21,7 @@ pytest.importorskip("peft", reason="install the extra: pip install 'shardtrain[p
 # q_proj and v_proj are split column-wise under tensor parallelism, o_proj row-wise.
 LORA = json.dumps({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "o_proj"]})
 ADAPTER_TENSORS = 2 * 3 * 2  # 2 layers x (q_proj, v_proj, o_proj) x (lora_A, lora_B)
-LAYOUTS = {
-    "single": ("--strategy", "single", "--devices", "1", "--batch-size", "4"),
-    "ddp2": ("--strategy", "ddp", "--devices", "2", "--batch-size", "2"),
-    "fsdp2": ("--strategy", "fsdp", "--devices", "2", "--batch-size", "2"),
-    "zero3": ("--strategy", "deepspeed", "--strategy-options", '{"stage": 3}', "--devices", "2", "--batch-size", "2"),
-    "tp2": ("--strategy", "model_parallel", "--devices", "2", "--batch-size", "4"),
-    "pp2": ("--strategy", "model_parallel", "--strategy-options", '{"pipeline_parallel_size": 2, "microbatches": 2}',
-            "--devices", "2", "--batch-size", "4"),
-}  # fmt: skip
+LAYOUTS = FINETUNE_LAYOUTS
 
 
 @pytest.fixture(scope="module")
