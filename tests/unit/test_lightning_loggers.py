@@ -214,3 +214,15 @@ def test_service_loggers_refuse_a_missing_package_and_log_model(package, make, m
     monkeypatch.setitem(__import__("sys").modules, package, None)  # as if not installed
     with pytest.raises(MissingDependencyError, match=rf"pip install 'shardtrain\[{package}\]'"):
         getattr(loggers, make)()
+
+
+def test_the_printed_progress_counts_optimizer_steps_while_loggers_get_lightnings(tmp_path, capsys):
+    logger = _Mine()
+    trainer = Trainer(
+        accelerator="cpu", default_root_dir=tmp_path, logger=logger, max_steps=2, log_every_n_steps=1,
+        enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(LinearRegression(lr=0.05), DataLoader(_data(), batch_size=4))
+    printed = capsys.readouterr().out
+    assert "step 1/2 " in printed and "step 2/2 " in printed and "step 0/2" not in printed
+    assert [step for step, _ in logger.rows] == [0, 1]

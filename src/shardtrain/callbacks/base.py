@@ -94,7 +94,8 @@ class Callback:
     def on_exception(self, trainer: "Trainer", module: "TrainModule", exception: BaseException) -> None: ...
     def on_log(self, trainer: "Trainer", metrics: dict[str, float], step: int) -> None:
         """Called on rank 0 with metrics already reduced over ranks, before the loggers write
-        them; a callback may add entries to ``metrics`` (shardtrain's addition)."""
+        them; a callback may add entries to ``metrics`` (shardtrain's addition). ``step``: the optimizer
+        steps done (``global_step``; the loggers write the row at Lightning's step, ``batches_that_stepped``)."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -921,7 +921,7 @@ class Trainer:
             row.update(extra)
             step = self._logger_step() if step is None else step
             for callback in self.callbacks:  # first: a callback may add figures to the row (ThroughputMonitor)
-                callback.on_log(self, row, step)
+                callback.on_log(self, row, self.global_step)  # shardtrain's hook: the optimizer steps done
             for logger in self.loggers:
                 logger.log_metrics(row, step)
         return values
