@@ -63,5 +63,6 @@ for step, (x, y) in enumerate(loader(config, args)):
     engine.step()
     timer.tick()
 finish(args, timer, config, {"deepspeed_config": ds_config})
+engine.destroy()  # DeepSpeed's own cleanup (ZeRO-3 hooks, buffers) before the process group goes, as shardtrain's teardown
 dist.barrier()
 dist.destroy_process_group()
