@@ -774,8 +774,15 @@ class Trainer:
                 self._stop.agreed = bool(self.engine.all_reduce(self._stop.flag(self.engine.device), "max").item())
             return
         entries = self._results.take_step_entries(self.engine.device)
-        entries += [
-            Entry(name, value.detach().float().reshape(1), "mean", True, _first_value, prog_bar=prog_bar)
+        entries += [  # on the run's device: under CPU offload the gradient norm is on the CPU, the loss is not
+            Entry(
+                name,
+                value.detach().float().reshape(1).to(self.engine.device),
+                "mean",
+                True,
+                _first_value,
+                prog_bar=prog_bar,
+            )
             for name, (value, prog_bar) in (own or {}).items()
         ]
         flag = self._stop.flag(self.engine.device).float().reshape(1)
