@@ -198,7 +198,7 @@ def check_row(row: Row, settings: Settings, work: Path, tolerance: float) -> dic
         checks["on_gpu"] = full["parameter_device"] == ("cpu" if offloaded else "cuda") and full["device"] != "cpu"
         if offloaded:
             checks["offload_pinned"] = full["parameter_pinned"] is True
-        if row.strategy != "single":
+        if row.strategy not in ("single", "ddp"):  # DDP with one process wraps nothing and joins no group, as single
             checks["nccl"] = full["backend"] == "nccl"
         checks["cuda_rng_saved"] = all(c["has_cuda_rng"] for c in full["checkpoints"].values())
     if all(checks.values()):
@@ -355,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     selected = [row for row in ROWS if row.name in args.rows]
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         report["rows"] = list(pool.map(lambda row: check_row(row, settings, work, args.resume_tolerance), selected))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=1))  # the rows' results, should the benchmark not end
     if BENCHMARK in args.rows:
         try:
             report["benchmark"] = run_benchmark(settings, work)

@@ -2,17 +2,19 @@
 
     python benchmarks/hf_lora.py --layers 2 --steps 4 --out /tmp/hf_lora_2l.json   # a quick check
     python benchmarks/hf_lora.py --out runs/hf_lora_1b.json                         # 1.03B parameters
+    python benchmarks/hf_lora.py --accelerator cuda --devices 1 --precision bf16-mixed --batch-size 8 --seq-len 1024
 
 The model is ``hf_load.py``'s (TinyLlama's shape, random weights, saved in bf16, made once in
-``--model-dir``). Each way runs in its own fresh 2-rank process group (``Trainer(devices=2,
-strategy="fsdp")``, CPU, gloo, fp32), alternating ``full``, ``lora``, ``full``, ``lora``... for
+``--model-dir``). Each way runs in its own fresh process group (``Trainer(devices=2,
+strategy="fsdp")``, CPU, gloo, fp32 by default; ``--accelerator``, ``--devices``, ``--precision``), alternating ``full``, ``lora``, ``full``, ``lora``... for
 ``--rounds`` rounds, with the same data (random tokens, ``--batch-size`` sequences of ``--seq-len`` per
 rank), both through ``shardtrain.hf.CausalLM`` (AdamW over the trainable parameters):
 
 * ``full``: every weight trains.
 * ``lora``: ``lora={r: 16, lora_alpha: 32, target_modules: [q,k,v,o,gate,up,down]_proj}``.
 
-Per way, per rank: peak resident memory at the end (``ru_maxrss``), tokens/s over the steps after
+Per way, per rank: peak memory at the end (resident, ``ru_maxrss``, on CPU; ``max_memory_allocated`` on
+CUDA), tokens/s over the steps after
 ``--warmup``; then the bytes of a whole checkpoint, and for LoRA of an adapter-only one
 (``trainable_only=True``). Printed: each figure, and LoRA's over full's.
 """
@@ -60,14 +62,16 @@ def worker(args: argparse.Namespace) -> None:
             self.times.append(time.perf_counter())
 
     vocab = json.loads((Path(args.model_dir) / "config.json").read_text())["vocab_size"]
-    blocks = torch.randint(0, vocab, (64, args.seq_len), generator=torch.Generator().manual_seed(0))
+    rows = max(64, args.steps * args.batch_size * args.devices)
+    blocks = torch.randint(0, vocab, (rows, args.seq_len), generator=torch.Generator().manual_seed(0))
     data = [{"input_ids": row, "labels": row} for row in blocks]
     clock = Clock()
     out = Path(args.run_dir)
     trainer = Trainer(
-        accelerator="cpu",
-        devices=2,
+        accelerator=args.accelerator,
+        devices=args.devices,
         strategy="fsdp",
+        precision=args.precision,
         max_steps=args.steps,
         logger=False,
         enable_progress_bar=False,
@@ -80,8 +84,12 @@ def worker(args: argparse.Namespace) -> None:
     trainer.fit(module, DataLoader(data, batch_size=args.batch_size))
     timed = clock.times[args.warmup - 1 :]
     tokens = (len(timed) - 1) * args.batch_size * args.seq_len * trainer.world_size
+    if args.accelerator == "cuda":
+        peak = torch.cuda.max_memory_allocated() / GIB
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
     figures = {
-        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
+        "peak_rss_gib": peak,
         "tokens_per_sec": tokens / (timed[-1] - timed[0]),
         "trainable": sum(p.numel() for p in module.parameters() if p.requires_grad),  # DTensors: global numel
     }
@@ -101,6 +109,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--out", default=None, help="a JSON file for the figures")
+    parser.add_argument("--accelerator", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--precision", default="32-true", help="the Trainer's precision, e.g. bf16-mixed")
     parser.add_argument("--worker", choices=("full", "lora"), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -127,11 +138,11 @@ def main() -> None:
                 "--model-dir",
                 str(model_dir),
             ]
-            for name in ("steps", "warmup", "batch_size", "seq_len"):
+            for name in ("steps", "warmup", "batch_size", "seq_len", "accelerator", "devices", "precision"):
                 command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
             env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
             subprocess.run(command, check=True, env=env)
-            ranks = [json.loads((run_dir / f"rank{r}.json").read_text()) for r in range(2)]
+            ranks = [json.loads((run_dir / f"rank{r}.json").read_text()) for r in range(args.devices)]
             row = {
                 "peak_rss_gib": max(r["peak_rss_gib"] for r in ranks),
                 "tokens_per_sec": ranks[0]["tokens_per_sec"],
@@ -152,6 +163,10 @@ def main() -> None:
         "steps": args.steps,
         "seq_len": args.seq_len,
         "batch_size_per_rank": args.batch_size,
+        "accelerator": args.accelerator,
+        "devices": args.devices,
+        "precision": args.precision,
+        "peak_memory": "max_memory_allocated" if args.accelerator == "cuda" else "ru_maxrss",
         **{f"{way}_{key}": median(way, key) for way in results for key in results[way][0]},
     }
     summary["lora_over_full_peak_rss"] = summary["lora_peak_rss_gib"] / summary["full_peak_rss_gib"]
