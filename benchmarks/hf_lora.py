@@ -6,12 +6,13 @@
 
 The model is ``hf_load.py``'s (TinyLlama's shape, random weights, saved in bf16, made once in
 ``--model-dir``). Each way runs in its own fresh process group (``Trainer(devices=2,
-strategy="fsdp")``, CPU, gloo, fp32 by default; ``--accelerator``, ``--devices``, ``--precision``), alternating ``full``, ``lora``, ``full``, ``lora``... for
+strategy="fsdp")``, CPU, gloo, fp32 by default; ``--accelerator``, ``--devices``, ``--precision``), alternating ``full``, ``lora``, ``lora_bf16_base``, ``full``... for
 ``--rounds`` rounds, with the same data (random tokens, ``--batch-size`` sequences of ``--seq-len`` per
 rank), both through ``shardtrain.hf.CausalLM`` (AdamW over the trainable parameters):
 
 * ``full``: every weight trains.
 * ``lora``: ``lora={r: 16, lora_alpha: 32, target_modules: [q,k,v,o,gate,up,down]_proj}``.
+* ``lora_bf16_base``: the same with ``frozen_dtype="bf16"`` (the base kept in bf16, the adapters in fp32).
 
 Per way, per rank: peak memory at the end (resident, ``ru_maxrss``, on CPU; ``max_memory_allocated`` on
 CUDA), tokens/s over the steps after
@@ -34,8 +35,12 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [
+    str(ROOT),
+    str(ROOT / "src"),
+]  # shardtrain from the checkout where it is not installed (the GPU machine)
 GIB = 2**30
+WAYS = ("full", "lora", "lora_bf16_base")
 LORA = {
     "r": 16,
     "lora_alpha": 32,
@@ -80,7 +85,13 @@ def worker(args: argparse.Namespace) -> None:
         default_root_dir=out,
         callbacks=[clock],
     )
-    module = CausalLM(args.model_dir, learning_rate=1e-4, lora=LORA if args.worker == "lora" else None)
+    lora = args.worker.startswith("lora")
+    module = CausalLM(
+        args.model_dir,
+        learning_rate=1e-4,
+        lora=LORA if lora else None,
+        frozen_dtype="bf16" if args.worker == "lora_bf16_base" else None,
+    )
     trainer.fit(module, DataLoader(data, batch_size=args.batch_size))
     timed = clock.times[args.warmup - 1 :]
     tokens = (len(timed) - 1) * args.batch_size * args.seq_len * trainer.world_size
@@ -94,7 +105,7 @@ def worker(args: argparse.Namespace) -> None:
         "trainable": sum(p.numel() for p in module.parameters() if p.requires_grad),  # DTensors: global numel
     }
     trainer.save_checkpoint(out / "whole")
-    if args.worker == "lora":
+    if lora:
         trainer.save_checkpoint(out / "adapters_only", trainable_only=True)
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(figures))
 
@@ -112,7 +123,8 @@ def main() -> None:
     parser.add_argument("--accelerator", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--precision", default="32-true", help="the Trainer's precision, e.g. bf16-mixed")
-    parser.add_argument("--worker", choices=("full", "lora"), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--ways", nargs="+", choices=WAYS, default=list(WAYS), help="which ways to run")
+    parser.add_argument("--worker", choices=WAYS, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -123,9 +135,9 @@ def main() -> None:
     model_dir = Path(args.model_dir or ROOT / "runs" / "hf_lora_bench" / f"llama_{args.layers}l")
     parameters = ensure_checkpoint(model_dir, args.layers)
     work = model_dir.parent / "runs"
-    results: dict[str, list[dict]] = {"full": [], "lora": []}
+    results: dict[str, list[dict]] = {way: [] for way in args.ways}
     for round_index in range(args.rounds):
-        for way in ("full", "lora"):
+        for way in args.ways:
             run_dir = work / f"{way}{round_index}"
             subprocess.run(["rm", "-rf", str(run_dir)], check=True)
             command = [
@@ -149,7 +161,7 @@ def main() -> None:
                 "trainable": ranks[0]["trainable"],
                 "checkpoint_bytes": _bytes(run_dir / "whole"),
             }
-            if way == "lora":
+            if way.startswith("lora"):
                 row["adapter_checkpoint_bytes"] = _bytes(run_dir / "adapters_only")
             results[way].append(row)
             print(f"round {round_index} {way}: {json.dumps(row)}", flush=True)
@@ -169,11 +181,15 @@ def main() -> None:
         "peak_memory": "max_memory_allocated" if args.accelerator == "cuda" else "ru_maxrss",
         **{f"{way}_{key}": median(way, key) for way in results for key in results[way][0]},
     }
-    summary["lora_over_full_peak_rss"] = summary["lora_peak_rss_gib"] / summary["full_peak_rss_gib"]
-    summary["lora_over_full_tokens_per_sec"] = summary["lora_tokens_per_sec"] / summary["full_tokens_per_sec"]
-    summary["adapter_checkpoint_over_full"] = (
-        summary["lora_adapter_checkpoint_bytes"] / summary["full_checkpoint_bytes"]
-    )
+    if "full" in results:  # each LoRA way over full fine-tuning
+        for way in (w for w in results if w != "full"):
+            summary[f"{way}_over_full_peak_rss"] = summary[f"{way}_peak_rss_gib"] / summary["full_peak_rss_gib"]
+            summary[f"{way}_over_full_tokens_per_sec"] = (
+                summary[f"{way}_tokens_per_sec"] / summary["full_tokens_per_sec"]
+            )
+            summary[f"{way}_adapter_checkpoint_over_full"] = (
+                summary[f"{way}_adapter_checkpoint_bytes"] / summary["full_checkpoint_bytes"]
+            )
     print(json.dumps(summary, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

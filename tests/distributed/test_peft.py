@@ -21,7 +21,20 @@ pytest.importorskip("peft", reason="install the extra: pip install 'shardtrain[p
 # q_proj and v_proj are split column-wise under tensor parallelism, o_proj row-wise.
 LORA = json.dumps({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "o_proj"]})
 ADAPTER_TENSORS = 2 * 3 * 2  # 2 layers x (q_proj, v_proj, o_proj) x (lora_A, lora_B)
-LAYOUTS = FINETUNE_LAYOUTS
+LAYOUTS = {
+    **FINETUNE_LAYOUTS,
+    "zero2": ("--strategy", "deepspeed", "--strategy-options", '{"stage": 2}', "--devices", "2", "--batch-size", "2"),
+    "fsdp2_offload": (
+        *FINETUNE_LAYOUTS["fsdp2"][:2],
+        "--strategy-options",
+        '{"cpu_offload": true}',
+        "--devices",
+        "2",
+        "--batch-size",
+        "2",
+    ),
+}
+BF16_BASE = ("--frozen-dtype", "bf16")
 
 
 @pytest.fixture(scope="module")
@@ -182,3 +195,68 @@ def test_an_adapter_only_checkpoint_is_small_resumes_on_one_process_and_exports(
     other = AutoModelForCausalLM.from_pretrained(whole_merged, dtype=torch.float32).state_dict()
     for name, tensor in one.items():  # the same model, whether the checkpoint held the frozen weights or not
         torch.testing.assert_close(tensor, other[name], rtol=0, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+# frozen_dtype="bf16": the base stored (and computed) in bf16, the adapters and their optimizer state in fp32.
+
+
+@pytest.fixture(scope="module")
+def one_process_bf16_base(llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single_bf16_base")
+    result = assert_ok(_finetune(out, llama, "single", "--max-steps", "4", "--dump", *BF16_BASE)).result()
+    return result, load_file(str(out / "weights.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "layout", [pytest.param("fsdp2", marks=pytest.mark.fast), "fsdp2_offload", "ddp2", "zero2", "pp2", "tp2"]
+)
+def test_a_bf16_base_with_fp32_adapters_trains_as_one_process(
+    llama, one_process, one_process_bf16_base, tmp_path, layout
+):
+    reference, reference_weights = one_process_bf16_base
+    assert reference["losses"] != pytest.approx(one_process[0]["losses"], abs=1e-4)  # a bf16 base computes in bf16
+    result = assert_ok(_finetune(tmp_path, llama, layout, "--max-steps", "4", "--dump", *BF16_BASE)).result()
+    # Tensor parallelism sums the row-wise layers' bf16 partial results over ranks: bf16 rounding apart (7e-3 seen).
+    tolerance = 2e-2 if layout == "tp2" else 1e-5
+    assert result["losses"] == pytest.approx(reference["losses"], abs=tolerance)
+    weights = {n: t for n, t in load_file(str(tmp_path / "weights.safetensors")).items() if not t.is_meta}
+    adapters = _adapters(weights)
+    assert adapters and all(t.dtype == torch.float32 for t in adapters.values())
+    for name, tensor in adapters.items():
+        expected = reference_weights[name]
+        torch.testing.assert_close(
+            tensor, expected, rtol=0, atol=tolerance / 2, msg=lambda m, name=name: f"{name}: {m}"
+        )
+    pretrained = load_weights(llama)
+    for name, tensor in weights.items():
+        if "lora_" not in name:  # held in bf16 (DeepSpeed's full state dict is fp32), as read from the files
+            source = pretrained[name.removeprefix("model.base_model.model.").replace(".base_layer.", ".")]
+            assert tensor.dtype == (torch.float32 if layout == "zero2" else torch.bfloat16), name
+            assert torch.equal(tensor, source.to(tensor.dtype)), name
+
+
+def test_a_bf16_base_checkpoint_resumes_on_one_process(llama, one_process_bf16_base, tmp_path):
+    reference, _ = one_process_bf16_base
+    first = tmp_path / "first"
+    assert_ok(_finetune(first, llama, "fsdp2", "--max-steps", "2", "--save", *BF16_BASE))
+    resumed = assert_ok(
+        _finetune(
+            tmp_path / "resumed",
+            llama,
+            "single",
+            "--max-steps",
+            "4",
+            "--resume",
+            str(first / "checkpoints" / "step=2"),
+            *BF16_BASE,
+        )
+    ).result()
+    assert resumed["steps"] == [3, 4]
+    assert resumed["losses"] == pytest.approx(reference["losses"][2:], abs=1e-5)
+
+
+def test_a_bf16_base_under_zero3_in_fp32_is_refused_naming_what_works(llama, tmp_path):
+    zero3_one_rank = ("--strategy", "deepspeed", "--strategy-options", '{"stage": 3}', "--devices", "1")
+    result = run_script("finetune_hf.py", tmp_path, "--model", str(llama), *zero3_one_rank, "--lora", LORA, *BF16_BASE)
+    assert result.returncode != 0
+    assert "precision='bf16-mixed'" in result.output and "bfloat16, float32" in result.output, result.output[-3000:]

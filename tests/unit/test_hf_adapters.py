@@ -60,6 +60,32 @@ def test_initialisations_computed_from_the_pretrained_weights_are_refused_on_met
         materialize(lazy, torch.device("cpu"))
 
 
+def test_a_bf16_base_is_read_as_stored_on_meta_and_on_a_device(pretrained):
+    """frozen_dtype: the frozen base in bf16, the adapters in fp32; the same values whether made on a device or on meta."""
+    on_device = with_lora(from_pretrained(pretrained), LORA, frozen_dtype="bf16")
+    with torch.device("meta"):
+        lazy = with_lora(from_pretrained(pretrained), LORA, frozen_dtype=torch.bfloat16)
+    materialize(lazy, torch.device("cpu"))
+    for model in (on_device, lazy):
+        dtypes = {(p.requires_grad, p.dtype) for p in model.parameters()}
+        assert dtypes == {(True, torch.float32), (False, torch.bfloat16)}
+    files = transformers.LlamaForCausalLM.from_pretrained(pretrained, dtype=torch.bfloat16).state_dict()
+    for name, tensor in lazy.state_dict().items():
+        if "lora_" not in name:
+            assert torch.equal(tensor, files[name.removeprefix("base_model.model.").replace(".base_layer.", ".")]), name
+
+
+def test_bad_frozen_dtypes_name_the_fix(pretrained):
+    from shardtrain.hf import CausalLM
+
+    with pytest.raises(ConfigError, match=r"frozen_dtype='bf17' is not a floating-point dtype; use one of bf16"):
+        CausalLM(str(pretrained), lora=LORA, frozen_dtype="bf17")
+    with pytest.raises(ConfigError, match=r"frozen_dtype applies to frozen weights, and none are: pass lora or freeze"):
+        CausalLM(str(pretrained), frozen_dtype="bf16")
+    with pytest.raises(ConfigError, match=r"frozen_dtype=torch.int8 is not a floating-point dtype"):
+        with_lora(from_pretrained(pretrained), LORA, frozen_dtype=torch.int8)
+
+
 def test_bad_options_name_the_fix(pretrained):
     model = from_pretrained(pretrained)
     with pytest.raises(ConfigError, match=r"alpha is not an option of peft's LoraConfig.*lora_alpha"):

@@ -29,10 +29,51 @@ def require_peft() -> Any:
     return peft
 
 
-def with_lora(model: nn.Module, options: Mapping[str, Any]) -> nn.Module:
+#: the names a run config may give a dtype by
+DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
+
+
+def parse_dtype(dtype: torch.dtype | str, option: str) -> torch.dtype:
+    """``torch.bfloat16`` or one of ``DTYPES``' names; a ``ConfigError`` naming ``option`` otherwise."""
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    raise ConfigError(f"{option}={dtype!r} is not a floating-point dtype; use one of {', '.join(DTYPES)}")
+
+
+def keep_frozen_in(model: nn.Module, dtype: torch.dtype | str) -> nn.Module:
+    """Store ``model``'s frozen parameters (``requires_grad=False``) in ``dtype``; the trainable ones keep theirs.
+
+    For a LoRA fine-tune: the base in bf16 (half its memory, and half of what each all-gather moves) while the
+    adapters and their optimizer state stay fp32, as peft keeps them. On the meta device (sharding strategies) this
+    only changes the dtype the weights are read into, so a bf16 checkpoint is read as it is stored. Call it after
+    freezing (``with_lora`` does)."""
+    dtype = parse_dtype(dtype, "frozen_dtype")
+    for parameter in model.parameters():
+        if not parameter.requires_grad and parameter.is_floating_point() and parameter.dtype != dtype:
+            parameter.data = parameter.data.to(dtype)
+    return model
+
+
+def with_lora(
+    model: nn.Module, options: Mapping[str, Any], *, frozen_dtype: torch.dtype | str | None = None
+) -> nn.Module:
     """``peft.get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **options))``, with errors that name the fix:
-    an option ``LoraConfig`` does not have, or ``target_modules`` that match no layer of ``model``."""
+    an option ``LoraConfig`` does not have, or ``target_modules`` that match no layer of ``model``.
+
+    ``frozen_dtype`` (e.g. ``torch.bfloat16`` or ``"bf16"``): keep the frozen base in that dtype while the adapters
+    train in the run's parameter dtype (``keep_frozen_in``)."""
     peft = require_peft()
+    if frozen_dtype is not None:
+        parse_dtype(frozen_dtype, "frozen_dtype")  # before peft builds anything
     fields = {field.name for field in dataclasses.fields(peft.LoraConfig)}
     unknown = sorted(set(options) - fields)
     if unknown:
@@ -42,7 +83,7 @@ def with_lora(model: nn.Module, options: Mapping[str, Any]) -> nn.Module:
         )
     config = peft.LoraConfig(**{"task_type": "CAUSAL_LM", **options})
     try:
-        return peft.get_peft_model(model, config)
+        wrapped = peft.get_peft_model(model, config)
     except ValueError as error:
         if "not found in the base model" not in str(error) and "No modules were targeted" not in str(error):
             raise
@@ -51,6 +92,7 @@ def with_lora(model: nn.Module, options: Mapping[str, Any]) -> nn.Module:
             f"lora: target_modules={options.get('target_modules')!r} match no layer of {type(model).__name__}; "
             f"its linear layers are named {', '.join(layers)}"
         ) from error
+    return keep_frozen_in(wrapped, frozen_dtype) if frozen_dtype is not None else wrapped
 
 
 def export_adapters(

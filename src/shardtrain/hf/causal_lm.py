@@ -8,7 +8,7 @@ from typing import Any, Mapping
 import torch
 
 from shardtrain.errors import ConfigError
-from shardtrain.hf.adapters import with_lora
+from shardtrain.hf.adapters import keep_frozen_in, parse_dtype, with_lora
 from shardtrain.hf.pretrained import from_pretrained, require_transformers
 from shardtrain.module import TrainModule
 
@@ -26,6 +26,9 @@ class CausalLM(TrainModule):
         lora: train LoRA adapters instead of the model: peft's ``LoraConfig`` arguments, e.g.
             ``{r: 16, lora_alpha: 32, target_modules: [q_proj, v_proj], lora_dropout: 0.05}``
             (``pip install 'shardtrain[peft]'``). The pretrained weights stay frozen.
+        frozen_dtype: keep the frozen weights (the base under ``lora``, ``freeze``'s) in this dtype, e.g.
+            ``bf16``, while the trained ones stay in the run's parameter dtype (fp32 under ``32-true`` and
+            ``bf16-mixed``): half the base's memory; the adapters and their optimizer state stay fp32.
 
     A batch is a dict with ``input_ids`` and ``labels`` (``-100`` where no loss is taken), as
     ``TextData`` and transformers' collators give; ``attention_mask`` is passed on when present.
@@ -41,6 +44,7 @@ class CausalLM(TrainModule):
         betas: tuple[float, float] = (0.9, 0.95),
         freeze: list[str] | None = None,
         lora: Mapping[str, Any] | None = None,
+        frozen_dtype: str | None = None,
     ) -> None:
         super().__init__()
         self.path = model
@@ -51,6 +55,11 @@ class CausalLM(TrainModule):
         self.betas = tuple(betas)
         self.freeze = list(freeze or [])
         self.lora = dict(lora) if lora is not None else None
+        if frozen_dtype is not None:
+            parse_dtype(frozen_dtype, "frozen_dtype")  # a wrong name fails here, before any process starts
+            if lora is None and not freeze:
+                raise ConfigError("frozen_dtype applies to frozen weights, and none are: pass lora or freeze too")
+        self.frozen_dtype = frozen_dtype
         self.model: torch.nn.Module | None = None
 
     def configure_model(self) -> None:
@@ -70,6 +79,8 @@ class CausalLM(TrainModule):
                 parameter.requires_grad_(False)
         if self.lora is not None:
             self.model = with_lora(self.model, self.lora)
+        if self.frozen_dtype is not None:
+            keep_frozen_in(self.model, self.frozen_dtype)
         self.model.config.use_cache = False  # training keeps no key-value cache (an export keeps the source's config)
 
     # The pipeline contract (``model_parallel`` with ``pipeline_parallel_size``): the stages run the

@@ -40,9 +40,16 @@ parser.add_argument("--precision", default="32-true")
 parser.add_argument("--dump", action="store_true", help="the full trained weights to weights.safetensors")
 parser.add_argument("--lora", default=None, help="LoraConfig options as JSON: train adapters")
 parser.add_argument("--trainable-only", action="store_true", help="--save: the trainable parameters only")
+parser.add_argument("--frozen-dtype", default=None, help="CausalLM's frozen_dtype, e.g. bf16")
 args = parser.parse_args()
 
-module = CausalLM(args.model, learning_rate=1e-3, freeze=args.freeze, lora=json.loads(args.lora) if args.lora else None)
+module = CausalLM(
+    args.model,
+    learning_rate=1e-3,
+    freeze=args.freeze,
+    lora=json.loads(args.lora) if args.lora else None,
+    frozen_dtype=args.frozen_dtype,
+)
 trainer = Trainer(
     accelerator="cpu",
     devices=args.devices,
