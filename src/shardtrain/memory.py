@@ -58,6 +58,8 @@ class ModelFootprint:
             rank's share (``shardtrain.parallel.tensor_parallel.share``).
         tensor_parallel: the same measures of one rank's share, when the estimate is for tensor
             parallelism (``estimate_memory(tensor_parallel_size=...)``); else ``None``.
+        trainable_parameter_bytes: bytes of the trainable parameters, which may be stored in another dtype
+            than the frozen ones (``frozen_dtype``); ``None``: the average bytes per parameter.
     """
 
     parameters: int
@@ -71,6 +73,7 @@ class ModelFootprint:
     num_nodes: int = 1
     tensor_parallel_size: int = 1
     tensor_parallel: ModelFootprint | None = None
+    trainable_parameter_bytes: int | None = None
 
     @property
     def world_size(self) -> int:
@@ -79,7 +82,9 @@ class ModelFootprint:
 
     @property
     def gradient_bytes(self) -> int:
-        """Bytes of the gradients in the parameters' dtype (trainable parameters only)."""
+        """Bytes of the gradients in the trainable parameters' dtype (trainable parameters only)."""
+        if self.trainable_parameter_bytes is not None:
+            return self.trainable_parameter_bytes
         return self.parameter_bytes * self.trainable_parameters // max(self.parameters, 1)
 
 

@@ -55,6 +55,24 @@ def test_frozen_parameters_have_no_gradient_or_optimizer_state_and_a_step_may_le
     assert estimate.get("single").gradients == 4 * estimate.trainable_parameters
 
 
+def test_a_frozen_base_in_bf16_halves_its_bytes_and_leaves_the_trained_parts_fp32():
+    class Adapted(TrainModule):  # frozen_dtype="bf16": the base in bf16, the adapter in fp32
+        def configure_model(self):
+            self.base = nn.Linear(100, 100).requires_grad_(False).to(torch.bfloat16)
+            self.adapter = nn.Linear(100, 4)
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=0.1)
+
+    estimate = estimate_memory(Adapted(), devices=2)
+    trained = 4 * 100 + 4
+    assert estimate.parameter_bytes == 2 * (100 * 100 + 100) + 4 * trained
+    assert estimate.get("ddp").gradients == 4 * trained  # fp32 gradients
+    assert estimate.get("ddp").optimizer == 8 * trained  # AdamW's two fp32 moments
+    zero2 = estimate.get("deepspeed_stage_2")  # the same, partitioned over the 2 ranks, and ZeRO's fp32 master copy
+    assert (zero2.gradients, zero2.optimizer) == (4 * trained // 2, (4 + 8) * trained // 2)
+
+
 def test_activation_checkpointing_lowers_the_activation_estimate():
     config = GPTConfig(n_layer=4, d_model=128, n_head=4, seq_len=128)
     plain = estimate_memory(GPTModule(config), batch_size=2)

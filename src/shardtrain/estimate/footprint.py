@@ -151,6 +151,7 @@ def _measure(
     return {
         "parameters": sum(p.numel() for p in unique),
         "trainable_parameters": sum(p.numel() for p in unique if p.requires_grad),
+        "trainable_parameter_bytes": sum(p.numel() * p.element_size() for p in unique if p.requires_grad),
         "parameter_bytes": parameter_bytes,
         "optimizer_bytes": optimizer_bytes,
         "activation_bytes": activations,

@@ -41,9 +41,11 @@ def deepspeed_memory(
     bytes_per_parameter = footprint.parameter_bytes / max(footprint.parameters, 1)
     element = 2 if footprint.precision in _DEEPSPEED_16_BIT else bytes_per_parameter
     P = int(footprint.parameters * element)  # the module's weights as DeepSpeed holds them
-    G = int(footprint.trainable_parameters * element)
+    # the trained weights' own element size: frozen ones may be kept in another dtype (frozen_dtype)
+    trained_element = footprint.gradient_bytes / footprint.trainable_parameters if footprint.trainable_parameters else 4
+    G = int(footprint.trainable_parameters * (2 if footprint.precision in _DEEPSPEED_16_BIT else trained_element))
     master = 4 * footprint.trainable_parameters  # fp32 copy of the weights the optimizer updates
-    state = int(footprint.optimizer_bytes * 4 / bytes_per_parameter)  # optimizer state in fp32
+    state = int(footprint.optimizer_bytes * 4 / trained_element)  # optimizer state in fp32
     gathered = int(2 * footprint.largest_unit_bytes * element / bytes_per_parameter)  # ZeRO-3: running + prefetched
     bucket = int(bucket_elements * element)
     optimizer = (master + state) // world
