@@ -173,7 +173,8 @@ class GPT(nn.Module):
         visit(self)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        # arange(seq) on one device; under context parallelism the positions of this rank's part of the sequence
+        positions = shardtrain.sequence_positions(tokens.shape[1], tokens.device)
         x = self.token_embedding(tokens) + self.position_embedding(positions)
         for block in self.blocks:
             x = block(x)
@@ -260,6 +261,12 @@ class GPTModule(shardtrain.TrainModule):
 
     def pipeline_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+
+    # The context-parallel contract: the batch's tensors that run along the sequence, split over the cp ranks
+    # before the step. The targets are the next bytes, shifted over the whole sequence before the split.
+    def context_parallel_inputs(self, batch: tuple[torch.Tensor, torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
+        inputs, targets = batch
+        return [(inputs, 1), (targets, 1)]
 
     def configure_optimizers(self) -> dict:
         decay = [p for p in self.parameters() if p.dim() >= 2]

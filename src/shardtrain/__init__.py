@@ -28,6 +28,7 @@ from shardtrain.errors import (
 from shardtrain.estimate import MemoryEstimate, estimate_memory
 from shardtrain.loggers import CSVLogger, Logger, TensorBoardLogger
 from shardtrain.module import TrainModule
+from shardtrain.parallel.context_parallel import sequence_positions
 from shardtrain.precision import Precision
 from shardtrain.preemption import EXIT_CODE_PREEMPTED, Preempted, Preemption
 from shardtrain.seed import seed_everything
@@ -51,6 +52,7 @@ __all__ = [
     "DataModule",
     "Engine",
     "estimate_memory",
+    "sequence_positions",
     "MemoryEstimate",
     "Strategy",
     "SingleDeviceStrategy",

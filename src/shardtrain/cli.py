@@ -150,6 +150,7 @@ def _estimate(argv: list[str]) -> int:
     layout.add_argument("--host-memory", default=None)
     layout.add_argument("--tensor-parallel", type=int, default=None)
     layout.add_argument("--sequence-parallel", action="store_true")
+    layout.add_argument("--context-parallel", type=int, default=None)
     layout.add_argument("--json", action="store_true")
     options, rest = layout.parse_known_args(argv)
     parsed = run_config.parse("estimate", rest)
@@ -175,6 +176,10 @@ def _estimate(argv: list[str]) -> int:
         batch_size=int(data_args.get("batch_size", 1)),
         activation_checkpointing=strategy.get("activation_checkpointing_policy") is not None,
         **_tensor_parallel_options(strategy, options.tensor_parallel, options.sequence_parallel),
+        context_parallel_size=options.context_parallel
+        or (
+            strategy.get("context_parallel_size") if str(strategy.get("name", "")).lower() == "model_parallel" else None
+        ),
     )
     local_device, local_host = device_memory_bytes("cuda" if trainer.accelerator in ("cuda", "gpu") else "cpu", devices)
     device_memory = parse_memory_size(options.device_memory) if options.device_memory else local_device

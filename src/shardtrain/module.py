@@ -135,6 +135,14 @@ class TrainModule(HyperparametersMixin, nn.Module):
             )
         return best[1], best[2]
 
+    # -------------------------------------------------------------- the context-parallel contract
+    # Define to train under context parallelism (ModelParallelStrategy(context_parallel_size=N)):
+    #   context_parallel_inputs(batch) -> [(tensor, sequence dim), ...]: the batch's tensors that run along the
+    #       sequence (token ids, and targets already shifted over the whole sequence: a shift after the split
+    #       would be wrong at the chunks' edges); each is split in place over the cp ranks before training_step
+    #       sees the batch. Attention must be F.scaled_dot_product_attention(..., is_causal=True), and position
+    #       embeddings come from shardtrain.sequence_positions(length, device) rather than arange.
+
     def _defines_pipeline_contract(self) -> bool:
         return callable(getattr(self, "pipeline_inputs", None)) and callable(getattr(self, "pipeline_loss", None))
 

@@ -58,6 +58,7 @@ TABLE_ORDER = (
     "fsdp_hybrid",
     "fsdp_cpu_offload",
     "model_parallel",
+    "context_parallel",
     "deepspeed_stage_1",
     "deepspeed_stage_2",
     "deepspeed_stage_2_offload",
@@ -178,7 +179,10 @@ class MemoryEstimate:
             )
             rows.append(f"fits: within {self.headroom:.0%} of {self.device_memory / GIB:.2f} GiB per device{host}")
         if not all(s.available for s in self.strategies):
-            rows.append("* for comparison only: not a strategy name shardtrain accepts")
+            rows.append(
+                "* for comparison only: not a strategy name, a layout of one (fsdp's sharding_strategy, "
+                "model_parallel's context_parallel_size)"
+            )
         return "\n".join(rows)
 
     def __str__(self) -> str:
@@ -204,6 +208,7 @@ def estimate_memory(
     tensor_parallel_size: int | None = None,
     tp_plan: Plan | None = None,
     sequence_parallel: bool = False,
+    context_parallel_size: int | None = None,
 ) -> MemoryEstimate:
     """Estimate per-device memory of ``module`` under every strategy, allocating nothing.
 
@@ -219,6 +224,9 @@ def estimate_memory(
     share is measured on the meta device (``shardtrain.parallel.tensor_parallel.share``). Default: the devices
     of one node, where the model has a plan that fits them; otherwise there is no such row. A size
     given here must fit: a model without a plan, or head counts it does not divide, raise ``ConfigError``.
+
+    ``context_parallel_size`` adds a ``context_parallel`` row: ``ModelParallelStrategy(context_parallel_size=N)``,
+    each sequence split over N ranks (its activations divided by N), parameters sharded over all ranks.
     """
     footprint = measure_footprint(
         module,
@@ -244,13 +252,13 @@ def estimate_memory(
         num_nodes=num_nodes,
         precision=precision,
         tensor_parallel_size=footprint.tensor_parallel.tensor_parallel_size if footprint.tensor_parallel else None,
-        strategies=strategy_rows(footprint),
+        strategies=strategy_rows(footprint, context_parallel_size),
         device_memory=None if device_memory is None else parse_memory_size(device_memory),
         host_memory_per_device=None if host_memory_per_device is None else parse_memory_size(host_memory_per_device),
     )
 
 
-def strategy_rows(footprint: ModelFootprint) -> list[StrategyMemory]:
+def strategy_rows(footprint: ModelFootprint, context_parallel_size: int | None = None) -> list[StrategyMemory]:
     """A row per registered strategy whose ``estimate_memory`` gives one, named as registered, in ``TABLE_ORDER``.
 
     Each name is built as ``strategy=name`` builds it; a name that cannot be built here (its
@@ -269,6 +277,16 @@ def strategy_rows(footprint: ModelFootprint) -> list[StrategyMemory]:
         row = None if label in registered else FSDPStrategy(**options).estimate_memory(footprint)
         if row is not None:
             rows[label] = replace(row, strategy=label, available=False)
+    if context_parallel_size is not None and context_parallel_size > 1:
+        from shardtrain.strategies.model_parallel import ModelParallelStrategy
+
+        row = ModelParallelStrategy(context_parallel_size=context_parallel_size).estimate_memory(footprint)
+        if row is None:
+            raise ConfigError(
+                f"context_parallel_size={context_parallel_size} does not divide the {footprint.world_size} ranks "
+                "(devices x num_nodes); choose one that divides them"
+            )
+        rows["context_parallel"] = replace(row, strategy="context_parallel", available=False)
     for alias, name in SAME_RUN_AS.items():
         if alias in rows and name in rows and replace(rows[alias], strategy=name) == rows[name]:
             del rows[alias]

@@ -37,6 +37,7 @@ from shardtrain.parallel.pipeline.schedule import Pipeline
 from shardtrain.parallel.pipeline.options import PipelineOptions
 from shardtrain.parallel.pipeline.stages import PipelineRouter
 from shardtrain.parallel.policy import ModulePolicy, describe, units_of
+from shardtrain.parallel.context_parallel import check_contract, sequence_inputs, split_sequences
 from shardtrain.strategies.registry import register_strategy
 from shardtrain.parallel.tensor_parallel.plan import (
     FoundPlan,
@@ -93,6 +94,10 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
             ``"interleaved_zero_bubble"``, ``"zbv_zero_bubble"``, ``"dual_pipe_v"``.
         microbatches: micro-batches each batch is split into (default ``pipeline_parallel_size``); more
             shrink the pipeline's bubble, fewer keep each micro-batch large.
+        context_parallel_size: ranks that split each sequence between them (``shardtrain.parallel.context_parallel``:
+            PyTorch's ring attention); FSDP shards over data x context ranks. The module defines
+            ``context_parallel_inputs(batch)``. Composes with data parallelism (tensor and pipeline
+            parallelism with it: not yet).
         pipeline_split_points: names of the blocks where stages begin (``["model.blocks.4"]``); default: equal
             runs of the blocks of the model's largest ``nn.ModuleList``.
     """
@@ -118,8 +123,16 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
         pipeline_schedule: str = "1f1b",
         microbatches: int | None = None,
         pipeline_split_points: list[str] | None = None,
+        context_parallel_size: int = 1,
     ) -> None:
         super().__init__()
+        if (
+            not isinstance(context_parallel_size, int)
+            or isinstance(context_parallel_size, bool)
+            or context_parallel_size < 1
+        ):
+            raise StrategyError(f"context_parallel_size must be a whole number >= 1, got {context_parallel_size!r}")
+        self.context_parallel_size = context_parallel_size
         for name, value in (("data_parallel_size", data_parallel_size), ("tensor_parallel_size", tensor_parallel_size)):
             if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise StrategyError(f"{name} must be a whole number >= 1 or 'auto', got {value!r}")
@@ -162,6 +175,7 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
             tp=self.tensor_parallel_size,
             pp=self.pipeline.size,
             cpu_offload=self.cpu_offload,
+            cp=self.context_parallel_size,
         )
 
     def configure_training(self, settings: TrainingSettings) -> None:
@@ -184,6 +198,8 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
         """Before any process group: head counts divide by the tensor-parallel degree, and the plan
         (found on a trial build of the model on the meta device) names existing modules with known styles."""
         check_head_counts(module, parallel_dims.tp)
+        if parallel_dims.cp > 1:
+            check_contract(module, parallel_dims.cp)
         if parallel_dims.pp > 1:
             self.pipeline.check_module(module, parallel_dims.pp, self.precision.parameter_dtype)
         if parallel_dims.tp == 1:
@@ -215,6 +231,17 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
     def estimate_memory(self, footprint: ModelFootprint) -> StrategyMemory | None:
         """FSDP's formula over one tensor-parallel rank's share (``model_parallel_memory``). With both sizes
         ``"auto"`` the row is for the degree the footprint measured; otherwise for this strategy's layout."""
+        if self.context_parallel_size > 1:
+            try:
+                self.make_parallel_dims(footprint.world_size, footprint.devices)
+            except StrategyError:
+                return None
+            return context_parallel_memory(
+                footprint,
+                context_parallel_size=self.context_parallel_size,
+                cpu_offload=self.cpu_offload,
+                name=self.name,
+            )
         share = footprint.tensor_parallel
         if share is None:
             return None
@@ -254,7 +281,12 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
         if self._pipeline is not None:  # the schedule runs the batch's micro-batches, forward and backward
             with self.forward_context():
                 return self._pipeline.train_step(self.precision.convert_input(batch), synchronize), None
-        loss, outputs = super().forward_backward(module, compute_loss, synchronize=synchronize)
+        if self.parallel_dims is not None and self.parallel_dims.cp > 1:  # the batch's sequences split over cp ranks
+            inputs = sequence_inputs(getattr(module, "module", module), batch, self.parallel_dims.cp)
+            with split_sequences(self.device_mesh["cp"], inputs):
+                loss, outputs = super().forward_backward(module, compute_loss, synchronize=synchronize)
+        else:
+            loss, outputs = super().forward_backward(module, compute_loss, synchronize=synchronize)
         return (loss.full_tensor() if isinstance(loss, DTensor) else loss), outputs  # loss_parallel's replicated loss
 
     def setup_module(self, module: nn.Module) -> nn.Module:
@@ -262,7 +294,7 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
         user_module = getattr(module, "module", module)
         module = self.precision.convert_module(module)
         if self.parallel_dims.pp > 1:
-            shard = self._fully_shard_stage if self.parallel_dims.data_parallel_size > 1 else None
+            shard = self._fully_shard_stage if self._shards_over > 1 else None
             self._pipeline = self.pipeline.build(
                 user_module,
                 self.device_mesh,
@@ -278,9 +310,7 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
         self._apply_tensor_parallel(user_module)
         if self.activation_checkpointing_policy is not None:
             apply_activation_checkpointing(user_module, self.activation_checkpointing_policy)
-        if self.parallel_dims.data_parallel_size > 1 and not any(
-            isinstance(m, FSDPModule) for m in user_module.modules()
-        ):
+        if self._shards_over > 1 and not any(isinstance(m, FSDPModule) for m in user_module.modules()):
             self._fully_shard(module, user_module)
         else:
             apply_compile(units_of(user_module, self.auto_wrap_policy), self._compile_options())
@@ -305,12 +335,27 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
             check_head_counts(user_module, self.parallel_dims.tp)
             apply_plan(self._plan(user_module, self.parallel_dims.tp), self.device_mesh["tp"])
 
+    @property
+    def _shards_over(self) -> int:
+        """The ranks FSDP shards over: data x context parallel ranks (context-parallel ranks hold the same
+        parameters and their gradients are averaged over both, as torchtitan does)."""
+        assert self.parallel_dims is not None
+        return self.parallel_dims.data_parallel_size * self.parallel_dims.cp
+
+    def _fsdp_mesh(self) -> Any:
+        """``dp_shard``, or under context parallelism ``dp_shard`` x ``cp`` flattened (``dp_shard_cp``; flattening
+        again returns the same mesh)."""
+        if self.parallel_dims is None or self.parallel_dims.cp == 1:
+            return self.device_mesh["dp_shard"]
+        return self.device_mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+
     def _apply_fsdp(self, root: nn.Module, units: list[nn.Module], **options: Any) -> FSDPModule:
-        """FSDP over the data-parallel dimension (``dp_shard``), as ``apply_fsdp`` applies it for every strategy."""
+        """FSDP over the data-parallel dimension (``dp_shard``, with ``cp`` under context parallelism), as
+        ``apply_fsdp`` applies it for every strategy."""
         return apply_fsdp(
             root,
             units,
-            mesh=self.device_mesh["dp_shard"],
+            mesh=self._fsdp_mesh(),
             mp_policy=self.mixed_precision or mixed_precision_policy(self.precision.name),
             cpu_offload=self.cpu_offload,
             device=self.device,
@@ -331,8 +376,8 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
             # DTensor reduce their gradient norm in one all-reduce rather than one per dimension.
             self.device_mesh["dp_shard", "tp"]._flatten("dp_shard_tp")
         log.info(
-            "FSDP over data_parallel_size=%d: %d units (%s) and the root",
-            self.device_mesh["dp_shard"].size(),
+            "FSDP over %d ranks (data x context parallel): %d units (%s) and the root",
+            self._shards_over,
             len(units),
             describe(units),
         )
@@ -384,7 +429,7 @@ def _both(first: contextlib.AbstractContextManager, second: contextlib.AbstractC
 
 
 def model_parallel_dims(
-    world_size: int, local_world_size: int, *, dp: Size, tp: Size, pp: int, cpu_offload: bool
+    world_size: int, local_world_size: int, *, dp: Size, tp: Size, pp: int, cpu_offload: bool, cp: int = 1
 ) -> ParallelDims:
     """``(pp, dp_shard, tp)`` for a run of ``world_size`` ranks (``local_world_size`` per node).
 
@@ -397,7 +442,19 @@ def model_parallel_dims(
             f"pipeline_parallel_size={pp} does not divide the {world_size} ranks of the run (devices x num_nodes); "
             f"choose a pipeline_parallel_size that divides {world_size}"
         )
-    ranks, local = world_size // pp, max(1, local_world_size // pp)
+    if cp > 1 and (pp > 1 or tp not in ("auto", 1)):
+        raise StrategyError(
+            f"context_parallel_size={cp} composes with data parallelism only so far (with tensor or pipeline "
+            "parallelism: not built yet); set tensor_parallel_size=1 and pipeline_parallel_size=1"
+        )
+    if world_size % (pp * cp):
+        raise StrategyError(
+            f"context_parallel_size={cp} does not divide the {world_size} ranks of the run (devices x num_nodes); "
+            f"choose a context_parallel_size that divides {world_size}"
+        )
+    if cp > 1:
+        tp = 1
+    ranks, local = world_size // (pp * cp), max(1, local_world_size // (pp * cp))
     where = "the run" if pp == 1 else f"each of the {pp} pipeline stages"
     if tp == "auto" and dp == "auto":
         tp = local if pp == 1 else 1
@@ -425,12 +482,12 @@ def model_parallel_dims(
             "cpu_offload with pipeline_parallel_size > 1 is not supported yet (FSDP's offload of pipeline stages is "
             "untested); leave cpu_offload out, or use more pipeline stages to fit the model"
         )
-    if cpu_offload and dp == 1:
+    if cpu_offload and dp * cp == 1:
         raise StrategyError(
             "cpu_offload is FSDP's offload, which needs data_parallel_size > 1; with every rank in one "
             f"tensor-parallel group (tensor_parallel_size={tp}) leave it out, or lower tensor_parallel_size"
         )
-    return ParallelDims(world_size=world_size, dp_shard=dp, tp=tp, pp=pp)
+    return ParallelDims(world_size=world_size, dp_shard=dp, cp=cp, tp=tp, pp=pp)
 
 
 def model_parallel_memory(
@@ -451,6 +508,16 @@ def model_parallel_memory(
     data_parallel = footprint.world_size // tensor_parallel_size
     # FULL_SHARD over the data-parallel ranks: the formula's "all ranks" are those.
     return fsdp_memory(replace(share, devices=data_parallel, num_nodes=1), cpu_offload=cpu_offload, name=name)
+
+
+def context_parallel_memory(
+    footprint: ModelFootprint, *, context_parallel_size: int, cpu_offload: bool = False, name: str = "model_parallel"
+) -> StrategyMemory:
+    """Per-device bytes with each sequence split over ``context_parallel_size`` ranks: FSDP's formula over all the
+    run's ranks (parameters are sharded over data x context ranks), each rank keeping ``1 / cp`` of the step's
+    activations (its part of every sequence; the ring's key-value buffers are left out)."""
+    split = replace(footprint, activation_bytes=footprint.activation_bytes // context_parallel_size)
+    return fsdp_memory(split, cpu_offload=cpu_offload, name=name)
 
 
 register_strategy(

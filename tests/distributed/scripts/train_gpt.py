@@ -19,7 +19,9 @@ from torch.utils.data import DataLoader
 from shardtrain.strategies import DeepSpeedStrategy, create_strategy
 
 from examples.gpt.data import corpus_splits
-from examples.gpt.model import GPTConfig, GPTModule
+from examples.gpt.model import GPTConfig
+from examples.gpt.model import GPTModule as ExampleGPTModule
+import shardtrain
 from shardtrain import Callback, ModelCheckpoint, ModelParallelStrategy, Preemption, ThroughputMonitor, Trainer
 
 
@@ -129,6 +131,18 @@ class GradNormRecorder(Callback):
         ]
         if grads:  # under DeepSpeed, ZeRO holds the gradients in its own buffers
             self.norms.append(torch.cat(grads).norm().item())
+
+
+class GPTModule(ExampleGPTModule):
+    """The example's module, recording the token positions its first training step saw (per rank: a file each),
+    which under context parallelism are this rank's chunks of the sequence."""
+
+    seen: list[int] | None = None
+
+    def training_step(self, batch, batch_idx):
+        if self.seen is None:
+            self.seen = shardtrain.sequence_positions(batch[0].shape[1]).tolist()
+        return super().training_step(batch, batch_idx)
 
 
 class SelfParallelGPT(GPTModule):
@@ -253,6 +267,7 @@ if isinstance(trainer.strategy, ModelParallelStrategy):  # one forward as a step
     with torch.no_grad():
         logits = trainer.model(torch.zeros(1, config.seq_len, dtype=torch.long))
     logits_layout = [str(p) for p in logits.placements] if hasattr(logits, "placements") else "whole"
+(Path(args.out) / f"positions_rank{trainer.global_rank}.json").write_text(json.dumps(module.seen))
 if trainer.is_global_zero:
     rows = list(csv.DictReader(open(Path(args.out) / "metrics.csv")))
     markers = [index for index, row in enumerate(rows) if row.get("resumed_from_step")]

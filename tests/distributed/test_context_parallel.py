@@ -1,0 +1,77 @@
+"""Context parallelism over real processes: each sequence split over 2 ranks (PyTorch's ring attention, on gloo
+through the CPU glue in ``shardtrain.parallel.context_parallel``) gives one process's numbers, and its checkpoints
+resume across layouts.
+
+Every run trains the GPT example (2 layers, 2 heads, width 64, sequences of 32) for 10 steps on the same global
+batch of 16 with the gradient clipped at 0.5 (clipping acts on every step), as the tensor-parallel tests do.
+"""
+
+import json
+
+import pytest
+
+from tests.distributed.runner import assert_ok, run_script
+
+pytestmark = pytest.mark.distributed
+
+CLIP = ("--clip", "0.5")
+SINGLE = ("--devices", "1", "--batch-size", "16", *CLIP)
+CP2 = ("--devices", "2", "--strategy", "model_parallel", "--strategy-options", '{"context_parallel_size": 2}')
+CP2_RUN = (*CP2, "--batch-size", "16", *CLIP)  # both ranks read the same batch: one data-parallel group
+DP2_CP2_RUN = ("--devices", "4", *CP2[2:], "--batch-size", "8", *CLIP)  # 2 data-parallel groups x 8
+FSDP2_RUN = ("--devices", "2", "--strategy", "fsdp", "--batch-size", "8", *CLIP)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    return assert_ok(run_script("train_gpt.py", out, *SINGLE)).result()
+
+
+def _assert_same_numbers(result, single):
+    assert result["losses"] == pytest.approx(single["losses"], abs=1e-5)
+    assert result["grad_norm_logged"] == pytest.approx(single["grad_norm_logged"], rel=1e-5)
+    assert max(single["grad_norm_logged"]) > 1.0, "the clip at 0.5 must act"
+    assert result["weight_checksum"] == pytest.approx(single["weight_checksum"], rel=1e-6)
+
+
+def _positions(out, ranks):
+    return [json.loads((out / f"positions_rank{rank}.json").read_text()) for rank in range(ranks)]
+
+
+@pytest.mark.fast
+def test_two_ranks_splitting_each_sequence_match_one_process(single, tmp_path):
+    result = assert_ok(run_script("train_gpt.py", tmp_path, *CP2_RUN)).result()
+    assert result["world_size"] == 2 and result["data_parallel_size"] == 1
+    _assert_same_numbers(result, single)
+    # Each rank's step saw its half of the sequence: 4 chunks of 8, rank 0 the first and last (load balance).
+    assert _positions(tmp_path, 2) == [[*range(0, 8), *range(24, 32)], list(range(8, 24))]
+    # FSDP shards the parameters over the 2 context-parallel ranks.
+    assert result["local_parameter_numel"] < 0.6 * result["parameters"]
+
+
+def test_data_2_by_context_2_matches_one_process(single, tmp_path):
+    result = assert_ok(run_script("train_gpt.py", tmp_path, *DP2_CP2_RUN)).result()
+    assert result["world_size"] == 4 and result["data_parallel_size"] == 2
+    _assert_same_numbers(result, single)
+    first, second = [*range(0, 8), *range(24, 32)], list(range(8, 24))
+    assert _positions(tmp_path, 4) == [first, second, first, second]  # ranks (dp, cp): (0,0) (0,1) (1,0) (1,1)
+
+
+@pytest.mark.parametrize(
+    "save_with, resume_with",
+    [(CP2_RUN, SINGLE), (FSDP2_RUN, CP2_RUN)],
+    ids=["context2-to-one-process", "fsdp2-to-context2"],
+)
+def test_resume_across_context_parallel_layouts_continues_the_loss_curve(single, tmp_path, save_with, resume_with):
+    assert_ok(run_script("train_gpt.py", tmp_path, *save_with, "--stop-at", "5", "--save-at-end"))
+    resumed = assert_ok(run_script("train_gpt.py", tmp_path, *resume_with, "--ckpt-path", "last")).result()
+    assert resumed["steps"] == list(range(6, 11))
+    assert resumed["losses"] == pytest.approx(single["losses"][5:], abs=1e-5)
+    assert resumed["weight_checksum"] == pytest.approx(single["weight_checksum"], rel=1e-6)
+
+
+def test_a_sequence_the_chunks_do_not_divide_is_refused_naming_the_fix(tmp_path):
+    run = run_script("train_gpt.py", tmp_path, *CP2_RUN, "--seq-len", "30", "--max-steps", "1")
+    assert run.returncode != 0
+    assert "a sequence of 30 does not split into 2 x context_parallel_size = 4 equal chunks" in run.output
