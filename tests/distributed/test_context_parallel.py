@@ -9,7 +9,10 @@ batch of 16 with the gradient clipped at 0.5 (clipping acts on every step), as t
 import json
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from tests.distributed.hf_models import FINETUNE_LAYOUTS, save_llama
 from tests.distributed.runner import assert_ok, run_script
 
 pytestmark = pytest.mark.distributed
@@ -75,3 +78,25 @@ def test_a_sequence_the_chunks_do_not_divide_is_refused_naming_the_fix(tmp_path)
     run = run_script("train_gpt.py", tmp_path, *CP2_RUN, "--seq-len", "30", "--max-steps", "1")
     assert run.returncode != 0
     assert "a sequence of 30 does not split into 2 x context_parallel_size = 4 equal chunks" in run.output
+
+
+def test_a_hugging_face_llama_through_causal_lm_matches_one_process(tmp_path):
+    """No code: CausalLM shifts the labels over the whole sequence, passes global position_ids (rotary embeddings)
+    and weighs each rank's loss by the whole batch's label count."""
+    pytest.importorskip("transformers")
+    llama = save_llama(tmp_path / "llama")
+
+    def finetune(name, *layout):
+        out = tmp_path / name
+        result = assert_ok(
+            run_script("finetune_hf.py", out, "--model", str(llama), *layout, "--max-steps", "4", "--dump")
+        ).result()
+        return result, load_file(str(out / "weights.safetensors"))
+
+    (single, single_weights), (split, split_weights) = (
+        finetune("single", *FINETUNE_LAYOUTS["single"]),
+        finetune("cp2", *CP2, "--batch-size", "4"),
+    )
+    assert split["losses"] == pytest.approx(single["losses"], abs=1e-5)
+    for name, tensor in split_weights.items():
+        torch.testing.assert_close(tensor, single_weights[name], rtol=0, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")

@@ -95,3 +95,12 @@ def test_the_estimate_has_a_context_parallel_row_with_each_ranks_part_of_the_act
     assert "context_parallel *" in str(estimate) and "model_parallel's context_parallel_size" in str(estimate)
     with pytest.raises(ConfigError, match=r"context_parallel_size=3 does not divide the 4 ranks"):
         shardtrain.estimate_memory(module, devices=4, context_parallel_size=3)
+
+
+def test_causal_lm_refuses_padded_batches_under_context_parallelism():
+    from shardtrain.hf import CausalLM
+
+    tokens = torch.zeros(2, 8, dtype=torch.long)
+    batch = {"input_ids": tokens, "labels": tokens, "attention_mask": torch.tensor([[1] * 8, [1] * 6 + [0] * 2])}
+    with pytest.raises(ConfigError, match=r"without a padding mask, and this batch pads: pack the sequences"):
+        CausalLM("unused").context_parallel_inputs(batch)

@@ -6,6 +6,7 @@ import fnmatch
 from typing import Any, Mapping
 
 import torch
+import torch.nn.functional as F
 
 from shardtrain.errors import ConfigError
 from shardtrain.hf.adapters import keep_frozen_in, parse_dtype, with_lora
@@ -95,9 +96,31 @@ class CausalLM(TrainModule):
         logits = outputs if isinstance(outputs, torch.Tensor) else outputs[0]
         return self.model.loss_function(logits, labels, vocab_size=self.model.config.vocab_size)
 
+    # The context-parallel contract (``model_parallel`` with ``context_parallel_size``): the labels are shifted over
+    # the whole sequence before the split (transformers' ``shift_labels``; a shift inside each rank's part would be
+    # wrong at its edges), the positions are the whole sequence's (``position_ids``), and each rank's loss is its
+    # sum over the whole batch's label count divided by the ranks (``num_items_in_batch``), so that the mean FSDP
+    # takes over the ranks is the one-process loss even where the ranks hold different counts of labels.
+    def context_parallel_inputs(self, batch: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
+        mask = batch.get("attention_mask")
+        if mask is not None and not bool(mask.all()):
+            raise ConfigError(
+                "context parallelism runs causal attention without a padding mask, and this batch pads: pack the "
+                "sequences into full blocks (TextData does) or train without context_parallel_size"
+            )
+        tokens, labels = batch["input_ids"], batch["labels"]
+        batch["shift_labels"] = F.pad(labels[:, 1:], (0, 1), value=-100)
+        batch["position_ids"] = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens).contiguous()
+        batch["num_items_in_batch"] = (batch["shift_labels"] != -100).sum() / self.device_mesh["cp"].size()
+        # An all-ones mask: transformers then calls attention with is_causal=True and no mask (the ring's case),
+        # rather than reading the rank's non-contiguous positions as packed sequences and building a mask.
+        batch["attention_mask"] = torch.ones_like(tokens)
+        names = ("input_ids", "labels", "shift_labels", "position_ids", "attention_mask")
+        return [(batch[name], 1) for name in names]
+
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels") if k in batch}
-        return self.model(**inputs).loss
+        names = ("input_ids", "attention_mask", "labels", "shift_labels", "position_ids", "num_items_in_batch")
+        return self.model(**{k: batch[k] for k in names if k in batch}).loss
 
     def training_step(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self(batch)
