@@ -57,7 +57,7 @@ Size = int | Literal["auto"]
 
 
 class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, BackwardSyncControl, Strategy):
-    """Tensor parallelism within groups of ranks, FSDP2 across them.
+    """Tensor parallelism within groups of ranks, FSDP2 across them; pipeline stages; context parallelism.
 
     Args:
         data_parallel_size: how many groups read different batches (FSDP shards over them); ``"auto"``:
@@ -523,6 +523,7 @@ def context_parallel_memory(
 register_strategy(
     "model_parallel",
     ModelParallelStrategy,
-    "tensor parallel within groups of ranks (DTensor), FSDP2 across them, pipeline stages: 1-D, 2-D or pipelined",
+    "tensor parallel within groups of ranks (DTensor), FSDP2 across them, pipeline stages, sequences split over "
+    "ranks (context parallel)",
     auto_priority=300,
 )
