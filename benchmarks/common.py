@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import contextlib
 import json
 import os
@@ -64,7 +65,15 @@ def benchmark_arguments(parser: argparse.ArgumentParser | None = None) -> argpar
     parser.add_argument("--pipeline-parallel", type=int, default=1, help="pipeline stages (one per rank)")
     parser.add_argument("--microbatches", type=int, default=None, help="pipeline micro-batches per batch")
     parser.add_argument("--schedule", default="1f1b", help="pipeline schedule (torch.distributed.pipelining)")
+    parser.add_argument("--context-parallel", type=int, default=1, help="ranks that split each sequence")
+    parser.add_argument("--seq-len", type=int, default=None, help="the model's sequence length (default: its own)")
     return parser.parse_args()
+
+
+def model_config(args: argparse.Namespace) -> GPTConfig:
+    """``--model``'s configuration, with ``--seq-len`` when given."""
+    config = MODELS[args.model]
+    return dataclasses.replace(config, seq_len=args.seq_len) if args.seq_len else config
 
 
 def device() -> torch.device:
@@ -134,7 +143,8 @@ def finish(args: argparse.Namespace, timer: StepTimer, config: GPTConfig, extra:
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    batches = world // (args.tensor_parallel * args.pipeline_parallel)  # a TP group's or pipeline's ranks share one
+    # a TP group's, a pipeline's or a context-parallel group's ranks share one batch
+    batches = world // (args.tensor_parallel * args.pipeline_parallel * args.context_parallel)
     write_result(
         Path(args.out), rank, timer.times, args.warmup, args.batch_size * batches * config.seq_len, extra or {}
     )

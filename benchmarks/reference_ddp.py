@@ -4,12 +4,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from common import MODELS, backend, benchmark_arguments, device, reference_training_loop
+from common import model_config, backend, benchmark_arguments, device, reference_training_loop
 from examples.gpt.model import GPT
 
 args = benchmark_arguments()
 dist.init_process_group(backend())
-config = MODELS[args.model]
+config = model_config(args)
 where = device()
 torch.manual_seed(0)
 model = GPT(config).to(where)

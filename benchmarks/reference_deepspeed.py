@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from common import MODELS, StepTimer, backend, benchmark_arguments, device, finish, loader
+from common import model_config, StepTimer, backend, benchmark_arguments, device, finish, loader
 from examples.gpt.model import GPT
 
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
@@ -26,7 +26,7 @@ import deepspeed  # noqa: E402
 args = benchmark_arguments()
 dist.init_process_group(backend())
 deepspeed.init_distributed(dist_backend=backend())
-config = MODELS[args.model]
+config = model_config(args)
 where = device()
 ds_config = {
     "zero_optimization": {"stage": args.stage},  # DeepSpeed's defaults for buckets, prefetch, overlap

@@ -8,12 +8,12 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
-from common import MODELS, backend, benchmark_arguments, device, reference_training_loop
+from common import model_config, backend, benchmark_arguments, device, reference_training_loop
 from examples.gpt.model import GPT
 
 args = benchmark_arguments()
 dist.init_process_group(backend())
-config = MODELS[args.model]
+config = model_config(args)
 where = device()
 torch.manual_seed(0)
 model = GPT(config).to(where)

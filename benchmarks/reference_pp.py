@@ -12,12 +12,12 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import get_schedule_class
 
-from common import MODELS, StepTimer, backend, benchmark_arguments, device, finish, loader
+from common import model_config, StepTimer, backend, benchmark_arguments, device, finish, loader
 from examples.gpt.model import Block
 
 args = benchmark_arguments()
 dist.init_process_group(backend())
-config = MODELS[args.model]
+config = model_config(args)
 where = device()
 rank, stages = dist.get_rank(), dist.get_world_size()
 assert stages == args.pipeline_parallel == 2, "two stages, one per process (the tied weight's sum spans both)"

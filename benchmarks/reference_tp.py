@@ -12,12 +12,12 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-from common import MODELS, backend, benchmark_arguments, device, loader, reference_training_loop
+from common import model_config, backend, benchmark_arguments, device, loader, reference_training_loop
 from examples.gpt.model import GPT
 
 args = benchmark_arguments()
 dist.init_process_group(backend())
-config = MODELS[args.model]
+config = model_config(args)
 where = device()
 tp = args.tensor_parallel
 dp = dist.get_world_size() // tp

@@ -3,6 +3,7 @@
     python benchmarks/run.py                              # DDP, FSDP, FSDP + AC, ZeRO-2, ZeRO-3, TP; 38M GPT, 2 processes, 3 rounds
     python benchmarks/run.py --configs tp --devices 4      # FSDP x TP: data 2 x tensor 2
     python benchmarks/run.py --configs pp --batch-size 8   # 2 pipeline stages (2 processes only), 4 micro-batches
+    python benchmarks/run.py --configs cp --seq-len 2048   # each sequence split over 2 processes
     python benchmarks/run.py --scaling 1 2 4               # and FSDP, ZeRO-3 alone at 1, 2, 4 processes
     python benchmarks/run.py --model small --steps 6 --rounds 2   # a tiny model: a smoke test of the harness
     python benchmarks/run.py --model gpt1b --devices 1 --precision bf16-mixed --configs fsdp   # one GPU
@@ -25,6 +26,7 @@ figures under ``configs.<name>.rounds``) and ``<out>/benchmark.png``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import socket
@@ -51,6 +53,11 @@ CONFIGS = {
     "zero3": (["reference_deepspeed.py", "--stage", "3"], ["--strategy", "deepspeed", "--stage", "3"]),
     # Tensor parallel in groups of 2: TP alone on 2 processes, data 2 x tensor 2 on 4 (--devices 4).
     "tp": (["reference_tp.py", "--tensor-parallel", "2"], ["--strategy", "model_parallel", "--tensor-parallel", "2"]),
+    # Each sequence split over 2 ranks (PyTorch's ring attention): context 2 on 2 processes, data 2 x context 2 on 4.
+    "cp": (
+        ["reference_cp.py", "--context-parallel", "2"],
+        ["--strategy", "model_parallel", "--context-parallel", "2"],
+    ),
     # Two pipeline stages, one per process (1F1B, 4 micro-batches of 2 sequences: --batch-size 8).
     "pp": (
         ["reference_pp.py", "--pipeline-parallel", "2", "--microbatches", "4"],
@@ -101,7 +108,7 @@ def run(command: list[str], out: Path, extra_env: dict[str, str]) -> dict:
     return summary
 
 
-def model_flops_per_token(model: str) -> float:
+def model_flops_per_token(model: str, seq_len: int | None = None) -> float:
     """Training FLOPs per token of the benchmark model, counted on the meta device (nothing allocated)."""
     import torch
     import torch.nn.functional as F
@@ -110,7 +117,7 @@ def model_flops_per_token(model: str) -> float:
     from examples.gpt.model import GPT
     from shardtrain.flops import count_training_flops
 
-    config = MODELS[model]
+    config = MODELS[model] if seq_len is None else dataclasses.replace(MODELS[model], seq_len=seq_len)
     with torch.device("meta"):
         gpt = GPT(config)
         tokens = torch.zeros(1, config.seq_len, dtype=torch.long)
@@ -201,6 +208,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--model", default="gpt38m", choices=["small", "gpt38m", "gpt1b"])
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per process per step")
+    parser.add_argument("--seq-len", type=int, default=None, help="the model's sequence length (default: its own)")
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
     parser.add_argument(
         "--rounds",
@@ -240,9 +248,10 @@ def main() -> None:
         str(args.batch_size),
         "--precision",
         args.precision,
+        *(["--seq-len", str(args.seq_len)] if args.seq_len else []),
     ]
 
-    flops_per_token = model_flops_per_token(args.model)
+    flops_per_token = model_flops_per_token(args.model, args.seq_len)
     peak, peak_source = device_peak_flops(args.devices, args.precision, extra_env)
     report: dict = {
         "model": args.model,
@@ -251,6 +260,7 @@ def main() -> None:
         "warmup": args.warmup,
         "rounds": args.rounds,
         "batch_size_per_rank": args.batch_size,
+        "seq_len": args.seq_len,
         "precision": args.precision,
         "malloc": "default" if args.default_malloc else "pinned",
         "model_flops_per_token": flops_per_token,

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from common import MODELS, StepTimer, benchmark_arguments, dataset, write_result
+from common import model_config, StepTimer, benchmark_arguments, dataset, write_result
 from examples.gpt.model import GPTModule
 from shardtrain import Callback, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, ThroughputMonitor, Trainer
 
@@ -49,6 +49,8 @@ def strategy():
             pipeline_schedule=args.schedule,
             microbatches=args.microbatches,
         )
+    if args.strategy == "model_parallel" and args.context_parallel > 1:
+        return ModelParallelStrategy(context_parallel_size=args.context_parallel)
     if args.strategy == "model_parallel":
         return ModelParallelStrategy(tensor_parallel_size=args.tensor_parallel)
     if args.strategy == "deepspeed":
@@ -56,7 +58,7 @@ def strategy():
     return "ddp"
 
 
-config = MODELS[args.model]
+config = model_config(args)
 timing = Timing()
 monitor = ThroughputMonitor(prog_bar=False)
 trainer = Trainer(

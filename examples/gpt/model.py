@@ -172,9 +172,10 @@ class GPT(nn.Module):
 
         visit(self)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         # arange(seq) on one device; under context parallelism the positions of this rank's part of the sequence
-        positions = shardtrain.sequence_positions(tokens.shape[1], tokens.device)
+        if positions is None:
+            positions = shardtrain.sequence_positions(tokens.shape[1], tokens.device)
         x = self.token_embedding(tokens) + self.position_embedding(positions)
         for block in self.blocks:
             x = block(x)

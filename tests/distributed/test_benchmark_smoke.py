@@ -11,8 +11,8 @@ from tests.distributed.runner import ROOT, run_process_group
 
 pytestmark = pytest.mark.distributed
 
-#: every reference script: DDP, FSDP2, deepspeed.initialize, parallelize_module
-CONFIGS = ("ddp", "fsdp_ac", "zero3", "tp")
+#: every reference script: DDP, FSDP2, deepspeed.initialize, parallelize_module, context_parallel
+CONFIGS = ("ddp", "fsdp_ac", "zero3", "tp", "cp")
 ROUNDS = 2
 
 
@@ -74,7 +74,9 @@ def test_benchmark_writes_results(tmp_path):
         # (under tensor parallelism it counts the scores of a rank's own heads only: 5% short for
         # this small model at sequence length 64; see ThroughputMonitor)
         ours = entry["shardtrain"]
-        tolerance = 0.07 if name == "tp" else 0.03
+        # (under context parallelism the ring's attention is counted at the whole sequence's shape and again per
+        # ring step: 17% over here)
+        tolerance = {"tp": 0.07, "cp": 0.2}.get(name, 0.03)
         assert ours["monitor_flops_per_batch"] == pytest.approx(report["model_flops_per_token"] * 4 * 64, rel=tolerance)
     # both sides gave deepspeed.initialize the same config (the reference writes out what shardtrain builds)
     zero3 = report["configs"]["zero3"]

@@ -19,7 +19,11 @@ scores' FLOPs (about 4% of the GPT example at sequence length 32 and tp=2; less 
 the matrices dominate); give ``flops_per_batch`` for an exact figure.
 
 Under pipeline parallelism each rank holds only its stages, so every rank counts its stages' FLOPs,
-and one all-reduce over the pipeline group, once, adds them up to the model's. The count is of the
+and one all-reduce over the pipeline group, once, adds them up to the model's. Under context parallelism
+each rank of a group runs its part of every sequence of the group's batch: their counts are added the
+same way (over the ``cp`` group). The ring's attention is counted more than once (at the whole sequence's
+shape where PyTorch dispatches it, then per ring step on each rank): the GPT benchmark's small model, where
+attention is a large share, counts 17% over; give ``flops_per_batch`` for an exact figure. The count is of the
 second step (the first also runs the stages' shape inference), and timing starts after it.
 """
 
@@ -91,7 +95,7 @@ class ThroughputMonitor(Callback):
         self._started = False
 
     def on_train_batch_start(self, trainer: "Trainer", module: "TrainModule", batch: Any, batch_idx: int) -> None:
-        if not trainer.is_global_zero and not _pipelined(trainer):  # each stage counts its own FLOPs
+        if not trainer.is_global_zero and _counted_in_parts(trainer) is None:  # each stage or cp rank counts its part
             return
         if self._started and trainer.is_global_zero:
             # Counted at its start: a logging step's batch is inside the window its log closes.
@@ -114,11 +118,12 @@ class ThroughputMonitor(Callback):
     def on_after_backward(self, trainer: "Trainer", module: "TrainModule") -> None:  # ends the count
         if self._counter is not None and self._counter.result is None:
             self.flops_per_batch = self._counter.finish().model
-            if _pipelined(trainer):  # the stages' counts add up to the model's, once, at the first step
+            parts = _counted_in_parts(trainer)
+            if parts is not None:  # the stages' (or cp ranks') counts add up to the batch's, once, at the first step
                 import torch.distributed as dist
 
                 total = torch.tensor(float(self.flops_per_batch), dtype=torch.float64, device=trainer.engine.device)
-                dist.all_reduce(total, group=trainer.engine.device_mesh["pp"].get_group())
+                dist.all_reduce(total, group=trainer.engine.device_mesh[parts].get_group())
                 self.flops_per_batch = int(total.item())
 
     def on_exception(self, trainer: "Trainer", module: "TrainModule", exception: BaseException) -> None:
@@ -194,6 +199,13 @@ def _measure_peak(trainer: "Trainer") -> tuple[float, str]:
 
 def _pipelined(trainer: "Trainer") -> bool:
     return trainer.engine.parallel_dims.pp > 1
+
+
+def _counted_in_parts(trainer: "Trainer") -> str | None:
+    """The mesh dimension whose ranks each count a part of a batch's FLOPs, summed once: pipeline stages (each
+    runs its blocks), or context-parallel ranks (each runs its part of every sequence); None: rank 0 counts all."""
+    dims = trainer.engine.parallel_dims
+    return "pp" if dims.pp > 1 else "cp" if dims.cp > 1 else None
 
 
 def _counting_step(trainer: "Trainer") -> int:

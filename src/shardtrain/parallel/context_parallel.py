@@ -52,7 +52,7 @@ def split_sequences(mesh: DeviceMesh, inputs: Sequence[tuple[torch.Tensor, int]]
     (the ``cp`` dimension). The tensors stay split afterwards. Forward and backward must both run inside."""
     from torch.distributed.tensor.experimental import context_parallel
 
-    _register_cpu_ring_attention()
+    register_cpu_ring_attention()
     tensors = [tensor for tensor, _ in inputs]
     dims = [dim for _, dim in inputs]
     length = tensors[0].shape[dims[0]]
@@ -135,8 +135,9 @@ _CPU_RING_ATTENTION = {
 }
 
 
-def _register_cpu_ring_attention() -> None:
-    """Add the CPU attention op to the handlers PyTorch's context parallelism installs on entering its context."""
+def register_cpu_ring_attention() -> None:
+    """Add the CPU attention op to the handlers PyTorch's context parallelism installs on entering its context
+    (idempotent; ``split_sequences`` calls it; a loop of your own on CPU calls it once)."""
     from torch.distributed.tensor.experimental._context_parallel import _attention
 
     for op, handler in _CPU_RING_ATTENTION.items():

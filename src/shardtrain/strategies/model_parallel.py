@@ -416,9 +416,10 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
             if self.pipeline.size > 1
             else ""
         )
+        context = f", context_parallel_size={self.context_parallel_size}" if self.context_parallel_size > 1 else ""
         return (
             f"ModelParallelStrategy(data_parallel_size={self.data_parallel_size!r}, "
-            f"tensor_parallel_size={self.tensor_parallel_size!r}{pipeline})"
+            f"tensor_parallel_size={self.tensor_parallel_size!r}{pipeline}{context})"
         )
 
 
