@@ -100,3 +100,13 @@ def test_a_hugging_face_llama_through_causal_lm_matches_one_process(tmp_path):
     assert split["losses"] == pytest.approx(single["losses"], abs=1e-5)
     for name, tensor in split_weights.items():
         torch.testing.assert_close(tensor, single_weights[name], rtol=0, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_a_loop_on_the_engine_splits_through_forward_backward_and_a_bare_backward_is_refused(tmp_path):
+    script = "engine_context_parallel.py"
+    one = assert_ok(run_script(script, tmp_path / "one", "--devices", "1")).result()
+    split = assert_ok(run_script(script, tmp_path / "cp2", "--devices", "2")).result()
+    assert split["losses"] == pytest.approx(one["losses"], abs=1e-5) and len(one["losses"]) == 8
+    bare = run_script(script, tmp_path / "bare", "--devices", "2", "--direct-backward")
+    assert bare.returncode != 0
+    assert "this backward ran on a step whose sequences were not split; run the step through" in bare.output

@@ -45,6 +45,11 @@ def sequence_positions(length: int, device: torch.device | str | None = None) ->
     return positions if device is None else positions.to(device)
 
 
+def in_split_step() -> bool:
+    """Whether a ``split_sequences`` block is running (a context-parallel step's forward and backward)."""
+    return _positions.get() is not None
+
+
 @contextlib.contextmanager
 def split_sequences(mesh: DeviceMesh, inputs: Sequence[tuple[torch.Tensor, int]]) -> Iterator[None]:
     """Within the block, each tensor of ``inputs`` (``(tensor, sequence dim)``, split in place) holds this rank's

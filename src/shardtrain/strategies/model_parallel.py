@@ -37,7 +37,7 @@ from shardtrain.parallel.pipeline.schedule import Pipeline
 from shardtrain.parallel.pipeline.options import PipelineOptions
 from shardtrain.parallel.pipeline.stages import PipelineRouter
 from shardtrain.parallel.policy import ModulePolicy, describe, units_of
-from shardtrain.parallel.context_parallel import check_contract, sequence_inputs, split_sequences
+from shardtrain.parallel.context_parallel import check_contract, in_split_step, sequence_inputs, split_sequences
 from shardtrain.strategies.registry import register_strategy
 from shardtrain.parallel.tensor_parallel.plan import (
     FoundPlan,
@@ -267,7 +267,14 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
         return _both(precision, loss_parallel()) if self.loss_parallel else precision
 
     def backward(self, loss: torch.Tensor, module: nn.Module | None = None) -> None:
-        """With ``loss_parallel`` the backward of the split cross-entropy runs inside its context too."""
+        """With ``loss_parallel`` the backward of the split cross-entropy runs inside its context too. Under context
+        parallelism only inside ``forward_backward``, which splits the batch's sequences around the step."""
+        if self.parallel_dims is not None and self.parallel_dims.cp > 1 and not in_split_step():
+            raise ConfigError(
+                f"context_parallel_size={self.parallel_dims.cp}: this backward ran on a step whose sequences were not "
+                "split; run the step through engine.forward_backward(model, compute_loss, batch=batch), which splits "
+                "them (the Trainer does)"
+            )
         with loss_parallel() if self.loss_parallel else contextlib.nullcontext():
             super().backward(loss, module)
 
