@@ -110,3 +110,6 @@ def test_a_loop_on_the_engine_splits_through_forward_backward_and_a_bare_backwar
     bare = run_script(script, tmp_path / "bare", "--devices", "2", "--direct-backward")
     assert bare.returncode != 0
     assert "this backward ran on a step whose sequences were not split; run the step through" in bare.output
+    dropout = run_script(script, tmp_path / "dropout", "--devices", "2", "--dropout", "0.1")
+    assert dropout.returncode != 0
+    assert "attention dropout under context parallelism on CPU" in dropout.output

@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from typing import Any, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
+
+from shardtrain.errors import ConfigError
 
 aten = torch.ops.aten
 
@@ -65,11 +69,31 @@ def split_sequences(mesh: DeviceMesh, inputs: Sequence[tuple[torch.Tensor, int]]
     with context_parallel(
         mesh, buffers=[*tensors, positions], buffer_seq_dims=[*dims, 0], no_restore_buffers={*tensors, positions}
     ):
+        ring = F.scaled_dot_product_attention  # PyTorch's ring, installed by context_parallel
+        F.scaled_dot_product_attention = functools.partial(_checked_attention, ring)
         token = _positions.set(positions)
         try:
             yield
         finally:
             _positions.reset(token)
+            F.scaled_dot_product_attention = ring
+
+
+def _checked_attention(ring: Any, query: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """The ring, after the checks that name the fix for what it cannot run (rather than an error from deep inside
+    DTensor dispatch): causal attention without a mask, and on CPU without dropout (the CPU kernel's path)."""
+    named = dict(zip(("key", "value", "attn_mask", "dropout_p", "is_causal"), args)) | kwargs
+    if named.get("attn_mask") is not None or not named.get("is_causal", False):
+        raise ConfigError(
+            "context parallelism runs causal attention without a mask: call scaled_dot_product_attention with "
+            "is_causal=True and no attn_mask"
+        )
+    if named.get("dropout_p", 0.0) and query.device.type == "cpu":
+        raise ConfigError(
+            "attention dropout under context parallelism on CPU: PyTorch runs it outside the kernel the ring "
+            "handles; set the attention's dropout_p to 0 (dropout elsewhere in the model is fine)"
+        )
+    return ring(query, *args, **kwargs)
 
 
 # ---------------------------------------------------------------- CPU glue (drop when PyTorch handles CPU)
@@ -90,8 +114,6 @@ def _cpu_ring_forward(op_call: Any, args: tuple, kwargs: dict) -> object:
 
     named = _arguments(op_call, args, kwargs)
     query, key, value = named.pop("query"), named.pop("key"), named.pop("value")
-    if named.get("attn_mask") is not None:
-        raise NotImplementedError("context parallelism runs causal attention without a mask (is_causal=True)")
     mesh = query.device_mesh
     out, logsumexp = _templated_ring_attention(
         mesh.get_group(),
@@ -152,8 +174,6 @@ def register_cpu_ring_attention() -> None:
 def sequence_inputs(module: Any, batch: Any, cp: int) -> list[tuple[torch.Tensor, int]]:
     """The batch's sequence tensors, as ``module.context_parallel_inputs(batch)`` names them, checked: one length
     along their sequence dims, which ``2 x cp`` chunks divide (the load balancing of causal attention)."""
-    from shardtrain.errors import ConfigError
-
     check_contract(module, cp)
     inputs = list(module.context_parallel_inputs(batch))
     if not inputs or not all(
@@ -180,8 +200,6 @@ def sequence_inputs(module: Any, batch: Any, cp: int) -> list[tuple[torch.Tensor
 
 def check_contract(module: Any, cp: int) -> None:
     """Before any process group: a module trained with ``cp > 1`` says which batch tensors run along the sequence."""
-    from shardtrain.errors import ConfigError
-
     if not callable(getattr(module, "context_parallel_inputs", None)):
         raise ConfigError(
             f"context_parallel_size={cp} splits each sequence over {cp} ranks, but {type(module).__name__} does not "

@@ -18,13 +18,14 @@ parser.add_argument("--out", required=True)
 parser.add_argument("--devices", type=int, default=2)
 parser.add_argument("--context-parallel", type=int, default=2)
 parser.add_argument("--direct-backward", action="store_true")
+parser.add_argument("--dropout", type=float, default=0.0)
 args = parser.parse_args()
 
 strategy = ModelParallelStrategy(context_parallel_size=args.context_parallel) if args.devices > 1 else "single"
 engine = Engine(accelerator="cpu", devices=args.devices, strategy=strategy)
 engine.launch()
 engine.seed_everything(0)
-config = GPTConfig(n_layer=2, n_head=2, d_model=64, seq_len=32)
+config = GPTConfig(n_layer=2, n_head=2, d_model=64, seq_len=32, dropout=args.dropout)
 module = GPTModule(config)
 with engine.init_module():
     module.configure_model()
