@@ -12,6 +12,7 @@ reports whether the two were equal.
 
 import contextlib
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -63,6 +64,11 @@ for step, (x, y) in enumerate(loader(config, args)):
     engine.step()
     timer.tick()
 finish(args, timer, config, {"deepspeed_config": ds_config})
-engine.destroy()  # DeepSpeed's own cleanup (ZeRO-3 hooks, buffers) before the process group goes, as shardtrain's teardown
-dist.barrier()
-dist.destroy_process_group()
+dist.barrier()  # every rank's figures are written
+# Then leave at once. Under load, this DeepSpeed loop (ZeRO-3 on its CPU accelerator) aborted twice in CI-like runs
+# after writing its figures ("terminate called without an active exception", on one or both ranks, somewhere in
+# engine.destroy(), destroy_process_group() or the interpreter's teardown), failing the benchmark for nothing it
+# measures. os._exit skips all three; the launcher sees exit code 0 once both ranks are past the barrier.
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)
