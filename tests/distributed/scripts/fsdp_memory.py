@@ -28,6 +28,7 @@ parser.add_argument("--what", choices=["init", "states", "activations"], require
 parser.add_argument("--checkpointing", action="store_true")
 parser.add_argument("--strategy", default="fsdp")
 parser.add_argument("--sequence-parallel", action="store_true", help="model_parallel with the model's SP plan")
+parser.add_argument("--context-parallel", type=int, default=1, help="model_parallel splitting each sequence")
 args = parser.parse_args()
 out = Path(args.out)
 
@@ -101,7 +102,11 @@ else:
     config = GPTConfig(n_layer=8, n_head=4, d_model=128, seq_len=256)
     policy = {"Block"} if args.checkpointing else None
     strategy = (
-        ModelParallelStrategy(activation_checkpointing_policy=policy, sequence_parallel=args.sequence_parallel)
+        ModelParallelStrategy(
+            activation_checkpointing_policy=policy,
+            sequence_parallel=args.sequence_parallel,
+            context_parallel_size=args.context_parallel,
+        )
         if args.strategy == "model_parallel"
         else FSDPStrategy(activation_checkpointing_policy=policy)
     )
@@ -124,9 +129,14 @@ else:
         return tensor
 
     tokens = torch.randint(0, 256, (4, config.seq_len + 1))
+    batch = (tokens[:, :-1].clone(), tokens[:, 1:].clone())
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model.training_step((tokens[:, :-1], tokens[:, 1:]), 0)
-    loss.backward()
+        if args.context_parallel > 1:  # the step as the strategy runs it: each sequence split, forward and backward
+            loss, _ = engine.forward_backward(model, lambda: (model.training_step(batch, 0), None), batch=batch)
+        else:
+            loss = model.training_step(batch, 0)
+    if args.context_parallel == 1:
+        loss.backward()
     if args.strategy == "model_parallel":  # split and whole parameters mixed: the Engine's clipping groups them
         grad_norm = engine.strategy.gradient_norm(list(module.parameters()), 2.0)
     else:
