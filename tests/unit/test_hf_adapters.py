@@ -75,6 +75,17 @@ def test_a_bf16_base_is_read_as_stored_on_meta_and_on_a_device(pretrained):
             assert torch.equal(tensor, files[name.removeprefix("base_model.model.").replace(".base_layer.", ".")]), name
 
 
+def test_frozen_dtype_applies_to_freezes_patterns_too(pretrained):
+    """Without LoRA, CausalLM(freeze=..., frozen_dtype=...) stores exactly the frozen parameters in that dtype."""
+    from shardtrain.hf import CausalLM
+
+    module = CausalLM(str(pretrained), freeze=["model.embed_tokens.*"], frozen_dtype="bf16")
+    module.configure_model()
+    dtypes = {name: p.dtype for name, p in module.model.named_parameters()}
+    assert dtypes.pop("model.embed_tokens.weight") == torch.bfloat16
+    assert set(dtypes.values()) == {torch.float32}
+
+
 def test_bad_frozen_dtypes_name_the_fix(pretrained):
     from shardtrain.hf import CausalLM
 
