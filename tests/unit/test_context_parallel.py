@@ -44,10 +44,15 @@ def test_layouts_with_context_parallelism():
     assert model_parallel_dims(2, 2, dp="auto", tp="auto", pp=1, cpu_offload=True, cp=2).cp == 2  # FSDP over cp
     with pytest.raises(StrategyError, match=r"context_parallel_size=3 does not divide the 4 ranks"):
         model_parallel_dims(4, 4, dp="auto", tp="auto", pp=1, cpu_offload=False, cp=3)
-    with pytest.raises(StrategyError, match=r"set tensor_parallel_size=1 and pipeline_parallel_size=1"):
-        model_parallel_dims(4, 4, dp="auto", tp=2, pp=1, cpu_offload=False, cp=2)
-    with pytest.raises(StrategyError, match=r"set tensor_parallel_size=1 and pipeline_parallel_size=1"):
-        model_parallel_dims(4, 4, dp="auto", tp="auto", pp=2, cpu_offload=False, cp=2)
+    dims = model_parallel_dims(8, 8, dp="auto", tp=2, pp=1, cpu_offload=False, cp=2)
+    assert (dims.dp_shard, dims.cp, dims.tp) == (2, 2, 2)  # with tensor parallelism: data x context x tensor
+    assert list(dims.mesh_dims()) == ["dp_replicate", "dp_shard", "cp", "tp"]  # tensor parallel innermost
+    with pytest.raises(StrategyError, match=r"tensor_parallel_size=3 does not divide the 2 ranks of the run"):
+        model_parallel_dims(4, 4, dp="auto", tp=3, pp=1, cpu_offload=False, cp=2)
+    dims = model_parallel_dims(8, 8, dp="auto", tp="auto", pp=2, cpu_offload=False, cp=2)
+    assert (dims.pp, dims.dp_shard, dims.cp, dims.tp) == (2, 2, 2, 1)  # with pipeline stages: each stage's ranks
+    with pytest.raises(StrategyError, match=r"context_parallel_size=4 does not divide the 6 ranks"):
+        model_parallel_dims(6, 6, dp="auto", tp="auto", pp=2, cpu_offload=False, cp=4)
     with pytest.raises(StrategyError, match=r"context_parallel_size must be a whole number >= 1"):
         ModelParallelStrategy(context_parallel_size=0)
 
@@ -95,6 +100,22 @@ def test_the_estimate_has_a_context_parallel_row_with_each_ranks_part_of_the_act
     assert "context_parallel *" in str(estimate) and "model_parallel's context_parallel_size" in str(estimate)
     with pytest.raises(ConfigError, match=r"context_parallel_size=3 does not divide the 4 ranks"):
         shardtrain.estimate_memory(module, devices=4, context_parallel_size=3)
+
+
+def test_the_context_parallel_row_with_tensor_parallelism_splits_one_tensor_parallel_ranks_share():
+    from examples.gpt.model import GPTConfig, GPTModule
+
+    module = GPTModule(GPTConfig(n_layer=2, n_head=2, d_model=64, seq_len=256))
+    both = shardtrain.estimate_memory(module, devices=4, batch_size=2, tensor_parallel_size=2, context_parallel_size=2)
+    tensor, context = both.get("model_parallel"), both.get("context_parallel")  # tp 2 x dp 2; tp 2 x cp 2
+    assert (context.parameters, context.gradients, context.optimizer) == (
+        tensor.parameters,
+        tensor.gradients,
+        tensor.optimizer,
+    )  # the same share, sharded over 2 ranks either way
+    assert context.activations == tensor.activations // 2 > 0
+    with pytest.raises(ConfigError, match=r"context_parallel_size=2 x tensor_parallel_size=2 does not divide the 2"):
+        shardtrain.estimate_memory(module, devices=2, tensor_parallel_size=2, context_parallel_size=2)
 
 
 def test_causal_lm_refuses_padded_batches_under_context_parallelism():

@@ -226,7 +226,9 @@ def estimate_memory(
     given here must fit: a model without a plan, or head counts it does not divide, raise ``ConfigError``.
 
     ``context_parallel_size`` adds a ``context_parallel`` row: ``ModelParallelStrategy(context_parallel_size=N)``,
-    each sequence split over N ranks (its activations divided by N), parameters sharded over all ranks.
+    each sequence split over N ranks (its activations divided by N), parameters sharded over all ranks; with
+    ``tensor_parallel_size`` too, ``ModelParallelStrategy(context_parallel_size=N, tensor_parallel_size=T)``: one
+    tensor-parallel rank's share sharded over the data x context ranks, its activations divided by N.
     """
     footprint = measure_footprint(
         module,
@@ -252,13 +254,15 @@ def estimate_memory(
         num_nodes=num_nodes,
         precision=precision,
         tensor_parallel_size=footprint.tensor_parallel.tensor_parallel_size if footprint.tensor_parallel else None,
-        strategies=strategy_rows(footprint, context_parallel_size),
+        strategies=strategy_rows(footprint, context_parallel_size, tensor_parallel_size),
         device_memory=None if device_memory is None else parse_memory_size(device_memory),
         host_memory_per_device=None if host_memory_per_device is None else parse_memory_size(host_memory_per_device),
     )
 
 
-def strategy_rows(footprint: ModelFootprint, context_parallel_size: int | None = None) -> list[StrategyMemory]:
+def strategy_rows(
+    footprint: ModelFootprint, context_parallel_size: int | None = None, tensor_parallel_size: int | None = None
+) -> list[StrategyMemory]:
     """A row per registered strategy whose ``estimate_memory`` gives one, named as registered, in ``TABLE_ORDER``.
 
     Each name is built as ``strategy=name`` builds it; a name that cannot be built here (its
@@ -280,11 +284,13 @@ def strategy_rows(footprint: ModelFootprint, context_parallel_size: int | None =
     if context_parallel_size is not None and context_parallel_size > 1:
         from shardtrain.strategies.model_parallel import ModelParallelStrategy
 
-        row = ModelParallelStrategy(context_parallel_size=context_parallel_size).estimate_memory(footprint)
+        tp = tensor_parallel_size or 1
+        strategy = ModelParallelStrategy(context_parallel_size=context_parallel_size, tensor_parallel_size=tp)
+        row = strategy.estimate_memory(footprint)
         if row is None:
             raise ConfigError(
-                f"context_parallel_size={context_parallel_size} does not divide the {footprint.world_size} ranks "
-                "(devices x num_nodes); choose one that divides them"
+                f"context_parallel_size={context_parallel_size}{f' x tensor_parallel_size={tp}' if tp > 1 else ''} "
+                f"does not divide the {footprint.world_size} ranks (devices x num_nodes); choose sizes that divide them"
             )
         rows["context_parallel"] = replace(row, strategy="context_parallel", available=False)
     for alias, name in SAME_RUN_AS.items():

@@ -96,8 +96,8 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
             shrink the pipeline's bubble, fewer keep each micro-batch large.
         context_parallel_size: ranks that split each sequence between them (``shardtrain.parallel.context_parallel``:
             PyTorch's ring attention); FSDP shards over data x context ranks. The module defines
-            ``context_parallel_inputs(batch)``. Composes with data parallelism (tensor and pipeline
-            parallelism with it: not yet).
+            ``context_parallel_inputs(batch)``. Composes with data, tensor and pipeline parallelism (the mesh's
+            ``cp`` dimension sits between ``dp_shard`` and ``tp``).
         pipeline_split_points: names of the blocks where stages begin (``["model.blocks.4"]``); default: equal
             runs of the blocks of the model's largest ``nn.ModuleList``.
     """
@@ -233,12 +233,13 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
         ``"auto"`` the row is for the degree the footprint measured; otherwise for this strategy's layout."""
         if self.context_parallel_size > 1:
             try:
-                self.make_parallel_dims(footprint.world_size, footprint.devices)
+                dims = self.make_parallel_dims(footprint.world_size, footprint.devices)
             except StrategyError:
                 return None
             return context_parallel_memory(
                 footprint,
                 context_parallel_size=self.context_parallel_size,
+                tensor_parallel_size=dims.tp,
                 cpu_offload=self.cpu_offload,
                 name=self.name,
             )
@@ -285,16 +286,20 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
     def forward_backward(
         self, module: nn.Module, compute_loss: Any, *, synchronize: bool, batch: Any = None
     ) -> tuple[torch.Tensor, Any]:
-        if self._pipeline is not None:  # the schedule runs the batch's micro-batches, forward and backward
-            with self.forward_context():
-                return self._pipeline.train_step(self.precision.convert_input(batch), synchronize), None
-        if self.parallel_dims is not None and self.parallel_dims.cp > 1:  # the batch's sequences split over cp ranks
-            inputs = sequence_inputs(getattr(module, "module", module), batch, self.parallel_dims.cp)
-            with split_sequences(self.device_mesh["cp"], inputs):
-                loss, outputs = super().forward_backward(module, compute_loss, synchronize=synchronize)
-        else:
+        with self._split_sequences(module, batch):  # under context parallelism: the sequences split over cp ranks
+            if self._pipeline is not None:  # the schedule runs the batch's micro-batches, forward and backward
+                with self.forward_context():
+                    return self._pipeline.train_step(self.precision.convert_input(batch), synchronize), None
             loss, outputs = super().forward_backward(module, compute_loss, synchronize=synchronize)
         return (loss.full_tensor() if isinstance(loss, DTensor) else loss), outputs  # loss_parallel's replicated loss
+
+    def _split_sequences(self, module: nn.Module, batch: Any) -> contextlib.AbstractContextManager:
+        """``split_sequences`` over the ``cp`` ranks for the batch's sequence tensors (the module's
+        ``context_parallel_inputs``, split in place); nothing without context parallelism."""
+        if self.parallel_dims is None or self.parallel_dims.cp == 1:
+            return contextlib.nullcontext()
+        inputs = sequence_inputs(getattr(module, "module", module), batch, self.parallel_dims.cp)
+        return split_sequences(self.device_mesh["cp"], inputs)
 
     def setup_module(self, module: nn.Module) -> nn.Module:
         assert self.parallel_dims is not None, "connect() first"
@@ -310,7 +315,7 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
                 shard=shard,
                 parallelize=self._parallelize_before_stages,
             )
-            return PipelineRouter(module, self._pipeline)
+            return PipelineRouter(module, self._pipeline, split=lambda batch: self._split_sequences(module, batch))
         meta = has_meta_tensors(module)
         if not meta and not self.cpu_offload:
             module.to(self.device)
@@ -379,9 +384,11 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
         units = units_of(user_module, self.auto_wrap_policy)
         self._fsdp_root = self._apply_fsdp(module, units, compile=self._compile_options())
         if self.parallel_dims is not None and self.parallel_dims.tp > 1:
-            # Parameters the plan split live on the 2-D (dp_shard, tp) mesh; a flattened copy of it lets
-            # DTensor reduce their gradient norm in one all-reduce rather than one per dimension.
-            self.device_mesh["dp_shard", "tp"]._flatten("dp_shard_tp")
+            # Parameters the plan split live on the 2-D (dp_shard, tp) mesh (dp_shard_cp under context
+            # parallelism); a flattened copy of it lets DTensor reduce their gradient norm in one all-reduce
+            # rather than one per dimension.
+            data = ("dp_shard",) if self.parallel_dims.cp == 1 else ("dp_shard", "cp")
+            self.device_mesh[(*data, "tp")]._flatten("_".join((*data, "tp")))
         log.info(
             "FSDP over %d ranks (data x context parallel): %d units (%s) and the root",
             self._shards_over,
@@ -450,18 +457,13 @@ def model_parallel_dims(
             f"pipeline_parallel_size={pp} does not divide the {world_size} ranks of the run (devices x num_nodes); "
             f"choose a pipeline_parallel_size that divides {world_size}"
         )
-    if cp > 1 and (pp > 1 or tp not in ("auto", 1)):
-        raise StrategyError(
-            f"context_parallel_size={cp} composes with data parallelism only so far (with tensor or pipeline "
-            "parallelism: not built yet); set tensor_parallel_size=1 and pipeline_parallel_size=1"
-        )
     if world_size % (pp * cp):
         raise StrategyError(
             f"context_parallel_size={cp} does not divide the {world_size} ranks of the run (devices x num_nodes); "
             f"choose a context_parallel_size that divides {world_size}"
         )
-    if cp > 1:
-        tp = 1
+    if cp > 1 and tp == "auto" and dp == "auto":
+        tp = 1  # context parallelism named, tensor parallelism not: the ranks it leaves are data parallel
     ranks, local = world_size // (pp * cp), max(1, local_world_size // (pp * cp))
     where = "the run" if pp == 1 else f"each of the {pp} pipeline stages"
     if tp == "auto" and dp == "auto":
@@ -519,11 +521,23 @@ def model_parallel_memory(
 
 
 def context_parallel_memory(
-    footprint: ModelFootprint, *, context_parallel_size: int, cpu_offload: bool = False, name: str = "model_parallel"
-) -> StrategyMemory:
-    """Per-device bytes with each sequence split over ``context_parallel_size`` ranks: FSDP's formula over all the
-    run's ranks (parameters are sharded over data x context ranks), each rank keeping ``1 / cp`` of the step's
-    activations (its part of every sequence; the ring's key-value buffers are left out)."""
+    footprint: ModelFootprint,
+    *,
+    context_parallel_size: int,
+    tensor_parallel_size: int = 1,
+    cpu_offload: bool = False,
+    name: str = "model_parallel",
+) -> StrategyMemory | None:
+    """Per-device bytes with each sequence split over ``context_parallel_size`` ranks: FSDP's formula over the
+    run's data x context ranks (parameters are sharded over both), each rank keeping ``1 / cp`` of the step's
+    activations (its part of every sequence; the ring's key-value buffers are left out). With tensor parallelism,
+    the formula applies to one tensor-parallel rank's share as in ``model_parallel_memory``; ``None`` when the
+    footprint has no share measured at ``tensor_parallel_size``."""
+    if tensor_parallel_size > 1:
+        share = footprint.tensor_parallel
+        if share is None or share.tensor_parallel_size != tensor_parallel_size:
+            return None
+        footprint = replace(share, devices=footprint.world_size // tensor_parallel_size, num_nodes=1)
     split = replace(footprint, activation_bytes=footprint.activation_bytes // context_parallel_size)
     return fsdp_memory(split, cpu_offload=cpu_offload, name=name)
 

@@ -10,6 +10,7 @@ and PyTorch's schedule over them (``Pipeline``).
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
@@ -166,17 +167,26 @@ class PipelineRouter(nn.Module):
 
     Validation runs through the schedule (forward only) and logs ``val_loss``, the mean of
     ``pipeline_loss`` over the batch; anything else that would call the model directly is refused.
+    ``split(batch)``: the context each validation batch runs in (under context parallelism, its sequences
+    split as the training steps' are: the stages exchange buffers of the shape they learned on the first step).
     """
 
-    def __init__(self, router: nn.Module, pipeline: Pipeline) -> None:
+    def __init__(
+        self,
+        router: nn.Module,
+        pipeline: Pipeline,
+        split: Callable[[Any], contextlib.AbstractContextManager] | None = None,
+    ) -> None:
         super().__init__()
         self.module = router.module
         self.__dict__["pipeline"] = pipeline
+        self.__dict__["split"] = split or (lambda batch: contextlib.nullcontext())
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         method = kwargs.pop("_shardtrain_method", "forward")
         if method == "validation_step":
-            loss = self.pipeline.eval_step(args[0])
+            with self.split(args[0]):
+                loss = self.pipeline.eval_step(args[0])
             self.module.log(
                 "val_loss", loss, prog_bar=True, sync_dist=True
             )  # every rank has the loss (the schedule shares it)
