@@ -2,12 +2,15 @@
 
 The payload's unpickling opens ``marker`` for writing (a stand-in for any code): if the file exists
 after a load, code from the checkpoint ran. The rest of the checkpoint stays valid, so a reader that
-unpickles freely loads it without a word (as PyTorch's ``FileSystemReader`` did before).
+unpickles freely loads it without a word (as PyTorch's ``FileSystemReader`` did before). The attacker
+also records the altered files' checksums in ``meta.json`` (CRC-32 finds damage, it is no signature), so
+the checksums pass and what stops the payload is the safe reader.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import pickle
 from pathlib import Path
 
@@ -35,6 +38,7 @@ def plant_in_metadata(checkpoint: Path, marker: Path) -> None:
     metadata = _read_metadata(checkpoint)
     metadata.planner_data = {**(metadata.planner_data or {}), "payload": Payload(marker)}
     (checkpoint / ".metadata").write_bytes(pickle.dumps(metadata))
+    rerecord_checksums(checkpoint)
 
 
 def plant_in_bytes_entry(checkpoint: Path, marker: Path) -> str:
@@ -52,4 +56,16 @@ def plant_in_bytes_entry(checkpoint: Path, marker: Path) -> str:
         handle.write(buffer.getvalue())
     info.offset, info.length = offset, len(buffer.getvalue())
     (checkpoint / ".metadata").write_bytes(pickle.dumps(metadata))
+    rerecord_checksums(checkpoint)
     return info.relative_path
+
+
+def rerecord_checksums(checkpoint: Path) -> None:
+    """Record the files' current sizes and CRC-32s in ``meta.json`` (and its own CRC), as a save would."""
+    from shardtrain.checkpoint.integrity import CHECKSUMS, META_CRC, file_checksum, meta_crc
+
+    meta_path = checkpoint / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta.pop(META_CRC, None)
+    meta[CHECKSUMS] = {name: file_checksum(checkpoint / name) for name in meta.get(CHECKSUMS, {})}
+    meta_path.write_text(json.dumps({**meta, META_CRC: meta_crc(meta)}))

@@ -16,6 +16,7 @@ from shardtrain.datamodule import DataModule
 from shardtrain.engine import Engine
 from shardtrain.errors import (
     CheckpointError,
+    DamagedCheckpointError,
     ConfigError,
     LaunchError,
     MissingDependencyError,
@@ -82,6 +83,7 @@ __all__ = [
     "StrategyError",
     "LaunchError",
     "CheckpointError",
+    "DamagedCheckpointError",
     "MissingDependencyError",
     "NonFiniteError",
     "RankFailedError",

@@ -10,6 +10,7 @@
                                           [--tensor-parallel 8 [--sequence-parallel]] [--json]
     shardtrain consolidate CHECKPOINT OUT [--format safetensors|hf] [--hf-config DIR] [--merge-adapters] [--dtype bf16]
                           [--max-shard-size 5GiB] [--optimizer FILE]
+    shardtrain verify CHECKPOINT [CHECKPOINT ...]   # each file against the checksums recorded when it was saved
 
 Several machines without torchrun or SLURM: run the same command on every node with the same
 ``--num-nodes`` (the same as ``--trainer.num_nodes``), ``--main-address`` (node 0's address) and
@@ -33,7 +34,9 @@ from typing import Any, MutableMapping
 import torch
 
 from shardtrain.checkpoint.consolidate import consolidate, consolidate_optimizer
+from shardtrain.checkpoint.integrity import CHECKSUMS, verify
 from shardtrain.checkpoint.pointer import resolve_checkpoint
+from shardtrain.checkpoint.sharded import read_meta
 from shardtrain.errors import ConfigError, ShardtrainError
 from shardtrain.launch.environment import outside_launcher
 from shardtrain.memory import parse_memory_size
@@ -45,12 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in (*RUN_COMMANDS, "consolidate"):
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in (*RUN_COMMANDS, "consolidate", "verify"):
         print(__doc__)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     try:
         if argv[0] == "consolidate":
             return _consolidate(argv[1:])
+        if argv[0] == "verify":
+            return _verify(argv[1:])
         return _run(argv[0], argv[1:])
     except ShardtrainError as error:
         print(f"shardtrain {argv[0]}: {error}", file=sys.stderr)
@@ -292,6 +297,32 @@ def _consolidate(argv: list[str]) -> int:
     for path in files:
         print(path)
     return 0
+
+
+def _verify(argv: list[str]) -> int:
+    """Exit 0 when every checkpoint verifies (or records no checksums: said), 1 when any is damaged."""
+    parser = argparse.ArgumentParser(
+        prog="shardtrain verify",
+        description="check each file of sharded checkpoints against the sizes and CRC-32s recorded when they were saved",
+    )
+    parser.add_argument("checkpoints", nargs="+", help="checkpoint directories, or `last` pointer files")
+    args = parser.parse_args(argv)
+    damaged = 0
+    for given in args.checkpoints:
+        path = resolve_checkpoint(given)
+        assert path is not None
+        meta = read_meta(path)
+        recorded = meta.get(CHECKSUMS) or {}
+        if not recorded:
+            print(f"{path}: no checksums recorded (saved before shardtrain recorded them); not verifiable")
+            continue
+        problems = verify(path, meta, distributed=False)
+        damaged += bool(problems)
+        summary = "DAMAGED" if problems else "ok"
+        print(f"{path}: {summary} ({len(recorded)} files, {sum(f['bytes'] for f in recorded.values())} bytes)")
+        for problem in problems:
+            print(f"  {problem}")
+    return 1 if damaged else 0
 
 
 if __name__ == "__main__":

@@ -35,6 +35,15 @@ class CheckpointError(ShardtrainError, RuntimeError):
     """A checkpoint is missing, half-written, from another model, or of a newer format."""
 
 
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint whose files do not match the checksums recorded when it was saved; ``problems`` names each
+    damaged file and what is wrong with it."""
+
+    def __init__(self, message: str, problems: list[str]) -> None:
+        super().__init__(message)
+        self.problems = problems
+
+
 class MissingDependencyError(ShardtrainError, ImportError):
     """An optional package is needed for the chosen feature; the message says how to install it."""
 

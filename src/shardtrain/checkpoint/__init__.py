@@ -8,6 +8,7 @@ from shardtrain.checkpoint.sharded import (
     save_sharded,
     save_sharded_async,
     saved_keys,
+    verify_checkpoint,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "save_sharded",
     "save_sharded_async",
     "saved_keys",
+    "verify_checkpoint",
 ]

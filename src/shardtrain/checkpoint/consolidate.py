@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from shardtrain.checkpoint.safe_reader import load_tensors, read_metadata
-from shardtrain.checkpoint.sharded import read_meta
+from shardtrain.checkpoint.sharded import read_meta, verify_checkpoint
 from shardtrain.errors import CheckpointError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -156,6 +156,8 @@ def is_weights_file(path: str | os.PathLike) -> bool:
 
 
 def _metadata(source: Path) -> dict[str, Any]:
+    """DCP's metadata of a checkpoint whose files were first verified against their checksums (one process)."""
+    verify_checkpoint(source, distributed=False)
     return read_metadata(source).state_dict_metadata
 
 

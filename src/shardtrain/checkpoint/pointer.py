@@ -1,7 +1,9 @@
-"""``<checkpoints>/last``: a file naming the newest committed checkpoint, and ``ckpt_path="last"``."""
+"""``<checkpoints>/last``: a file naming the newest committed checkpoint, ``ckpt_path="last"``, and the committed
+checkpoints beside it to fall back on."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -29,3 +31,22 @@ def resolve_checkpoint(ckpt_path: str | os.PathLike, checkpoint_dir: Path | None
     if not pointer.is_file():
         return None
     return checkpoint_dir / pointer.read_text().strip()
+
+
+def other_checkpoints(damaged: Path, *directories: Path) -> list[Path]:
+    """The committed checkpoints (directories with a readable ``meta.json``) in ``damaged``'s directory and in
+    ``directories``, but ``damaged``, newest first: by the global step they saved, then by time."""
+    found: dict[Path, tuple[int, float]] = {}
+    for directory in (damaged.parent, *directories):
+        if not directory.is_dir():
+            continue
+        for entry in directory.iterdir():
+            meta = entry / "meta.json"
+            if entry.resolve() == damaged.resolve() or entry.name.startswith(".") or not meta.is_file():
+                continue
+            try:
+                step = json.loads(meta.read_text())["state"]["loop"]["global_step"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # damaged too, or not a Trainer's checkpoint
+            found[entry.resolve()] = (int(step), meta.stat().st_mtime)
+    return sorted(found, key=lambda path: found[path], reverse=True)

@@ -31,8 +31,18 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.utils._pytree import tree_flatten_with_path, tree_map_only
 
+from shardtrain.checkpoint.integrity import (
+    CHECKSUMS,
+    META_CRC,
+    collect_checksums,
+    has_checksums,
+    meta_crc,
+    record_rank_checksums,
+    verify,
+    warn_unverified,
+)
 from shardtrain.checkpoint.safe_reader import load_tensors, quiet_single_process, read_metadata
-from shardtrain.errors import CheckpointError
+from shardtrain.errors import CheckpointError, DamagedCheckpointError
 
 FORMAT_VERSION = 2
 META_FILE = "meta.json"
@@ -64,6 +74,8 @@ def save_sharded(
                 storage_writer=dcp.FileSystemWriter(staging, sync_files=True),
                 no_dist=not dist.is_initialized(),
             )
+        record_rank_checksums(staging, rank, only_process=not dist.is_initialized())
+        barrier()  # every rank's checksums are written
         if rank == 0:
             _commit(staging, target, meta, on_commit)
     finally:
@@ -130,6 +142,7 @@ def save_sharded_async(
                     process_group=group,
                     no_dist=group is None,
                 )
+            record_rank_checksums(staging, rank, only_process=group is None)  # in this thread, off the training path
             if group is not None:
                 dist.barrier(group=group)
             if rank == 0:
@@ -194,7 +207,8 @@ def remove_stale_partials(directory: Path, keep: Collection[Path] = ()) -> list[
 
 
 def _commit(staging: Path, target: Path, meta: dict[str, Any], on_commit: Callable[[Path], None] | None) -> None:
-    _write_json(staging / META_FILE, {"format_version": FORMAT_VERSION, **meta})
+    full = {"format_version": FORMAT_VERSION, **meta, CHECKSUMS: collect_checksums(staging, exclude={META_FILE})}
+    _write_json(staging / META_FILE, {**full, META_CRC: meta_crc(full)})
     _fsync_directory(staging)
     _replace_directory(staging, target)
     if on_commit is not None:
@@ -215,11 +229,21 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(
             f"{directory} has no {META_FILE}: it is half-written (a save did not finish) or not a shardtrain checkpoint"
         )
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(
+            f"{meta_path} is damaged (not valid JSON: {error}); this checkpoint cannot be trusted"
+        ) from None
     version = meta.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CheckpointError(
             f"{directory} has format version {version}; this shardtrain reads up to {FORMAT_VERSION}: upgrade shardtrain"
+        )
+    if META_CRC in meta and meta[META_CRC] != meta_crc(meta):
+        raise CheckpointError(
+            f"{meta_path} is damaged: its content does not match the CRC-32 recorded with it; this checkpoint cannot "
+            "be trusted (`shardtrain verify` checks a checkpoint)"
         )
     return meta
 
@@ -231,6 +255,7 @@ def load_sharded(path: str | os.PathLike, tensors: dict[str, Any], *, strict_pre
     match the requested ones exactly; differences are listed in the error.
     """
     directory = Path(path)
+    verify_checkpoint(directory)
     saved = read_metadata(directory).state_dict_metadata
     requested = _flatten(tensors)
     for prefix in strict_prefixes:
@@ -255,6 +280,34 @@ def load_sharded(path: str | os.PathLike, tensors: dict[str, Any], *, strict_pre
     if missing:
         raise CheckpointError(f"{directory} lacks {len(missing)} entries that this run needs, e.g. {missing[:5]}")
     load_tensors(tensors, directory, no_dist=not dist.is_initialized())
+
+
+_verified: set[tuple[Path, str]] = set()  # (checkpoint, its meta's CRC) already verified in this process
+
+
+def verify_checkpoint(path: str | os.PathLike, *, distributed: bool = True) -> None:
+    """Raise ``CheckpointError`` naming every damaged file of the checkpoint at ``path`` (missing, cut short, or
+    changed since it was written), before anything reads its tensors. A checkpoint without checksums: a warning.
+
+    Under a process group every rank calls it (the ranks split the files; ``integrity.verify``); a checkpoint
+    verified once in this process is not read again."""
+    directory = Path(path)
+    meta = read_meta(directory)
+    if not has_checksums(meta):
+        warn_unverified(directory)
+        return
+    key = (directory.resolve(), str(meta.get(META_CRC)))
+    if key in _verified:
+        return
+    problems = verify(directory, meta, distributed=distributed)
+    if problems:
+        listed = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise DamagedCheckpointError(
+            f"checkpoint {directory} is damaged: {listed}. It was not loaded: resume from an earlier checkpoint "
+            "(ckpt_path='last' picks the newest one that verifies)",
+            problems,
+        )
+    _verified.add(key)
 
 
 def saved_keys(path: str | os.PathLike) -> set[str]:

@@ -19,13 +19,13 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shardtrain.checkpoint import read_meta
+from shardtrain.checkpoint import read_meta, verify_checkpoint
 from shardtrain.checkpoint.consolidate import is_weights_file, load_weights
 from shardtrain.checkpoint.loader_position import LoaderPosition
-from shardtrain.checkpoint.pointer import point_last_at, resolve_checkpoint
+from shardtrain.checkpoint.pointer import LAST, other_checkpoints, point_last_at, resolve_checkpoint
 from shardtrain.checkpoint.provenance import CHECKPOINT_PROVENANCE, model_provenance
 from shardtrain.engine.engine import Engine
-from shardtrain.errors import CheckpointError, ConfigError
+from shardtrain.errors import CheckpointError, ConfigError, DamagedCheckpointError
 from shardtrain.from_checkpoint import CHECKPOINT_HPARAMS
 from shardtrain.hparams import checkpoint_entries
 
@@ -72,7 +72,9 @@ class TrainerCheckpoints:
         return target
 
     def resolve(self, ckpt_path: str | os.PathLike) -> Path | None:
-        """The checkpoint ``ckpt_path`` names; None for ``"last"`` before any save (said on rank 0)."""
+        """The checkpoint ``ckpt_path`` names; None for ``"last"`` before any save (said on rank 0). For ``"last"``,
+        the newest checkpoint that verifies: when the one ``last`` names is damaged, the newest earlier one that
+        is not (said on rank 0); every rank calls this (the ranks verify together)."""
         path = resolve_checkpoint(ckpt_path, self.directory)
         if path is None and self.engine.is_global_zero:
             # The same command starts a job and its restarts (torchrun --max-restarts, a requeued
@@ -81,7 +83,33 @@ class TrainerCheckpoints:
                 f"[shardtrain] ckpt_path='last' but no checkpoint was saved in {self.directory} yet; training starts from the beginning",
                 flush=True,
             )
+        if path is not None and str(ckpt_path) == LAST and not is_weights_file(path):
+            return self._newest_that_verifies(path)
         return path
+
+    def _newest_that_verifies(self, path: Path) -> Path:
+        try:
+            verify_checkpoint(path)
+            return path
+        except CheckpointError as error:
+            damaged = error
+        for candidate in other_checkpoints(path, self.directory):
+            try:
+                verify_checkpoint(candidate)
+            except CheckpointError:
+                continue
+            if self.engine.is_global_zero:
+                what = "; ".join(damaged.problems) if isinstance(damaged, DamagedCheckpointError) else str(damaged)
+                print(
+                    f"[shardtrain] ckpt_path='last': {path} is damaged ({what})\n[shardtrain] resuming from "
+                    f"{candidate} instead, the newest earlier checkpoint that verifies",
+                    flush=True,
+                )
+            return candidate
+        raise CheckpointError(
+            f"{damaged}; no earlier checkpoint in {path.parent} or {self.directory} verifies either: start without "
+            "ckpt_path, or restore a copy of the checkpoint"
+        ) from damaged
 
     def state_of(self, trainer: "Trainer", weights_only: bool = False) -> dict[str, Any]:
         """What a checkpoint of ``trainer`` holds, read from its public attributes; loading fills it in place.
