@@ -35,6 +35,7 @@ from shardtrain.utilities import rank_zero_only
 from shardtrain.errors import ConfigError, RankFailedError
 from shardtrain.estimate.auto import choose_for_module, is_auto, provisional_strategy
 from shardtrain.launch.environment import ClusterEnvironment
+from shardtrain.launch import heartbeat
 from shardtrain.launch.failures import explain_failure
 from shardtrain.launch.processes import RunProcesses
 from shardtrain.parallel.dims import ParallelDims
@@ -64,6 +65,9 @@ class Engine:
             ``"auto"`` (chosen from a memory estimate when the model is set up), or a ``Strategy`` object.
         precision: ``"32-true"``, ``"bf16-mixed"``, ``"bf16-true"`` or ``"16-mixed"`` (see ``shardtrain.precision``).
         timeout_seconds: how long a collective may wait for the other ranks before the run fails.
+        hang_timeout_seconds: seconds without progress on any rank (``progress``) after which the run reports
+            which rank the others wait for, with every rank's stack, and ends (exit code 124); default
+            ``max(0.8 x timeout_seconds, timeout_seconds - 60)`` (see ``shardtrain.launch.heartbeat``).
     """
 
     def __init__(
@@ -74,7 +78,11 @@ class Engine:
         strategy: str | Strategy = "auto",
         precision: str | int = "32-true",
         timeout_seconds: float = 1800.0,
+        hang_timeout_seconds: float | None = None,
     ) -> None:
+        if hang_timeout_seconds is not None and not hang_timeout_seconds > 0:
+            raise ConfigError(f"hang_timeout_seconds must be a number of seconds > 0, got {hang_timeout_seconds!r}")
+        self._hang_timeout = hang_timeout_seconds
         self._processes = RunProcesses(accelerator, devices, num_nodes)
         self.accelerator = self._processes.accelerator
         self._precision_name = Precision(precision).name
@@ -109,6 +117,7 @@ class Engine:
         if not self._launched:
             self._processes.start()
             self._connect(self.strategy)
+            heartbeat.start(self._hang_timeout, self.timeout.total_seconds())
             self._launched = True
             rank_zero_only.rank = self.global_rank  # type: ignore[attr-defined]  # user code's @rank_zero_only
         return function(self, *args, **kwargs) if function is not None else None
@@ -422,6 +431,17 @@ class Engine:
 
     def barrier(self) -> None:
         self.strategy.barrier()
+
+    def progress(self, step: int | None, phase: str = "step") -> None:
+        """Say where this rank is: its step and what it is doing (``"data"``, ``"step"``, ...). A loop of your
+        own that calls it each step gets the Trainer's hang reports (``hang_timeout_seconds``): no sync, two
+        assignments. Until the first call, and once every rank has said ``step=None`` (out of the loop), no rank
+        is judged for not making progress."""
+        heartbeat.progress(step, phase)
+
+    def report_hangs_to(self, directory: str | os.PathLike | None) -> None:
+        """Where rank 0 writes ``hang_report.txt`` when the ranks stop making progress (besides standard error)."""
+        heartbeat.set_report_dir(Path(directory) if directory is not None else None)
 
     def teardown(self) -> None:
         """Release what the strategy holds for running the set-up modules (DeepSpeed destroys its

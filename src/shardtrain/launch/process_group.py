@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from shardtrain.errors import RankFailedError
+from shardtrain.launch import heartbeat
 from shardtrain.launch.environment import ClusterEnvironment, find_free_port
 from shardtrain.launch.failures import first_failure, publish_failure
 
@@ -79,6 +80,7 @@ def _note_uncaught_exceptions() -> None:
         global _failed
         _failed = True
         publish_failure(exception)  # before leaving the group: the peers read it when their collectives break
+        heartbeat.report_if_timed_out(exception)  # a collective timed out: which rank it waited for, and where
         previous(exc_type, exception, tb)  # type: ignore[arg-type]
         root = first_failure()
         if root is not None and root.rank != dist.get_rank() and not isinstance(exception, RankFailedError):
@@ -98,6 +100,7 @@ def destroy_process_group() -> None:
     exception skips it and leaves at once, so that its peers see the closed connections and
     fail instead of waiting for the collective timeout.
     """
+    heartbeat.stop()
     if not dist.is_initialized():
         return
     try:

@@ -65,6 +65,11 @@ class TrainerArguments:
         enable_model_summary: before the first step, print on rank 0 the parameter count, strategy,
             layout, precision and where logs and checkpoints go (:class:`~shardtrain.callbacks.RunSummary`).
         timeout_seconds: how long a collective waits for the other ranks before the run fails.
+        hang_timeout_seconds: seconds without progress on any rank after which the run writes a report naming the
+            rank the others wait for, with every rank's step, phase and stack (standard error and
+            ``<default_root_dir>/hang_report.txt``), and ends with exit code 124; default
+            ``max(0.8 x timeout_seconds, timeout_seconds - 60)``. It must exceed the longest a step, a save or a
+            validation can take.
         preemption: what to do when the cluster sends a stop signal (default: on SIGTERM or
             SIGUSR1, save a checkpoint at the next agreed step, requeue under SLURM, exit with
             code 75); a :class:`~shardtrain.preemption.Preemption`, or ``False`` to leave signals alone.
@@ -121,6 +126,7 @@ class TrainerArguments:
     enable_checkpointing: bool = True
     enable_model_summary: bool = True
     timeout_seconds: float = 1800.0
+    hang_timeout_seconds: float | None = None
     preemption: Preemption | bool = True
     on_nonfinite: str = "ignore"
     min_epochs: int | None = None
@@ -188,7 +194,15 @@ class TrainerArguments:
 
     def engine_options(self) -> dict[str, Any]:
         """What the Trainer's :class:`~shardtrain.engine.Engine` is made with."""
-        names = ("accelerator", "devices", "num_nodes", "strategy", "precision", "timeout_seconds")
+        names = (
+            "accelerator",
+            "devices",
+            "num_nodes",
+            "strategy",
+            "precision",
+            "timeout_seconds",
+            "hang_timeout_seconds",
+        )
         return {name: getattr(self, name) for name in names}
 
     def training_settings(self) -> dict[str, Any]:

@@ -55,6 +55,7 @@ class TrainerCheckpoints:
         directory the frozen rest comes from, and refuses to load without it."""
         target = Path(path) if path is not None else self.directory / f"step={step}"
         directory = self.directory
+        self.engine.progress(step, "checkpoint")
         if trainable_only and not state.get(CHECKPOINT_PROVENANCE, {}).get("model"):
             raise ConfigError(
                 "trainable_only checkpoints hold the adapters, not the frozen weights, which must come from a "

@@ -73,8 +73,10 @@ class EvaluationLoop:
         log: Callable[..., dict[str, float]],
         limit: Callable[[Stage], int | float | None],
         device: Callable[[], torch.device],
+        progress: Callable[[str], None] = lambda phase: None,
     ) -> None:
         self._device = device
+        self._progress = progress  # where this rank is, for hang reports (``Engine.progress``)
         self._call = call
         self._log = log
         self._limit = limit
@@ -114,6 +116,7 @@ class EvaluationLoop:
                 outputs.append([])
                 for batch_idx, batch in self._batches(stage, loader, max_batches):
                     extra_args = (index,) if several else ()
+                    self._progress(f"{stage.name} batch {batch_idx}")
                     self._call(f"on_{stage.hooks}_batch_start", batch, batch_idx, *extra_args)
                     with current_hook(module, stage.step):
                         output = getattr(model, stage.step)(

@@ -88,7 +88,11 @@ class Trainer:
         self.checkpoints = TrainerCheckpoints(self.engine, self.default_root_dir)
         self.validation = ValidationSchedule(args.val_check_interval, args.check_val_every_n_epoch)
         self.evaluation = EvaluationLoop(
-            self._call, self._write, lambda stage: getattr(args, stage.limit), lambda: self.engine.device
+            self._call,
+            self._write,
+            lambda stage: getattr(args, stage.limit),
+            lambda: self.engine.device,
+            lambda phase: self.engine.progress(self.global_step, phase),
         )
         #: The DataModule of the current (or last) stage, as in Lightning.
         self.datamodule: DataModule | None = None
@@ -261,6 +265,7 @@ class Trainer:
             self._sanity_check(val_loaders, resumed=ckpt_path is not None)
             self._train(train_loader, val_loaders)
             self._call("on_fit_end")
+            self.engine.progress(None, "done")  # out of the loop: what the script does next is not judged a hang
             status = "success"
         except BaseException as exception:
             status = "failed"
@@ -363,6 +368,7 @@ class Trainer:
             if verbose and self.is_global_zero and stage.logs:
                 print(results_table(stage, results), flush=True)
             trainer_loggers.finalize(self._rank_zero_loggers(), "success")
+            self.engine.progress(None, "done")
             return results
         except BaseException as exception:
             self._on_exception(exception)
@@ -408,6 +414,7 @@ class Trainer:
             check_manual_optimization(module, self.args, TrainModule)
         self.engine.check_module(module)  # before any process group: e.g. heads that TP cannot split
         self.engine.launch()
+        self.engine.report_hangs_to(self.default_root_dir)
         if datamodule is not None:  # as Lightning: a stage given none keeps the DataModule of the one before
             self.datamodule = datamodule
             datamodule.trainer = self
@@ -660,9 +667,12 @@ class Trainer:
         start = self.batches_seen_in_epoch  # resuming mid-epoch: these batches were already trained on
         train_loader.start_at(start)  # skipped by index, not loaded (see DeviceDataLoader)
         validated, skipped_rest = False, False
+        progress = self.engine.progress  # where this rank is, for hang reports: two assignments, no sync
+        progress(self.global_step, "data")
         for batch_idx, batch in enumerate(train_loader, start=start):
             if batch_idx >= num_batches:
                 break
+            progress(self.global_step, "training_step")
             validated, self._stepped_in_batch = False, False
             is_last = batch_idx + 1 == num_batches
             self.is_last_batch = is_last
@@ -688,6 +698,7 @@ class Trainer:
             self._accumulating = not step_now and self.manual_optimization is None
             if step_now:
                 micro_batches = (batch_idx % accumulate) + 1
+                progress(self.global_step, "optimizer_step")
                 self._optimizer_step(step_loss / micro_batches, batch_idx)
                 step_loss = torch.zeros((), device=self.engine.device)
             self._call("on_train_batch_end", outputs, batch, batch_idx)
@@ -700,6 +711,7 @@ class Trainer:
             ):  # Lightning validates when a stop request will end the epoch, too
                 self._validate_in_fit(val_loaders)
                 validated = True
+            progress(self.global_step, "data")  # the next batch is read next
             if self._stop.agreed and not self._reached_max_steps():  # on the last step, just finish
                 self._stop.stop(self.global_step, self.global_rank, self._checkpoint_for_stop)
             if self._reached_max_steps() or (self.should_stop and self._can_stop_early()):
