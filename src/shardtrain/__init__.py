@@ -10,6 +10,7 @@ from shardtrain.callbacks import (
     ModelCheckpoint,
     ProgressBar,
     RunSummary,
+    StragglerMonitor,
     ThroughputMonitor,
 )
 from shardtrain.datamodule import DataModule
@@ -72,6 +73,7 @@ __all__ = [
     "ModelCheckpoint",
     "EarlyStopping",
     "LearningRateMonitor",
+    "StragglerMonitor",
     "ThroughputMonitor",
     "RunSummary",
     "Logger",

@@ -61,3 +61,11 @@ def test_a_hang_timeout_that_is_not_positive_is_refused_before_any_process(value
     with pytest.raises(ConfigError, match=r"hang_timeout_seconds must be a number of seconds > 0"):
         Trainer(accelerator="cpu", devices=2, strategy="ddp", hang_timeout_seconds=value, logger=False)
     assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("options", [{"threshold": 0}, {"patience": 0}])
+def test_straggler_monitor_settings_are_checked(options):
+    from shardtrain import StragglerMonitor
+
+    with pytest.raises(ValueError, match=r"StragglerMonitor needs threshold > 0 and patience >= 1"):
+        StragglerMonitor(**options)

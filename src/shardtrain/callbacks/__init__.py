@@ -6,6 +6,7 @@ from shardtrain.callbacks.early_stopping import EarlyStopping
 from shardtrain.callbacks.lr_monitor import LearningRateMonitor
 from shardtrain.callbacks.model_summary import ModelSummary, RichModelSummary
 from shardtrain.callbacks.progress import ProgressBar
+from shardtrain.callbacks.stragglers import StragglerMonitor
 from shardtrain.callbacks.summary import RunSummary
 from shardtrain.callbacks.throughput import ThroughputMonitor
 
@@ -18,5 +19,6 @@ __all__ = [
     "RichModelSummary",
     "ProgressBar",
     "RunSummary",
+    "StragglerMonitor",
     "ThroughputMonitor",
 ]

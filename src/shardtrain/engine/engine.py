@@ -439,6 +439,12 @@ class Engine:
         is judged for not making progress."""
         heartbeat.progress(step, phase)
 
+    def data_waits(self) -> dict[int, tuple[int, float]] | None:
+        """Per rank: how many times it waited for a batch (the ``"data"`` phase of ``progress``) and the seconds in
+        all, from the ranks' heartbeats (a store read, no collective; up to a few seconds old); None in a run of
+        one process. ``StragglerMonitor`` compares them."""
+        return heartbeat.data_waits()
+
     def report_hangs_to(self, directory: str | os.PathLike | None) -> None:
         """Where rank 0 writes ``hang_report.txt`` when the ranks stop making progress (besides standard error)."""
         heartbeat.set_report_dir(Path(directory) if directory is not None else None)

@@ -70,6 +70,10 @@ class Heartbeat:
         self.report_dir: Path | None = None
         self.step: int | None = None
         self.phase = "starting"
+        self._phase_started = time.perf_counter()
+        #: Seconds this rank spent in the ``data`` phase (waiting for its next batch), and how many such waits.
+        self.data_seconds = 0.0
+        self.data_waits = 0
         self._main = threading.main_thread()
         self._stop = threading.Event()
         self._answered = False
@@ -86,7 +90,11 @@ class Heartbeat:
             self._thread.join(timeout=2 * self.interval + 1)
 
     def progress(self, step: int | None, phase: str) -> None:
-        self.step, self.phase = step, phase
+        now = time.perf_counter()
+        if self.phase == "data" and phase == "training_step":  # a batch arrived: the wait for it, for stragglers
+            self.data_seconds += now - self._phase_started
+            self.data_waits += 1
+        self.step, self.phase, self._phase_started = step, phase, now
 
     # ---------------------------------------------------------------- the thread
     def _run(self) -> None:
@@ -101,11 +109,13 @@ class Heartbeat:
             except Exception:  # the store is gone (its host ended): nothing more to do here
                 return
             if self._ending():
+                sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(EXIT_CODE)
 
     def _beat(self) -> None:
-        self.store.set(f"{_PREFIX}/rank{self.rank}", json.dumps({"step": self.step, "phase": self.phase}))
+        beat = {"step": self.step, "phase": self.phase, "data_s": self.data_seconds, "data_n": self.data_waits}
+        self.store.set(f"{_PREFIX}/rank{self.rank}", json.dumps(beat))
         if not self._answered and self.store.check([_REQUEST]):
             self.store.set(f"{_PREFIX}/stack{self.rank}", json.dumps(self._own_stack()))
             self._answered = True
@@ -122,8 +132,9 @@ class Heartbeat:
         if not self.store.check(keys):
             return 0.0
         seen = tuple(self.store.multi_get(keys))
-        if seen != self._seen or all(json.loads(value)["step"] is None for value in seen):
-            self._seen, self._seen_at = seen, time.monotonic()
+        where = tuple((beat["step"], beat["phase"]) for beat in map(json.loads, seen))
+        if where != self._seen or all(step is None for step, _ in where):
+            self._seen, self._seen_at = where, time.monotonic()
         return time.monotonic() - self._seen_at
 
     def _own_stack(self) -> dict[str, Any]:
@@ -269,6 +280,18 @@ def progress(step: int | None, phase: str) -> None:
     (once every rank is)."""
     if _current is not None:
         _current.progress(step, phase)
+
+
+def data_waits() -> dict[int, tuple[int, float]] | None:
+    """Each rank's count of waits for a batch and their seconds in all, as its heartbeat last wrote them (up to
+    one interval old; a store read, no collective); None without a heartbeat."""
+    if _current is None:
+        return None
+    keys = [f"{_PREFIX}/rank{rank}" for rank in range(_current.world_size)]
+    if not _current.store.check(keys):
+        return None
+    beats = [json.loads(value) for value in _current.store.multi_get(keys)]
+    return {rank: (beat.get("data_n", 0), beat.get("data_s", 0.0)) for rank, beat in enumerate(beats)}
 
 
 def set_report_dir(directory: Path | None) -> None:
