@@ -1,6 +1,6 @@
 """Inject each fault into a real 2-process run and time how long detection and recovery take.
 
-    python benchmarks/faults.py [--repeats 3] [--json results/faults.json]
+    python benchmarks/faults.py [--repeats 3] [--json results/faults.json] [--only hang_timeout checkpoint]
 
 Every scenario runs the test scripts (tests/distributed/scripts) as real processes on gloo and
 reads the time the fault was injected from the file the script writes at that moment:
@@ -170,7 +170,35 @@ def scenarios() -> dict[str, callable]:
         )
         return {"exit_code": code, "whole_run_s": ended - started, "reported": "differs between ranks" in output}
 
+    def hang(where: str, hang_timeout: int = 8, timeout: int = 60) -> callable:
+        def run(out: Path) -> dict:
+            arguments = ["--strategy", "ddp", "--where", where, "--hang-timeout", str(hang_timeout)]
+            code, ended, output = _run("hang.py", out, [*arguments, "--timeout", str(timeout)])
+            named = "the others wait for rank 1" in output or "wait in different PyTorch calls" in output
+            return {
+                "exit_code": code,
+                "detection_s": ended - _time_of(out / "fault_injected.json"),
+                "report_names_the_place": named,
+            }
+
+        return run
+
+    def damaged_checkpoint(out: Path) -> dict:
+        _run("train_gpt.py", out, ["--devices", "2", "--strategy", "fsdp", "--checkpoint-every", "5"])
+        shard = out / "checkpoints" / "step=10" / "__1_0.distcp"
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 1
+        shard.write_bytes(bytes(data))
+        started = time.time()
+        code, ended, output = _run("train_gpt.py", out, ["--devices", "2", "--strategy", "fsdp", "--ckpt-path", "last"])
+        return {"exit_code": code, "whole_resumed_run_s": ended - started, "fell_back": "resuming from" in output}
+
     return {
+        "rank 1 sleeps in training_step, hang_timeout_seconds=8": hang("sleep"),
+        "rank 1 stuck reading data, hang_timeout_seconds=8": hang("data"),
+        "rank 0 calls a collective rank 1 skips, hang_timeout_seconds=8": hang("collective"),
+        "rank 1 sleeps, collective timeout 15 s (no hang timeout before it)": hang("sleep", 600, 15),
+        "a flipped bit in the last checkpoint, ckpt_path='last'": damaged_checkpoint,
         "SIGTERM to rank 0 (agree at logging step, every 4)": preempt_rank0,
         "SIGUSR1 to rank 1 only (check every step)": preempt_rank1_every_step,
         "SIGKILL rank 1, torchrun --max-restarts=1": sigkill_under_torchrun_restart,
@@ -186,10 +214,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--only", nargs="+", default=None, help="run the scenarios whose names contain one of these")
     args = parser.parse_args()
     results: dict[str, list[dict]] = {}
+    chosen = {
+        name: scenario
+        for name, scenario in scenarios().items()
+        if args.only is None or any(part in name for part in args.only)
+    }
     with tempfile.TemporaryDirectory() as tmp:
-        for name, scenario in scenarios().items():
+        for name, scenario in chosen.items():
             results[name] = [scenario(Path(tmp) / f"{len(results)}_{repeat}") for repeat in range(args.repeats)]
             runs = results[name]
             timed = {key for key in runs[0] if key.endswith("_s")}

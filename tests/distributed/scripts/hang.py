@@ -7,7 +7,9 @@ sample), ``collective`` (rank 0 calls a barrier that rank 1 never calls), ``nowh
 """
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -25,6 +27,11 @@ args = parser.parse_args()
 STUCK_STEP = 3
 
 
+def mark_fault() -> None:
+    """When the fault starts, for benchmarks/faults.py's detection times."""
+    Path(args.out, "fault_injected.json").write_text(json.dumps({"time": time.time()}))
+
+
 class Samples(Dataset):
     read = 0
 
@@ -34,6 +41,7 @@ class Samples(Dataset):
     def __getitem__(self, index):
         Samples.read += 1
         if args.where == "data" and dist.get_rank() == 1 and Samples.read > STUCK_STEP * 4:  # the batch of step 3
+            mark_fault()
             time.sleep(1000)  # rank 1 stuck reading a sample
         return torch.full((8,), float(index))
 
@@ -45,8 +53,10 @@ class Module(TrainModule):
     def training_step(self, batch, batch_idx):
         if self.global_step == STUCK_STEP:
             if args.where == "sleep" and dist.get_rank() == 1:
+                mark_fault()
                 time.sleep(1000)  # rank 1 stuck outside any collective
             if args.where == "collective" and dist.get_rank() == 0:
+                mark_fault()
                 dist.barrier()  # a collective rank 1 skips
         return self.layer(batch).pow(2).mean()
 
