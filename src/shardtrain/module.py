@@ -100,7 +100,8 @@ class TrainModule(HyperparametersMixin, nn.Module):
 
     # Define both to train under pipeline parallelism (and, with no training_step, under every strategy):
     #   pipeline_inputs(batch) -> (inputs, targets): the pipelined model's positional inputs (a tensor
-    #       or a tuple of tensors, split into micro-batches along dimension 0) and the loss's targets;
+    #       or a tuple of tensors, the last of which may be a dict of keyword inputs; all split into
+    #       micro-batches along dimension 0) and the loss's targets (a tensor);
     #   pipeline_loss(outputs, targets) -> loss: on the last stage, for one micro-batch.
 
     def pipelined_model(self) -> tuple[str, nn.Module]:
@@ -148,8 +149,8 @@ class TrainModule(HyperparametersMixin, nn.Module):
 
     def _pipeline_contract_loss(self, batch: Any) -> torch.Tensor:
         inputs, targets = self.pipeline_inputs(batch)  # type: ignore[attr-defined]
-        inputs = inputs if isinstance(inputs, tuple) else (inputs,)
-        return self.pipeline_loss(self.pipelined_model()[1](*inputs), targets)  # type: ignore[attr-defined]
+        args, kwargs = pipeline_call(inputs)
+        return self.pipeline_loss(self.pipelined_model()[1](*args, **kwargs), targets)  # type: ignore[attr-defined]
 
     def configure_optimizers(self) -> Any:
         raise NotImplementedError(f"{type(self).__name__} must define configure_optimizers() returning an optimizer")
@@ -503,3 +504,12 @@ def extract_loss(outputs: Any, module_name: str) -> torch.Tensor:
             f"{module_name}.training_step returned a loss that does not require grad; was it computed under torch.no_grad() or detached?"
         )
     return loss
+
+
+def pipeline_call(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The positional and keyword arguments of the pipelined model in what ``pipeline_inputs`` returns: a tensor,
+    or a tuple whose last item may be a dict of keyword inputs."""
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    if inputs and isinstance(inputs[-1], Mapping):
+        return inputs[:-1], dict(inputs[-1])
+    return inputs, {}

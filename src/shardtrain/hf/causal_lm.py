@@ -12,6 +12,7 @@ from shardtrain.errors import ConfigError
 from shardtrain.hf.adapters import keep_frozen_in, parse_dtype, with_lora
 from shardtrain.hf.pretrained import from_pretrained, require_transformers
 from shardtrain.module import TrainModule
+from shardtrain.parallel.context_parallel import in_split_step
 
 
 class CausalLM(TrainModule):
@@ -88,19 +89,30 @@ class CausalLM(TrainModule):
     # transformers model's own forward on the token ids; the last one computes the model's own loss.
     pipeline_module = "model"
 
-    def pipeline_inputs(self, batch: Mapping[str, torch.Tensor]) -> tuple[tuple[torch.Tensor], torch.Tensor]:
-        if "shift_labels" in batch:  # set by context_parallel_inputs: a step split over context-parallel ranks
-            raise ConfigError(
-                "CausalLM under context and pipeline parallelism together is not supported yet (the stages would "
-                "need the whole sequence's positions and label count); use context_parallel_size with data or "
-                "tensor parallelism, or pipeline_parallel_size without context parallelism"
-            )
-        return (batch["input_ids"],), batch["labels"]
+    def pipeline_inputs(self, batch: Mapping[str, torch.Tensor]) -> tuple[tuple[Any, ...], torch.Tensor]:
+        if not in_split_step():
+            return (batch["input_ids"],), batch["labels"]
+        # Split over context-parallel ranks too (context_parallel_inputs ran): every stage computes the rotary
+        # embeddings from the whole sequence's positions, and the loss needs each sequence's label count over the
+        # whole sequence, carried beside the shifted labels (targets must be one tensor: [labels, counts] per row).
+        keywords = {"attention_mask": batch["attention_mask"], "position_ids": batch["position_ids"]}
+        labels = batch["shift_labels"]
+        counts = batch["label_counts"][:, None].expand_as(labels)
+        return (batch["input_ids"], keywords), torch.stack([labels, counts], dim=1)
 
     def pipeline_loss(self, outputs: Any, labels: torch.Tensor) -> torch.Tensor:
         # A ModelOutput (its logits come first without labels), or under pipeline parallelism the logits
         logits = outputs if isinstance(outputs, torch.Tensor) else outputs[0]
-        return self.model.loss_function(logits, labels, vocab_size=self.model.config.vocab_size)
+        vocab_size = self.model.config.vocab_size
+        if not in_split_step():
+            return self.model.loss_function(logits, labels, vocab_size=vocab_size)
+        # This micro-batch's sum over the rank's tokens over its label count on the whole sequences, per rank: the
+        # mean over the context-parallel ranks (FSDP's) is then the micro-batch's mean, as without the split.
+        shifted, counts = labels[:, 0].contiguous(), labels[:, 1, 0]
+        items = counts.sum() / self.device_mesh["cp"].size()
+        return self.model.loss_function(
+            logits, None, vocab_size=vocab_size, shift_labels=shifted, num_items_in_batch=items
+        )
 
     # The context-parallel contract (``model_parallel`` with ``context_parallel_size``): the labels are shifted over
     # the whole sequence before the split (transformers' ``shift_labels``; a shift inside each rank's part would be
@@ -117,7 +129,8 @@ class CausalLM(TrainModule):
         tokens, labels = batch["input_ids"], batch["labels"]
         batch["shift_labels"] = F.pad(labels[:, 1:], (0, 1), value=-100)
         batch["position_ids"] = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens).contiguous()
-        batch["num_items_in_batch"] = (batch["shift_labels"] != -100).sum() / self.device_mesh["cp"].size()
+        batch["label_counts"] = (batch["shift_labels"] != -100).sum(dim=1)  # per sequence, before the split
+        batch["num_items_in_batch"] = batch["label_counts"].sum() / self.device_mesh["cp"].size()
         # An all-ones mask: transformers then calls attention with is_causal=True and no mask (the ring's case),
         # rather than reading the rank's non-contiguous positions as packed sequences and building a mask.
         batch["attention_mask"] = torch.ones_like(tokens)

@@ -141,7 +141,7 @@ class Pipeline:
         run = self.schedule.step if train else self.schedule.eval
         options: dict[str, Any] = {"return_outputs": False} if train else {}
         run(
-            *(inputs if self.has_first else ()),
+            *(tuple(t for t in inputs if isinstance(t, torch.Tensor)) if self.has_first else ()),  # keywords: below
             target=targets if self.has_last else None,
             losses=losses,
             pipeline_inputs=inputs,

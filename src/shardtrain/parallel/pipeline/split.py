@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from shardtrain.errors import ConfigError
+from shardtrain.module import pipeline_call
 from shardtrain.parallel.pipeline.stand_in import ParameterStandIn
 
 
@@ -202,7 +203,8 @@ class StageRunner(nn.Module):
         self.received = None if self.is_first else received[0]
         self.started = False
         try:
-            output = self.view(*pipeline_inputs)
+            args, kwargs = pipeline_call(pipeline_inputs)
+            output = self.view(*args, **kwargs)
             if self.is_last:  # a mapping (transformers' ModelOutput): its tensors, in order, as the schedule needs
                 return (
                     tuple(v for v in output.values() if isinstance(v, torch.Tensor))
