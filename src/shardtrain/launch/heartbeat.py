@@ -91,7 +91,7 @@ class Heartbeat:
 
     def progress(self, step: int | None, phase: str) -> None:
         now = time.perf_counter()
-        if self.phase == "data" and phase == "training_step":  # a batch arrived: the wait for it, for stragglers
+        if self.phase == "data" and phase != "data":  # a batch arrived: the wait for it, for stragglers
             self.data_seconds += now - self._phase_started
             self.data_waits += 1
         self.step, self.phase, self._phase_started = step, phase, now
