@@ -83,10 +83,11 @@ def experiment_wandb(root: str, **trainer_kwargs) -> dict:
     config, history = {}, []
     for record in wandb_records(path):
         kind = record.WhichOneof("record_type")
-        if kind == "config":
-            config.update(
-                {_key(item): item.value_json for item in record.config.update if not _key(item).startswith("_")}
-            )
+        # The hyperparameters are a config record, or (when wandb's service batches them before the run record
+        # is written: seen once in CI under load) part of the run record itself.
+        if kind in ("config", "run"):
+            updates = record.config.update if kind == "config" else record.run.config.update
+            config.update({_key(item): item.value_json for item in updates if not _key(item).startswith("_")})
         elif kind == "history":
             history.append(
                 {_key(item): item.value_json for item in record.history.item if not _key(item).startswith("_")}
