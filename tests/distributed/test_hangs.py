@@ -68,6 +68,18 @@ def test_a_collective_timeout_reports_the_rank_it_waited_for(tmp_path):
     assert f"{SLEEP_LINE}  <- stuck" in run.output
 
 
+def test_a_loop_on_the_engine_that_reports_its_progress_gets_the_report(tmp_path):
+    start = time.monotonic()
+    run = run_script(
+        "hang.py", tmp_path, "--engine", "--strategy", "ddp", "--where", "sleep", "--hang-timeout", "8",
+        "--timeout", "60", timeout=180,
+    )  # fmt: skip
+    assert run.returncode == 124 and time.monotonic() - start < 8 + 60, run.output[-3000:]
+    report = (tmp_path / "hang_report.txt").read_text()
+    assert "the others wait for rank 1: not in a collective" in report
+    assert "rank 1: step 3, step, in " in report and "time.sleep(1000)  # rank 1 stuck in a loop of its own" in report
+
+
 def test_a_healthy_run_with_a_short_hang_timeout_is_not_stopped(tmp_path):
     """8 quick steps, then 6 s of the script's own work after fit on both ranks, with hang_timeout_seconds=3."""
     run, _ = _hang(tmp_path, "ddp", "nowhere", hang_timeout=3)

@@ -23,6 +23,7 @@ parser.add_argument("--strategy", default="ddp")
 parser.add_argument("--where", choices=("sleep", "data", "collective", "nowhere"), required=True)
 parser.add_argument("--timeout", type=float, default=60)
 parser.add_argument("--hang-timeout", type=float, default=None)
+parser.add_argument("--engine", action="store_true", help="a loop of its own on the Engine (with --where sleep)")
 args = parser.parse_args()
 STUCK_STEP = 3
 
@@ -63,6 +64,27 @@ class Module(TrainModule):
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
+
+if args.engine:  # a loop of its own that reports where it is with engine.progress(step, phase)
+    from shardtrain import Engine
+
+    engine = Engine(
+        accelerator="cpu", devices=2, strategy=args.strategy,
+        timeout_seconds=args.timeout, hang_timeout_seconds=args.hang_timeout,
+    )  # fmt: skip
+    engine.launch()
+    engine.report_hangs_to(args.out)
+    layer = torch.nn.Linear(8, 1)
+    model, optimizer = engine.setup(layer, torch.optim.SGD(layer.parameters(), lr=0.01))
+    for step in range(8):
+        engine.progress(step, "step")
+        if step == STUCK_STEP and dist.get_rank() == 1:
+            mark_fault()
+            time.sleep(1000)  # rank 1 stuck in a loop of its own
+        engine.backward(model(torch.randn(4, 8)).pow(2).mean())
+        optimizer.step()
+        optimizer.zero_grad()
+    raise SystemExit(0)
 
 trainer = Trainer(
     accelerator="cpu",
