@@ -8,7 +8,7 @@ sleep, a data read, a save, a collective the others skipped) until the collectiv
   ``training_step``, ``optimizer_step``, ``validation batch N``, ``checkpoint``): two Python assignments, no
   sync. Every rank runs one daemon thread that copies them into the process group's own store (the rendezvous
   ``TCPStore``, no new connection) every ``interval`` seconds.
-* **No progress for ``hang_timeout`` seconds** (seen by rank 0's thread: no rank's step or phase changed), or
+* **No progress for ``hang_timeout`` seconds** (seen by rank 0's thread: no rank moved on to another phase or step), or
   **a collective that failed with a timeout** on any rank: one rank asks every rank for its main thread's
   Python stack through the store. Each rank's thread answers (a thread runs while the main thread waits in a
   collective, a sleep or a read). The report names the ranks that are behind or away from the others (a lower
@@ -74,6 +74,7 @@ class Heartbeat:
         #: Seconds this rank spent in the ``data`` phase (waiting for its next batch), and how many such waits.
         self.data_seconds = 0.0
         self.data_waits = 0
+        self._moves = 0  # progress calls: a rank that moves between the same places still moves
         self._main = threading.main_thread()
         self._stop = threading.Event()
         self._answered = False
@@ -95,6 +96,7 @@ class Heartbeat:
             self.data_seconds += now - self._phase_started
             self.data_waits += 1
         self.step, self.phase, self._phase_started = step, phase, now
+        self._moves += 1
 
     # ---------------------------------------------------------------- the thread
     def _run(self) -> None:
@@ -114,7 +116,8 @@ class Heartbeat:
                 os._exit(EXIT_CODE)
 
     def _beat(self) -> None:
-        beat = {"step": self.step, "phase": self.phase, "data_s": self.data_seconds, "data_n": self.data_waits}
+        beat = {"step": self.step, "phase": self.phase, "moves": self._moves}
+        beat |= {"data_s": self.data_seconds, "data_n": self.data_waits}
         self.store.set(f"{_PREFIX}/rank{self.rank}", json.dumps(beat))
         if not self._answered and self.store.check([_REQUEST]):
             self.store.set(f"{_PREFIX}/stack{self.rank}", json.dumps(self._own_stack()))
@@ -127,13 +130,14 @@ class Heartbeat:
             return False
 
     def _no_progress_for(self) -> float:
-        """Seconds since rank 0 last saw any rank's step or phase change; 0 before the first ``progress``."""
+        """Seconds since rank 0 last saw any rank move (a ``progress`` call); 0 before the first one and while every
+        rank is out of the loop (``step=None``)."""
         keys = [f"{_PREFIX}/rank{rank}" for rank in range(self.world_size)]
         if not self.store.check(keys):
             return 0.0
-        seen = tuple(self.store.multi_get(keys))
-        where = tuple((beat["step"], beat["phase"]) for beat in map(json.loads, seen))
-        if where != self._seen or all(step is None for step, _ in where):
+        beats = [json.loads(value) for value in self.store.multi_get(keys)]
+        where = tuple(beat["moves"] for beat in beats)
+        if where != self._seen or all(beat["step"] is None for beat in beats):
             self._seen, self._seen_at = where, time.monotonic()
         return time.monotonic() - self._seen_at
 
