@@ -446,7 +446,8 @@ class Engine:
         return heartbeat.data_waits()
 
     def report_hangs_to(self, directory: str | os.PathLike | None) -> None:
-        """Where rank 0 writes ``hang_report.txt`` when the ranks stop making progress (besides standard error)."""
+        """Where the reporting rank (rank 0 on no progress; the rank whose collective timed out) also writes
+        ``hang_report.txt`` (besides standard error)."""
         heartbeat.set_report_dir(Path(directory) if directory is not None else None)
 
     def teardown(self) -> None:
