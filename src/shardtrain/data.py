@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, Sampler, SequentialSampler
@@ -150,9 +150,11 @@ class DeviceDataLoader:
     already, and a plain loader over an ``IterableDataset`` can only read and discard ``k`` batches.
     """
 
-    def __init__(self, loader: DataLoader, device: torch.device) -> None:
+    def __init__(self, loader: DataLoader, device: torch.device, transfer: Callable[[Any], Any] | None = None) -> None:
         self.loader = loader
         self.device = device
+        #: Takes one batch to the device (the batch-transfer hooks); None: every tensor in it is moved.
+        self.transfer = transfer
         self._start = 0
         self._position_restored = False
 
@@ -186,7 +188,7 @@ class DeviceDataLoader:
             for _ in itertools.islice(iterator, start):
                 pass
         for batch in iterator:
-            yield move_to_device(batch, self.device)
+            yield move_to_device(batch, self.device) if self.transfer is None else self.transfer(batch)
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -4,7 +4,9 @@ The Trainer calls them as Lightning does: ``prepare_data()`` once per node (``pr
 in the run) before ``setup(stage)`` on every rank, with ``stage`` one of ``"fit"``, ``"validate"``, ``"test"``,
 ``"predict"``; then the loaders of the stage; ``teardown(stage)`` at its end (after an exception too), and
 ``on_exception(exception)`` when the stage fails. ``state_dict()`` (JSON-able values) is saved in the Trainer's
-checkpoints and given back to ``load_state_dict`` on resume.
+checkpoints and given back to ``load_state_dict`` on resume. The batch-transfer hooks (``on_before_batch_transfer``,
+``transfer_batch_to_device``, ``on_after_batch_transfer``) run in place of the module's when the DataModule
+overrides them (``shardtrain.batch_transfer``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from shardtrain.batch_transfer import BatchTransferHooks
 from shardtrain.hparams import HyperparametersMixin
 
 if TYPE_CHECKING:
@@ -25,7 +28,7 @@ if TYPE_CHECKING:
     from shardtrain.trainer.trainer import Trainer
 
 
-class DataModule(HyperparametersMixin):
+class DataModule(BatchTransferHooks, HyperparametersMixin):
     """Override the ``*_dataloader()`` methods a run needs (``batch_size`` is per process; the Trainer inserts
     distributed samplers), and ``prepare_data``/``setup``/``teardown`` to download, split and free the data.
 

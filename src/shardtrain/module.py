@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from shardtrain.batch_transfer import BatchTransferHooks
 from shardtrain.errors import ConfigError, TrainingStepError
 from shardtrain.logged import LoggedValue, reduction, step_and_epoch
 from shardtrain.hparams import HyperparametersMixin
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 StepOutput = torch.Tensor | Mapping[str, Any]
 
 
-class TrainModule(HyperparametersMixin, nn.Module):
+class TrainModule(BatchTransferHooks, HyperparametersMixin, nn.Module):
     """A model plus how to train it.
 
     Override:
@@ -45,8 +46,9 @@ class TrainModule(HyperparametersMixin, nn.Module):
         ``train_dataloader()`` / ``val_dataloader()``: optional, when no loaders are passed to ``fit``.
         Any ``on_*`` hook of :class:`shardtrain.callbacks.Callback` (without the trainer/module arguments).
         Lightning's ``setup``/``teardown(stage)``, ``optimizer_step``, ``optimizer_zero_grad``,
-        ``configure_gradient_clipping`` and ``lr_scheduler_step``; every other Lightning hook is refused when
-        overridden (``shardtrain.trainer.hooks``, docs/lightning.md).
+        ``configure_gradient_clipping``, ``lr_scheduler_step``, ``backward`` and the batch-transfer hooks
+        (``on_before_batch_transfer``, ``transfer_batch_to_device``, ``on_after_batch_transfer``); every other
+        Lightning hook is refused when overridden (``shardtrain.trainer.hooks``, docs/lightning.md).
     """
 
     def __init__(self) -> None:
@@ -169,6 +171,13 @@ class TrainModule(HyperparametersMixin, nn.Module):
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
         optimizer.zero_grad(set_to_none=True)
 
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """Run backward of ``loss``: the training step's loss divided by ``accumulate_grad_batches`` and scaled by the
+        precision's gradient scaler (fp16), as Lightning gives it; ``manual_backward``'s extra arguments follow it.
+        Called by the strategy in place of ``loss.backward()`` under single, ddp, fsdp and model_parallel without
+        pipeline stages; overriding it is refused where DeepSpeed's engine or a pipeline schedule runs backward."""
+        loss.backward(*args, **kwargs)
+
     def configure_gradient_clipping(
         self,
         optimizer: torch.optim.Optimizer,
@@ -225,10 +234,9 @@ class TrainModule(HyperparametersMixin, nn.Module):
 
     def manual_backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         """Backward of ``loss`` as the strategy runs it (loss scaling, FSDP's reduce-scatter, DeepSpeed's engine),
-        between ``on_before_backward`` and ``on_after_backward``; call it in place of ``loss.backward()``."""
-        if args or kwargs:
-            raise TypeError("manual_backward(loss) takes no other arguments in shardtrain (the strategy runs backward)")
-        self._manual_optimization("manual_backward").backward(loss)
+        between ``on_before_backward`` and ``on_after_backward``; call it in place of ``loss.backward()``.
+        ``args``/``kwargs`` (e.g. ``retain_graph=True``) go to ``backward(loss, *args, **kwargs)``, as in Lightning."""
+        self._manual_optimization("manual_backward").backward(loss, *args, **kwargs)
 
     def toggle_optimizer(self, optimizer: Any) -> None:
         """Only ``optimizer``'s parameters require gradients until ``untoggle_optimizer(optimizer)`` (the other

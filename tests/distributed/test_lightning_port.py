@@ -40,6 +40,8 @@ def test_basic_fit_under_ddp_and_fsdp_matches_lightnings_ddp(tmp_path):
         ours = run_port(tmp_path / strategy, "basic", "shardtrain", strategy)
         for rank in range(2):
             assert ours[rank]["global_step"] == theirs[rank]["global_step"]
+            assert ours[rank]["calls"] == theirs[rank]["calls"], (strategy, rank)  # the backward hook among them
+            assert ours[rank]["backward_losses"] == pytest.approx(theirs[rank]["backward_losses"], abs=1e-5)
             for name, values in theirs[rank]["weights"].items():
                 assert ours[rank]["weights"][name] == pytest.approx(values, abs=1e-5), (strategy, rank, name)
         their_losses = [row["loss"] for row in theirs[0]["rows"] if "loss" in row]  # rank 0's own, as Lightning

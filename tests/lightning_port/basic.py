@@ -37,6 +37,7 @@ class Regression(L.LightningModule):
         self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
         self.calls: list[str] = []
         self.batches: list[float] = []  # each training batch's sum: which samples this rank saw
+        self.backward_losses: list[float] = []  # what the backward hook was given
         for hook in HOOKS:
             setattr(self, hook, self._recorder(hook))
 
@@ -56,6 +57,11 @@ class Regression(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         x, y = batch
         self.log("val_loss", nn.functional.mse_loss(self.net(x), y))
+
+    def backward(self, loss, *args, **kwargs):  # Lightning's hook, called in place of loss.backward()
+        self.calls.append("backward")
+        self.backward_losses.append(float(loss))
+        loss.backward(*args, **kwargs)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -78,5 +84,6 @@ def experiment(root: str, **trainer_kwargs) -> dict:
         "rows": logger.rows,
         "weights": weights(module),
         "batches": module.batches,
+        "backward_losses": module.backward_losses,
         "global_step": trainer.global_step,
     }

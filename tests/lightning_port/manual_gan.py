@@ -103,13 +103,35 @@ class OneOptimizer(Recorder, L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=0.01)  # ZeRO refuses SGD unless zero_allow_untested_optimizer
 
 
+class RetainGraph(OneOptimizer):
+    """Two backward passes through one graph: ``manual_backward``'s ``retain_graph=True`` reaches the backward, and
+    an overridden ``backward`` hook is what runs (it adds a penalty's gradient)."""
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        opt = self.optimizers()
+        loss = nn.functional.mse_loss(self.net(x), x.sum(dim=1, keepdim=True).sin())
+        self.manual_backward(loss, retain_graph=True)
+        self.manual_backward(loss * 0.5)
+        opt.step()
+        opt.zero_grad()
+        self.log("loss", loss)
+
+    def backward(self, loss, *args, **kwargs):
+        self.calls.append(f"backward{sorted(kwargs)}")
+        loss.backward(*args, **kwargs)
+
+
+MODELS = {"gan": lambda: GAN(), "one": lambda: OneOptimizer(), "retain_graph": lambda: RetainGraph()}
+
+
 def data(n: int = 32) -> TensorDataset:
     return TensorDataset(torch.randn(n, 4, generator=torch.Generator().manual_seed(0)))
 
 
 def experiment(root: str, model: str = "gan", resume: bool = False, max_steps: int = -1, **trainer_kwargs) -> dict:
     torch.manual_seed(0)
-    module = GAN() if model == "gan" else OneOptimizer()
+    module = MODELS[model]()
     logger = RecordingLogger()
     records: dict = {}
 
@@ -123,7 +145,7 @@ def experiment(root: str, model: str = "gan", resume: bool = False, max_steps: i
         first.save_checkpoint(path)
         records["first_global_step"] = first.global_step
         torch.manual_seed(1)
-        module = GAN() if model == "gan" else OneOptimizer()  # other weights: the checkpoint must restore them
+        module = MODELS[model]()  # other weights: the checkpoint must restore them
         trainer = L.Trainer(default_root_dir=root, logger=logger, max_epochs=2, log_every_n_steps=1, **trainer_kwargs)
         trainer.fit(module, loader(trainer), ckpt_path=path)
     else:

@@ -1,5 +1,7 @@
 """fit, validate, test and predict of one module and DataModule: the hooks of every stage in order (module,
-DataModule), what validate/test return (one loader and two), predictions, and test on a saved checkpoint's weights."""
+DataModule), what validate/test return (one loader and two), predictions, and test on a saved checkpoint's weights.
+The batch-transfer hooks change the batches (the module's before and during the transfer, the DataModule's after it,
+when the stage was given the DataModule), so results differ unless each runs where Lightning runs it."""
 
 from __future__ import annotations
 
@@ -65,6 +67,15 @@ class Regression(L.LightningModule):
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        self.calls.append(f"module.on_before_batch_transfer({dataloader_idx}) on {batch[0].device.type}")
+        x, y = batch
+        return x, y + 0.25
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        self.calls.append(f"module.transfer_batch_to_device({dataloader_idx})")
+        return [tensor.to(device) * 1.5 if i == 0 else tensor.to(device) for i, tensor in enumerate(batch)]
+
 
 class Data(L.LightningDataModule):
     def __init__(self, calls: list):
@@ -92,6 +103,11 @@ class Data(L.LightningDataModule):
 
     def predict_dataloader(self):
         return DataLoader(data(12, 3), batch_size=4)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        self.calls.append(f"datamodule.on_after_batch_transfer({dataloader_idx})")
+        x, y = batch
+        return x - 0.5, y
 
     def state_dict(self):
         return {"epochs_seen": self.epochs_seen + 1}

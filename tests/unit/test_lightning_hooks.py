@@ -358,3 +358,33 @@ def test_configure_callbacks_replace_the_trainers_of_the_same_type_and_checkpoin
     tagged = [c.tag for c in trainer.callbacks if isinstance(c, Tagged)]
     assert tagged == ["module"]
     assert isinstance(trainer.callbacks[-1], ModelCheckpoint)
+
+
+class OwnBackward(Regression):
+    def backward(self, loss, *args, **kwargs):
+        loss.backward(*args, **kwargs)
+
+
+def _deepspeed():
+    pytest.importorskip("deepspeed")
+    return "deepspeed"
+
+
+@pytest.mark.parametrize(
+    ("strategy", "devices"),
+    [
+        pytest.param("deepspeed", 1, id="deepspeed"),
+        pytest.param("pipeline", 2, id="pipeline"),
+    ],
+)
+def test_an_overridden_backward_is_refused_where_the_strategy_runs_backward_itself(strategy, devices, tmp_path):
+    from shardtrain.strategies.model_parallel import ModelParallelStrategy
+
+    chosen = _deepspeed() if strategy == "deepspeed" else ModelParallelStrategy(pipeline_parallel_size=2)
+    module = OwnBackward()
+    trainer = Trainer(
+        accelerator="cpu", strategy=chosen, devices=devices, max_steps=2, default_root_dir=tmp_path, logger=False
+    )
+    with pytest.raises(ConfigError, match=r"OwnBackward overrides backward, which strategy .* does not call"):
+        trainer.fit(module, DataLoader(_data(), batch_size=16))
+    assert module.steps == 0 and trainer.model is None  # before any process group or step

@@ -56,6 +56,15 @@ def test_manual_one_optimizer_matches_lightning(tmp_path):
     assert [row["loss"] for row in ours["rows"]] == pytest.approx([row["loss"] for row in theirs["rows"]])
 
 
+def test_manual_backward_arguments_and_the_backward_hook_match_lightning(tmp_path):
+    theirs = run("manual_gan", "lightning", tmp_path / "theirs", model="retain_graph")
+    ours = run("manual_gan", "shardtrain", tmp_path / "ours", strategy="single", model="retain_graph")
+    assert ours["calls"] == theirs["calls"]
+    assert ours["calls"].count("backward['retain_graph']") == ours["calls"].count("backward[]") == 8
+    assert max_difference(ours["weights"], theirs["weights"]) < 1e-6
+    assert [row["loss"] for row in ours["rows"]] == pytest.approx([row["loss"] for row in theirs["rows"]])
+
+
 # ---------------------------------------------------------------------------------------------- refusals
 class Manual(shardtrain.TrainModule):
     def __init__(self) -> None:

@@ -25,6 +25,8 @@ def test_basic_fit_matches_lightning(tmp_path):
     ours = run("basic", "shardtrain", tmp_path / "ours", strategy="single")
     theirs = run("basic", "lightning", tmp_path / "theirs")
     assert ours["calls"] == theirs["calls"]
+    assert ours["calls"].count("backward") == 8  # the module's backward hook ran in place of loss.backward()
+    assert ours["backward_losses"] == pytest.approx(theirs["backward_losses"], abs=1e-6)
     assert ours["global_step"] == theirs["global_step"] == 8
     for name, values in theirs["weights"].items():
         assert ours["weights"][name] == pytest.approx(values, abs=1e-6)

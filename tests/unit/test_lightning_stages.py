@@ -121,16 +121,28 @@ def test_best_loads_the_best_checkpoint_of_the_first_model_checkpoint_and_is_the
     assert fresh.test(Validated(), loader, ckpt_path=best, verbose=False) == from_best
 
 
-def test_a_datamodule_with_batch_transfer_hooks_is_refused_before_they_would_be_ignored(tmp_path):
+def test_a_batch_transfer_hook_in_both_runs_the_datamodules_with_a_warning_as_lightning(tmp_path):
+    seen = []
+
     class Moving(DataModule):
         def test_dataloader(self):
             return _loader()
 
-        def on_before_batch_transfer(self, batch, dataloader_idx):
+        def on_after_batch_transfer(self, batch, dataloader_idx):
+            seen.append(("datamodule", dataloader_idx))
             return batch
 
-    with pytest.raises(ConfigError, match="Moving defines Lightning's on_before_batch_transfer.*collate_fn"):
-        _trainer(tmp_path).test(Regression(), datamodule=Moving())
+    class Module(Regression):
+        def predict_step(self, batch, batch_idx):
+            return None
+
+        def on_after_batch_transfer(self, batch, dataloader_idx):
+            seen.append(("module", dataloader_idx))
+            return batch
+
+    with pytest.warns(UserWarning, match="on_after_batch_transfer is overridden in both Module and Moving"):
+        _trainer(tmp_path).test(Module(), datamodule=Moving(), verbose=False)
+    assert seen == [("datamodule", 0), ("datamodule", 0)]  # 8 samples in batches of 4
 
 
 def test_from_datasets_makes_the_loaders_lightning_makes(tmp_path):

@@ -287,10 +287,13 @@ class Engine:
         seed: int = 0,
         pad_to_equal: bool = True,
         shuffle: bool | None = None,
+        transfer: Callable[[Any], Any] | None = None,
     ) -> Any:
         """Give each data-parallel rank its share of the data and move batches to the device. ``pad_to_equal=False``
         (prediction): no sample is repeated to give every rank as many as the others (ranks may differ by one).
-        ``shuffle`` overrides the loaders' own shuffling (None: keep it; see ``with_distributed_sampler``)."""
+        ``shuffle`` overrides the loaders' own shuffling (None: keep it; see ``with_distributed_sampler``).
+        ``transfer(batch)`` takes each batch to the device in place of moving every tensor in it (the Trainer's
+        batch-transfer hooks, ``shardtrain.batch_transfer``)."""
         self._require_launched("setup_dataloaders")
         share = (self.data_parallel_size, self.data_parallel_rank, seed, shuffle)
         out = [
@@ -299,6 +302,7 @@ class Engine:
                 if use_distributed_sampler
                 else loader,
                 self.device,
+                transfer=transfer,
             )
             for loader in loaders
         ]
@@ -348,17 +352,45 @@ class Engine:
                 grad.copy_(value.view_as(grad))
 
     def forward_backward(
-        self, module: EngineModule, compute_loss: LossFunction, *, synchronize: bool = True, batch: Any = None
+        self,
+        module: EngineModule,
+        compute_loss: LossFunction,
+        *,
+        synchronize: bool = True,
+        batch: Any = None,
+        run_backward: Callable[[torch.Tensor], None] | None = None,
     ) -> tuple[torch.Tensor, Any]:
         """One micro-batch as the strategy runs it: ``compute_loss()`` (the forward: loss and outputs), backward of
         the loss divided by ``accumulate_grad_batches``, gradients synchronised only when ``synchronize``; returns
-        the undivided loss, detached, and the outputs. Pipeline parallelism runs ``batch`` through its schedule."""
+        the undivided loss, detached, and the outputs. Pipeline parallelism runs ``batch`` through its schedule.
+        ``run_backward(loss)`` runs the backward in place of ``loss.backward()`` (given the divided, scaled loss)
+        where ``supports_custom_backward``."""
+        own = (
+            {} if run_backward is None else {"run_backward": run_backward}
+        )  # strategies of other packages may not take it
         return self.strategy.forward_backward(
-            module._forward_module, compute_loss, synchronize=synchronize, batch=batch
+            module._forward_module, compute_loss, synchronize=synchronize, batch=batch, **own
         )
 
-    def backward(self, loss: torch.Tensor, model: EngineModule | None = None) -> None:
-        self.strategy.backward(loss, model._forward_module if model is not None else None)
+    def backward(
+        self,
+        loss: torch.Tensor,
+        model: EngineModule | None = None,
+        run_backward: Callable[[torch.Tensor], None] | None = None,
+    ) -> None:
+        """Backward of ``loss`` as the strategy runs it (loss scaling, DeepSpeed's engine); ``run_backward`` as in
+        ``forward_backward``."""
+        forward_module = model._forward_module if model is not None else None
+        if run_backward is None:
+            self.strategy.backward(loss, forward_module)
+        else:
+            self.strategy.backward(loss, forward_module, run_backward=run_backward)
+
+    @property
+    def supports_custom_backward(self) -> bool:
+        """Whether a loop may run backward its own way (``run_backward``): not where DeepSpeed's engine or a
+        pipeline schedule runs it."""
+        return self.strategy.supports_custom_backward
 
     @property
     def supports_inference_mode(self) -> bool:

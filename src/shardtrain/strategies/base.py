@@ -205,10 +205,12 @@ class Strategy(abc.ABC):
         *,
         synchronize: bool,
         batch: Any = None,
+        run_backward: Callable[[torch.Tensor], None] | None = None,
     ) -> tuple[torch.Tensor, Any]:
         """Run one micro-batch: forward (``compute_loss()`` returns the loss and the step's outputs)
-        and backward of the loss divided by ``training.accumulate_grad_batches``; gradients are
-        synchronised only when ``synchronize`` (the last micro-batch of an optimizer step).
+        and backward of the loss divided by ``training.accumulate_grad_batches`` (through ``run_backward``
+        when given, see ``backward``); gradients are synchronised only when ``synchronize`` (the last
+        micro-batch of an optimizer step).
 
         Returns the undivided loss, detached, and the outputs. This is the hook a strategy that
         owns the step's schedule (pipeline parallelism) overrides: it runs ``batch`` itself.
@@ -221,11 +223,33 @@ class Strategy(abc.ABC):
         with skip_sync:
             loss, outputs = compute_loss()
             accumulation = self.training.accumulate_grad_batches
-            self.backward(loss / accumulation if accumulation > 1 else loss, module)
+            divided = loss / accumulation if accumulation > 1 else loss
+            if run_backward is None:
+                self.backward(divided, module)
+            else:
+                self.backward(divided, module, run_backward=run_backward)
         return loss.detach(), outputs
 
-    def backward(self, loss: torch.Tensor, module: nn.Module | None = None) -> None:
-        self.precision.scale_loss(loss).backward()
+    def backward(
+        self,
+        loss: torch.Tensor,
+        module: nn.Module | None = None,
+        run_backward: Callable[[torch.Tensor], None] | None = None,
+    ) -> None:
+        """Backward of ``loss`` scaled by the precision (fp16's gradient scaler); ``run_backward(scaled_loss)`` runs
+        it in place of ``scaled_loss.backward()`` (a module's Lightning ``backward`` hook) where
+        ``supports_custom_backward``."""
+        scaled = self.precision.scale_loss(loss)
+        if run_backward is None:
+            scaled.backward()
+        else:
+            run_backward(scaled)
+
+    @property
+    def supports_custom_backward(self) -> bool:
+        """Whether ``backward`` may be given a ``run_backward`` (False where an engine or a schedule of the strategy's
+        own runs backward: DeepSpeed, pipeline stages)."""
+        return True
 
     def optimizer_step(self, optimizer: Optimizer) -> None:
         self.precision.optimizer_step(optimizer)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import replace
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 import torch
 from torch import nn
@@ -54,6 +54,13 @@ from shardtrain.parallel.tensor_parallel.plan import (
 log = logging.getLogger(__name__)
 
 Size = int | Literal["auto"]
+
+
+_NO_CUSTOM_BACKWARD = (
+    "a backward of the module's own (Lightning's backward hook, or manual_backward's arguments) cannot run under "
+    "pipeline stages: the schedule runs each micro-batch's backward itself; remove it (on_before_backward/"
+    "on_after_backward run around the step's backward)"
+)
 
 
 class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, BackwardSyncControl, Strategy):
@@ -267,7 +274,12 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
         precision = contextlib.nullcontext() if self._fsdp_root is not None else super().forward_context()
         return _both(precision, loss_parallel()) if self.loss_parallel else precision
 
-    def backward(self, loss: torch.Tensor, module: nn.Module | None = None) -> None:
+    def backward(
+        self,
+        loss: torch.Tensor,
+        module: nn.Module | None = None,
+        run_backward: Callable[[torch.Tensor], None] | None = None,
+    ) -> None:
         """With ``loss_parallel`` the backward of the split cross-entropy runs inside its context too. Under context
         parallelism only inside ``forward_backward``, which splits the batch's sequences around the step."""
         if self.parallel_dims is not None and self.parallel_dims.cp > 1 and not in_split_step():
@@ -276,21 +288,37 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
                 "split; run the step through engine.forward_backward(model, compute_loss, batch=batch), which splits "
                 "them (the Trainer does)"
             )
+        if run_backward is not None and not self.supports_custom_backward:
+            raise ConfigError(_NO_CUSTOM_BACKWARD)
         with loss_parallel() if self.loss_parallel else contextlib.nullcontext():
-            super().backward(loss, module)
+            super().backward(loss, module, run_backward)
+
+    @property
+    def supports_custom_backward(self) -> bool:
+        return self.pipeline.size == 1
 
     @property
     def runs_batches_itself(self) -> bool:
         return self._pipeline is not None
 
     def forward_backward(
-        self, module: nn.Module, compute_loss: Any, *, synchronize: bool, batch: Any = None
+        self,
+        module: nn.Module,
+        compute_loss: Any,
+        *,
+        synchronize: bool,
+        batch: Any = None,
+        run_backward: Callable[[torch.Tensor], None] | None = None,
     ) -> tuple[torch.Tensor, Any]:
         with self._split_sequences(module, batch):  # under context parallelism: the sequences split over cp ranks
             if self._pipeline is not None:  # the schedule runs the batch's micro-batches, forward and backward
+                if run_backward is not None:
+                    raise ConfigError(_NO_CUSTOM_BACKWARD)
                 with self.forward_context():
                     return self._pipeline.train_step(self.precision.convert_input(batch), synchronize), None
-            loss, outputs = super().forward_backward(module, compute_loss, synchronize=synchronize)
+            loss, outputs = super().forward_backward(
+                module, compute_loss, synchronize=synchronize, run_backward=run_backward
+            )
         return (loss.full_tensor() if isinstance(loss, DTensor) else loss), outputs  # loss_parallel's replicated loss
 
     def _split_sequences(self, module: nn.Module, batch: Any) -> contextlib.AbstractContextManager:

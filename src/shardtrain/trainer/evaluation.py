@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import inspect
+import itertools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
@@ -154,10 +155,8 @@ class EvaluationLoop:
         except TypeError:
             num_batches = math.inf
         num_batches = min(num_batches, max_batches)
-        for batch_idx, batch in enumerate(loader):
-            if batch_idx >= num_batches:
-                break
-            yield batch_idx, batch
+        # islice: no batch past the limit is read (nor moved to the device, nor given to the batch-transfer hooks)
+        yield from enumerate(loader if math.isinf(num_batches) else itertools.islice(loader, int(num_batches)))
 
     def _collect(self, stage: Stage, module: TrainModule, results: Results, loader: int | None, batch: Any) -> None:
         logged = module.pop_logged()

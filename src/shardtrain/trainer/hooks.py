@@ -15,6 +15,7 @@ from typing import Any, Callable
 from torch import nn
 
 from shardtrain.errors import ConfigError
+from shardtrain.logged import current_hook
 
 CALLED, REFUSED = "called", "refused"
 
@@ -66,9 +67,10 @@ HOOKS: dict[str, Hook] = {
     "test_dataloader": _called("when test gets no loader and no DataModule gives one"),
     "predict_dataloader": _called("when predict gets no loader and no DataModule gives one"),
     # -- optimization (automatic optimization only, except backward's neighbours; manual: see manual_optimization)
-    "backward": _refused(
-        "not supported yet: the strategy runs backward, also in manual_backward (use on_before_backward/"
-        "on_after_backward)"
+    "backward": _called(
+        "backward(loss) in place of loss.backward(), with the loss divided by accumulate_grad_batches and scaled (fp16), "
+        "also from manual_backward(loss, *args, **kwargs); refused under deepspeed and pipeline stages, whose engine or "
+        "schedule runs backward"
     ),
     "optimizer_step": _called(
         "automatic optimization: optimizer_step(epoch, batch_idx, optimizer, optimizer_closure) once per optimizer "
@@ -88,10 +90,18 @@ HOOKS: dict[str, Hook] = {
     "lr_scheduler_step": _called(
         "automatic optimization: lr_scheduler_step(scheduler, metric) in place of scheduler.step(...) when due"
     ),
-    # -- batch transfer (the loaders move batches to the device themselves)
-    "transfer_batch_to_device": _refused(),
-    "on_before_batch_transfer": _refused(),
-    "on_after_batch_transfer": _refused(),
+    # -- batch transfer (shardtrain.batch_transfer): the DataModule's in place of the module's where it overrides one
+    "on_before_batch_transfer": _called(
+        "on_before_batch_transfer(batch, dataloader_idx) for each batch of every stage, before the batch-start hooks"
+    ),
+    "transfer_batch_to_device": _called(
+        "transfer_batch_to_device(batch, device, dataloader_idx), after on_before_batch_transfer; its default moves "
+        "every tensor"
+    ),
+    "on_after_batch_transfer": _called(
+        "on_after_batch_transfer(batch, dataloader_idx), after transfer_batch_to_device, before the strategy splits "
+        "the batch (pipeline micro-batches, context parallel sequences)"
+    ),
     # -- on_* hooks the loop calls
     **{
         name: _called(_EVERY_STEP)
@@ -173,19 +183,27 @@ def check_module_hooks(module: nn.Module, base: type) -> None:
         )
 
 
-#: Lightning's ``DataHooks`` a ``LightningDataModule`` may define besides its loaders and set-up: not called here.
-DATAMODULE_REFUSED = ("transfer_batch_to_device", "on_before_batch_transfer", "on_after_batch_transfer")
+def backward_function(module: Any, base: type, *args: Any, **kwargs: Any) -> Callable[[Any], None] | None:
+    """The module's Lightning ``backward(loss, *args, **kwargs)`` as the strategy's ``run_backward``; None where the
+    module does not override it and there are no arguments to pass (the strategy's own ``loss.backward()``)."""
+    if not args and not kwargs and not overrides(module, "backward", base):
+        return None
+
+    def run_backward(loss: Any) -> None:
+        with current_hook(module, "backward"):
+            module.backward(loss, *args, **kwargs)
+
+    return run_backward
 
 
-def check_datamodule_hooks(datamodule: object, base: type) -> None:
-    """Raise ``ConfigError`` naming every batch-transfer hook ``datamodule`` defines (shardtrain moves batches
-    itself, so they would be ignored)."""
-    defined = [name for name in DATAMODULE_REFUSED if overrides(datamodule, name, base)]
-    if defined:
+def check_backward_hook(module: Any, base: type, supported: bool, strategy: str) -> None:
+    """Refuse an overridden ``backward`` where the strategy runs backward itself (it would be ignored)."""
+    if not supported and overrides(module, "backward", base):
         raise ConfigError(
-            f"{type(datamodule).__name__} defines Lightning's {', '.join(defined)}, which shardtrain does not call "
-            "(the strategy moves each batch to the device), so they would be ignored: move what they do into the "
-            "dataset or collate_fn, or into the step"
+            f"{type(module).__name__} overrides backward, which strategy {strategy!r} does not call: its engine or "
+            "pipeline schedule runs backward itself (Lightning ignores the hook under deepspeed with a warning), so "
+            "it would be ignored. Remove it (on_before_backward/on_after_backward run around the backward), or use "
+            "ddp, fsdp or model_parallel without pipeline stages"
         )
 
 

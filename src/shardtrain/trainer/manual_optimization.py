@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import torch
 
 from shardtrain.errors import ConfigError
-from shardtrain.trainer.hooks import overrides
+from shardtrain.module import TrainModule
+from shardtrain.trainer.hooks import backward_function, overrides
 
 if TYPE_CHECKING:
-    from shardtrain.module import TrainModule
     from shardtrain.trainer.arguments import TrainerArguments
     from shardtrain.trainer.trainer import Trainer
 
@@ -144,11 +144,13 @@ class ManualOptimization:
         with trainer.engine.local_gradients(trainer.model):
             return trainer.model.training_step(*self.module._step_arguments("training_step", batch, batch_idx))
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         """``manual_backward``: ``on_before_backward``, the strategy's backward (loss scaling, DeepSpeed's engine,
-        FSDP's reduce-scatter), ``on_after_backward``."""
+        FSDP's reduce-scatter; the module's ``backward(loss, *args, **kwargs)`` hook where it overrides it or there are
+        arguments), ``on_after_backward``."""
         self.trainer._call("on_before_backward", loss)
-        self.trainer.engine.backward(loss, self.trainer.model)
+        run_backward = backward_function(self.module, TrainModule, *args, **kwargs)
+        self.trainer.engine.backward(loss, self.trainer.model, run_backward)
         self._backward_calls += 1
         self.trainer._call("on_after_backward")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import itertools
 import math
 import os
 import warnings
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from torch.utils.data import DataLoader
 
+from shardtrain.batch_transfer import batch_transfer
 from shardtrain.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from shardtrain.checkpoint.pointer import resolve_checkpoint
 from shardtrain.datamodule import DataModule
@@ -46,7 +48,13 @@ from shardtrain.trainer.state import StageFlags, TrainerState
 from shardtrain.trainer.checkpoint import TrainerCheckpoints
 from shardtrain.trainer import loggers as trainer_loggers
 from shardtrain.trainer.evaluation import PREDICT, TEST, VALIDATE, EvaluationLoop, Stage, loader_list, results_table
-from shardtrain.trainer.hooks import StepOptimizer, check_datamodule_hooks, check_module_hooks, overrides
+from shardtrain.trainer.hooks import (
+    StepOptimizer,
+    backward_function,
+    check_backward_hook,
+    check_module_hooks,
+    overrides,
+)
 from shardtrain.trainer.manual_optimization import ManualOptimization, check_manual_optimization, is_manual
 from shardtrain.trainer.validation import ValidationSchedule
 from shardtrain.engine.wrapper import EngineModule
@@ -96,6 +104,7 @@ class Trainer:
         )
         #: The DataModule of the current (or last) stage, as in Lightning.
         self.datamodule: DataModule | None = None
+        self._stage_datamodule: DataModule | None = None
         #: The checkpoint the last ``validate``/``test``/``predict`` loaded its weights from (``ckpt_path``).
         self.loaded_checkpoint: Path | None = None
         self.state = TrainerState()
@@ -243,6 +252,7 @@ class Trainer:
                 module, "fit"
             )  # as in Lightning: before the loaders are asked for and the model is built
             self.engine.choose_strategy(module)  # strategy="auto": first, as the layout decides each rank's data
+            self._check_backward_hook(module)  # the strategy chosen may run backward itself
             self.state.fn = "fit"
             self._train_loader_from_module = train_dataloaders is None
             self._val_loader_from_module = val_dataloaders is None
@@ -408,16 +418,20 @@ class Trainer:
         module._trainer = self
         self.stage = stage
         check_module_hooks(module, TrainModule)  # a Lightning hook we do not call: refused, never ignored
-        if datamodule is not None:
-            check_datamodule_hooks(datamodule, DataModule)
+        self._check_backward_hook(module)
         if stage == "fit":
             check_manual_optimization(module, self.args, TrainModule)
         self.engine.check_module(module)  # before any process group: e.g. heads that TP cannot split
         self.engine.launch()
         self.engine.report_hangs_to(self.default_root_dir)
+        self._stage_datamodule = datamodule  # its batch-transfer hooks run (not a DataModule kept from a stage before)
         if datamodule is not None:  # as Lightning: a stage given none keeps the DataModule of the one before
             self.datamodule = datamodule
             datamodule.trainer = self
+
+    def _check_backward_hook(self, module: TrainModule) -> None:
+        strategy = self.engine.strategy
+        check_backward_hook(module, TrainModule, self.engine.supports_custom_backward, strategy.name)
 
     def _prepare_stage(self, module: TrainModule, stage: str) -> None:
         """As Lightning at the start of every stage: ``configure_callbacks``, ``prepare_data``, then ``setup(stage)``;
@@ -508,9 +522,16 @@ class Trainer:
             return None
         if len(loaders) > 1:
             raise ConfigError(f"{hook} returned {len(loaders)} loaders; training takes one")
-        return self._set_up_loader(loaders[0], training=training)
+        return self._set_up_loader(loaders[0], module, training=training)
 
-    def _set_up_loader(self, loader: Any, training: bool = False, pad_to_equal: bool = True) -> Any:
+    def _set_up_loader(
+        self,
+        loader: Any,
+        module: TrainModule,
+        training: bool = False,
+        pad_to_equal: bool = True,
+        dataloader_idx: int = 0,
+    ) -> Any:
         """One loader set up for this run: Lightning's seeded workers, and its DistributedSampler, which shuffles
         the training data under several processes even when the loader was made with shuffle=False (not under
         ``overfit_batches``); seeded by ``seed`` or ``seed_everything``'s ``PL_GLOBAL_SEED``."""
@@ -524,6 +545,7 @@ class Trainer:
             seed=self.args.seed if self.args.seed is not None else global_seed(),
             shuffle=shuffle,
             pad_to_equal=pad_to_equal,
+            transfer=batch_transfer(module, self._stage_datamodule, self.engine.device, dataloader_idx),
         )
 
     def _loaders(self, given: Any, module: TrainModule, stage: Stage, required: bool) -> list[Any]:
@@ -532,7 +554,10 @@ class Trainer:
         loaders = self._requested_loaders(given, module, stage.dataloader)
         if not loaders and required:
             raise ConfigError(self._no_loader_message(module, stage.dataloader))
-        return [self._set_up_loader(loader, pad_to_equal=stage.name != "predict") for loader in loaders]
+        return [
+            self._set_up_loader(loader, module, pad_to_equal=stage.name != "predict", dataloader_idx=index)
+            for index, loader in enumerate(loaders)
+        ]
 
     def _requested_loaders(self, given: Any, module: TrainModule, hook: str) -> list[Any]:
         if given is None and self.datamodule is not None:
@@ -669,9 +694,13 @@ class Trainer:
         validated, skipped_rest = False, False
         progress = self.engine.progress  # where this rank is, for hang reports: two assignments, no sync
         progress(self.global_step, "data")
-        for batch_idx, batch in enumerate(train_loader, start=start):
-            if batch_idx >= num_batches:
-                break
+        # islice: no batch past the limit is read (nor moved, nor given to the batch-transfer hooks)
+        batches = (
+            train_loader
+            if math.isinf(num_batches)
+            else itertools.islice(train_loader, max(int(num_batches) - start, 0))
+        )
+        for batch_idx, batch in enumerate(batches, start=start):
             progress(self.global_step, "training_step")
             validated, self._stepped_in_batch = False, False
             is_last = batch_idx + 1 == num_batches
@@ -741,7 +770,10 @@ class Trainer:
             self._call("on_before_backward", loss)
             return loss, outputs
 
-        loss, outputs = self.engine.forward_backward(self.model, compute_loss, synchronize=sync, batch=batch)
+        run_backward = backward_function(self.module, TrainModule)
+        loss, outputs = self.engine.forward_backward(
+            self.model, compute_loss, synchronize=sync, batch=batch, run_backward=run_backward
+        )
         self._call("on_after_backward")
         return loss, outputs
 

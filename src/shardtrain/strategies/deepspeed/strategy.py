@@ -293,7 +293,18 @@ class DeepSpeedStrategy(BackwardSyncControl, Strategy):
     def no_backward_sync(self, module: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
         return accumulation_boundary(self._engine, is_boundary=not enabled)
 
-    def backward(self, loss: torch.Tensor, module: nn.Module | None = None) -> None:
+    def backward(
+        self,
+        loss: torch.Tensor,
+        module: nn.Module | None = None,
+        run_backward: Callable[[torch.Tensor], None] | None = None,
+    ) -> None:
+        if run_backward is not None:
+            raise ConfigError(
+                "a backward of the module's own (Lightning's backward hook, or manual_backward's arguments) cannot run "
+                "under deepspeed: DeepSpeed's engine runs backward itself (Lightning ignores the hook there); remove "
+                "it, or use strategy='fsdp'"
+            )
         self._require_engine("backward")
         self._engine.backward(loss, scale_wrt_gas=False)  # the loss given is already divided (see forward_backward)
 
@@ -305,6 +316,10 @@ class DeepSpeedStrategy(BackwardSyncControl, Strategy):
             if norm is not None:
                 self._pending_norm.fill_(norm.detach().reshape(()) if isinstance(norm, torch.Tensor) else float(norm))
             self._pending_norm = None
+
+    @property
+    def supports_custom_backward(self) -> bool:
+        return False
 
     def optimizer_zero_grad(self, optimizer: Optimizer, set_to_none: bool = True) -> None:
         """DeepSpeed's step clears the gradients; ZeRO owns the gradient buffers, so nothing else may."""
