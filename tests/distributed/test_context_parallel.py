@@ -19,7 +19,7 @@ from tests.distributed.runner import assert_ok, run_script
 pytestmark = pytest.mark.distributed
 
 CLIP = ("--clip", "0.5")
-SINGLE = ("--devices", "1", "--batch-size", "16", *CLIP)
+SINGLE = ("--devices", "1", "--batch-size", "16", *CLIP, "--val-check-interval", "5")
 CP2 = ("--devices", "2", "--strategy", "model_parallel", "--strategy-options", '{"context_parallel_size": 2}')
 CP2_RUN = (*CP2, "--batch-size", "16", *CLIP)  # both ranks read the same batch: one data-parallel group
 DP2_CP2_RUN = ("--devices", "4", *CP2[2:], "--batch-size", "8", *CLIP)  # 2 data-parallel groups x 8
@@ -49,11 +49,18 @@ def _positions(out, ranks):
 
 @pytest.mark.fast
 def test_two_ranks_splitting_each_sequence_match_one_process(single, tmp_path):
-    result = assert_ok(run_script("train_gpt.py", tmp_path, *CP2_RUN)).result()
+    result = assert_ok(run_script("train_gpt.py", tmp_path, *CP2_RUN, "--val-check-interval", "5")).result()
     assert result["world_size"] == 2 and result["data_parallel_size"] == 1
     _assert_same_numbers(result, single)
     # Each rank's step saw its half of the sequence: 4 chunks of 8, rank 0 the first and last (load balance).
-    assert _positions(tmp_path, 2) == [[*range(0, 8), *range(24, 32)], list(range(8, 24))]
+    halves = [[*range(0, 8), *range(24, 32)], list(range(8, 24))]
+    assert _positions(tmp_path, 2) == halves
+    # Validation is split as training is, and gives one process's val_loss: synced over the ranks, and each rank's
+    # own unsynced value too (the parts of its sequences combined over the context-parallel ranks).
+    assert [json.loads((tmp_path / f"val_positions_rank{rank}.json").read_text()) for rank in range(2)] == halves
+    assert len(single["val_losses"]) == 2
+    assert result["val_losses"] == pytest.approx(single["val_losses"], abs=1e-5)
+    assert result["val_losses_rank0"] == pytest.approx(single["val_losses_rank0"], abs=1e-5)
     # FSDP shards the parameters over the 2 context-parallel ranks.
     assert result["local_parameter_numel"] < 0.6 * result["parameters"]
 
@@ -122,7 +129,7 @@ def test_a_sequence_the_chunks_do_not_divide_is_refused_naming_the_fix(tmp_path)
 
 
 def test_a_hugging_face_llama_through_causal_lm_matches_one_process_split_and_with_tensor_parallelism(tmp_path):
-    """Context 2, context 2 x tensor 2 (transformers' own tensor-parallel plan) and context 2 x pipeline 2 (2
+    """Context 2, data 2 x context 2 (2 sequences per data-parallel rank), context 2 x tensor 2 (transformers' own tensor-parallel plan) and context 2 x pipeline 2 (2
     micro-batches; the stages get the whole sequence's position_ids as keyword inputs). No code: CausalLM shifts the labels over the whole sequence, passes global position_ids (rotary embeddings)
     and weighs each rank's loss by the whole batch's label count."""
     pytest.importorskip("transformers")
@@ -136,8 +143,13 @@ def test_a_hugging_face_llama_through_causal_lm_matches_one_process_split_and_wi
         return result, load_file(str(out / "weights.safetensors"))
 
     single, single_weights = finetune("single", *FINETUNE_LAYOUTS["single"])
-    for name, layout in (("cp2", CP2), ("cp2_tp2", CP2_TP2), ("cp2_pp2", CP2_PP2)):
-        split, split_weights = finetune(name, *layout, "--batch-size", "4")
+    layouts = {"cp2": (*CP2, "--batch-size", "4"), "cp2_tp2": (*CP2_TP2, "--batch-size", "4")}
+    layouts |= {
+        "cp2_pp2": (*CP2_PP2, "--batch-size", "4"),
+        "dp2_cp2": ("--devices", "4", *CP2[2:], "--batch-size", "2"),
+    }
+    for name, layout in layouts.items():
+        split, split_weights = finetune(name, *layout)
         assert split["losses"] == pytest.approx(single["losses"], abs=1e-5), name
         for key, tensor in split_weights.items():
             torch.testing.assert_close(tensor, single_weights[key], rtol=0, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")

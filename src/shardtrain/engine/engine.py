@@ -387,6 +387,18 @@ class Engine:
             self.strategy.backward(loss, forward_module, run_backward=run_backward)
 
     @property
+    def splits_evaluation(self) -> bool:
+        """Whether ``validation_step``/``test_step`` run on this rank's parts of each sequence (context parallelism
+        without pipeline stages): combine what they compute with ``combine_sequence_parts``."""
+        return self.strategy.splits_evaluation
+
+    def combine_sequence_parts(self, values: torch.Tensor, op: str = "mean") -> torch.Tensor:
+        """``values`` computed on this rank's parts of the sequences (a split evaluation step), combined over the
+        ranks holding the other parts: ``"mean"`` (of equal parts: the whole sequences' mean), ``"sum"``, ``"max"``,
+        ``"min"``. One collective over the context-parallel group; ``values`` unchanged where nothing is split."""
+        return self.strategy.combine_sequence_parts(values, op)
+
+    @property
     def supports_custom_backward(self) -> bool:
         """Whether a loop may run backward its own way (``run_backward``): not where DeepSpeed's engine or a
         pipeline schedule runs it."""

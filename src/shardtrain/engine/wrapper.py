@@ -67,7 +67,8 @@ class EngineModule(nn.Module):
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         precision = self._strategy.precision
         args, kwargs = precision.convert_input((args, kwargs))
-        with self._strategy.forward_context():
+        strategy = self._strategy
+        with strategy.forward_context(), strategy.step_context(self._forward_module, method, args):
             output = self._forward_module(*args, **kwargs, **{_METHOD_KEY: method})
         return precision.convert_output(output)
 

@@ -197,6 +197,23 @@ class Strategy(abc.ABC):
     def forward_context(self) -> contextlib.AbstractContextManager:
         return self.precision.forward_context(self.device.type)
 
+    def step_context(self, module: nn.Module, method: str, args: tuple) -> contextlib.AbstractContextManager:
+        """The context the module's ``method`` (a step, or ``forward``) runs in besides ``forward_context``; ``args``
+        are its arguments (a step's first is the batch). Under context parallelism an evaluation step's sequences
+        are split over the ranks here (``splits_evaluation``)."""
+        return contextlib.nullcontext()
+
+    @property
+    def splits_evaluation(self) -> bool:
+        """Whether validation and test steps run on this rank's parts of each sequence (context parallelism):
+        what they log is combined over the ranks holding the other parts (``combine_sequence_parts``)."""
+        return False
+
+    def combine_sequence_parts(self, values: torch.Tensor, op: str) -> torch.Tensor:
+        """``values`` computed on this rank's parts of the sequences, combined (``op``: ``"mean"``, ``"sum"``,
+        ``"max"``, ``"min"``) over the ranks that hold the other parts; unchanged where sequences are not split."""
+        return values
+
     # ---------------------------------------------------------------- the step
     def forward_backward(
         self,

@@ -18,6 +18,7 @@ from dataclasses import replace
 from typing import Any, Callable, Iterable, Iterator, Literal
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
@@ -320,6 +321,26 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
                 module, compute_loss, synchronize=synchronize, run_backward=run_backward
             )
         return (loss.full_tensor() if isinstance(loss, DTensor) else loss), outputs  # loss_parallel's replicated loss
+
+    def step_context(self, module: nn.Module, method: str, args: tuple) -> contextlib.AbstractContextManager:
+        """Under context parallelism without pipeline stages, a validation or test step runs on this rank's parts of
+        the batch's sequences, as a training step does (predict steps run whole: their outputs are per sequence)."""
+        if method in ("validation_step", "test_step") and args and self.splits_evaluation:
+            return self._split_sequences(module, args[0])
+        return contextlib.nullcontext()
+
+    @property
+    def splits_evaluation(self) -> bool:
+        return self.parallel_dims is not None and self.parallel_dims.cp > 1 and self.pipeline.size == 1
+
+    def combine_sequence_parts(self, values: torch.Tensor, op: str) -> torch.Tensor:
+        if not self.splits_evaluation:
+            return values
+        reduce_op = {"mean": dist.ReduceOp.SUM, "sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}.get(
+            op, dist.ReduceOp.MIN
+        )
+        dist.all_reduce(values, op=reduce_op, group=self.device_mesh["cp"].get_group())
+        return values / self.parallel_dims.cp if op == "mean" else values  # type: ignore[union-attr]
 
     def _split_sequences(self, module: nn.Module, batch: Any) -> contextlib.AbstractContextManager:
         """``split_sequences`` over the ``cp`` ranks for the batch's sequence tensors (the module's

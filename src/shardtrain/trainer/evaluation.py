@@ -26,7 +26,7 @@ from shardtrain.errors import ConfigError
 from shardtrain.module import TrainModule
 from shardtrain.trainer.arguments import limited_batches
 from shardtrain.trainer.hooks import overrides
-from shardtrain.logged import current_hook
+from shardtrain.logged import LoggedValue, current_hook
 from shardtrain.trainer.metrics import Results
 
 if TYPE_CHECKING:
@@ -75,8 +75,11 @@ class EvaluationLoop:
         limit: Callable[[Stage], int | float | None],
         device: Callable[[], torch.device],
         progress: Callable[[str], None] = lambda phase: None,
+        combine_parts: Callable[[], Callable[[torch.Tensor, str], torch.Tensor] | None] = lambda: None,
     ) -> None:
         self._device = device
+        #: Under context parallelism, ``Engine.combine_sequence_parts`` (None where steps see whole sequences).
+        self._combine_parts = combine_parts
         self._progress = progress  # where this rank is, for hang reports (``Engine.progress``)
         self._call = call
         self._log = log
@@ -123,11 +126,12 @@ class EvaluationLoop:
                         output = getattr(model, stage.step)(
                             *_step_arguments(module, stage, batch, batch_idx, index, several)
                         )
-                    self._collect(stage, module, results, index if several else None, batch)
+                    parts = self._combine_parts() if stage.name != "predict" else None
+                    self._collect(stage, module, results, index if several else None, batch, parts)
                     if stage.name == "predict" and return_predictions:
                         outputs[-1].append(output)
                     self._call(f"on_{stage.hooks}_batch_end", output, batch, batch_idx, *extra_args)
-                    self._collect(stage, module, results, index if several else None, batch)
+                    self._collect(stage, module, results, index if several else None, batch, parts)
                     step_entries = results.take_step_entries(self._device())
                     if keep_metrics:  # not the sanity check
                         if step_entries:  # on_step=True in evaluation: a row per batch, without the epoch
@@ -158,8 +162,18 @@ class EvaluationLoop:
         # islice: no batch past the limit is read (nor moved to the device, nor given to the batch-transfer hooks)
         yield from enumerate(loader if math.isinf(num_batches) else itertools.islice(loader, int(num_batches)))
 
-    def _collect(self, stage: Stage, module: TrainModule, results: Results, loader: int | None, batch: Any) -> None:
+    def _collect(
+        self,
+        stage: Stage,
+        module: TrainModule,
+        results: Results,
+        loader: int | None,
+        batch: Any,
+        combine_parts: Callable[[torch.Tensor, str], torch.Tensor] | None = None,
+    ) -> None:
         logged = module.pop_logged()
+        if combine_parts is not None:
+            combine_sequence_parts(logged, combine_parts)
         if logged and not stage.logs:
             raise ConfigError(
                 f"{type(module).__name__} called self.log({sorted(logged)[0]!r}, ...) in predict, where Lightning refuses "
@@ -171,6 +185,25 @@ class EvaluationLoop:
                 for name, item in logged.items()
             }
         results.add(logged, batch)
+
+
+def combine_sequence_parts(
+    logged: dict[str, LoggedValue], combine: Callable[[torch.Tensor, str], torch.Tensor]
+) -> None:
+    """Values logged in a step (or its batch hooks) that saw only this rank's parts of the sequences (context
+    parallelism): each replaced by its combination over the ranks holding the other parts, by its ``reduce_fx``
+    (a mean of equal parts is the whole sequences' mean), one collective per reduction. Every rank of a
+    context-parallel group logs the same names (they run one batch). torchmetrics objects are left: their states
+    sync over every rank when computed."""
+    by_reduction: dict[str, list[str]] = collections.defaultdict(list)
+    for name in sorted(logged):
+        if not logged[name].is_metric:
+            by_reduction[logged[name].reduce_fx].append(name)
+    for reduction, names in sorted(by_reduction.items()):
+        values = torch.stack([logged[name].value.detach().to(torch.float32) for name in names])
+        combined = combine(values, reduction)
+        for name, value in zip(names, combined):
+            logged[name].value = value.to(logged[name].value.dtype)
 
 
 def _step_arguments(

@@ -101,6 +101,7 @@ class Trainer:
             lambda stage: getattr(args, stage.limit),
             lambda: self.engine.device,
             lambda phase: self.engine.progress(self.global_step, phase),
+            lambda: self.engine.combine_sequence_parts if self.engine.splits_evaluation else None,
         )
         #: The DataModule of the current (or last) stage, as in Lightning.
         self.datamodule: DataModule | None = None

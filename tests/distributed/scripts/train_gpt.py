@@ -134,15 +134,23 @@ class GradNormRecorder(Callback):
 
 
 class GPTModule(ExampleGPTModule):
-    """The example's module, recording the token positions its first training step saw (per rank: a file each),
-    which under context parallelism are this rank's chunks of the sequence."""
+    """The example's module, recording the token positions its first training and validation steps saw (per rank: a
+    file each), which under context parallelism are this rank's chunks of the sequence. Validation also logs the loss
+    unsynced (``val_loss_rank``: each rank's own, which under context parallelism combines the sequence's parts)."""
 
     seen: list[int] | None = None
+    seen_in_validation: list[int] | None = None
 
     def training_step(self, batch, batch_idx):
         if self.seen is None:
             self.seen = shardtrain.sequence_positions(batch[0].shape[1]).tolist()
         return super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        if self.seen_in_validation is None:
+            self.seen_in_validation = shardtrain.sequence_positions(batch[0].shape[1]).tolist()
+        super().validation_step(batch, batch_idx)
+        self.log("val_loss_rank", self._pipeline_contract_loss(batch))
 
 
 class SelfParallelGPT(GPTModule):
@@ -268,6 +276,7 @@ if isinstance(trainer.strategy, ModelParallelStrategy):  # one forward as a step
         logits = trainer.model(torch.zeros(1, config.seq_len, dtype=torch.long))
     logits_layout = [str(p) for p in logits.placements] if hasattr(logits, "placements") else "whole"
 (Path(args.out) / f"positions_rank{trainer.global_rank}.json").write_text(json.dumps(module.seen))
+(Path(args.out) / f"val_positions_rank{trainer.global_rank}.json").write_text(json.dumps(module.seen_in_validation))
 if trainer.is_global_zero:
     rows = list(csv.DictReader(open(Path(args.out) / "metrics.csv")))
     markers = [index for index, row in enumerate(rows) if row.get("resumed_from_step")]
@@ -275,7 +284,9 @@ if trainer.is_global_zero:
     # Rows are at Lightning's step (the batches that stepped before the row's batch): +1 is the optimizer step.
     losses = {int(r["step"]) + 1: float(r["train_loss"]) for r in rows if r.get("train_loss")}
     val_losses = {int(r["step"]) + 1: float(r["val_loss"]) for r in rows if r.get("val_loss")}
+    val_losses_rank0 = {int(r["step"]) + 1: float(r["val_loss_rank"]) for r in rows if r.get("val_loss_rank")}
     result = {
+        "val_losses_rank0": val_losses_rank0,
         "losses": [losses[s] for s in sorted(losses)],
         "steps": sorted(losses),
         "val_losses": val_losses,
