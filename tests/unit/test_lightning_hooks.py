@@ -388,3 +388,51 @@ def test_an_overridden_backward_is_refused_where_the_strategy_runs_backward_itse
     with pytest.raises(ConfigError, match=r"OwnBackward overrides backward, which strategy .* does not call"):
         trainer.fit(module, DataLoader(_data(), batch_size=16))
     assert module.steps == 0 and trainer.model is None  # before any process group or step
+
+
+def _grad_watcher(base, seen):
+    class Watcher(base):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Linear(4, 1)
+
+        def training_step(self, batch, batch_idx):  # the forward: do last step's gradients still take memory?
+            seen.append(any(p.grad is not None for p in self.parameters()))
+            x, y = batch
+            return nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    return Watcher()
+
+
+class _ReadsGradients(Callback):
+    def on_before_zero_grad(self, trainer, module, optimizer):
+        pass
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_gradients_are_freed_after_a_step_unless_a_hook_could_see_them(tmp_path, accumulate):
+    """The next forward does not run beside the last step's gradients (a hand-written loop's memory); with a hook
+    that sees them before they are zeroed (on_before_zero_grad), Lightning's timing, as Lightning itself shows."""
+    kwargs = dict(max_steps=3, accumulate_grad_batches=accumulate, logger=False, enable_progress_bar=False)
+    freed: list[bool] = []
+    Trainer(default_root_dir=tmp_path / "a", **kwargs).fit(_grad_watcher(TrainModule, freed), _regression_loader())
+    # accumulating: the second micro-batch's forward runs beside the first one's gradients, as it must
+    assert freed == [False] * 3 if accumulate == 1 else [False, True] * 3
+    kept: list[bool] = []
+    trainer = Trainer(default_root_dir=tmp_path / "b", callbacks=[_ReadsGradients()], **kwargs)
+    trainer.fit(_grad_watcher(TrainModule, kept), _regression_loader())
+    assert kept == ([False] + [True] * 2 if accumulate == 1 else [False, True] + [True, True] * 2)
+    lightning = pytest.importorskip("lightning.pytorch")
+    theirs: list[bool] = []
+    lightning.Trainer(
+        accelerator="cpu", devices=1, enable_checkpointing=False, enable_model_summary=False,
+        default_root_dir=tmp_path / "lightning", **kwargs,
+    ).fit(_grad_watcher(lightning.LightningModule, theirs), _regression_loader())  # fmt: skip
+    assert kept == theirs
+
+
+def _regression_loader():
+    return DataLoader(_data(), batch_size=8)
