@@ -26,6 +26,8 @@ MODELS = {
     "small": GPTConfig(n_layer=2, n_head=2, d_model=64, seq_len=64),
     "gpt38m": GPTConfig(n_layer=12, n_head=8, d_model=512, seq_len=256),
     "gpt1b": GPTConfig(n_layer=24, n_head=16, d_model=2048, seq_len=1024),
+    # Long sequences on CPU (longest_sequence.py): narrow and shallow, so that a step at 16k tokens stays short.
+    "gpt_long": GPTConfig(n_layer=4, n_head=4, d_model=256, seq_len=2048),
 }
 
 
