@@ -16,6 +16,7 @@ import torch
 
 from shardtrain.data import move_to_device
 from shardtrain.logged import current_hook
+from shardtrain.overrides import overrides
 
 HOOK_NAMES = ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
 
@@ -37,15 +38,6 @@ class BatchTransferHooks:
         return batch
 
 
-def _overrides(owner: object, name: str) -> bool:
-    for cls in type(owner).__mro__:
-        if cls is BatchTransferHooks:
-            return False
-        if name in cls.__dict__:
-            return True
-    return False
-
-
 def batch_transfer(
     module: BatchTransferHooks, datamodule: BatchTransferHooks | None, device: torch.device, dataloader_idx: int
 ) -> Callable[[Any], Any] | None:
@@ -54,8 +46,8 @@ def batch_transfer(
     owners = {}
     for name in HOOK_NAMES:
         owner: Any = module
-        if datamodule is not None and _overrides(datamodule, name):
-            if _overrides(module, name):
+        if datamodule is not None and overrides(datamodule, name, BatchTransferHooks):
+            if overrides(module, name, BatchTransferHooks):
                 warnings.warn(
                     f"{name} is overridden in both {type(module).__name__} and {type(datamodule).__name__}: the "
                     "DataModule's runs, as in Lightning",
@@ -63,7 +55,7 @@ def batch_transfer(
                 )
             owner = datamodule
         owners[name] = owner
-    if not any(_overrides(owner, name) for name, owner in owners.items()):
+    if not any(overrides(owner, name, BatchTransferHooks) for name, owner in owners.items()):
         return None
 
     def transfer(batch: Any) -> Any:

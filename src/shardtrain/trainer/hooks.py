@@ -16,6 +16,7 @@ from torch import nn
 
 from shardtrain.errors import ConfigError
 from shardtrain.logged import current_hook
+from shardtrain.overrides import overrides
 
 CALLED, REFUSED = "called", "refused"
 
@@ -152,16 +153,6 @@ HOOKS: dict[str, Hook] = {
 #: Attributes that change how Lightning trains; a value other than the default is refused.
 #: (``automatic_optimization = False`` is supported: ``shardtrain.trainer.manual_optimization``.)
 FLAGS: dict[str, tuple[Any, str]] = {}
-
-
-def overrides(module: object, name: str, base: type) -> bool:
-    """Whether ``type(module)`` defines ``name`` in a class below ``base`` (the user's own code)."""
-    for cls in type(module).__mro__:
-        if cls is base:
-            return False
-        if name in cls.__dict__:
-            return True
-    return False
 
 
 def check_module_hooks(module: nn.Module, base: type) -> None:
