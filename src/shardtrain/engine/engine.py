@@ -365,9 +365,8 @@ class Engine:
         the undivided loss, detached, and the outputs. Pipeline parallelism runs ``batch`` through its schedule.
         ``run_backward(loss)`` runs the backward in place of ``loss.backward()`` (given the divided, scaled loss)
         where ``supports_custom_backward``."""
-        own = (
-            {} if run_backward is None else {"run_backward": run_backward}
-        )  # strategies of other packages may not take it
+        # Passed only when given: a strategy of another package may not take it.
+        own = {} if run_backward is None else {"run_backward": run_backward}
         return self.strategy.forward_backward(
             module._forward_module, compute_loss, synchronize=synchronize, batch=batch, **own
         )
