@@ -33,6 +33,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -41,29 +42,64 @@ sys.path.insert(0, str(HERE))
 
 from summary import SIDES, pair, print_report, summarise  # noqa: E402
 
-#: configuration -> (reference script and its flags, shardtrain's flags)
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One layout: the reference script with its flags, shardtrain's flags, and what the layout
+    needs of the run when ``--devices``/``--batch-size`` are not given (``None``: the run's default)."""
+
+    reference: list[str]
+    shardtrain: list[str]
+    devices: int | None = None
+    batch_size: int | None = None
+
+
 CONFIGS = {
-    "ddp": (["reference_ddp.py"], ["--strategy", "ddp"]),
-    "fsdp": (["reference_fsdp.py"], ["--strategy", "fsdp"]),
-    "fsdp_ac": (
+    "ddp": Config(["reference_ddp.py"], ["--strategy", "ddp"]),
+    "fsdp": Config(["reference_fsdp.py"], ["--strategy", "fsdp"]),
+    "fsdp_ac": Config(
         ["reference_fsdp.py", "--activation-checkpointing"],
         ["--strategy", "fsdp", "--activation-checkpointing"],
     ),
-    "zero2": (["reference_deepspeed.py", "--stage", "2"], ["--strategy", "deepspeed", "--stage", "2"]),
-    "zero3": (["reference_deepspeed.py", "--stage", "3"], ["--strategy", "deepspeed", "--stage", "3"]),
-    # Tensor parallel in groups of 2: TP alone on 2 processes, data 2 x tensor 2 on 4 (--devices 4).
-    "tp": (["reference_tp.py", "--tensor-parallel", "2"], ["--strategy", "model_parallel", "--tensor-parallel", "2"]),
+    "zero2": Config(["reference_deepspeed.py", "--stage", "2"], ["--strategy", "deepspeed", "--stage", "2"]),
+    "zero3": Config(["reference_deepspeed.py", "--stage", "3"], ["--strategy", "deepspeed", "--stage", "3"]),
+    # Tensor parallel in groups of 2: TP alone on 2 processes; data 2 x tensor 2 on 4.
+    "tp": Config(
+        ["reference_tp.py", "--tensor-parallel", "2"], ["--strategy", "model_parallel", "--tensor-parallel", "2"]
+    ),
+    "dp_tp": Config(
+        ["reference_tp.py", "--tensor-parallel", "2"],
+        ["--strategy", "model_parallel", "--tensor-parallel", "2"],
+        devices=4,
+    ),
     # Each sequence split over 2 ranks (PyTorch's ring attention): context 2 on 2 processes, data 2 x context 2 on 4.
-    "cp": (
+    "cp": Config(
         ["reference_cp.py", "--context-parallel", "2"],
         ["--strategy", "model_parallel", "--context-parallel", "2"],
     ),
-    # Two pipeline stages, one per process (1F1B, 4 micro-batches of 2 sequences: --batch-size 8).
-    "pp": (
+    # Two pipeline stages, one per process (1F1B, 4 micro-batches of 2 sequences), 2 processes only.
+    "pp": Config(
         ["reference_pp.py", "--pipeline-parallel", "2", "--microbatches", "4"],
         ["--strategy", "model_parallel", "--pipeline-parallel", "2", "--microbatches", "4"],
+        devices=2,
+        batch_size=8,
     ),
 }
+#: ``--configs all``: every layout above, each at its own process count and batch.
+ALL = "all"
+
+DEFAULT_DEVICES = 2
+DEFAULT_BATCH_SIZE = 4
+
+
+def layout(config: Config, devices: int | None, batch_size: int | None) -> tuple[int, int]:
+    """(processes, sequences per process) of one layout: what the command line gave, else the
+    layout's own, else the defaults."""
+    return (
+        devices or config.devices or DEFAULT_DEVICES,
+        batch_size or config.batch_size or DEFAULT_BATCH_SIZE,
+    )
+
 
 #: MALLOC_MMAP_THRESHOLD_ pins glibc's threshold, so that CPU RSS tracks live tensors rather than
 #: what glibc keeps of freed ones (which depends on the order of allocations, not on the program).
@@ -150,7 +186,7 @@ def _has_cuda() -> bool:
 
 
 def reference_command(name: str, devices: int, out: Path, common: list[str]) -> list[str]:
-    script, *flags = CONFIGS[name][0]
+    script, *flags = CONFIGS[name].reference
     return [
         sys.executable,
         "-m",
@@ -169,7 +205,7 @@ def shardtrain_command(name: str, devices: int, out: Path, common: list[str]) ->
     return [
         sys.executable,
         str(HERE / "shardtrain_trainer.py"),
-        *CONFIGS[name][1],
+        *CONFIGS[name].shardtrain,
         "--monitor",
         "--devices",
         str(devices),
@@ -202,12 +238,25 @@ def run_round(name: str, index: int, rounds: int, devices: int, out: Path, commo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=[n for n in CONFIGS if CONFIGS[n].devices is None and CONFIGS[n].batch_size is None],
+        choices=[*CONFIGS, ALL],
+        help=f"layouts to run; '{ALL}': every one, each at its own process count and batch",
+    )
+    parser.add_argument(
+        "--devices", type=int, default=None, help=f"processes (default: the layout's own, else {DEFAULT_DEVICES})"
+    )
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--model", default="gpt38m", choices=["small", "gpt38m", "gpt1b"])
-    parser.add_argument("--batch-size", type=int, default=4, help="sequences per process per step")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"sequences per process per step (default: the layout's own, else {DEFAULT_BATCH_SIZE})",
+    )
     parser.add_argument("--seq-len", type=int, default=None, help="the model's sequence length (default: its own)")
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
     parser.add_argument(
@@ -235,6 +284,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    configs = list(CONFIGS) if ALL in args.configs else list(dict.fromkeys(args.configs))
+    layouts = {name: layout(CONFIGS[name], args.devices, args.batch_size) for name in configs}
     extra_env = {} if args.default_malloc else PINNED_MALLOC
     out = Path(args.out)
     common = [
@@ -244,22 +295,23 @@ def main() -> None:
         str(args.warmup),
         "--model",
         args.model,
-        "--batch-size",
-        str(args.batch_size),
         "--precision",
         args.precision,
         *(["--seq-len", str(args.seq_len)] if args.seq_len else []),
     ]
 
     flops_per_token = model_flops_per_token(args.model, args.seq_len)
-    peak, peak_source = device_peak_flops(args.devices, args.precision, extra_env)
+    # The peak per device depends on how many processes share the machine's cores: measured once per count.
+    devices_used = sorted({devices for devices, _ in layouts.values()} | {args.devices or DEFAULT_DEVICES})
+    peaks = {devices: device_peak_flops(devices, args.precision, extra_env) for devices in devices_used}
+    peak, peak_source = peaks[args.devices or DEFAULT_DEVICES]
     report: dict = {
         "model": args.model,
-        "devices": args.devices,
+        "devices": args.devices or DEFAULT_DEVICES,
         "steps": args.steps,
         "warmup": args.warmup,
         "rounds": args.rounds,
-        "batch_size_per_rank": args.batch_size,
+        "batch_size_per_rank": args.batch_size or DEFAULT_BATCH_SIZE,
         "seq_len": args.seq_len,
         "precision": args.precision,
         "malloc": "default" if args.default_malloc else "pinned",
@@ -269,21 +321,26 @@ def main() -> None:
         "configs": {},
         "scaling": {},
     }
-    for name in args.configs:
+    started = time.monotonic()
+    for name in configs:
+        devices, batch_size = layouts[name]
+        flags = [*common, "--batch-size", str(batch_size)]
         rounds = []
         for index in range(args.rounds):
-            figures = run_round(name, index, args.rounds, args.devices, out, common, extra_env)
+            figures = run_round(name, index, args.rounds, devices, out, flags, extra_env)
             for side in SIDES:
-                add_efficiency(figures[side], flops_per_token, peak)
+                add_efficiency(figures[side], flops_per_token, peaks[devices][0])
             rounds.append(pair(figures["reference"], figures["shardtrain"], figures["order"]))
-        report["configs"][name] = summarise(rounds)
+        report["configs"][name] = {"devices": devices, "batch_size_per_rank": batch_size, **summarise(rounds)}
     for name in args.scaling_configs if args.scaling else []:
         report["scaling"][name] = {}
         for devices in args.scaling:
             where = out / "scaling" / name / str(devices)
-            result = run(shardtrain_command(name, devices, where, common), where, extra_env)
+            flags = [*common, "--batch-size", str(layout(CONFIGS[name], devices, args.batch_size)[1])]
+            result = run(shardtrain_command(name, devices, where, flags), where, extra_env)
             add_efficiency(result, flops_per_token, peak)
             report["scaling"][name][str(devices)] = result
+    report["wall_seconds"] = time.monotonic() - started
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(report, indent=2))
     print_report(report)

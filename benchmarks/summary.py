@@ -97,6 +97,11 @@ def print_report(report: dict) -> None:
             f"{entry['ratio_peak_memory']:8.3f}  {memory[0]:.3f}-{memory[1]:.3f}  "
             f"{_mark(entry['meets_peak_memory_target']):8}  {per_round}"
         )
+    layouts = {n: (e["devices"], e["batch_size_per_rank"]) for n, e in report["configs"].items() if "devices" in e}
+    if any(layout != (report["devices"], report["batch_size_per_rank"]) for layout in layouts.values()):
+        print("\nprocesses and sequences per process: " + ", ".join(f"{n} {d} x {b}" for n, (d, b) in layouts.items()))
+    if "wall_seconds" in report:
+        print(f"the rounds took {report['wall_seconds'] / 60:.1f} minutes")
     for name, entry in report["configs"].items():
         if entry.get("same_deepspeed_config") is False:
             print(f"warning: {name}: the two sides passed different DeepSpeed configs (see results.json)")
