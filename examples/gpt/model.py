@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import shardtrain
+from examples.gpt.moe import MoE
 
 
 @dataclass(kw_only=True, slots=True)
@@ -26,18 +27,39 @@ class GPTConfig:
     d_model: int = 256
     dropout: float = 0.0
     bias: bool = False
+    #: Mixture of experts (``examples/gpt/moe.py``): with ``n_experts > 0`` each block's MLP is ``n_experts`` MLPs
+    #: of which a router picks ``top_k`` per token (plus a shared one every token uses if ``shared_expert``), and
+    #: the loss includes ``router_aux_loss_coef`` x the router's balance loss. Bias is not used by the experts.
+    n_experts: int = 0
+    top_k: int = 2
+    shared_expert: bool = False
+    router_aux_loss_coef: float = 0.01
 
     @property
     def num_parameters(self) -> int:
         """Parameters of the model built from this config (tied embeddings counted once)."""
+        return self._parameters(self.n_experts)
+
+    @property
+    def active_parameters(self) -> int:
+        """Parameters a token goes through: with experts, its ``top_k`` experts' rather than all of them."""
+        return self._parameters(self.top_k) if self.n_experts else self.num_parameters
+
+    def _parameters(self, experts: int) -> int:
         d, layers = self.d_model, self.n_layer
         norm = 2 * d if self.bias else d
-        per_block = 12 * d * d + (9 * d if self.bias else 0) + 2 * norm  # attention 4d², MLP 8d², two norms
+        if self.n_experts:  # experts' MLPs 8d² each (no bias), the shared expert's, the router's d x n_experts
+            mlp = experts * 8 * d * d + (8 * d * d if self.shared_expert else 0) + self.n_experts * d
+            bias = 4 * d if self.bias else 0  # attention's
+        else:
+            mlp, bias = 8 * d * d, (9 * d if self.bias else 0)
+        per_block = 4 * d * d + mlp + bias + 2 * norm  # attention 4d², the MLP, two norms
         return self.vocab_size * d + self.seq_len * d + layers * per_block + norm
 
     def flops_per_token(self) -> int:
-        """Training FLOPs per token (forward + backward), the usual 6N + attention estimate."""
-        return 6 * self.num_parameters + 12 * self.n_layer * self.d_model * self.seq_len
+        """Training FLOPs per token (forward + backward), the usual 6N + attention estimate (N: the parameters a
+        token goes through)."""
+        return 6 * self.active_parameters + 12 * self.n_layer * self.d_model * self.seq_len
 
 
 class CausalSelfAttention(nn.Module):
@@ -86,14 +108,18 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """One transformer block: x + attn(norm(x)), then x + mlp(norm(x)); the MLP is a mixture of experts when the
+    config has experts."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(config.d_model, bias=config.bias)
         self.attn = CausalSelfAttention(config)
         self.norm2 = nn.LayerNorm(config.d_model, bias=config.bias)
-        self.mlp = MLP(config)
+        self.mlp: nn.Module = MLP(config)
+        if config.n_experts:
+            d, layers = config.d_model, config.n_layer
+            self.mlp = MoE(d, 4 * d, layers, config.n_experts, config.top_k, config.shared_expert)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
@@ -143,6 +169,14 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
+        if config.n_experts:
+            # The experts are not split by tensor parallelism (expert parallelism divides them between ranks); a
+            # shared expert is split as the dense MLP is. Sequence parallelism has no plan for the experts' layer.
+            dense_mlp = ("blocks.*.mlp.up", "blocks.*.mlp.down")
+            self.tp_plan = {k: v for k, v in self.tp_plan.items() if k not in dense_mlp}
+            if config.shared_expert:
+                self.tp_plan |= {"blocks.*.mlp.shared.up": "colwise", "blocks.*.mlp.shared.down": "rowwise"}
+            self.sequence_parallel_tp_plan = None
         self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.position_embedding = nn.Embedding(config.seq_len, config.d_model)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
@@ -180,6 +214,15 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x))
+
+    def moe_layers(self) -> list[MoE]:
+        """The blocks' mixture-of-experts layers (none in a dense model)."""
+        return [block.mlp for block in self.blocks if isinstance(block.mlp, MoE)]
+
+    def router_aux_loss(self) -> torch.Tensor:
+        """The mean over the MoE layers of their last forward's balance loss (``examples/gpt/moe.py``)."""
+        losses = [layer.aux_loss for layer in self.moe_layers() if layer.aux_loss is not None]
+        return torch.stack(losses).mean()
 
 
 class GPTModule(shardtrain.TrainModule):
@@ -261,7 +304,26 @@ class GPTModule(shardtrain.TrainModule):
         return inputs, targets
 
     def pipeline_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+        """Cross-entropy of the next byte; with experts, plus ``router_aux_loss_coef`` x the routers' balance loss
+        (as transformers' MoE models add theirs)."""
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+        if self.config.n_experts and self.config.router_aux_loss_coef:
+            loss = loss + self.config.router_aux_loss_coef * self.model.router_aux_loss()
+        return loss
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """The pipeline contract's loss; with experts, the routers' statistics are logged beside it (synced, in the
+        Trainer's one collective per reduction when metrics are written): ``moe_aux_loss``, the balance loss (1 when
+        the tokens are spread evenly), and ``moe_expert{e}_share``, the share of the token choices expert ``e`` got
+        (mean over the MoE layers; ``1 / n_experts`` each when balanced)."""
+        loss = super().training_step(batch, batch_idx)
+        if self.config.n_experts:
+            layers = self.model.moe_layers()
+            self.log("moe_aux_loss", self.model.router_aux_loss().detach(), sync_dist=True)
+            shares = torch.stack([layer.tokens_per_expert / layer.tokens_per_expert.sum() for layer in layers])
+            for expert, share in enumerate(shares.float().mean(dim=0)):
+                self.log(f"moe_expert{expert}_share", share, sync_dist=True)
+        return loss
 
     # The context-parallel contract: the batch's tensors that run along the sequence, split over the cp ranks
     # before the step. The targets are the next bytes, shifted over the whole sequence before the split.

@@ -40,6 +40,9 @@ class ParallelDims:
         cp: context-parallel degree (the sequence split over ranks).
         tp: tensor-parallel degree.
         pp: pipeline-parallel degree (stages).
+        ep: expert-parallel degree: ranks among which each mixture-of-experts layer's experts are divided. Not a
+            dimension of its own: it divides ``dp_shard``, whose ranks it splits into ``dp_shard_mod_ep x ep``
+            (``expert_mesh``), as torchtitan borrows expert-parallel ranks from data parallelism.
     """
 
     world_size: int
@@ -48,6 +51,7 @@ class ParallelDims:
     cp: int = 1
     tp: int = 1
     pp: int = 1
+    ep: int = 1
 
     def __post_init__(self) -> None:
         for item in fields(self):
@@ -65,6 +69,12 @@ class ParallelDims:
         elif self.dp_shard < 1:
             raise ConfigError(
                 f"parallel degree dp_shard must be a whole number >= 1 or -1 (the rest), got {self.dp_shard}"
+            )
+        if self.dp_shard % self.ep:
+            raise ConfigError(
+                f"expert_parallel_size={self.ep} does not divide the {self.dp_shard} data-parallel ranks that shard "
+                f"parameters ({self._describe()}): expert parallelism divides the experts among data-parallel ranks; "
+                f"choose an expert_parallel_size that divides {self.dp_shard}"
             )
         if self.product != self.world_size:
             raise ConfigError(
@@ -122,6 +132,12 @@ class ParallelDims:
 
         dims = self.mesh_dims()
         return init_device_mesh(device_type, tuple(dims.values()), mesh_dim_names=tuple(dims))
+
+    def expert_mesh(self, mesh: "DeviceMesh") -> "DeviceMesh":
+        """``mesh`` with ``dp_shard`` split into ``("dp_shard_mod_ep", "ep")``: ``["ep"]`` is a rank's
+        expert-parallel group (neighbouring data-parallel ranks), ``["dp_shard_mod_ep"]`` the ranks holding the
+        same experts, over which FSDP shards them. Collective: every rank calls it, once (it makes process groups)."""
+        return mesh._unflatten("dp_shard", (self.dp_shard // self.ep, self.ep), ("dp_shard_mod_ep", "ep"))
 
     def _describe(self, **shown: object) -> str:
         values = {**self.degrees, **shown}

@@ -44,6 +44,14 @@ def apply_fsdp(
     return fully_shard(root, **options, reshard_after_forward=False)
 
 
+def shard_nested_unit(
+    unit: nn.Module, *, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy, cpu_offload: bool, device: torch.device
+) -> FSDPModule:
+    """One FSDP unit over a mesh of its own (an expert-parallel layer's experts, over the ranks that hold the same
+    experts), sharded before the units around it; resharded after its forward like every unit."""
+    return fully_shard(unit, mesh=mesh, mp_policy=mp_policy, offload_policy=offload_policy(cpu_offload, device))
+
+
 def offload_policy(cpu_offload: bool, device: torch.device) -> OffloadPolicy:
     """Parameters, gradients and optimizer state in CPU memory with ``cpu_offload``. Pinned host memory
     speeds up copies to a GPU; without one there is nothing to pin for."""

@@ -29,7 +29,7 @@ from shardtrain.memory import ModelFootprint, StrategyMemory
 from shardtrain.parallel.dims import ParallelDims
 from shardtrain.parallel.activation_checkpoint import apply_activation_checkpointing
 from shardtrain.parallel.compile import apply_compile, compile_options
-from shardtrain.parallel.fsdp import apply_fsdp, mixed_precision_policy, no_backward_sync
+from shardtrain.parallel.fsdp import apply_fsdp, mixed_precision_policy, no_backward_sync, shard_nested_unit
 from shardtrain.strategies.base import Strategy, TrainingSettings
 from shardtrain.strategies.capabilities import BackwardSyncControl, DistributedCheckpointState, ShardedGradients
 from shardtrain.strategies.fsdp import fsdp_memory
@@ -38,6 +38,7 @@ from shardtrain.parallel.pipeline.schedule import Pipeline
 from shardtrain.parallel.pipeline.options import PipelineOptions
 from shardtrain.parallel.pipeline.stages import PipelineRouter
 from shardtrain.parallel.policy import ModulePolicy, describe, units_of
+from shardtrain.parallel.expert_parallel import apply_expert_parallel, check_expert_parallel
 from shardtrain.parallel.context_parallel import check_contract, in_split_step, sequence_inputs, split_sequences
 from shardtrain.strategies.registry import register_strategy
 from shardtrain.parallel.tensor_parallel.plan import (
@@ -108,6 +109,12 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
             ``cp`` dimension sits between ``dp_shard`` and ``tp``).
         pipeline_split_points: names of the blocks where stages begin (``["model.blocks.4"]``); default: equal
             runs of the blocks of the model's largest ``nn.ModuleList``.
+        expert_parallel_size: ranks among which each mixture-of-experts layer's experts are divided, tokens
+            travelling to their experts by all-to-all (``shardtrain.parallel.expert_parallel``: the layer is
+            transformers' MoE experts interface, as in Mixtral and the GPT example's ``n_experts``). It divides
+            the data-parallel ranks (it borrows from them, as torchtitan's does); FSDP shards the experts over the
+            ranks it leaves. Composes with tensor parallelism (the experts are not split by it); not yet with
+            context or pipeline parallelism.
     """
 
     name = "model_parallel"
@@ -132,8 +139,23 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
         microbatches: int | None = None,
         pipeline_split_points: list[str] | None = None,
         context_parallel_size: int = 1,
+        expert_parallel_size: int = 1,
     ) -> None:
         super().__init__()
+        if (
+            not isinstance(expert_parallel_size, int)
+            or isinstance(expert_parallel_size, bool)
+            or expert_parallel_size < 1
+        ):
+            raise StrategyError(f"expert_parallel_size must be a whole number >= 1, got {expert_parallel_size!r}")
+        if expert_parallel_size > 1 and (pipeline_parallel_size > 1 or context_parallel_size > 1):
+            raise StrategyError(
+                f"expert_parallel_size={expert_parallel_size} with "
+                + ("pipeline_parallel_size > 1" if pipeline_parallel_size > 1 else "context_parallel_size > 1")
+                + " is not supported yet: use expert parallelism with data and tensor parallelism, or leave "
+                "expert_parallel_size at 1 (the experts are then FSDP-sharded like every other parameter)"
+            )
+        self.expert_parallel_size = expert_parallel_size
         if (
             not isinstance(context_parallel_size, int)
             or isinstance(context_parallel_size, bool)
@@ -172,6 +194,8 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
         )
         self._fsdp_root: FSDPModule | None = None
         self._pipeline: Pipeline | None = None
+        self._experts: list[nn.Module] = []
+        self._expert_mesh: Any = None
 
     # ------------------------------------------------------------------ layout
     def make_parallel_dims(self, world_size: int, local_world_size: int) -> ParallelDims:
@@ -184,6 +208,7 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
             pp=self.pipeline.size,
             cpu_offload=self.cpu_offload,
             cp=self.context_parallel_size,
+            ep=self.expert_parallel_size,
         )
 
     def configure_training(self, settings: TrainingSettings) -> None:
@@ -210,13 +235,15 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
             check_contract(module, parallel_dims.cp)
         if parallel_dims.pp > 1:
             self.pipeline.check_module(module, parallel_dims.pp, self.precision.parameter_dtype)
-        if parallel_dims.tp == 1:
+        if parallel_dims.tp == 1 and parallel_dims.ep == 1:
             return
         try:
             built = build_on_meta(fresh_copy(module), self.precision.parameter_dtype)
         except ConfigError:
             return  # e.g. configure_model() parallelises from self.device_mesh: checked at set-up instead
-        if not is_tensor_parallel(built):
+        if parallel_dims.ep > 1:
+            check_expert_parallel(built, parallel_dims.ep)
+        if parallel_dims.tp > 1 and not is_tensor_parallel(built):
             check_head_counts(built, parallel_dims.tp)
             plan_targets(self._plan(built, parallel_dims.tp))
 
@@ -239,6 +266,8 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
     def estimate_memory(self, footprint: ModelFootprint) -> StrategyMemory | None:
         """FSDP's formula over one tensor-parallel rank's share (``model_parallel_memory``). With both sizes
         ``"auto"`` the row is for the degree the footprint measured; otherwise for this strategy's layout."""
+        if self.expert_parallel_size > 1:
+            return None  # not estimated yet: the experts' share per rank and the dispatch buffers
         if self.context_parallel_size > 1:
             try:
                 dims = self.make_parallel_dims(footprint.world_size, footprint.devices)
@@ -369,6 +398,7 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
         if not meta and not self.cpu_offload:
             module.to(self.device)
         self._apply_tensor_parallel(user_module)
+        self._apply_expert_parallel(user_module)
         if self.activation_checkpointing_policy is not None:
             apply_activation_checkpointing(user_module, self.activation_checkpointing_policy)
         if self._shards_over > 1 and not any(isinstance(m, FSDPModule) for m in user_module.modules()):
@@ -395,6 +425,45 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
         if self.parallel_dims.tp > 1 and not is_tensor_parallel(user_module):
             check_head_counts(user_module, self.parallel_dims.tp)
             apply_plan(self._plan(user_module, self.parallel_dims.tp), self.device_mesh["tp"])
+
+    def _apply_expert_parallel(self, user_module: nn.Module) -> None:
+        """The experts of each MoE layer divided over the ``ep`` ranks (``apply_expert_parallel``)."""
+        assert self.parallel_dims is not None
+        if self.parallel_dims.ep > 1:
+            self._expert_mesh = self.parallel_dims.expert_mesh(self.device_mesh)
+            self._experts = apply_expert_parallel(user_module, self._expert_mesh["ep"])
+            log.info(
+                "expert parallel over %d ranks: %d MoE layers, %d experts per rank",
+                self.parallel_dims.ep,
+                len(self._experts),
+                self._experts[0].num_experts // self.parallel_dims.ep,
+            )
+
+    def _shard_experts(self) -> None:
+        """Each experts module its own FSDP unit over the ranks that hold the same experts (``dp_shard_mod_ep``),
+        before the blocks that contain them. Its gradient is the sum over every rank of the expert-parallel group
+        whose tokens reached it; divided by the whole data-parallel size, it is the mean the other parameters'
+        reduction gives (torchtitan's ``gradient_divide_factor``)."""
+        assert self.parallel_dims is not None
+        for experts in self._experts:
+            sharded = shard_nested_unit(
+                experts,
+                mesh=self._expert_mesh["dp_shard_mod_ep"],
+                mp_policy=self.mixed_precision or mixed_precision_policy(self.precision.name),
+                cpu_offload=self.cpu_offload,
+                device=self.device,
+            )
+            sharded.set_gradient_divide_factor(float(self.parallel_dims.dp_shard))
+            group = self._expert_mesh["dp_shard_mod_ep"].get_group()
+            if group.size() > 1 and dist.get_backend(group) == "gloo":
+                # A divide factor other than the group's size is NCCL's PREMUL_SUM, which gloo has not: divide
+                # around a plain sum instead (FSDP2's path for backends without it). Not for a group of one, where
+                # torch 2.13's FSDP2 would divide twice (its copy for one rank divides, then the post-divide).
+                sharded.set_force_sum_reduction_for_comms(True)
+        if self._experts:
+            # The experts live on the 2-D (dp_shard_mod_ep, ep) mesh; a flattened copy of it lets DTensor reduce
+            # their gradient norm (and gather them whole) in one collective rather than one per dimension.
+            self._expert_mesh["dp_shard_mod_ep", "ep"]._flatten("dp_shard_mod_ep_ep")
 
     @property
     def _shards_over(self) -> int:
@@ -430,6 +499,7 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
         self._fsdp_root = self._apply_fsdp(runner, blocks, reshard_after_forward=False)
 
     def _fully_shard(self, module: nn.Module, user_module: nn.Module) -> None:
+        self._shard_experts()
         units = units_of(user_module, self.auto_wrap_policy)
         self._fsdp_root = self._apply_fsdp(module, units, compile=self._compile_options())
         if self.parallel_dims is not None and self.parallel_dims.tp > 1:
@@ -480,9 +550,10 @@ class ModelParallelStrategy(ShardedGradients, DistributedCheckpointState, Backwa
             else ""
         )
         context = f", context_parallel_size={self.context_parallel_size}" if self.context_parallel_size > 1 else ""
+        experts = f", expert_parallel_size={self.expert_parallel_size}" if self.expert_parallel_size > 1 else ""
         return (
             f"ModelParallelStrategy(data_parallel_size={self.data_parallel_size!r}, "
-            f"tensor_parallel_size={self.tensor_parallel_size!r}{pipeline}{context})"
+            f"tensor_parallel_size={self.tensor_parallel_size!r}{pipeline}{context}{experts})"
         )
 
 
@@ -493,7 +564,15 @@ def _both(first: contextlib.AbstractContextManager, second: contextlib.AbstractC
 
 
 def model_parallel_dims(
-    world_size: int, local_world_size: int, *, dp: Size, tp: Size, pp: int, cpu_offload: bool, cp: int = 1
+    world_size: int,
+    local_world_size: int,
+    *,
+    dp: Size,
+    tp: Size,
+    pp: int,
+    cpu_offload: bool,
+    cp: int = 1,
+    ep: int = 1,
 ) -> ParallelDims:
     """``(pp, dp_shard, tp)`` for a run of ``world_size`` ranks (``local_world_size`` per node).
 
@@ -511,8 +590,8 @@ def model_parallel_dims(
             f"context_parallel_size={cp} does not divide the {world_size} ranks of the run (devices x num_nodes); "
             f"choose a context_parallel_size that divides {world_size}"
         )
-    if cp > 1 and tp == "auto" and dp == "auto":
-        tp = 1  # context parallelism named, tensor parallelism not: the ranks it leaves are data parallel
+    if (cp > 1 or ep > 1) and tp == "auto" and dp == "auto":
+        tp = 1  # context or expert parallelism named, tensor parallelism not: the ranks it leaves are data parallel
     ranks, local = world_size // (pp * cp), max(1, local_world_size // (pp * cp))
     where = "the run" if pp == 1 else f"each of the {pp} pipeline stages"
     if tp == "auto" and dp == "auto":
@@ -546,7 +625,7 @@ def model_parallel_dims(
             "cpu_offload is FSDP's offload, which needs data_parallel_size > 1; with every rank in one "
             f"tensor-parallel group (tensor_parallel_size={tp}) leave it out, or lower tensor_parallel_size"
         )
-    return ParallelDims(world_size=world_size, dp_shard=dp, cp=cp, tp=tp, pp=pp)
+    return ParallelDims(world_size=world_size, dp_shard=dp, cp=cp, tp=tp, pp=pp, ep=ep)
 
 
 def model_parallel_memory(

@@ -198,6 +198,9 @@ parser.add_argument(
 parser.add_argument("--strategy-options", default="{}", help="JSON dict of strategy options")
 parser.add_argument("--d-model", type=int, default=64)
 parser.add_argument("--seq-len", type=int, default=32)
+parser.add_argument("--experts", type=int, default=0, help="a mixture of experts in each block (GPTConfig.n_experts)")
+parser.add_argument("--top-k", type=int, default=2)
+parser.add_argument("--shared-expert", action="store_true")
 parser.add_argument("--sample-bytes", type=int, default=0, help="after fit, greedily continue a 3-byte prompt")
 parser.add_argument("--self-parallel", action="store_true", help="a module that applies tensor parallelism itself")
 parser.add_argument("--watch-dir", default=None, help="record the most bytes held in files under this directory")
@@ -218,7 +221,13 @@ args = parser.parse_args()
 
 mismatched = args.d_model_on_rank_1 is not None and os.environ.get("RANK") == "1"
 config = GPTConfig(
-    n_layer=2, n_head=2, d_model=args.d_model_on_rank_1 if mismatched else args.d_model, seq_len=args.seq_len
+    n_layer=2,
+    n_head=2,
+    d_model=args.d_model_on_rank_1 if mismatched else args.d_model,
+    seq_len=args.seq_len,
+    n_experts=args.experts,
+    top_k=args.top_k,
+    shared_expert=args.shared_expert,
 )
 train, val = corpus_splits(config.seq_len)
 train = torch.utils.data.Subset(train, range(2048))
@@ -285,7 +294,10 @@ if trainer.is_global_zero:
     losses = {int(r["step"]) + 1: float(r["train_loss"]) for r in rows if r.get("train_loss")}
     val_losses = {int(r["step"]) + 1: float(r["val_loss"]) for r in rows if r.get("val_loss")}
     val_losses_rank0 = {int(r["step"]) + 1: float(r["val_loss_rank"]) for r in rows if r.get("val_loss_rank")}
+    experts = range(config.n_experts)
     result = {
+        "moe_aux_losses": [float(r["moe_aux_loss"]) for r in rows if r.get("moe_aux_loss")],
+        "moe_shares": [[float(r[f"moe_expert{e}_share"]) for e in experts] for r in rows if r.get("moe_aux_loss")],
         "val_losses_rank0": val_losses_rank0,
         "losses": [losses[s] for s in sorted(losses)],
         "steps": sorted(losses),
