@@ -37,6 +37,26 @@ def save_llama(directory: Path, *, dtype: torch.dtype = torch.bfloat16, max_shar
     return directory
 
 
+def save_mixtral(directory: Path) -> Path:
+    """A 2-layer Mixtral (4 experts per layer, 2 per token), one fp32 file: transformers' MoE experts layout."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(2)
+    config = MixtralConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=SEQ_LEN,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    )
+    _pretrained(MixtralForCausalLM(config)).save_pretrained(directory)
+    return directory
+
+
 def save_gpt2(directory: Path) -> Path:
     """A 2-layer GPT-2 (Conv1D layers, output layer tied to the embedding), one fp32 file, no dropout."""
     from transformers import GPT2Config, GPT2LMHeadModel

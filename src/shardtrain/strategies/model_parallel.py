@@ -674,6 +674,6 @@ register_strategy(
     "model_parallel",
     ModelParallelStrategy,
     "tensor parallel within groups of ranks (DTensor), FSDP2 across them, pipeline stages, sequences split over "
-    "ranks (context parallel)",
+    "ranks (context parallel), mixture-of-experts layers' experts divided over ranks (expert parallel)",
     auto_priority=300,
 )

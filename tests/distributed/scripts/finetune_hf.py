@@ -37,6 +37,7 @@ parser.add_argument("--freeze", nargs="*", default=[])
 parser.add_argument("--save", action="store_true", help="checkpoint at the end")
 parser.add_argument("--resume", default=None)
 parser.add_argument("--precision", default="32-true")
+parser.add_argument("--from-scratch", action="store_true", help="the checkpoint's config, seeded weights")
 parser.add_argument("--dump", action="store_true", help="the full trained weights to weights.safetensors")
 parser.add_argument("--lora", default=None, help="LoraConfig options as JSON: train adapters")
 parser.add_argument("--trainable-only", action="store_true", help="--save: the trainable parameters only")
@@ -45,6 +46,7 @@ args = parser.parse_args()
 
 module = CausalLM(
     args.model,
+    from_scratch=args.from_scratch,
     learning_rate=1e-3,
     freeze=args.freeze,
     lora=json.loads(args.lora) if args.lora else None,
@@ -83,5 +85,6 @@ if trainer.is_global_zero:
             int(r["step"]) + 1 for r in rows if r.get("train_loss")
         ],  # rows at Lightning's step (batches before): +1 is the optimizer step
         "trainable_tensors": trainable,
+        "grad_norms": [float(r["train_grad_norm"]) for r in rows if r.get("train_grad_norm")],
     }
     (Path(args.out) / "result.json").write_text(json.dumps(result))
