@@ -125,6 +125,25 @@ def test_the_gpt_example_s_pipeline_config_trains_and_validates_as_fsdp_does(tmp
     assert len(val[0]) == 1 and val[0] == pytest.approx(val[1], abs=1e-5)
 
 
+def test_the_gpt_example_s_mixture_of_experts_config_trains_as_fsdp_does_and_logs_the_routers(tmp_path):
+    """examples/gpt/gpt_moe.yaml (experts over 2 processes), shrunk to 4 steps of a small model: the same losses as
+    the same config under FSDP, with the routers' balance loss and each expert's share of the tokens logged."""
+    moe = ROOT / "examples" / "gpt" / "gpt_moe.yaml"
+    small = ["--trainer.max_steps", "4", "--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "2"]
+    small += ["--trainer.log_every_n_steps", "1", "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false"]
+    small += ["--model.init_args.config", "{n_layer: 2, n_head: 2, d_model: 32, seq_len: 32, n_experts: 4}"]
+    small += ["--data.init_args.seq_len", "32", "--data.init_args.batch_size", "4"]
+    out = _cli("fit", "--config", moe, *small, "--trainer.default_root_dir", tmp_path / "ep").stdout
+    assert "expert_parallel_size=2) over 2 processes" in out
+    _cli("fit", "--config", moe, *small, "--strategy", "{name: fsdp}", "--trainer.default_root_dir", tmp_path / "fsdp")
+    ep, fsdp = _losses(tmp_path / "ep"), _losses(tmp_path / "fsdp")
+    assert sorted(ep) == [1, 2, 3, 4]
+    assert [ep[s] for s in sorted(ep)] == pytest.approx([fsdp[s] for s in sorted(fsdp)], abs=1e-5)
+    rows = [r for r in csv.DictReader(open(tmp_path / "ep" / "metrics.csv")) if r.get("moe_aux_loss")]
+    assert len(rows) == 4 and all(float(r["moe_aux_loss"]) >= 1.0 for r in rows)
+    assert all(sum(float(r[f"moe_expert{e}_share"]) for e in range(4)) == pytest.approx(1.0) for r in rows)
+
+
 def test_bad_config_exits_with_the_message(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("trainer: {max_step: 3}\nmodel: {class_path: examples.gpt.model.GPTModule}\n")
