@@ -1,8 +1,9 @@
 """Run shardtrain and the hand-written reference in alternation: same model, data, batch, precision, process count.
 
     python benchmarks/run.py                              # DDP, FSDP, FSDP + AC, ZeRO-2, ZeRO-3, TP; 38M GPT, 2 processes, 3 rounds
-    python benchmarks/run.py --configs tp --devices 4      # FSDP x TP: data 2 x tensor 2
-    python benchmarks/run.py --configs pp --batch-size 8   # 2 pipeline stages (2 processes only), 4 micro-batches
+    python benchmarks/run.py --configs all --steps 10 --warmup 2   # every layout, each at its own processes and batch (about 1 hour)
+    python benchmarks/run.py --configs dp_tp               # FSDP x TP: data 2 x tensor 2 on 4 processes
+    python benchmarks/run.py --configs pp                  # 2 pipeline stages (2 processes only), 4 micro-batches of 2
     python benchmarks/run.py --configs cp --seq-len 2048   # each sequence split over 2 processes
     python benchmarks/run.py --scaling 1 2 4               # and FSDP, ZeRO-3 alone at 1, 2, 4 processes
     python benchmarks/run.py --model small --steps 6 --rounds 2   # a tiny model: a smoke test of the harness
