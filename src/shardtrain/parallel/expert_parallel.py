@@ -30,6 +30,7 @@ reduced gradient by the whole data-parallel size, as the other parameters' are (
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -142,15 +143,26 @@ class ExpertParallel(ParallelStyle):
         back = all_to_all_single_autograd(outputs, routing.sent_splits, routing.received_splits, routing.group)
         weighted = back * routing.weight[:, None].to(back.dtype)
         hidden_states = routing.hidden_like
+        assert hidden_states is not None
         return torch.zeros_like(hidden_states).index_add(0, routing.token, weighted.to(hidden_states.dtype))
 
 
+@dataclass
 class _Routing:
     """One forward's routing on one rank: which token each sorted choice is (``token``), its router weight, how many
-    rows go to and come from each rank of the group, and each received row's local expert."""
+    rows go to and come from each rank of the group, and each received row's local expert; then, during the
+    module's forward, the tokens it came from and the parameters swapped out."""
 
-    def __init__(self, **fields: Any) -> None:
-        self.__dict__.update(fields)
+    group: Any
+    token: torch.Tensor
+    weight: torch.Tensor
+    sent_splits: list[int]
+    received_splits: list[int]
+    local_expert: torch.Tensor
+    local_experts: int
+    hidden_like: torch.Tensor | None = None
+    swapped: dict[str, DTensor] = field(default_factory=dict)
+    num_experts: int = 0
 
     @classmethod
     def route(
@@ -176,8 +188,6 @@ class _Routing:
             received_splits=received,
             local_expert=local_expert,
             local_experts=local_experts,
-            hidden_like=None,
-            swapped={},
         )
 
     def swap_in_local_parameters(self, module: nn.Module) -> None:
