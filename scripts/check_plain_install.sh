@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The plain install runs on two processes: a fresh virtual environment with only
 # `pip install torch==2.13.0 -e .` (no extras) trains the README's GPT example for 3 steps on
-# 2 processes under ddp, fsdp, model_parallel (tensor parallel over both) and model_parallel with two
-# pipeline stages (examples/gpt/gpt_pipeline.yaml), and checks that shardtrain.hf without
+# 2 processes under ddp, fsdp, model_parallel (tensor parallel over both), model_parallel with two
+# pipeline stages (examples/gpt/gpt_pipeline.yaml) and the mixture-of-experts GPT with its experts over
+# both (examples/gpt/gpt_moe.yaml), and checks that shardtrain.hf without
 # transformers names the extra to install. It catches a
 # runtime dependency that only an extra brought in (numpy once did: torch's *_object
 # collectives need it).
@@ -23,11 +24,13 @@ trap 'rm -rf "$work"' EXIT
 echo "[plain install] pip install ${torch_requirement:+$torch_requirement }-e . (into $work/venv)"
 "$work/venv/bin/python" -m pip install -q ${torch_requirement:+"$torch_requirement"} -e .
 
-for strategy in ddp fsdp model_parallel pipeline; do
+for strategy in ddp fsdp model_parallel pipeline experts; do
   echo "[plain install] shardtrain fit, GPT example, 2 processes, $strategy, 3 steps"
   start=$SECONDS
   if [ "$strategy" = pipeline ]; then  # model_parallel with 2 pipeline stages: the example's own config
     config=(--config examples/gpt/gpt_pipeline.yaml)
+  elif [ "$strategy" = experts ]; then  # model_parallel with expert_parallel_size=2: the example's own config
+    config=(--config examples/gpt/gpt_moe.yaml)
   else
     config=(--config examples/gpt/gpt.yaml --strategy.name "$strategy")
   fi
