@@ -139,3 +139,20 @@ def test_a_hugging_face_mixtral_with_its_experts_over_two_ranks_matches_fsdp(tmp
     assert any(".mlp.experts.gate_up_proj" in name for name in ep_weights)
     for name, tensor in fsdp_weights.items():
         torch.testing.assert_close(ep_weights[name], tensor, rtol=0, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_ranks_that_receive_no_token_train_as_fsdp_does(tmp_path):
+    """Experts written as transformers' eager loop (weights indexed only for the experts rows name) and routing
+    fixed by the data so that, with experts over pairs of 4 ranks, ranks 1 and 2 receive no row: their experts are
+    out of the graph while their FSDP partners' are not. The run neither hangs nor errs, and equals FSDP over the
+    same 4 ranks (the first step's full gradients and the weights after 2 steps)."""
+    options = json.dumps({"expert_parallel_size": 2})
+    layouts = {"fsdp": ("--strategy", "fsdp"), "ep": ("--strategy", "model_parallel", "--strategy-options", options)}
+    results = {
+        name: assert_ok(run_script("expert_routing.py", tmp_path / name, "--devices", "4", *flags)).result()
+        for name, flags in layouts.items()
+    }
+    fsdp, ep = results["fsdp"], results["ep"]
+    assert fsdp["gradient_norms"]["experts.weight"] > 0
+    assert ep["gradient_norms"] == pytest.approx(fsdp["gradient_norms"], rel=1e-6)
+    assert ep["weight_sums"] == pytest.approx(fsdp["weight_sums"], rel=1e-6)
