@@ -177,7 +177,8 @@ class _Routing:
         # Each rank learns how many rows of each of its experts every rank sends: [source rank, local expert].
         incoming = all_to_all_single(counts, None, None, group)
         sizes = torch.cat([counts.view(ranks, local_experts).sum(1), incoming.view(ranks, local_experts).sum(1)])
-        sent, received = sizes.tolist()[:ranks], sizes.tolist()[ranks:]  # the one host sync: split sizes
+        values = sizes.tolist()  # the one host sync: the split sizes
+        sent, received = values[:ranks], values[ranks:]
         experts = torch.arange(local_experts, device=counts.device).repeat(ranks)
         local_expert = torch.repeat_interleave(experts, incoming, output_size=sum(received))
         return cls(
