@@ -107,7 +107,11 @@ def test_no_matmul_of_a_training_step_beats_the_cpu_peak():
             start = time.perf_counter()
             torch.mm(a, b)
             best = max(best, 2 * m * k * n / (time.perf_counter() - start))
-        assert best <= peak, f"a {m}x{k}x{n} matmul ran at {best / 1e9:.1f} GFLOP/s, above the peak {peak / 1e9:.1f}"
+        # 5% for timing noise: two timings on a shared machine (96.9 against a peak of 95.6 GFLOP/s was seen while a
+        # compiler ran beside the tests); the fault this guards against put the peak 13% or more too low.
+        assert best <= 1.05 * peak, (
+            f"a {m}x{k}x{n} matmul ran at {best / 1e9:.1f} GFLOP/s, above the peak {peak / 1e9:.1f}"
+        )
 
 
 def test_a_cpu_process_measures_with_its_share_of_the_cores(monkeypatch):
